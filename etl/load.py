@@ -1,0 +1,311 @@
+"""The loader: canonical Arrow batches -> a MemPalace palace, idempotently.
+
+Per importer batch, in order:
+- drawers: drop ids already seen in this run; read which ids the palace already
+  holds with the same content and metadata (skipped: a re-run writes nothing);
+  take carried vectors when their embedder identity matches the palace's, embed
+  the rest; upsert in chunks of the client's ``max_batch_size`` under the palace
+  lock (the vector store refreshes its stamp of ``chroma.sqlite3`` after each
+  own write, so own writes never look external).
+- entities and triples: one ``BEGIN IMMEDIATE`` transaction per batch.
+- then the ledger records the batch as committed, so a re-run after a crash
+  resumes after it.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import orjson
+import pyarrow as pa
+from tqdm import tqdm
+
+from importers.base import Importer, ImportOptions
+from palace.kg import KnowledgeGraph
+from palace.layout import CHROMA_DB, PalaceLayout, read_sidecar, write_sidecar
+from palace.vectors import VectorStore
+
+from .embed import Embedder, EmbedderIdentity, check_identity
+from .errors import SourceMissing
+from .ids import ID_RECIPE
+from .runs import Ledger, Quarantine, make_run_id, source_fingerprint
+from .schema import DRAWERS, ENTITIES, TRIPLES, embedding_identity, validate_batch
+
+NORMALIZE_VERSION = 2  # mempalace.palace.NORMALIZE_VERSION
+# metadata keys whose change alone does not make a drawer "changed"
+_VOLATILE = ("filed_at", "last_modified")
+
+
+@dataclass
+class ImportReport:
+    run_id: str | None
+    importer: str
+    source: str
+    palace: str
+    dry_run: bool
+    embedder: str
+    drawers_read: int = 0
+    drawers_written: int = 0
+    drawers_unchanged: int = 0
+    drawers_duplicate: int = 0
+    vectors_embedded: int = 0
+    vectors_carried: int = 0
+    vector_decision: str = "embed"
+    entities_read: int = 0
+    triples_read: int = 0
+    kg_rows_written: int = 0
+    batches_resumed: int = 0
+    rows_resumed: int = 0
+    quarantined: int = 0
+    quarantine_file: str | None = None
+    quarantine_first: list[str] = field(default_factory=list)
+    per_room: dict[str, dict[str, int]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def now_filed_at() -> str:
+    """MemPalace's ``filed_at``: ``datetime.now().isoformat()``, local time, no zone, microseconds."""
+    return dt.datetime.now().isoformat(timespec="microseconds")
+
+
+def drawer_metadata(row: dict, filed_at: str) -> dict:
+    """Flat scalar Chroma metadata for one canonical drawer row (no empty values, no dicts)."""
+    meta = {
+        "wing": row["wing"], "room": row["room"], "source_file": row["source_file"],
+        "chunk_index": int(row["chunk_index"]), "added_by": row["added_by"],
+        "filed_at": row["filed_at"] or filed_at, "last_modified": filed_at,
+        "id_recipe": ID_RECIPE, "normalize_version": NORMALIZE_VERSION,
+        "origin_system": row["origin_system"], "origin_id": row["origin_id"],
+        "content_sha256": row["content_sha256"],
+    }
+    if row.get("hall"):
+        meta["hall"] = row["hall"]
+    for key in ("created_at", "updated_at"):
+        if row.get(key) is not None:
+            meta[key] = row[key].isoformat()
+    if row.get("extra"):
+        for k, v in orjson.loads(row["extra"]).items():
+            if k not in meta and isinstance(v, (str, int, float, bool)) and v != "":
+                meta[k] = v
+    return meta
+
+
+def _same(existing: dict | None, new: dict) -> bool:
+    if not existing:
+        return False
+    keys = (set(existing) | set(new)) - set(_VOLATILE)
+    return all(existing.get(k) == new.get(k) for k in keys)
+
+
+class Loader:
+    def __init__(self, layout: PalaceLayout, embedder_factory: Callable[[], Embedder],
+                 embedder_identity: EmbedderIdentity, lock_timeout: float = 5.0, dry_run: bool = False,
+                 progress: bool = True):
+        self.layout = layout
+        self._embedder_factory = embedder_factory
+        self._embedder: Embedder | None = None
+        self.identity = embedder_identity
+        self.lock_timeout = lock_timeout
+        self.dry_run = dry_run
+        self.progress = progress
+        self.store: VectorStore | None = None
+        self.kg: KnowledgeGraph | None = None
+
+    @property
+    def embedder(self) -> Embedder:
+        if self._embedder is None:
+            self._embedder = self._embedder_factory()
+        return self._embedder
+
+    # ------------------------------------------------------------------ run
+    def run(self, importer: Importer, source: Path, options: ImportOptions) -> ImportReport:
+        source = Path(source)
+        if not source.exists():
+            raise SourceMissing(f"import {importer.name} {source}: no such file or directory")
+        started = time.monotonic()
+        fingerprint = source_fingerprint(source)
+        run_id = make_run_id(importer.name, source, fingerprint, options.to_dict())
+        report = ImportReport(run_id, importer.name, str(source.resolve()), self.layout.location, self.dry_run,
+                              str(self.identity))
+        palace_exists = self.layout.is_server or (Path(self.layout.location) / CHROMA_DB).exists()
+        ledger = None if self.dry_run else Ledger(self.layout.state_dir)
+        quarantine = Quarantine(None if self.dry_run else self.layout.state_dir / "quarantine" / f"{run_id}.jsonl")
+        resume_after = -1
+        try:
+            if not self.dry_run or palace_exists:
+                self._open(create=not self.dry_run)
+            if ledger is not None:
+                if quarantine.path and quarantine.path.exists():
+                    quarantine.path.unlink()  # this run re-parses the source from the start
+                resume_after = ledger.start(run_id, importer.name, source.resolve(), fingerprint, options.to_dict())
+            seen: set[str] = set()
+            bar = tqdm(desc=f"import {importer.name}", unit=" drawers", disable=not self.progress, leave=False)
+            for seq, batch in enumerate(importer.batches(source, options, quarantine)):
+                kind = validate_batch(batch)
+                if seq <= resume_after:
+                    self._resume_skip(batch, kind, seen, report)
+                    continue
+                written = self._load_batch(batch, kind, seen, report)
+                if ledger is not None:
+                    ledger.committed(run_id, seq, kind, batch.num_rows, written)
+                if kind == DRAWERS:
+                    bar.update(batch.num_rows)
+            bar.close()
+            report.quarantined = quarantine.count
+            report.quarantine_first = quarantine.first
+            report.quarantine_file = str(quarantine.path) if quarantine.count and quarantine.path else None
+            report.seconds = round(time.monotonic() - started, 3)
+            if ledger is not None:
+                ledger.finish(run_id, "complete", report.to_dict())
+            return report
+        except BaseException:
+            if ledger is not None:
+                ledger.finish(run_id, "interrupted", report.to_dict())
+            raise
+        finally:
+            quarantine.close()
+            if ledger is not None:
+                ledger.close()
+            self.close()
+
+    def _open(self, create: bool) -> None:
+        self.store = VectorStore(self.layout, lock_timeout=self.lock_timeout)
+        if create:
+            with self.store.writing(create=True) as col:
+                recorded = None if self.layout.is_server else read_sidecar(self.layout.path)
+                check_identity(recorded, self.identity)
+                if recorded is None and not self.layout.is_server and col.count() == 0:
+                    write_sidecar(self.layout.path, self.identity)
+            self.kg = KnowledgeGraph(self.layout.kg_path)
+        else:
+            self.store.reading()
+            if self.layout.kg_path.exists():
+                self.kg = KnowledgeGraph(self.layout.kg_path)
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
+        if self.kg is not None:
+            self.kg.close()
+
+    # -------------------------------------------------------------- batches
+    def _resume_skip(self, batch: pa.RecordBatch, kind: str, seen: set[str], report: ImportReport) -> None:
+        report.batches_resumed += 1
+        report.rows_resumed += batch.num_rows
+        if kind == DRAWERS:
+            for row in batch.select(["id", "wing", "room"]).to_pylist():
+                if row["id"] not in seen:
+                    seen.add(row["id"])
+                    report.drawers_read += 1
+                    report.drawers_unchanged += 1
+                    _count_room(report, row)
+        elif kind == ENTITIES:
+            report.entities_read += batch.num_rows
+        else:
+            report.triples_read += batch.num_rows
+
+    def _load_batch(self, batch: pa.RecordBatch, kind: str, seen: set[str], report: ImportReport) -> int:
+        if kind == DRAWERS:
+            return self._load_drawers(batch, seen, report)
+        if kind == ENTITIES:
+            report.entities_read += batch.num_rows
+            rows = [(r["id"], r["name"], r["type"], r["properties"]) for r in batch.to_pylist()]
+            return self._write_kg(rows, [], report)
+        report.triples_read += batch.num_rows
+        cols = ["id", "subject", "predicate", "object", "valid_from", "valid_to", "confidence", "source_file",
+                "source_drawer_id", "adapter_name"]
+        rows = [tuple(r[c] for c in cols) for r in batch.to_pylist()]
+        return self._write_kg([], rows, report)
+
+    def _write_kg(self, entities: list, triples: list, report: ImportReport) -> int:
+        if self.dry_run:
+            return 0
+        e, t = self.kg.write_batch(entities, triples)
+        report.kg_rows_written += e + t
+        return e + t
+
+    def _load_drawers(self, batch: pa.RecordBatch, seen: set[str], report: ImportReport) -> int:
+        carried = embedding_identity(batch.schema)
+        rows = batch.to_pylist()
+        fresh = []
+        for i, row in enumerate(rows):
+            if row["id"] in seen:
+                report.drawers_duplicate += 1
+                continue
+            seen.add(row["id"])
+            fresh.append(i)
+        report.drawers_read += len(fresh)
+        if not fresh:
+            return 0
+        filed_at = now_filed_at()
+        existing = self._existing([rows[i]["id"] for i in fresh])
+        todo, metas = [], []
+        for i in fresh:
+            row = rows[i]
+            old = existing.get(row["id"])
+            meta = drawer_metadata(row, old.get("filed_at") if old and old.get("filed_at") else filed_at)
+            _count_room(report, row)
+            if _same(old, meta):
+                report.drawers_unchanged += 1
+                continue
+            todo.append(i)
+            metas.append(meta)
+        if not todo:
+            return 0
+        report.drawers_written += len(todo)
+        if self.dry_run:
+            return 0
+        vectors = self._vectors(batch, rows, todo, carried, report)
+        step = self._max_batch
+        for s in range(0, len(todo), step):
+            chunk = todo[s:s + step]
+            self.store.upsert([rows[i]["id"] for i in chunk], [rows[i]["document"] for i in chunk],
+                              metas[s:s + step], vectors[s:s + step])
+        return len(todo)
+
+    @property
+    def _max_batch(self) -> int:
+        if not hasattr(self, "_max_batch_cache"):
+            self._max_batch_cache = self.store.max_batch_size()
+        return self._max_batch_cache
+
+    def _existing(self, ids: list[str]) -> dict[str, dict]:
+        if self.store is None:
+            return {}
+        got = self.store.get(ids, include=("metadatas",))
+        return {i: (m or {}) for i, m in zip(got["ids"], got["metadatas"])}
+
+    def _vectors(self, batch: pa.RecordBatch, rows: list[dict], todo: list[int],
+                 carried: tuple[str, int] | None, report: ImportReport) -> np.ndarray:
+        if carried is not None:
+            ident = EmbedderIdentity(*carried)
+            if ident == self.identity:
+                report.vector_decision = f"carry ({ident} matches the palace)"
+                col = batch.column("embedding")
+                flat = col.values.to_numpy(zero_copy_only=False).reshape(len(col), ident.dimension)
+                report.vectors_carried += len(todo)
+                return flat[todo].astype(np.float32)
+            report.vector_decision = f"re-embed (source vectors are {ident}, palace uses {self.identity})"
+        report.vectors_embedded += len(todo)
+        return self.embedder.embed([rows[i]["document"] for i in todo])
+
+
+def _count_room(report: ImportReport, row: dict) -> None:
+    report.per_room.setdefault(row["wing"], {}).setdefault(row["room"], 0)
+    report.per_room[row["wing"]][row["room"]] += 1
+
+
+def run_import(importer: Importer, source: Path, layout: PalaceLayout, options: ImportOptions,
+               embedder_factory: Callable[[], Embedder], embedder_identity: EmbedderIdentity,
+               dry_run: bool = False, lock_timeout: float = 5.0, progress: bool = True) -> ImportReport:
+    loader = Loader(layout, embedder_factory, embedder_identity, lock_timeout=lock_timeout, dry_run=dry_run,
+                    progress=progress)
+    return loader.run(importer, source, options)

@@ -1,0 +1,126 @@
+"""Run ledger and quarantine.
+
+The ledger (``<state_dir>/ledger.sqlite3``) records every import run and each
+batch it committed, so an interrupted run is visibly incomplete and a re-run of
+the same source resumes after the last committed batch. The run id is derived
+from the importer, the source path and fingerprint and the options: the same
+import of an unchanged source is the same run.
+
+Unparseable records go to ``<state_dir>/quarantine/<run_id>.jsonl`` with file,
+line and cause; the rest of the run imports.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import orjson
+
+from etl.errors import SourceFormatError
+
+_LEDGER_SQL = """
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY, importer TEXT NOT NULL, source TEXT NOT NULL, fingerprint TEXT NOT NULL,
+    options TEXT NOT NULL, status TEXT NOT NULL, started_at REAL NOT NULL, finished_at REAL, report TEXT
+);
+CREATE TABLE IF NOT EXISTS batches (
+    run_id TEXT NOT NULL, seq INTEGER NOT NULL, kind TEXT NOT NULL, rows INTEGER NOT NULL,
+    written INTEGER NOT NULL, committed_at REAL NOT NULL, PRIMARY KEY (run_id, seq)
+);
+"""
+
+
+def source_fingerprint(path: Path) -> str:
+    """Size and mtime of a file, or of every file under a directory (cheap, no content read)."""
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    h = hashlib.sha256()
+    for p in files:
+        st = p.stat()
+        h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def make_run_id(importer: str, source: Path, fingerprint: str, options: dict) -> str:
+    key = orjson.dumps([importer, str(Path(source).resolve()), fingerprint, options], option=orjson.OPT_SORT_KEYS)
+    return hashlib.sha256(key).hexdigest()[:16]
+
+
+class Ledger:
+    def __init__(self, state_dir: Path):
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self.path = state_dir / "ledger.sqlite3"
+        self._conn = sqlite3.connect(str(self.path), timeout=60, isolation_level=None)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.executescript(_LEDGER_SQL)
+
+    def start(self, run_id: str, importer: str, source: Path, fingerprint: str, options: dict) -> int:
+        """Begin (or resume) a run; return the last committed batch seq (-1 for none)."""
+        row = self._conn.execute("SELECT status FROM runs WHERE run_id=?", (run_id,)).fetchone()
+        if row is None:
+            self._conn.execute("INSERT INTO runs VALUES (?,?,?,?,?,'running',?,NULL,NULL)",
+                               (run_id, importer, str(source), fingerprint,
+                                orjson.dumps(options, option=orjson.OPT_SORT_KEYS).decode(), time.time()))
+            return -1
+        if row[0] == "complete":
+            # a finished run of an unchanged source: re-check everything (cheap, writes nothing)
+            self._conn.execute("DELETE FROM batches WHERE run_id=?", (run_id,))
+        self._conn.execute("UPDATE runs SET status='running', finished_at=NULL WHERE run_id=?", (run_id,))
+        (last,) = self._conn.execute("SELECT coalesce(max(seq), -1) FROM batches WHERE run_id=?",
+                                     (run_id,)).fetchone()
+        return int(last)
+
+    def committed(self, run_id: str, seq: int, kind: str, rows: int, written: int) -> None:
+        self._conn.execute("INSERT OR REPLACE INTO batches VALUES (?,?,?,?,?,?)",
+                           (run_id, seq, kind, rows, written, time.time()))
+
+    def committed_rows(self, run_id: str, upto: int) -> dict[str, int]:
+        return {k: n for k, n in self._conn.execute(
+            "SELECT kind, sum(rows) FROM batches WHERE run_id=? AND seq<=? GROUP BY kind", (run_id, upto))}
+
+    def finish(self, run_id: str, status: str, report: dict) -> None:
+        self._conn.execute("UPDATE runs SET status=?, finished_at=?, report=? WHERE run_id=?",
+                           (status, time.time(), orjson.dumps(report).decode(), run_id))
+
+    def runs(self) -> list[dict]:
+        cur = self._conn.execute("SELECT run_id, importer, source, status, started_at, finished_at FROM runs "
+                                 "ORDER BY started_at")
+        return [dict(zip(("run_id", "importer", "source", "status", "started_at", "finished_at"), r)) for r in cur]
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+@dataclass
+class Quarantine:
+    """Collects records that could not be parsed; writes them to a file unless it is a dry run."""
+
+    path: Path | None = None
+    count: int = 0
+    first: list[str] = field(default_factory=list)
+    _fh: object = None
+
+    def add(self, error: SourceFormatError, raw: str | bytes | None = None) -> None:
+        self.count += 1
+        if len(self.first) < 20:
+            self.first.append(str(error))
+        if self.path is None:
+            return
+        if self._fh is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fh = open(self.path, "ab")
+        if isinstance(raw, bytes):
+            raw = raw.decode("utf-8", "replace")
+        self._fh.write(orjson.dumps({"file": error.path, "line": error.line, "error": error.cause,
+                                     "raw": raw}) + b"\n")
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None

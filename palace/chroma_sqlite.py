@@ -1,0 +1,76 @@
+"""Read-only access to a palace's ``chroma.sqlite3`` without a Chroma client.
+
+Opening a Chroma client is a write (backfill + log purge), so status and
+verification read Chroma's SQLite tables directly, read-only, as MemPalace
+3.11's ``status`` does. Never keep one of these connections open while this
+process also has a Chroma client on the same palace: POSIX locks are per
+process, and closing this connection would drop Chroma's.
+"""
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from pathlib import Path
+from typing import Iterator
+
+from etl.errors import SourceMissing
+
+from .layout import CHROMA_DB, DRAWERS_COLLECTION
+
+
+@contextlib.contextmanager
+def open_ro(db: Path, timeout: float = 30.0) -> Iterator[sqlite3.Connection]:
+    if not Path(db).exists():
+        raise SourceMissing(f"read {db}: no such file", hint="is this a palace directory?")
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=timeout)
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+def palace_db(palace: Path) -> Path:
+    return Path(palace) / CHROMA_DB
+
+
+def segments(conn: sqlite3.Connection, collection: str = DRAWERS_COLLECTION) -> dict[str, str]:
+    """{scope: segment id} of a collection (METADATA and VECTOR); empty if there is no such collection."""
+    rows = conn.execute("SELECT s.scope, s.id FROM segments s JOIN collections c ON s.collection = c.id "
+                        "WHERE c.name = ?", (collection,)).fetchall()
+    return dict(rows)
+
+
+def collection_metadata(conn: sqlite3.Connection, collection: str = DRAWERS_COLLECTION) -> dict:
+    rows = conn.execute("SELECT m.key, m.str_value, m.int_value, m.float_value, m.bool_value "
+                        "FROM collection_metadata m JOIN collections c ON m.collection_id = c.id "
+                        "WHERE c.name = ?", (collection,)).fetchall()
+    return {k: next((v for v in vals if v is not None), None) for k, *vals in rows}
+
+
+def count(conn: sqlite3.Connection, collection: str = DRAWERS_COLLECTION) -> int:
+    seg = segments(conn, collection).get("METADATA")
+    if seg is None:
+        return 0
+    return conn.execute("SELECT count(*) FROM embeddings WHERE segment_id = ?", (seg,)).fetchone()[0]
+
+
+def wing_room_counts(conn: sqlite3.Connection, collection: str = DRAWERS_COLLECTION) -> dict[str, dict[str, int]]:
+    seg = segments(conn, collection).get("METADATA")
+    out: dict[str, dict[str, int]] = {}
+    if seg is None:
+        return out
+    rows = conn.execute(
+        "SELECT w.string_value, r.string_value, count(*) FROM embeddings e "
+        "LEFT JOIN embedding_metadata w ON w.id = e.id AND w.key = 'wing' "
+        "LEFT JOIN embedding_metadata r ON r.id = e.id AND r.key = 'room' "
+        "WHERE e.segment_id = ? GROUP BY 1, 2", (seg,))
+    for wing, room, n in rows:
+        out.setdefault(wing or "(none)", {})[room or "(none)"] = n
+    return out
+
+
+def quick_check(db: Path, full: bool = False) -> list[str]:
+    """``PRAGMA quick_check`` (or ``integrity_check``); [] when the database is ok."""
+    with open_ro(db) as conn:
+        rows = [r[0] for r in conn.execute("PRAGMA integrity_check" if full else "PRAGMA quick_check")]
+    return [] if rows == ["ok"] else rows

@@ -1,0 +1,121 @@
+"""Where a palace's parts live, and the files MemPalace reads beside Chroma.
+
+A palace target is either a local directory (embedded Chroma) or a
+``http://host:port`` URL of a ``chroma run`` server. The knowledge graph is
+``<palace>/knowledge_graph.sqlite3`` unless ``--kg`` points elsewhere; our own
+bookkeeping (run ledger, quarantine) lives in ``<palace>/.palace-etl/``.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import orjson
+
+from etl.embed import EmbedderIdentity
+
+DRAWERS_COLLECTION = "mempalace_drawers"
+CLOSETS_COLLECTION = "mempalace_closets"
+KG_FILENAME = "knowledge_graph.sqlite3"
+CHROMA_DB = "chroma.sqlite3"
+SIDECAR = "mempalace_embedder.json"
+STATE_DIRNAME = ".palace-etl"
+
+# MemPalace 3.11 `_hnsw_creation_metadata`: cosine space, one HNSW thread,
+# batch/sync thresholds 100/1000.
+HNSW_METADATA = {
+    "hnsw:space": "cosine",
+    "hnsw:num_threads": 1,
+    "hnsw:batch_size": 100,
+    "hnsw:sync_threshold": 1000,
+}
+
+
+@dataclass(frozen=True)
+class PalaceLayout:
+    location: str  # directory path or server URL
+    kg_path: Path
+    state_dir: Path
+
+    @property
+    def is_server(self) -> bool:
+        return is_server_url(self.location)
+
+    @property
+    def path(self) -> Path:
+        if self.is_server:
+            raise ValueError("a server palace has no local directory")
+        return Path(self.location)
+
+    @property
+    def chroma_db(self) -> Path:
+        return self.path / CHROMA_DB
+
+    @property
+    def sidecar(self) -> Path:
+        return self.path / SIDECAR
+
+
+def is_server_url(location: str) -> bool:
+    return urlparse(str(location)).scheme in ("http", "https")
+
+
+def layout_for(location: str | os.PathLike, kg: str | os.PathLike | None = None,
+               state_dir: str | os.PathLike | None = None) -> PalaceLayout:
+    loc = str(location)
+    if is_server_url(loc):
+        if kg is None:
+            raise ValueError("a server palace needs --kg PATH for its knowledge graph")
+        kg_path = Path(kg).expanduser().resolve()
+        return PalaceLayout(loc, kg_path, Path(state_dir) if state_dir else kg_path.parent / STATE_DIRNAME)
+    path = Path(loc).expanduser().resolve()
+    kg_path = Path(kg).expanduser().resolve() if kg else path / KG_FILENAME
+    return PalaceLayout(str(path), kg_path, Path(state_dir) if state_dir else path / STATE_DIRNAME)
+
+
+def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Write ``data`` to ``path`` via a temp file + fsync + rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_sidecar(palace: Path, collection: str = DRAWERS_COLLECTION) -> EmbedderIdentity | None:
+    """The embedder identity MemPalace 3.11 recorded for ``collection``, or None."""
+    path = Path(palace) / SIDECAR
+    try:
+        data = orjson.loads(path.read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return None
+    entry = data.get(collection) if isinstance(data, dict) else None
+    if not isinstance(entry, dict) or not entry.get("model_name"):
+        return None
+    return EmbedderIdentity(str(entry["model_name"]), int(entry.get("dimension") or 0))
+
+
+def write_sidecar(palace: Path, identity: EmbedderIdentity,
+                  collections: tuple[str, ...] = (DRAWERS_COLLECTION, CLOSETS_COLLECTION)) -> None:
+    """Record ``identity`` for ``collections``, keeping other entries (MemPalace's format, 0600, atomic)."""
+    path = Path(palace) / SIDECAR
+    data: dict = {}
+    try:
+        loaded = orjson.loads(path.read_bytes())
+        data = loaded if isinstance(loaded, dict) else {}
+    except (OSError, orjson.JSONDecodeError):
+        pass
+    for name in collections:
+        data[name] = {"model_name": identity.model_name, "dimension": identity.dimension}
+    atomic_write(path, orjson.dumps(data, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))

@@ -1,0 +1,102 @@
+"""The palace writer lock, shared with MemPalace.
+
+Same file and semantics as MemPalace 3.11's ``mine_palace_lock``:
+``~/.mempalace/locks/mine_palace_<sha256(normcase(realpath(palace)))[:16]>.lock``,
+an exclusive ``flock``, the holder's ``"<pid> <argv[:3]>"`` written from byte 1.
+So ``mempalace mine`` and MemPalace's MCP writers never write beside us, and we
+never write beside them. MemPalace's lock is non-blocking; ours waits up to a
+timeout, then raises ``PalaceLocked`` naming the holder.
+
+Re-entrant within a process. The OS drops a flock when its process dies, so a
+SIGKILL never leaves a stale lock.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+from etl.errors import PalaceLocked
+
+_held: dict[str, int] = {}
+_guard = threading.RLock()
+# Test-only switch: proves the concurrency tests can fail. Never set it in real use.
+UNSAFE_NO_LOCK_ENV = "PALACE_ETL_UNSAFE_NO_LOCK"
+
+
+def lock_path(palace: str | os.PathLike) -> Path:
+    resolved = os.path.normcase(os.path.realpath(os.path.expanduser(str(palace))))
+    key = hashlib.sha256(resolved.encode()).hexdigest()[:16]
+    return Path.home() / ".mempalace" / "locks" / f"mine_palace_{key}.lock"
+
+
+def _holder(f) -> str:
+    try:
+        f.seek(1)
+        parts = f.read().decode("utf-8", "replace").strip().split(maxsplit=1)
+    except OSError:
+        parts = []
+    if not parts or not parts[0].isdigit():
+        return "another writer (identity not recorded)"
+    return f"PID {parts[0]} ({parts[1]})" if len(parts) > 1 else f"PID {parts[0]}"
+
+
+@contextlib.contextmanager
+def palace_lock(palace: str | os.PathLike, timeout: float = 5.0, poll: float = 0.05) -> Iterator[None]:
+    """Hold the palace writer lock; wait up to ``timeout`` seconds for it."""
+    if os.environ.get(UNSAFE_NO_LOCK_ENV) == "1":
+        yield
+        return
+    path = lock_path(palace)
+    key = str(path)
+    with _guard:
+        if key in _held:
+            _held[key] += 1
+            reentered = True
+        else:
+            reentered = False
+    if reentered:
+        try:
+            yield
+        finally:
+            with _guard:
+                _held[key] -= 1
+        return
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+    f = os.fdopen(fd, "r+b")
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise PalaceLocked(
+                        f"lock palace {palace}: held by {_holder(f)} (waited {timeout:g}s)",
+                        hint="wait for it to finish, stop it, or raise --lock-timeout",
+                    ) from None
+                time.sleep(poll)
+        ident = f"{os.getpid()} {' '.join(sys.argv[:3])}".strip().encode()
+        f.seek(1)
+        f.truncate(1 + len(ident))
+        f.write(ident)
+        f.flush()
+        with _guard:
+            _held[key] = 1
+        try:
+            yield
+        finally:
+            with _guard:
+                del _held[key]
+            fcntl.flock(f, fcntl.LOCK_UN)
+    finally:
+        f.close()

@@ -1,0 +1,188 @@
+"""The vector store: a palace's Chroma collections, safe with other processes.
+
+Embedded mode (a palace directory). Chroma 1.5.9 silently corrupts the HNSW
+index when two processes write one persist directory, and opening a client is
+itself a write (backfill + log purge on the first read). So every write, and
+every client open or re-open through its first read, happens under the palace
+writer lock (``palace.lock``). Under the lock, before writing, the stamp
+(inode, mtime_ns, size) of ``chroma.sqlite3`` is compared with the one taken
+after our own last write: if anyone else wrote since, the client is reset
+(``clear_system_cache`` + a new client) before we write, so a stale in-memory
+index is never persisted over someone else's. After our own writes the stamp
+is refreshed, so our writes never look external.
+
+Reads between writes use the cached client; the external-change check is
+rate-limited (``refresh_interval``), except that a vanished database (rebuild,
+restore) is noticed at once.
+
+Server mode (``http://host:port``): an ``HttpClient`` to a ``chroma run``
+server, which serialises writers itself; no lock, no stamps.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import os
+import time
+from pathlib import Path
+from typing import Iterator, Sequence
+from urllib.parse import urlparse
+
+import numpy as np
+
+from etl.errors import PalaceEtlError, PalaceLocked
+
+from .layout import CHROMA_DB, DRAWERS_COLLECTION, HNSW_METADATA, PalaceLayout
+from .lock import palace_lock
+
+Stamp = tuple[int, int, int] | None
+
+
+def _settings():
+    from chromadb.config import Settings
+
+    return Settings(anonymized_telemetry=False, allow_reset=False)
+
+
+def db_stamp(path: Path) -> Stamp:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+class VectorStore:
+    def __init__(self, layout: PalaceLayout, lock_timeout: float = 5.0, open_timeout: float = 60.0,
+                 refresh_interval: float = 5.0, collection: str = DRAWERS_COLLECTION):
+        self.layout = layout
+        self.lock_timeout = lock_timeout
+        self.open_timeout = open_timeout
+        self.refresh_interval = refresh_interval
+        self.collection_name = collection
+        self.client_creations = 0
+        self._client = None
+        self._collections: dict[str, object] = {}
+        self._stamp: Stamp = None
+        self._last_check = 0.0
+
+    # ----------------------------------------------------------------- opening
+    @property
+    def is_server(self) -> bool:
+        return self.layout.is_server
+
+    def _locked(self):
+        if self.is_server:
+            return contextlib.nullcontext()
+        return palace_lock(self.layout.path, timeout=self.lock_timeout)
+
+    def _new_client(self):
+        import chromadb
+        from chromadb.api.client import SharedSystemClient
+
+        if self.is_server:
+            url = urlparse(self.layout.location)
+            headers = {}
+            if token := os.environ.get("CHROMA_AUTH_TOKEN"):
+                headers["Authorization"] = f"Bearer {token}"
+            return chromadb.HttpClient(host=url.hostname, port=url.port or 8000, ssl=url.scheme == "https",
+                                       headers=headers, settings=_settings())
+        # A new PersistentClient in the same process silently returns the cached
+        # (stale) system; clear it so the client sees other processes' writes.
+        SharedSystemClient.clear_system_cache()
+        self.layout.path.mkdir(parents=True, exist_ok=True)
+        return chromadb.PersistentClient(path=str(self.layout.path), settings=_settings())
+
+    def _open(self, create: bool) -> None:
+        """(Re)create the client and do its first read; caller holds the lock."""
+        if self._client is not None and not self.is_server:
+            self.close()
+
+        def work():
+            client = self._new_client()
+            cols = {}
+            if create:
+                cols[self.collection_name] = client.get_or_create_collection(
+                    self.collection_name, metadata=dict(HNSW_METADATA), embedding_function=None)
+            else:
+                cols[self.collection_name] = client.get_collection(self.collection_name, embedding_function=None)
+            cols[self.collection_name].count()  # the first read backfills: it must run under the lock
+            return client, cols
+
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+        try:
+            self._client, self._collections = pool.submit(work).result(timeout=self.open_timeout)
+        except concurrent.futures.TimeoutError:
+            raise PalaceLocked(f"open palace {self.layout.location}: chroma.sqlite3 stayed locked for "
+                               f"{self.open_timeout:g}s (another process holds a SQLite transaction on it)",
+                               hint="close sqlite3 shells or DB browsers on the palace and retry") from None
+        except Exception as exc:
+            if type(exc).__name__ in ("NotFoundError", "InvalidCollectionException") or "does not exist" in str(exc):
+                raise PalaceEtlError(f"open palace {self.layout.location}: no collection "
+                                     f"{self.collection_name!r}") from None
+            raise
+        finally:
+            pool.shutdown(wait=False)
+        self.client_creations += 1
+        if not self.is_server:
+            self._stamp = db_stamp(self.layout.path / CHROMA_DB)
+        self._last_check = time.monotonic()
+
+    def _external_change(self) -> bool:
+        return db_stamp(self.layout.path / CHROMA_DB) != self._stamp
+
+    # -------------------------------------------------------------- public API
+    @contextlib.contextmanager
+    def writing(self, create: bool = True) -> Iterator[object]:
+        """Yield the collection for writing: under the lock, reset if anyone else wrote."""
+        with self._locked():
+            if self._client is None or (not self.is_server and self._external_change()):
+                self._open(create)
+            yield self._collections[self.collection_name]
+            if not self.is_server:
+                self._stamp = db_stamp(self.layout.path / CHROMA_DB)
+                self._last_check = time.monotonic()
+
+    def reading(self):
+        """The collection for reading; re-opens (under the lock) on an external change."""
+        if self._client is None:
+            with self._locked():
+                self._open(create=False)
+        elif not self.is_server:
+            vanished = not (self.layout.path / CHROMA_DB).exists()
+            due = time.monotonic() - self._last_check >= self.refresh_interval
+            if vanished or due:
+                self._last_check = time.monotonic()
+                if vanished or self._external_change():
+                    with self._locked():
+                        self._open(create=False)
+        return self._collections[self.collection_name]
+
+    def max_batch_size(self) -> int:
+        with self.writing():
+            return int(self._client.get_max_batch_size())
+
+    def upsert(self, ids: Sequence[str], documents: Sequence[str], metadatas: Sequence[dict],
+               embeddings: np.ndarray) -> None:
+        with self.writing() as col:
+            col.upsert(ids=list(ids), documents=list(documents), metadatas=list(metadatas),
+                       embeddings=embeddings)
+
+    def delete(self, ids: Sequence[str]) -> None:
+        with self.writing() as col:
+            col.delete(ids=list(ids))
+
+    def get(self, ids: Sequence[str], include: Sequence[str] = ("metadatas", "documents")) -> dict:
+        return self.reading().get(ids=list(ids), include=list(include))
+
+    def count(self) -> int:
+        return self.reading().count()
+
+    def close(self) -> None:
+        if self._client is not None and hasattr(self._client, "close"):
+            try:
+                self._client.close()
+            except Exception:
+                pass
+        self._client = None
+        self._collections = {}
