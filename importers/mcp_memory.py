@@ -29,9 +29,7 @@ DEFAULT_WING = "mcp_memory"
 
 def _records(path: Path, quarantine: Quarantine) -> Iterator[tuple[int, dict]]:
     """Yield (line, record); JSONL streams line by line, a read_graph document is read whole."""
-    with open(path, "rb") as f:
-        head = f.read(4096).lstrip()
-    if head.startswith(b"{") and not _first_line_is_record(path):
+    if _is_read_graph(path):
         yield from _read_graph(path)
         return
     with open(path, "rb") as f:
@@ -49,16 +47,22 @@ def _records(path: Path, quarantine: Quarantine) -> Iterator[tuple[int, dict]]:
             yield lineno, rec
 
 
-def _first_line_is_record(path: Path) -> bool:
+def _is_read_graph(path: Path) -> bool:
+    """A read_graph document, compact or pretty-printed, rather than JSONL records?"""
     with open(path, "rb") as f:
-        for raw in f:
-            if raw.strip():
-                try:
-                    rec = orjson.loads(raw)
-                except orjson.JSONDecodeError:
-                    return True  # a broken first line of a JSONL file: quarantined by the caller
-                return isinstance(rec, dict) and rec.get("type") in ("entity", "relation")
-    return True
+        first = next((raw for raw in f if raw.strip()), b"")
+    try:
+        rec = orjson.loads(first)
+        return isinstance(rec, dict) and "type" not in rec and bool({"entities", "relations"} & rec.keys())
+    except orjson.JSONDecodeError:
+        pass
+    if not first.lstrip().startswith(b"{"):
+        return False
+    try:  # the first line is a fragment: is the whole file one JSON document?
+        doc = orjson.loads(path.read_bytes())
+    except orjson.JSONDecodeError:
+        return False  # JSONL with a broken first line: the caller quarantines it
+    return isinstance(doc, dict) and bool({"entities", "relations"} & doc.keys())
 
 
 def _read_graph(path: Path) -> Iterator[tuple[int, dict]]:

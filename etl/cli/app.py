@@ -174,7 +174,8 @@ def _on_sigterm(signum, frame):  # turn SIGTERM into an orderly unwind: locks re
 def main() -> None:
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        app(standalone_mode=False)
+        rc = app(standalone_mode=False)  # click returns (not raises) the code of typer.Exit here
+        sys.exit(rc if isinstance(rc, int) else 0)
     except PalaceEtlError as exc:
         if DEBUG["on"]:
             raise
@@ -186,8 +187,6 @@ def main() -> None:
     except KeyboardInterrupt:
         typer.echo("palace-etl: interrupted; re-run the same command to resume", err=True)
         sys.exit(EXIT_INTERRUPTED)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
     except (typer.BadParameter, __import__("click").exceptions.UsageError) as exc:
         exc.show()
         sys.exit(2)

@@ -1,0 +1,48 @@
+"""Test session setup: an isolated HOME with the MiniLM model provisioned offline.
+
+HOME is swapped before chromadb is imported anywhere (Chroma computes its model
+path at import time), so the tests never touch the user's ~/.mempalace locks,
+~/.cache or config, and never download anything.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+REAL_HOME = os.environ.get("HOME", "")
+TEST_HOME = Path(tempfile.mkdtemp(prefix="palace-etl-test-home-"))
+
+
+def pytest_configure(config):
+    os.environ["HOME"] = str(TEST_HOME)
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ.pop("MEMPALACE_PALACE_PATH", None)
+    from etl.model import _package_dir, install_model
+
+    if _package_dir() is not None:
+        install_model(allow_network=False)
+    else:  # fall back to a model the developer already installed in their real HOME
+        real = Path(REAL_HOME) / ".cache/chroma/onnx_models/all-MiniLM-L6-v2/onnx"
+        if not (real / "model.onnx").exists():
+            raise pytest.UsageError("the MiniLM model is not available offline: run `palace-etl model install` first")
+        install_model(source=real, allow_network=False)
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(TEST_HOME, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def embedder():
+    from etl.embed import MiniLMEmbedder
+
+    return MiniLMEmbedder()
+
+
+@pytest.fixture
+def palace_dir(tmp_path) -> Path:
+    return tmp_path / "palace"

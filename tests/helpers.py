@@ -1,0 +1,65 @@
+"""Shared test helpers: run the real CLI and MemPalace in subprocesses, read palaces back."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parent.parent
+CORPUS = REPO.parent / "shared" / "corpus"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+def run_cli(*args: str, check: int | None = 0, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run ``palace-etl ARGS`` in a subprocess; assert its exit code when ``check`` is not None."""
+    proc = subprocess.run([sys.executable, "-m", "etl.cli", *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=timeout)
+    if check is not None:
+        assert proc.returncode == check, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    return proc
+
+
+def cli_json(*args: str, check: int | None = 0) -> dict:
+    return json.loads(run_cli(*args, "--json", check=check).stdout)
+
+
+def run_python(code: str, timeout: float = 300) -> dict:
+    """Run ``code`` in a fresh interpreter; it hands back one object with ``emit(obj)``.
+
+    The result travels through a file: MemPalace's MCP module redirects stdout.
+    """
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        prelude = f"import json as _json\ndef emit(obj):\n    open({out.name!r}, 'w').write(_json.dumps(obj))\n"
+        proc = subprocess.run([sys.executable, "-c", prelude + code], capture_output=True, text=True,
+                              timeout=timeout)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(Path(out.name).read_text())
+
+
+def palace_rows(palace: Path) -> dict[str, dict]:
+    """{id: {document, metadata}} of every drawer, read through chromadb in a subprocess."""
+    code = f"""
+import json, chromadb
+c = chromadb.PersistentClient({str(palace)!r})
+col = c.get_collection("mempalace_drawers")
+out = {{}}
+n = col.count()
+for off in range(0, n, 5000):
+    got = col.get(include=["documents", "metadatas"], limit=5000, offset=off)
+    for i, d, m in zip(got["ids"], got["documents"], got["metadatas"]):
+        out[i] = {{"document": d, "metadata": m}}
+emit(out)
+"""
+    return run_python(code)
+
+
+def kg_rows(kg: Path, table: str) -> list[tuple]:
+    import sqlite3
+
+    with sqlite3.connect(f"file:{kg}?mode=ro", uri=True) as c:
+        return c.execute(f"SELECT * FROM {table} ORDER BY id").fetchall()

@@ -1,0 +1,69 @@
+"""CLI conventions: --json, exit codes, sources, status, verify findings."""
+import json
+import shutil
+import sqlite3
+
+from .helpers import CORPUS, cli_json, run_cli
+
+MEMORY = CORPUS / "mcp-memory" / "memory.jsonl"
+
+
+def test_sources_lists_importers():
+    names = {r["name"] for r in cli_json("sources")["importers"]}
+    assert "mcp-memory" in names
+    assert "mcp-memory" in run_cli("sources").stdout
+
+
+def test_missing_source_exits_10(tmp_path):
+    proc = run_cli("import", "mcp-memory", tmp_path / "nope.jsonl", "--palace", tmp_path / "p", check=10)
+    assert "no such file" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_usage_error_exits_2(tmp_path):
+    run_cli("import", "mcp-memory", "--palace", tmp_path / "p", check=2)
+
+
+def test_status_json(tmp_path):
+    palace = tmp_path / "p"
+    cli_json("import", "mcp-memory", MEMORY, "--palace", palace, "--wing", "old memory")
+    s = cli_json("status", "--palace", palace)
+    assert s["drawers"] == 47 and sum(s["wings"]["old memory"].values()) == 47
+    assert s["kg"]["entities"] == 12 and s["kg"]["triples"] == 13
+    assert s["embedder"] == "minilm/384"
+    assert "old memory" in run_cli("status", "--palace", palace).stdout
+
+
+def test_kg_elsewhere(tmp_path):
+    palace, kg = tmp_path / "p", tmp_path / "global" / "knowledge_graph.sqlite3"
+    cli_json("import", "mcp-memory", MEMORY, "--palace", palace, "--kg", kg)
+    assert kg.exists() and not (palace / "knowledge_graph.sqlite3").exists()
+    assert cli_json("status", "--palace", palace, "--kg", kg)["kg"]["triples"] == 13
+
+
+def test_verify_finds_a_deleted_drawer_and_a_dropped_triple(tmp_path):
+    palace = tmp_path / "p"
+    cli_json("import", "mcp-memory", MEMORY, "--palace", palace)
+    clean = run_cli("verify", "--palace", palace, "--against", "mcp-memory", MEMORY)
+    assert "no problems found" in clean.stderr
+    import chromadb
+
+    client = chromadb.PersistentClient(str(palace))
+    col = client.get_collection("mempalace_drawers")
+    victim = col.get(limit=1)["ids"][0]
+    col.delete(ids=[victim])
+    client.close()
+    with sqlite3.connect(palace / "knowledge_graph.sqlite3") as c:
+        c.execute("DELETE FROM triples WHERE predicate='created_by'")
+    proc = run_cli("verify", "--palace", palace, "--against", "mcp-memory", MEMORY, "--json", check=4)
+    report = json.loads(proc.stdout)
+    codes = {f["code"]: f for f in report["findings"]}
+    assert victim in codes["drawer_missing"]["message"]
+    assert "palace-etl import mcp-memory" in codes["drawer_missing"]["remedy"]
+    assert "triple_missing" in codes
+    assert report["schema_version"] == 1 and not report["ok"]
+    run_cli("import", "mcp-memory", MEMORY, "--palace", palace)  # the remedy fixes it
+    run_cli("verify", "--palace", palace, "--against", "mcp-memory", MEMORY)
+
+
+def test_verify_missing_palace_exits_10(tmp_path):
+    run_cli("verify", "--palace", tmp_path / "nothing", check=10)

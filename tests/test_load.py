@@ -1,0 +1,173 @@
+"""The loader: idempotent re-runs, resume after SIGKILL, dry runs, carried vectors, identity checks."""
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pyarrow as pa
+import pytest
+
+from etl.embed import MINILM, EmbedderIdentity
+from etl.errors import EmbedderMismatch
+from etl.load import run_import
+from etl.schema import drawer_schema
+from importers.base import ImportOptions, RowBuffer
+from importers.registry import get_importer
+from palace.layout import layout_for, read_sidecar, write_sidecar
+
+from .helpers import CORPUS, cli_json, palace_rows, run_cli
+
+MEMORY = CORPUS / "mcp-memory" / "memory.jsonl"
+
+
+def write_memory(path: Path, entities: int, per_entity: int) -> int:
+    lines = []
+    for e in range(entities):
+        obs = [f"Entity {e} fact {i}: the nightly job {i * 7 % 13} ran on host {e % 5}" for i in range(per_entity)]
+        lines.append(orjson.dumps({"type": "entity", "name": f"entity-{e}", "entityType": f"kind{e % 4}",
+                                   "observations": obs}))
+        if e:
+            lines.append(orjson.dumps({"type": "relation", "from": f"entity-{e}", "to": f"entity-{e - 1}",
+                                       "relationType": "follows after"}))
+    path.write_bytes(b"\n".join(lines))
+    return entities * per_entity
+
+
+def test_second_import_writes_nothing(tmp_path):
+    palace = tmp_path / "p"
+    first = cli_json("import", "mcp-memory", MEMORY, "--palace", palace)
+    assert (first["drawers_written"], first["vectors_embedded"]) == (47, 47)
+    before = palace_rows(palace)
+    second = cli_json("import", "mcp-memory", MEMORY, "--palace", palace)
+    assert second["drawers_written"] == 0 and second["drawers_unchanged"] == 47
+    assert second["vectors_embedded"] == 0 and second["kg_rows_written"] == 0
+    assert palace_rows(palace) == before  # not even filed_at moved
+    run_cli("verify", "--palace", palace, "--against", "mcp-memory", MEMORY)
+
+
+def test_dry_run_writes_nothing(tmp_path):
+    palace = tmp_path / "p"
+    plan = cli_json("import", "mcp-memory", MEMORY, "--palace", palace, "--dry-run")
+    assert plan["dry_run"] and plan["drawers_written"] == 47 and plan["vectors_embedded"] == 0
+    assert sum(plan["per_room"]["mcp_memory"].values()) == 47
+    assert not palace.exists()
+    cli_json("import", "mcp-memory", MEMORY, "--palace", palace)
+    again = cli_json("import", "mcp-memory", MEMORY, "--palace", palace, "--dry-run")
+    assert again["drawers_written"] == 0 and again["drawers_unchanged"] == 47
+
+
+def test_edited_source_rewrites_only_changed_drawers(tmp_path):
+    palace, src = tmp_path / "p", tmp_path / "memory.jsonl"
+    write_memory(src, 10, 3)
+    cli_json("import", "mcp-memory", src, "--palace", palace)
+    text = src.read_text().replace("Entity 3 fact 1:", "Entity 3 fact 1 (edited):")
+    src.write_text(text)
+    report = cli_json("import", "mcp-memory", src, "--palace", palace)
+    # content ids: the edited observation is a new drawer; the old one stays (no deletes on import)
+    assert report["drawers_written"] == 1 and report["drawers_unchanged"] == 29
+    assert len(palace_rows(palace)) == 31
+
+
+def _committed_drawers(palace: Path) -> int:
+    db = palace / ".palace-etl" / "ledger.sqlite3"
+    if not db.exists():
+        return 0
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as c:
+            return c.execute("SELECT coalesce(sum(rows), 0) FROM batches WHERE kind='drawers'").fetchone()[0]
+    except sqlite3.OperationalError:
+        return 0
+
+
+def test_sigkill_midway_then_resume(tmp_path):
+    palace, src = tmp_path / "p", tmp_path / "memory.jsonl"
+    total = write_memory(src, 120, 12)  # 1,440 drawers in batches of 100
+    proc = subprocess.Popen([sys.executable, "-m", "etl.cli", "import", "mcp-memory", str(src), "--palace",
+                             str(palace), "--batch-size", "100", "--quiet"])
+    deadline = time.monotonic() + 240
+    while (done := _committed_drawers(palace)) < 400:
+        assert proc.poll() is None, "the import finished before it could be killed; make the input larger"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = cli_json("status", "--palace", palace)
+    assert 0 < partial["drawers"] < total
+    assert [r["status"] for r in partial["runs"]] == ["running"]  # visibly incomplete
+    verify = run_cli("verify", "--palace", palace, "--json", check=4)
+    assert "run_incomplete" in {f["code"] for f in json.loads(verify.stdout)["findings"]}
+
+    report = cli_json("import", "mcp-memory", src, "--palace", palace, "--batch-size", "100")
+    assert report["batches_resumed"] >= 4 and report["rows_resumed"] >= done
+    assert report["drawers_read"] == total
+    assert report["drawers_written"] + report["drawers_unchanged"] == total
+    assert report["vectors_embedded"] == report["drawers_written"] <= total - done
+    rows = palace_rows(palace)
+    assert len(rows) == total
+    assert sorted(r["document"] for r in rows.values()) == sorted(
+        f"entity-{e} (kind{e % 4}): Entity {e} fact {i}: the nightly job {i * 7 % 13} ran on host {e % 5}"
+        for e in range(120) for i in range(12))
+    status = cli_json("status", "--palace", palace)
+    assert status["kg"]["triples"] == 119 and status["kg"]["entities"] == 120
+    run_cli("verify", "--palace", palace, "--against", "mcp-memory", src)
+
+
+class VectorImporter:
+    """A real importer whose source carries vectors (as mcp-memory-service and bundles do)."""
+
+    name = "test-vectors"
+    description = "drawers with precomputed vectors"
+
+    def __init__(self, texts, vectors, identity: EmbedderIdentity):
+        self.texts, self.vectors, self.identity = texts, vectors, identity
+
+    def detect(self, path):
+        return False
+
+    def batches(self, path, options, quarantine):
+        buf = RowBuffer(self.name, 1000)
+        for i, t in enumerate(self.texts):
+            buf.drawer(id=f"drawer_w_r_{i:024d}", document=t, wing="w", room="r", source_file=str(path),
+                       chunk_index=i, origin_id=str(i))
+        (batch,) = list(buf.flush())
+        schema = drawer_schema(self.identity.dimension, self.identity.model_name)
+        emb = pa.FixedSizeListArray.from_arrays(pa.array(self.vectors.ravel(), pa.float32()),
+                                                self.identity.dimension)
+        yield pa.RecordBatch.from_arrays([*batch.columns, emb], schema=schema)
+
+
+def test_carried_vectors_are_not_re_embedded(tmp_path, embedder):
+    texts = [f"carried memory number {i} about the palace" for i in range(30)]
+    vecs = embedder.embed(texts)
+    layout = layout_for(tmp_path / "p")
+    before = embedder.calls
+    report = run_import(VectorImporter(texts, vecs, MINILM), tmp_path, layout, ImportOptions(),
+                        lambda: embedder, MINILM, progress=False)
+    assert report.vectors_carried == 30 and report.vectors_embedded == 0
+    assert embedder.calls == before
+    assert report.vector_decision.startswith("carry")
+    # vectors of another model are re-embedded, and the decision says so
+    other = run_import(VectorImporter([t + " (v2)" for t in texts], vecs, EmbedderIdentity("openai-compat", 384)),
+                       tmp_path, layout, ImportOptions(), lambda: embedder, MINILM, progress=False)
+    assert other.vectors_embedded == 30 and other.vectors_carried == 0
+    assert embedder.calls == before + 30
+    assert "re-embed" in other.vector_decision
+
+
+def test_palace_of_another_embedder_is_refused(tmp_path):
+    palace = tmp_path / "p"
+    cli_json("import", "mcp-memory", MEMORY, "--palace", palace)
+    assert read_sidecar(palace) == MINILM
+    write_sidecar(palace, EmbedderIdentity("openai-compat", 768))
+    proc = run_cli("import", "mcp-memory", MEMORY, "--palace", palace, "--wing", "again", check=1)
+    assert "openai-compat/768" in proc.stderr and "minilm/384" in proc.stderr
+    with pytest.raises(EmbedderMismatch):
+        run_import(get_importer("mcp-memory"), MEMORY, layout_for(palace), ImportOptions(wing="again"),
+                   lambda: None, MINILM, progress=False)
+    assert cli_json("status", "--palace", palace)["drawers"] == 47
