@@ -171,3 +171,29 @@ def test_palace_of_another_embedder_is_refused(tmp_path):
         run_import(get_importer("mcp-memory"), MEMORY, layout_for(palace), ImportOptions(wing="again"),
                    lambda: None, MINILM, progress=False)
     assert cli_json("status", "--palace", palace)["drawers"] == 47
+
+
+def test_sigterm_midway_leaves_both_databases_consistent_then_resumes(tmp_path):
+    palace, src = tmp_path / "p", tmp_path / "memory.jsonl"
+    total = write_memory(src, 100, 12)
+    proc = subprocess.Popen([sys.executable, "-m", "etl.cli", "import", "mcp-memory", str(src), "--palace",
+                             str(palace), "--batch-size", "100", "--quiet"], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while _committed_drawers(palace) < 300:
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "re-run the same command to resume" in err
+    kg_wal = palace / "knowledge_graph.sqlite3-wal"
+    assert not kg_wal.exists() or kg_wal.stat().st_size == 0  # checkpointed on the way out
+    for db in ("chroma.sqlite3", "knowledge_graph.sqlite3"):
+        with sqlite3.connect(f"file:{palace / db}?mode=ro", uri=True) as c:
+            assert c.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert [r["status"] for r in cli_json("status", "--palace", palace)["runs"]] == ["interrupted"]
+    # the lock was released: a new run starts at once and resumes
+    report = cli_json("import", "mcp-memory", src, "--palace", palace, "--batch-size", "100", "--lock-timeout", "0")
+    assert report["batches_resumed"] >= 1 and report["drawers_read"] == total
+    assert len(palace_rows(palace)) == total
+    run_cli("verify", "--palace", palace, "--against", "mcp-memory", src)

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+import click
 import typer
 
 from etl.errors import EXIT_CODES_HELP, EXIT_INTERRUPTED, EXIT_PARTIAL, EXIT_VERIFY_FAILED, PalaceEtlError
@@ -175,6 +176,8 @@ def main() -> None:
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         rc = app(standalone_mode=False)  # click returns (not raises) the code of typer.Exit here
+        if rc == EXIT_INTERRUPTED:  # typer turns KeyboardInterrupt (and so SIGTERM) into Exit(130)
+            raise KeyboardInterrupt
         sys.exit(rc if isinstance(rc, int) else 0)
     except PalaceEtlError as exc:
         if DEBUG["on"]:
@@ -184,11 +187,9 @@ def main() -> None:
             msg += f"\n  hint: {exc.hint}"
         typer.echo(msg, err=True)
         sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, click.exceptions.Abort):  # click turns KeyboardInterrupt into Abort
         typer.echo("palace-etl: interrupted; re-run the same command to resume", err=True)
         sys.exit(EXIT_INTERRUPTED)
-    except (typer.BadParameter, __import__("click").exceptions.UsageError) as exc:
+    except click.exceptions.UsageError as exc:
         exc.show()
         sys.exit(2)
-    except __import__("click").exceptions.Abort:
-        sys.exit(EXIT_INTERRUPTED)

@@ -1,0 +1,146 @@
+"""Many processes, one palace: zero failures, zero lost vectors (real processes, real files)."""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from palace.lock import UNSAFE_NO_LOCK_ENV
+
+from .helpers import BIN, cli_json, run_cli
+
+FSIZE_LIMIT = 2 << 30  # a torn HNSW index once wrote a 56 GB link_lists.bin; never let a test do that
+
+
+def _limit_file_size():
+    resource.setrlimit(resource.RLIMIT_FSIZE, (FSIZE_LIMIT, FSIZE_LIMIT))
+
+
+def spawn(*args, env=None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "tests.workers", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})},
+                            preexec_fn=_limit_file_size, cwd=Path(__file__).resolve().parent.parent)
+
+
+def result(proc: subprocess.Popen, timeout: float = 240) -> dict | None:
+    """The worker's JSON result, or None if it crashed or hung (then it is killed)."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        return None
+    if proc.returncode != 0:
+        print(err, file=sys.stderr)
+        return None
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def stress(location: str, kg: Path, env: dict | None = None, drawers: int = 2000, batch: int = 100) -> dict:
+    procs = [spawn("kg", kg, f"k{i}", 50, env=env) for i in range(4)]
+    procs += [spawn("drawers", location, f"d{i}", drawers, batch, i, kg, env=env) for i in range(2)]
+    results = [result(p) for p in procs]
+    check = result(spawn("self_query", location, kg), timeout=180)
+    return {"kg": results[:4], "drawers": results[4:], "check": check}
+
+
+def integrity(db: Path) -> str:
+    import sqlite3
+
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as c:
+        return c.execute("PRAGMA integrity_check").fetchone()[0]
+
+
+def assert_no_loss(out: dict, drawers: int) -> None:
+    assert all(r is not None and r["errors"] == 0 for r in out["kg"] + out["drawers"]), out
+    check = out["check"]
+    assert check is not None and check["errors"] == 0, out
+    assert check["total"] == 2 * drawers
+    assert check["misses"] <= 0.001 * check["total"], out  # >= 99.9% findable by their own vector
+
+
+def test_embedded_stress_loses_nothing(tmp_path):
+    palace, kg = tmp_path / "p", tmp_path / "p" / "knowledge_graph.sqlite3"
+    out = stress(str(palace), kg)
+    assert_no_loss(out, 2000)
+    assert integrity(palace / "chroma.sqlite3") == "ok" and integrity(kg) == "ok"
+    with __import__("sqlite3").connect(kg) as c:
+        assert c.execute("SELECT count(*) FROM triples").fetchone()[0] == 200
+        assert c.execute("SELECT count(*) FROM entities WHERE type='stress'").fetchone()[0] == 200
+
+
+def test_single_process_control(tmp_path):
+    palace = tmp_path / "p"
+    out = result(spawn("drawers", palace, "solo", 4000, 100, 7))
+    check = result(spawn("self_query", palace))
+    assert out["errors"] == 0 and check["total"] == 4000 and check["misses"] <= 4
+
+
+@pytest.mark.xfail(reason="proof the stress test can fail: with the lock off, Chroma loses vectors", strict=False)
+def test_embedded_stress_without_the_lock_loses_vectors(tmp_path):
+    palace, kg = tmp_path / "p", tmp_path / "p" / "knowledge_graph.sqlite3"
+    out = stress(str(palace), kg, env={UNSAFE_NO_LOCK_ENV: "1"})
+    assert_no_loss(out, 2000)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def chroma_server(tmp_path):
+    port = _free_port()
+    data = tmp_path / "server-data"
+    proc = subprocess.Popen([str(BIN / "chroma"), "run", "--path", str(data), "--host", "127.0.0.1", "--port",
+                             str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    import httpx
+
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"{url}/api/v2/heartbeat", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert proc.poll() is None and time.monotonic() < deadline, "chroma run did not come up"
+        time.sleep(0.2)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_server_mode_stress_loses_nothing(tmp_path, chroma_server):
+    kg = tmp_path / "kg" / "knowledge_graph.sqlite3"
+    procs = [spawn("drawers", chroma_server, f"s{i}", 1000, 100, i, kg) for i in range(4)]
+    results = [result(p) for p in procs]
+    assert all(r is not None and r["errors"] == 0 for r in results), results
+    check = result(spawn("self_query", chroma_server, kg))
+    assert check["total"] == 4000 and check["misses"] <= 4 and check["errors"] == 0
+
+
+def test_reader_refreshes_at_most_once_per_window_and_never_for_own_writes(tmp_path):
+    palace = tmp_path / "p"
+    assert result(spawn("drawers", palace, "seed", 200, 100, 1))["errors"] == 0
+    reader = spawn("reader", palace, 12, 5)
+    time.sleep(1)
+    for burst in range(4):  # a writer in bursts, 2 s apart
+        assert result(spawn("drawers", palace, f"b{burst}", 100, 50, 10 + burst))["errors"] == 0
+        time.sleep(1)
+    r = result(reader)
+    # the first open, then at most one re-open per 5 s window of a 12 s run
+    assert r is not None and r["reads"] > 20
+    assert 2 <= r["client_creations"] <= 1 + 3, r
+    assert r["distinct_counts"] >= 2  # it did see the writer's rows
+    assert result(spawn("own_writes", tmp_path / "own", 10))["client_creations"] == 1
+    check = result(spawn("self_query", palace))
+    assert check["misses"] == 0 and check["total"] == 600
