@@ -180,10 +180,10 @@ class Loader:
         self.store = VectorStore(self.layout, lock_timeout=self.lock_timeout)
         if create:
             with self.store.writing(create=True) as col:
-                recorded = None if self.layout.is_server else read_sidecar(self.layout.path)
+                recorded = read_sidecar(self.layout.sidecar_dir)
                 check_identity(recorded, self.identity)
-                if recorded is None and not self.layout.is_server and col.count() == 0:
-                    write_sidecar(self.layout.path, self.identity)
+                if recorded is None and col.count() == 0:
+                    write_sidecar(self.layout.sidecar_dir, self.identity)
             self.kg = KnowledgeGraph(self.layout.kg_path)
         else:
             self.store.reading()

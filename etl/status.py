@@ -9,7 +9,8 @@ from palace.vectors import VectorStore
 from .runs import Ledger
 
 
-def palace_status(layout: PalaceLayout) -> dict:
+def palace_status(layout: PalaceLayout, probes: int = 0) -> dict:
+    """Counts per wing/room, KG counts, runs; with ``probes`` > 0 also the self-query hit rate."""
     if layout.is_server:
         store = VectorStore(layout)
         try:
@@ -21,15 +22,16 @@ def palace_status(layout: PalaceLayout) -> dict:
                     m = m or {}
                     room = wings.setdefault(str(m.get("wing", "(none)")), {})
                     room[str(m.get("room", "(none)"))] = room.get(str(m.get("room", "(none)")), 0) + 1
-            embedder, creations = None, store.client_creations
+            creations = store.client_creations
         finally:
             store.close()
     else:
         with chroma_sqlite.open_ro(chroma_sqlite.palace_db(layout.path)) as conn:
             total = chroma_sqlite.count(conn)
             wings = chroma_sqlite.wing_room_counts(conn)
-        ident = read_sidecar(layout.path)
-        embedder, creations = (str(ident) if ident else None), 0
+        creations = 0
+    ident = read_sidecar(layout.sidecar_dir)
+    embedder = str(ident) if ident else None
     kg: dict = {"path": str(layout.kg_path)}
     if layout.kg_path.exists():
         with KnowledgeGraph(layout.kg_path) as g:
@@ -39,5 +41,22 @@ def palace_status(layout: PalaceLayout) -> dict:
         ledger = Ledger(layout.state_dir)
         runs = ledger.runs()
         ledger.close()
-    return {"palace": layout.location, "drawers": total, "wings": wings, "embedder": embedder, "kg": kg,
-            "runs": runs, "client_creations": creations}
+    out = {"palace": layout.location, "drawers": total, "wings": wings, "embedder": embedder, "kg": kg,
+           "runs": runs, "client_creations": creations}
+    if probes:
+        out.update(_probe(layout, probes))
+    return out
+
+
+def _probe(layout: PalaceLayout, probes: int) -> dict:
+    from .verify import _local_facts, _server_facts, probe_embedder, sample_ids, self_query
+
+    store = VectorStore(layout)
+    try:
+        facts = _server_facts(store) if layout.is_server else _local_facts(layout)
+        n, hits = self_query(store, sample_ids(facts.ids if facts else [], (0, 1, 1.0), probes),
+                             probe_embedder(read_sidecar(layout.sidecar_dir)))
+        return {"probes": n, "self_hit_rate": (hits / n) if n else None,
+                "client_creations": store.client_creations}
+    finally:
+        store.close()

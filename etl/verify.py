@@ -22,8 +22,8 @@ from palace.kg import KnowledgeGraph
 from palace.layout import PalaceLayout, read_sidecar
 from palace.vectors import VectorStore
 
-from .embed import EmbedderIdentity
-from .errors import PalaceEtlError, SourceMissing
+from .embed import MINILM, Embedder, EmbedderIdentity, MiniLMEmbedder
+from .errors import ModelNotInstalled, PalaceEtlError, SourceMissing
 from .runs import Ledger, Quarantine
 from .schema import DRAWERS, TRIPLES, batch_kind
 
@@ -78,59 +78,96 @@ def in_sample(drawer_id: str, sample: tuple[int, int, float]) -> bool:
     return h % buckets == bucket and (frac >= 1.0 or (h >> 16) % 10_000 < frac * 10_000)
 
 
+@dataclass
+class _Facts:
+    """What the structure checks need to know about the drawers collection."""
+
+    count: int
+    metadata: dict
+    dimension: int | None
+    ids: list[str]
+
+
+def _local_facts(layout: PalaceLayout) -> _Facts | None:
+    """Read from chroma.sqlite3 directly: before this process opens a Chroma client on it."""
+    with chroma_sqlite.open_ro(chroma_sqlite.palace_db(layout.path)) as conn:
+        seg = chroma_sqlite.segments(conn).get("METADATA")
+        if seg is None:
+            return None
+        (dim,) = conn.execute("SELECT dimension FROM collections WHERE name='mempalace_drawers'").fetchone()
+        ids = [r[0] for r in conn.execute("SELECT embedding_id FROM embeddings WHERE segment_id = ?", (seg,))]
+        return _Facts(len(ids), chroma_sqlite.collection_metadata(conn), dim, ids)
+
+
+def _server_facts(store: VectorStore) -> _Facts | None:
+    try:
+        col = store.reading()
+    except PalaceEtlError:
+        return None
+    ids: list[str] = []
+    total = col.count()
+    for off in range(0, total, 5000):
+        ids += col.get(include=[], limit=5000, offset=off)["ids"]
+    first = col.get(limit=1, include=["embeddings"])["embeddings"]
+    dim = len(first[0]) if len(first) else None
+    return _Facts(total, dict(col.metadata or {}), dim, ids)
+
+
 def verify_palace(layout: PalaceLayout, embedder: EmbedderIdentity, against: tuple[str, Path] | None = None,
                   sample: str | None = None, probes: int = 200, full: bool = False) -> VerifyReport:
-    if layout.is_server:
-        raise PalaceEtlError("verify a server palace: not supported yet", hint="verify a local palace or bundle")
-    if not chroma_sqlite.palace_db(layout.path).exists():
-        raise SourceMissing(f"verify palace {layout.path}: no chroma.sqlite3 there")
     report = VerifyReport(layout.location)
     spec = parse_sample(sample)
-    if not _check_structure(layout, embedder, report, full):
-        return report
+    if layout.is_server:
+        report.not_checked.append("SQLite integrity of chroma.sqlite3 (server palace: verify its directory on "
+                                  "the server host)")
+    else:
+        if not chroma_sqlite.palace_db(layout.path).exists():
+            raise SourceMissing(f"verify palace {layout.path}: no chroma.sqlite3 there")
+        _check_chroma_sqlite(layout, report, full)
     _check_kg(layout, report, full)
     _check_ledger(layout, report)
-    probe_ids = _probe_ids(layout, spec, probes)  # read SQLite before this process opens a Chroma client
     store = VectorStore(layout)
     try:
+        facts = _server_facts(store) if layout.is_server else _local_facts(layout)
+        if facts is None:
+            report.add("error", "collection_missing", f"{layout.location} has no mempalace_drawers collection",
+                       f"palace-etl import ... --palace {layout.location}")
+            return report
+        _check_structure(layout, embedder, facts, report)
         if against is not None:
             _check_parity(layout, store, against, spec, report)
         else:
             report.not_checked.append("parity with a source (give --against KIND PATH)")
-        _probe(store, probe_ids, report, layout)
+        _probe(store, sample_ids(facts.ids, spec, probes), report, layout, read_sidecar(layout.sidecar_dir) or embedder)
     finally:
         store.close()
     return report
 
 
-def _check_structure(layout: PalaceLayout, embedder: EmbedderIdentity, report: VerifyReport, full: bool) -> bool:
+def _check_chroma_sqlite(layout: PalaceLayout, report: VerifyReport, full: bool) -> None:
     db = chroma_sqlite.palace_db(layout.path)
     problems = chroma_sqlite.quick_check(db, full)
     if problems:
         report.add("error", "sqlite_corrupt", f"{db}: {'; '.join(problems[:5])}",
-                   f"mempalace --palace {layout.path} repair --mode from-sqlite")
-    with chroma_sqlite.open_ro(db) as conn:
-        if "METADATA" not in chroma_sqlite.segments(conn):
-            report.add("error", "collection_missing", f"{layout.path} has no mempalace_drawers collection",
-                       f"palace-etl import ... --palace {layout.path}")
-            return False
-        meta = chroma_sqlite.collection_metadata(conn)
-        report.totals["drawers"] = chroma_sqlite.count(conn)
-        (dim,) = conn.execute("SELECT dimension FROM collections WHERE name='mempalace_drawers'").fetchone()
-    if meta.get("hnsw:space") != "cosine":
-        report.add("error", "collection_not_cosine", f"hnsw:space is {meta.get('hnsw:space')!r}, MemPalace "
-                   "reads similarity as 1 - cosine distance", f"mempalace --palace {layout.path} repair rebuild-index")
-    recorded = read_sidecar(layout.path)
+                   f"mempalace --palace {layout.location} repair --mode from-sqlite")
+
+
+def _check_structure(layout: PalaceLayout, embedder: EmbedderIdentity, facts: _Facts, report: VerifyReport) -> None:
+    report.totals["drawers"] = facts.count
+    where = layout.location
+    if facts.metadata.get("hnsw:space") != "cosine":
+        report.add("error", "collection_not_cosine", f"hnsw:space is {facts.metadata.get('hnsw:space')!r}, "
+                   "MemPalace reads similarity as 1 - cosine distance", f"mempalace --palace {where} repair rebuild-index")
+    recorded = read_sidecar(layout.sidecar_dir)
     if recorded is None:
         report.add("warning", "embedder_unrecorded", "no mempalace_embedder.json: MemPalace 3.11 will warn",
-                   f"mempalace --palace {layout.path} palace set-embedder --model {embedder.model_name}")
+                   f"mempalace --palace {where} palace set-embedder --model {embedder.model_name}")
     elif recorded.model_name != embedder.model_name:
         report.add("error", "embedder_mismatch", f"sidecar records {recorded}, vectors here are {embedder}",
-                   f"mempalace --palace {layout.path} repair rebuild-index")
-    if dim and recorded and recorded.dimension and dim != recorded.dimension:
-        report.add("error", "dimension_mismatch", f"collection vectors are {dim}-d, sidecar says "
-                   f"{recorded.dimension}", f"mempalace --palace {layout.path} repair rebuild-index")
-    return True
+                   f"mempalace --palace {where} repair rebuild-index")
+    if facts.dimension and recorded and recorded.dimension and facts.dimension != recorded.dimension:
+        report.add("error", "dimension_mismatch", f"collection vectors are {facts.dimension}-d, sidecar says "
+                   f"{recorded.dimension}", f"mempalace --palace {where} repair rebuild-index")
 
 
 def _check_kg(layout: PalaceLayout, report: VerifyReport, full: bool) -> None:
@@ -140,7 +177,7 @@ def _check_kg(layout: PalaceLayout, report: VerifyReport, full: bool) -> None:
     problems = chroma_sqlite.quick_check(layout.kg_path, full)
     if problems:
         report.add("error", "kg_corrupt", f"{layout.kg_path}: {'; '.join(problems[:5])}",
-                   f"restore the knowledge graph from a bundle: palace-etl restore BUNDLE --palace {layout.path}")
+                   f"restore the knowledge graph from a bundle: palace-etl restore BUNDLE --palace {layout.location}")
         return
     with KnowledgeGraph(layout.kg_path) as kg:
         report.totals["triples"] = kg.counts()["triples"]
@@ -160,7 +197,7 @@ def _check_ledger(layout: PalaceLayout, report: VerifyReport) -> None:
             if run["status"] != "complete":
                 report.add("error", "run_incomplete", f"import run {run['run_id']} ({run['importer']} "
                            f"{run['source']}) is {run['status']}",
-                           f"palace-etl import {run['importer']} {run['source']} --palace {layout.path}")
+                           f"palace-etl import {run['importer']} {run['source']} --palace {layout.location}")
     finally:
         ledger.close()
 
@@ -196,7 +233,7 @@ def _check_parity(layout: PalaceLayout, store: VectorStore, against: tuple[str, 
     finally:
         if kg is not None:
             kg.close()
-    remedy = f"palace-etl import {kind} {path} --palace {layout.path}"
+    remedy = f"palace-etl import {kind} {path} --palace {layout.location}"
     if missing:
         report.add("error", "drawer_missing", f"{len(missing)} of {checked} source drawers are not in the palace: "
                    f"{', '.join(missing[:MAX_LISTED])}", remedy)
@@ -208,26 +245,68 @@ def _check_parity(layout: PalaceLayout, store: VectorStore, against: tuple[str, 
                    f"graph: {', '.join(triples_missing[:MAX_LISTED])}", remedy)
 
 
-def _probe_ids(layout: PalaceLayout, spec, probes: int) -> list[str]:
-    """A deterministic sample of drawer ids, read from SQLite (no unpaged Chroma get)."""
-    with chroma_sqlite.open_ro(chroma_sqlite.palace_db(layout.path)) as conn:
-        seg = chroma_sqlite.segments(conn)["METADATA"]
-        ids = [r[0] for r in conn.execute("SELECT embedding_id FROM embeddings WHERE segment_id = ?", (seg,))]
-    return sorted((i for i in ids if in_sample(i, spec)), key=lambda i: hashlib.sha256(i.encode()).digest())[:probes]
+def self_query(store: VectorStore, ids: list[str], embedder: Embedder | None = None) -> tuple[int, int]:
+    """Query each drawer with its own vector; return (probes, drawers that ranked themselves first).
 
-
-def _probe(store: VectorStore, ids: list[str], report: VerifyReport, layout: PalaceLayout) -> None:
+    With ``embedder`` the query vector is the drawer's document re-embedded, so a
+    mislabelled index cannot vouch for itself; without, the vector read back from
+    the index is used. A drawer tied at the top with an identical twin counts as found.
+    """
     if not ids:
-        return
+        return 0, 0
     col = store.reading()
-    got = col.get(ids=ids, include=["embeddings"])
-    vecs = np.asarray(got["embeddings"], dtype=np.float32)
-    res = col.query(query_embeddings=vecs, n_results=1, include=[])
-    hits = sum(1 for want, top in zip(got["ids"], res["ids"]) if top and top[0] == want)
-    report.totals["probes"] = len(ids)
-    report.totals["self_hits"] = hits
-    report.totals["self_hit_rate"] = hits / len(ids)
-    if hits / len(ids) < SELF_HIT_THRESHOLD:
-        report.add("error", "hnsw_self_query_miss", f"{len(ids) - hits} of {len(ids)} drawers queried with their "
+    try:
+        got = col.get(ids=ids, include=["documents"] if embedder else ["embeddings"])
+    except Exception:  # the index cannot even hand back its vectors: every probe misses
+        return len(ids), 0
+    vectors = embedder.embed(got["documents"]) if embedder else np.asarray(got["embeddings"], dtype=np.float32)
+    k = min(5, len(got["ids"]))
+    try:
+        res = col.query(query_embeddings=vectors, n_results=k, include=["distances"])
+        answers = list(zip(res["ids"], res["distances"]))
+    except Exception:  # a damaged index raises ("Error finding id"): find which probes it fails on
+        answers = [_query_one(col, v, k) for v in vectors]
+    hits = 0
+    for want, (found, dist) in zip(got["ids"], answers):
+        if found and want in found and dist[found.index(want)] <= dist[0] + 1e-5:
+            hits += 1
+    return len(got["ids"]), hits
+
+
+def _query_one(col, vector: np.ndarray, k: int) -> tuple[list, list]:
+    try:
+        res = col.query(query_embeddings=vector[None, :], n_results=k, include=["distances"])
+        return res["ids"][0], res["distances"][0]
+    except Exception:
+        return [], []
+
+
+def probe_embedder(identity: EmbedderIdentity | None) -> Embedder | None:
+    """The palace's own embedder when it is the default one and installed, else None (read-back probes)."""
+    if identity is None or identity.model_name != MINILM.model_name:
+        return None
+    try:
+        return MiniLMEmbedder()
+    except ModelNotInstalled:
+        return None
+
+
+def sample_ids(ids: list[str], spec, limit: int) -> list[str]:
+    """A deterministic sample: ids in the sample spec, ordered by their hash."""
+    return sorted((i for i in ids if in_sample(i, spec)), key=lambda i: hashlib.sha256(i.encode()).digest())[:limit]
+
+
+def _probe(store: VectorStore, ids: list[str], report: VerifyReport, layout: PalaceLayout,
+           identity: EmbedderIdentity | None) -> None:
+    embedder = probe_embedder(identity)
+    if embedder is None and ids:
+        report.not_checked.append("retrieval probes used the index's own vectors (the palace's embedder is not "
+                                  "available here), which a mislabelled index can pass")
+    probes, hits = self_query(store, ids, embedder)
+    if not probes:
+        return
+    report.totals.update(probes=probes, self_hits=hits, self_hit_rate=hits / probes)
+    if hits / probes < SELF_HIT_THRESHOLD:
+        report.add("error", "hnsw_self_query_miss", f"{probes - hits} of {probes} drawers queried with their "
                    "own vector do not rank themselves first: the HNSW index is damaged",
-                   f"mempalace --palace {layout.path} repair rebuild-index")
+                   f"mempalace --palace {layout.location} repair rebuild-index")

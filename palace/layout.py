@@ -16,6 +16,7 @@ from urllib.parse import urlparse
 import orjson
 
 from etl.embed import EmbedderIdentity
+from etl.errors import PalaceEtlError
 
 DRAWERS_COLLECTION = "mempalace_drawers"
 CLOSETS_COLLECTION = "mempalace_closets"
@@ -55,8 +56,9 @@ class PalaceLayout:
         return self.path / CHROMA_DB
 
     @property
-    def sidecar(self) -> Path:
-        return self.path / SIDECAR
+    def sidecar_dir(self) -> Path:
+        """Where ``mempalace_embedder.json`` lives: the palace, or beside the KG of a server palace."""
+        return self.kg_path.parent if self.is_server else self.path
 
 
 def is_server_url(location: str) -> bool:
@@ -68,7 +70,9 @@ def layout_for(location: str | os.PathLike, kg: str | os.PathLike | None = None,
     loc = str(location)
     if is_server_url(loc):
         if kg is None:
-            raise ValueError("a server palace needs --kg PATH for its knowledge graph")
+            raise PalaceEtlError(f"open palace {loc}: a server palace needs --kg PATH for its knowledge graph",
+                                 hint="keep the KG file next to the server's data, e.g. --kg /srv/palace/"
+                                      "knowledge_graph.sqlite3")
         kg_path = Path(kg).expanduser().resolve()
         return PalaceLayout(loc, kg_path, Path(state_dir) if state_dir else kg_path.parent / STATE_DIRNAME)
     path = Path(loc).expanduser().resolve()

@@ -11,6 +11,7 @@ BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parent.parent
 CORPUS = REPO.parent / "shared" / "corpus"
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
+SAMPLE = REPO / "sample_data" / "mcp-memory" / "memory.jsonl"
 
 
 def run_cli(*args: str, check: int | None = 0, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 import resource
-import socket
 import subprocess
 import sys
 import time
@@ -47,7 +46,7 @@ def stress(location: str, kg: Path, env: dict | None = None, drawers: int = 2000
     procs = [spawn("kg", kg, f"k{i}", 50, env=env) for i in range(4)]
     procs += [spawn("drawers", location, f"d{i}", drawers, batch, i, kg, env=env) for i in range(2)]
     results = [result(p) for p in procs]
-    check = result(spawn("self_query", location, kg), timeout=180)
+    check = result(spawn("self_query", location, f"d0:0:{drawers},d1:1:{drawers}", kg), timeout=180)
     return {"kg": results[:4], "drawers": results[4:], "check": check}
 
 
@@ -79,7 +78,7 @@ def test_embedded_stress_loses_nothing(tmp_path):
 def test_single_process_control(tmp_path):
     palace = tmp_path / "p"
     out = result(spawn("drawers", palace, "solo", 4000, 100, 7))
-    check = result(spawn("self_query", palace))
+    check = result(spawn("self_query", palace, "solo:7:4000"))
     assert out["errors"] == 0 and check["total"] == 4000 and check["misses"] <= 4
 
 
@@ -90,41 +89,12 @@ def test_embedded_stress_without_the_lock_loses_vectors(tmp_path):
     assert_no_loss(out, 2000)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def chroma_server(tmp_path):
-    port = _free_port()
-    data = tmp_path / "server-data"
-    proc = subprocess.Popen([str(BIN / "chroma"), "run", "--path", str(data), "--host", "127.0.0.1", "--port",
-                             str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    import httpx
-
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"{url}/api/v2/heartbeat", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert proc.poll() is None and time.monotonic() < deadline, "chroma run did not come up"
-        time.sleep(0.2)
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
-
-
 def test_server_mode_stress_loses_nothing(tmp_path, chroma_server):
     kg = tmp_path / "kg" / "knowledge_graph.sqlite3"
     procs = [spawn("drawers", chroma_server, f"s{i}", 1000, 100, i, kg) for i in range(4)]
     results = [result(p) for p in procs]
     assert all(r is not None and r["errors"] == 0 for r in results), results
-    check = result(spawn("self_query", chroma_server, kg))
+    check = result(spawn("self_query", chroma_server, "s0:0:1000,s1:1:1000,s2:2:1000,s3:3:1000", kg))
     assert check["total"] == 4000 and check["misses"] <= 4 and check["errors"] == 0
 
 
@@ -142,5 +112,5 @@ def test_reader_refreshes_at_most_once_per_window_and_never_for_own_writes(tmp_p
     assert 2 <= r["client_creations"] <= 1 + 3, r
     assert r["distinct_counts"] >= 2  # it did see the writer's rows
     assert result(spawn("own_writes", tmp_path / "own", 10))["client_creations"] == 1
-    check = result(spawn("self_query", palace))
+    check = result(spawn("self_query", palace, "seed:1:200,b0:10:100,b1:11:100,b2:12:100,b3:13:100"))
     assert check["misses"] == 0 and check["total"] == 600

@@ -53,26 +53,34 @@ def kg(path: str, tag: str, n: int) -> dict:
     return {"written": n, "errors": errors}
 
 
-def self_query(location: str, kg: str | None = None) -> dict:
-    """Query every drawer with its own vector; count the ones that do not rank first."""
+def self_query(location: str, spec: str, kg: str | None = None) -> dict:
+    """Query every written drawer with the vector its writer generated; count the ones not ranked first.
+
+    ``spec`` lists the writers as ``tag:seed:n,...`` (ids and vectors are derived from them), so the
+    check never trusts vectors read back from a possibly damaged index.
+    """
     from palace.layout import layout_for
     from palace.vectors import VectorStore
 
     store = VectorStore(layout_for(location, kg), lock_timeout=120)
     col = store.reading()
     total = col.count()
-    misses, errors = 0, 0
-    for off in range(0, total, 1000):
-        got = col.get(include=["embeddings"], limit=1000, offset=off)
-        try:
-            res = col.query(query_embeddings=np.asarray(got["embeddings"]), n_results=1, include=[])
-            misses += sum(1 for want, top in zip(got["ids"], res["ids"]) if not top or top[0] != want)
-        except Exception as exc:
-            errors += 1
-            misses += len(got["ids"])
-            print(f"query error: {exc!r}", file=sys.stderr)
+    misses, errors, expected = 0, 0, 0
+    for part in spec.split(","):
+        tag, seed, n = part.split(":")
+        ids = [f"drawer_stress_{tag}_{i:06d}" for i in range(int(n))]
+        vecs = unit_vectors(int(seed), int(n))
+        expected += len(ids)
+        for s in range(0, len(ids), 500):
+            try:
+                res = col.query(query_embeddings=vecs[s:s + 500], n_results=1, include=[])
+                misses += sum(1 for want, top in zip(ids[s:s + 500], res["ids"]) if not top or top[0] != want)
+            except Exception as exc:
+                errors += 1
+                misses += len(ids[s:s + 500])
+                print(f"query error: {exc!r}", file=sys.stderr)
     store.close()
-    return {"total": total, "misses": misses, "errors": errors}
+    return {"total": total, "expected": expected, "misses": misses, "errors": errors}
 
 
 def reader(location: str, seconds: float, interval: float) -> dict:

@@ -13,6 +13,13 @@ from typing import Optional
 import click
 import typer
 
+try:  # typer >= 0.26 vendors its own click; catch both generations
+    from typer._click import exceptions as _typer_click
+except ImportError:  # pragma: no cover - older typer uses click itself
+    _typer_click = click.exceptions
+_ABORTS = (click.exceptions.Abort, typer.Abort)
+_USAGE_ERRORS = (click.exceptions.ClickException, _typer_click.ClickException)
+
 from etl.errors import EXIT_CODES_HELP, EXIT_INTERRUPTED, EXIT_PARTIAL, EXIT_VERIFY_FAILED, PalaceEtlError
 
 from . import render
@@ -88,12 +95,14 @@ def _run_import(name, path, palace, wing, kg, dry_run, json_out, quiet, embedder
 
 
 @app.command()
-def status(palace: str = PALACE, kg: Optional[Path] = KG, json_out: bool = JSON) -> None:
+def status(palace: str = PALACE, kg: Optional[Path] = KG, json_out: bool = JSON,
+           probes: int = typer.Option(0, "--probes", help="Also query N drawers with their own vector "
+                                      "(opens a Chroma client under the palace lock).")) -> None:
     """Drawers per wing and room, knowledge graph counts, unfinished runs."""
     from etl.status import palace_status
     from palace.layout import layout_for
 
-    s = palace_status(layout_for(palace, kg))
+    s = palace_status(layout_for(palace, kg), probes)
     render.emit_json(s) if json_out else render.status_report(s)
 
 
@@ -187,9 +196,9 @@ def main() -> None:
             msg += f"\n  hint: {exc.hint}"
         typer.echo(msg, err=True)
         sys.exit(exc.exit_code)
-    except (KeyboardInterrupt, click.exceptions.Abort):  # click turns KeyboardInterrupt into Abort
+    except (KeyboardInterrupt, *_ABORTS):  # click turns KeyboardInterrupt into Abort
         typer.echo("palace-etl: interrupted; re-run the same command to resume", err=True)
         sys.exit(EXIT_INTERRUPTED)
-    except click.exceptions.UsageError as exc:
+    except _USAGE_ERRORS as exc:
         exc.show()
-        sys.exit(2)
+        sys.exit(exc.exit_code)
