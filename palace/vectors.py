@@ -30,7 +30,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from etl.errors import PalaceEtlError, PalaceLocked
+from etl.errors import PalaceEtlError, PalaceLocked, SourceMissing
 
 from .layout import CHROMA_DB, DRAWERS_COLLECTION, HNSW_METADATA, PalaceLayout
 from .lock import UNSAFE_NO_LOCK_ENV, palace_lock
@@ -117,6 +117,9 @@ class VectorStore:
                                f"{self.open_timeout:g}s (another process holds a SQLite transaction on it)",
                                hint="close sqlite3 shells or DB browsers on the palace and retry") from None
         except Exception as exc:
+            if self.is_server and "Could not connect" in str(exc):
+                raise SourceMissing(f"open palace {self.layout.location}: no Chroma server answers there",
+                                    hint="start it: chroma run --path DIR --host HOST --port PORT") from None
             if type(exc).__name__ in ("NotFoundError", "InvalidCollectionException") or "does not exist" in str(exc):
                 raise PalaceEtlError(f"open palace {self.layout.location}: no collection "
                                      f"{self.collection_name!r}") from None

@@ -22,3 +22,14 @@ def test_import_status_verify_against_a_chroma_server(tmp_path, chroma_server):
 def test_server_palace_needs_a_kg_path(chroma_server):
     proc = run_cli("status", "--palace", chroma_server, check=1)
     assert "needs --kg PATH" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_unreachable_server_exits_10(tmp_path):
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = run_cli("import", "mcp-memory", SAMPLE, "--palace", f"http://127.0.0.1:{port}", "--kg",
+                   tmp_path / "kg.sqlite3", check=10)
+    assert "no Chroma server answers" in proc.stderr and "Traceback" not in proc.stderr
