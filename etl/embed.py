@@ -11,6 +11,7 @@ Identity strings follow MemPalace 3.11's sidecar ``model_name`` values.
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol, Sequence
@@ -60,11 +61,17 @@ def _mean_pool_normalise(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 
 class MiniLMEmbedder:
-    """all-MiniLM-L6-v2 through onnxruntime with dynamic padding and length-sorted batches."""
+    """all-MiniLM-L6-v2 through onnxruntime with dynamic padding and length-sorted batches.
+
+    ``workers`` sessions (default: one per core) each run whole batches on one
+    thread: on small BERT matrices that beats one session splitting each batch
+    across threads.
+    """
 
     identity = MINILM
 
-    def __init__(self, model_dir: Path | None = None, batch_size: int = 32, threads: int | None = None):
+    def __init__(self, model_dir: Path | None = None, batch_size: int = 16, workers: int | None = None,
+                 threads: int | None = None):
         import onnxruntime as ort
         from tokenizers import Tokenizer
 
@@ -76,34 +83,45 @@ class MiniLMEmbedder:
         self.calls = 0
         tok = Tokenizer.from_file(str(self.model_dir / "tokenizer.json"))
         tok.enable_truncation(max_length=MAX_TOKENS)
-        tok.enable_padding(pad_id=0, pad_token="[PAD]")  # pad to longest in batch
+        tok.no_padding()  # tokenizer.json may carry its own padding; we pad each batch ourselves
         self._tok = tok
+        cores = os.cpu_count() or 1
+        workers = workers or (1 if threads else cores)
         opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads or os.cpu_count() or 1
+        opts.intra_op_num_threads = threads or max(1, cores // workers)
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self._session = ort.InferenceSession(str(self.model_dir / "model.onnx"), sess_options=opts,
-                                             providers=["CPUExecutionProvider"])
+        self._sessions = [ort.InferenceSession(str(self.model_dir / "model.onnx"), sess_options=opts,
+                                               providers=["CPUExecutionProvider"]) for _ in range(workers)]
+        self._pool = ThreadPoolExecutor(workers) if workers > 1 else None
+
+    def _run(self, k: int, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        session = self._sessions[k % len(self._sessions)]
+        hidden = session.run(None, {"input_ids": ids, "attention_mask": mask,
+                                    "token_type_ids": np.zeros_like(ids)})[0]
+        return _mean_pool_normalise(hidden, mask)
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         out = np.zeros((len(texts), self.identity.dimension), dtype=np.float32)
         if not texts:
             return out
         # Tokenise everything once, then batch by token length so padding stays small.
-        encs = self._tok.encode_batch_fast(list(texts)) if hasattr(self._tok, "encode_batch_fast") \
-            else self._tok.encode_batch(list(texts))
-        lengths = np.array([sum(e.attention_mask) for e in encs])
+        encs = self._tok.encode_batch_fast(list(texts))
+        lengths = np.array([len(e.ids) for e in encs])
         order = np.argsort(lengths, kind="stable")
-        for start in range(0, len(order), self.batch_size):
+        jobs = []
+        for k, start in enumerate(range(0, len(order), self.batch_size)):
             idx = order[start:start + self.batch_size]
             width = int(lengths[idx].max())
-            ids = np.array([encs[i].ids[:width] + [0] * (width - len(encs[i].ids[:width])) for i in idx],
-                           dtype=np.int64)
-            mask = np.array([encs[i].attention_mask[:width] + [0] * (width - len(encs[i].attention_mask[:width]))
-                             for i in idx], dtype=np.int64)
-            hidden = self._session.run(None, {"input_ids": ids, "attention_mask": mask,
-                                              "token_type_ids": np.zeros_like(ids)})[0]
-            out[idx] = _mean_pool_normalise(hidden, mask)
+            ids = np.zeros((len(idx), width), dtype=np.int64)
+            mask = np.zeros((len(idx), width), dtype=np.int64)
+            for row, i in enumerate(idx):
+                ids[row, :lengths[i]] = encs[i].ids
+                mask[row, :lengths[i]] = 1
+            jobs.append((k, idx, ids, mask))
+        run = self._pool.map if self._pool else map
+        for (_, idx, _, _), vecs in zip(jobs, run(lambda j: self._run(j[0], j[2], j[3]), jobs)):
+            out[idx] = vecs
         self.calls += len(texts)
         return out
 

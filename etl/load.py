@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime as dt
 import time
 from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -148,16 +149,8 @@ class Loader:
                 resume_after = ledger.start(run_id, importer.name, source.resolve(), fingerprint, options.to_dict())
             seen: set[str] = set()
             bar = tqdm(desc=f"import {importer.name}", unit=" drawers", disable=not self.progress, leave=False)
-            for seq, batch in enumerate(importer.batches(source, options, quarantine)):
-                kind = validate_batch(batch)
-                if seq <= resume_after:
-                    self._resume_skip(batch, kind, seen, report)
-                    continue
-                written = self._load_batch(batch, kind, seen, report)
-                if ledger is not None:
-                    ledger.committed(run_id, seq, kind, batch.num_rows, written)
-                if kind == DRAWERS:
-                    bar.update(batch.num_rows)
+            self._pipeline(enumerate(importer.batches(source, options, quarantine)), resume_after, seen, report,
+                           ledger, run_id, bar)
             bar.close()
             report.quarantined = quarantine.count
             report.quarantine_first = quarantine.first
@@ -212,28 +205,72 @@ class Loader:
         else:
             report.triples_read += batch.num_rows
 
-    def _load_batch(self, batch: pa.RecordBatch, kind: str, seen: set[str], report: ImportReport) -> int:
+    def _pipeline(self, batches, resume_after: int, seen: set[str], report: ImportReport, ledger, run_id,
+                  bar) -> None:
+        """Plan and embed batch i+1 in this thread while a writer thread commits batch i.
+
+        All palace writes (Chroma, KG, ledger) go through one writer thread, in order, with at
+        most one batch in flight; a batch is recorded in the ledger only after it is written.
+        """
+        def plan_next():
+            for seq, batch in batches:
+                kind = validate_batch(batch)
+                if seq <= resume_after:
+                    self._resume_skip(batch, kind, seen, report)
+                    continue
+                return seq, kind, batch.num_rows, self._plan(batch, kind, seen, report)
+            return None
+
+        writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="palace-writer")
+        pending = None
+        try:
+            cur = plan_next()
+            while cur is not None:
+                seq, kind, rows, job = cur
+                if kind == DRAWERS and job and not self.dry_run:
+                    job["vectors"] = self._vectors(job, report)
+                nxt = plan_next()  # ids differ from cur's, so planning need not wait for its write
+                if pending is not None:
+                    pending.result()
+                pending = writer.submit(self._commit, seq, kind, rows, job, report, ledger, run_id)
+                if kind == DRAWERS:
+                    bar.update(rows)
+                cur = nxt
+            if pending is not None:
+                pending.result()
+        finally:
+            writer.shutdown(wait=True)  # never close the palace under an in-flight write
+
+    def _plan(self, batch: pa.RecordBatch, kind: str, seen: set[str], report: ImportReport):
         if kind == DRAWERS:
-            return self._load_drawers(batch, seen, report)
+            return self._plan_drawers(batch, seen, report)
         if kind == ENTITIES:
             report.entities_read += batch.num_rows
-            rows = [(r["id"], r["name"], r["type"], r["properties"]) for r in batch.to_pylist()]
-            return self._write_kg(rows, [], report)
+            return {"entities": [(r["id"], r["name"], r["type"], r["properties"]) for r in batch.to_pylist()],
+                    "triples": []}
         report.triples_read += batch.num_rows
         cols = ["id", "subject", "predicate", "object", "valid_from", "valid_to", "confidence", "source_file",
                 "source_drawer_id", "adapter_name"]
-        rows = [tuple(r[c] for c in cols) for r in batch.to_pylist()]
-        return self._write_kg([], rows, report)
+        return {"entities": [], "triples": [tuple(r[c] for c in cols) for r in batch.to_pylist()]}
 
-    def _write_kg(self, entities: list, triples: list, report: ImportReport) -> int:
-        if self.dry_run:
-            return 0
-        e, t = self.kg.write_batch(entities, triples)
-        report.kg_rows_written += e + t
-        return e + t
+    def _commit(self, seq: int, kind: str, rows: int, job, report: ImportReport, ledger, run_id) -> None:
+        written = 0
+        if not self.dry_run and job:
+            if kind == DRAWERS:
+                step = self._max_batch
+                for s in range(0, len(job["ids"]), step):
+                    self.store.upsert(job["ids"][s:s + step], job["documents"][s:s + step],
+                                      job["metadatas"][s:s + step], job["vectors"][s:s + step])
+                written = len(job["ids"])
+            else:
+                e, t = self.kg.write_batch(job["entities"], job["triples"])
+                report.kg_rows_written += e + t
+                written = e + t
+        if ledger is not None:
+            ledger.committed(run_id, seq, kind, rows, written)
 
-    def _load_drawers(self, batch: pa.RecordBatch, seen: set[str], report: ImportReport) -> int:
-        carried = embedding_identity(batch.schema)
+    def _plan_drawers(self, batch: pa.RecordBatch, seen: set[str], report: ImportReport) -> dict | None:
+        """Which rows of a drawer batch need writing, with their metadata; None when none do."""
         rows = batch.to_pylist()
         fresh = []
         for i, row in enumerate(rows):
@@ -244,7 +281,7 @@ class Loader:
             fresh.append(i)
         report.drawers_read += len(fresh)
         if not fresh:
-            return 0
+            return None
         filed_at = now_filed_at()
         existing = self._existing([rows[i]["id"] for i in fresh])
         todo, metas = [], []
@@ -258,18 +295,11 @@ class Loader:
                 continue
             todo.append(i)
             metas.append(meta)
-        if not todo:
-            return 0
         report.drawers_written += len(todo)
-        if self.dry_run:
-            return 0
-        vectors = self._vectors(batch, rows, todo, carried, report)
-        step = self._max_batch
-        for s in range(0, len(todo), step):
-            chunk = todo[s:s + step]
-            self.store.upsert([rows[i]["id"] for i in chunk], [rows[i]["document"] for i in chunk],
-                              metas[s:s + step], vectors[s:s + step])
-        return len(todo)
+        if not todo:
+            return None
+        return {"batch": batch, "rows": rows, "todo": todo, "ids": [rows[i]["id"] for i in todo],
+                "documents": [rows[i]["document"] for i in todo], "metadatas": metas}
 
     @property
     def _max_batch(self) -> int:
@@ -283,8 +313,9 @@ class Loader:
         got = self.store.get(ids, include=("metadatas",))
         return {i: (m or {}) for i, m in zip(got["ids"], got["metadatas"])}
 
-    def _vectors(self, batch: pa.RecordBatch, rows: list[dict], todo: list[int],
-                 carried: tuple[str, int] | None, report: ImportReport) -> np.ndarray:
+    def _vectors(self, job: dict, report: ImportReport) -> np.ndarray:
+        batch, todo = job["batch"], job["todo"]
+        carried = embedding_identity(batch.schema)
         if carried is not None:
             ident = EmbedderIdentity(*carried)
             if ident == self.identity:
@@ -295,7 +326,7 @@ class Loader:
                 return flat[todo].astype(np.float32)
             report.vector_decision = f"re-embed (source vectors are {ident}, palace uses {self.identity})"
         report.vectors_embedded += len(todo)
-        return self.embedder.embed([rows[i]["document"] for i in todo])
+        return self.embedder.embed(job["documents"])
 
 
 def _count_room(report: ImportReport, row: dict) -> None:

@@ -54,7 +54,8 @@ class Ledger:
     def __init__(self, state_dir: Path):
         state_dir.mkdir(parents=True, exist_ok=True)
         self.path = state_dir / "ledger.sqlite3"
-        self._conn = sqlite3.connect(str(self.path), timeout=60, isolation_level=None)
+        self._conn = sqlite3.connect(str(self.path), timeout=60, isolation_level=None,
+                                     check_same_thread=False)  # the loader commits from its writer thread
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.executescript(_LEDGER_SQL)
 

@@ -310,3 +310,21 @@ def _probe(store: VectorStore, ids: list[str], report: VerifyReport, layout: Pal
         report.add("error", "hnsw_self_query_miss", f"{probes - hits} of {probes} drawers queried with their "
                    "own vector do not rank themselves first: the HNSW index is damaged",
                    f"mempalace --palace {layout.location} repair rebuild-index")
+
+
+def verify_bundle_report(bundle: Path) -> VerifyReport:
+    """``verify --bundle``: every file's sha256 and row counts against the manifest, along the chain."""
+    from exporters.manifest import BundleError
+    from exporters.restore import verify_bundle
+
+    report = VerifyReport(str(bundle))
+    if not Path(bundle).exists():
+        raise SourceMissing(f"verify bundle {bundle}: no such directory")
+    try:
+        problems = verify_bundle(Path(bundle))
+    except BundleError as exc:
+        problems = [str(exc)]
+    for p in problems:
+        report.add("error", "bundle_corrupt", p, f"palace-etl export --palace PALACE --out {Path(bundle).parent}")
+    report.not_checked.append("vector and retrieval checks (a bundle: restore it, then verify the palace)")
+    return report

@@ -74,3 +74,36 @@ def quick_check(db: Path, full: bool = False) -> list[str]:
     with open_ro(db) as conn:
         rows = [r[0] for r in conn.execute("PRAGMA integrity_check" if full else "PRAGMA quick_check")]
     return [] if rows == ["ok"] else rows
+
+
+def _value(s, i, f, b):
+    if b is not None:
+        return bool(b)
+    if i is not None:
+        return int(i)
+    if f is not None:
+        return float(f)
+    return s
+
+
+def page_rows(conn: sqlite3.Connection, segment: str, after: int, limit: int) -> list[tuple[int, str, str | None, dict]]:
+    """Up to ``limit`` rows with rowid > ``after``: (rowid, id, document, metadata), in one short read.
+
+    Each call is its own read transaction, so a long export never holds a lock that
+    blocks writers for longer than one page.
+    """
+    rows = conn.execute(
+        "SELECT e.id, e.embedding_id, m.key, m.string_value, m.int_value, m.float_value, m.bool_value "
+        "FROM (SELECT id, embedding_id FROM embeddings WHERE segment_id = ? AND id > ? ORDER BY id LIMIT ?) e "
+        "LEFT JOIN embedding_metadata m ON m.id = e.id ORDER BY e.id", (segment, after, limit)).fetchall()
+    out: list[tuple[int, str, str | None, dict]] = []
+    for rowid, eid, key, s, i, f, b in rows:
+        if not out or out[-1][0] != rowid:
+            out.append((rowid, eid, None, {}))
+        if key is None:
+            continue
+        if key == "chroma:document":
+            out[-1] = (rowid, eid, s, out[-1][3])
+        elif not key.startswith("chroma:"):
+            out[-1][3][key] = _value(s, i, f, b)
+    return out

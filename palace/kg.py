@@ -62,12 +62,14 @@ WHERE entities.name IS NOT excluded.name OR entities.type IS NOT excluded.type
 """
 _ENSURE_ENTITY = "INSERT OR IGNORE INTO entities (id, name) VALUES (?, ?)"
 # MemPalace's add_triple returns the existing id when the same (s, p, o) is already
-# open; we skip such a row too, unless it is our own id (then we update it).
+# open; we skip such a row too, unless it is our own id (then we update it). Without
+# the index hint SQLite probes by predicate (few distinct values), which makes a bulk
+# load quadratic; subjects are far more selective.
 _UPSERT_TRIPLE = """
 INSERT INTO triples (id, subject, predicate, object, valid_from, valid_to, confidence,
                      source_file, source_drawer_id, adapter_name)
 SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10
-WHERE NOT EXISTS (SELECT 1 FROM triples t WHERE t.subject = ?2 AND t.predicate = ?3 AND t.object = ?4
+WHERE NOT EXISTS (SELECT 1 FROM triples t INDEXED BY idx_triples_subject WHERE t.subject = ?2 AND t.predicate = ?3 AND t.object = ?4
                   AND t.valid_to IS NULL AND ?6 IS NULL AND t.id != ?1)
 ON CONFLICT(id) DO UPDATE SET valid_from=excluded.valid_from, valid_to=excluded.valid_to,
     confidence=excluded.confidence, source_file=excluded.source_file,

@@ -23,6 +23,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -54,17 +55,22 @@ def db_stamp(path: Path) -> Stamp:
 
 class VectorStore:
     def __init__(self, layout: PalaceLayout, lock_timeout: float = 5.0, open_timeout: float = 60.0,
-                 refresh_interval: float = 5.0, collection: str = DRAWERS_COLLECTION):
+                 refresh_interval: float = 5.0, collection: str = DRAWERS_COLLECTION,
+                 metadata: dict | None = None):
         self.layout = layout
         self.lock_timeout = lock_timeout
         self.open_timeout = open_timeout
         self.refresh_interval = refresh_interval
         self.collection_name = collection
+        self.metadata = dict(metadata or HNSW_METADATA)  # for a collection this store creates
         self.client_creations = 0
         self._client = None
         self._collections: dict[str, object] = {}
         self._stamp: Stamp = None
         self._last_check = 0.0
+        # One thread at a time uses the client: the loader writes from a worker thread while
+        # the main thread reads, and a stamp must never be compared mid-way through our own write.
+        self._mutex = threading.RLock()
 
     # ----------------------------------------------------------------- opening
     @property
@@ -103,7 +109,7 @@ class VectorStore:
             cols = {}
             if create:
                 cols[self.collection_name] = client.get_or_create_collection(
-                    self.collection_name, metadata=dict(HNSW_METADATA), embedding_function=None)
+                    self.collection_name, metadata=dict(self.metadata), embedding_function=None)
             else:
                 cols[self.collection_name] = client.get_collection(self.collection_name, embedding_function=None)
             cols[self.collection_name].count()  # the first read backfills: it must run under the lock
@@ -138,7 +144,7 @@ class VectorStore:
     @contextlib.contextmanager
     def writing(self, create: bool = True) -> Iterator[object]:
         """Yield the collection for writing: under the lock, reset if anyone else wrote."""
-        with self._locked():
+        with self._mutex, self._locked():
             # (the unsafe test switch also skips the reset: it models a naive second writer)
             naive = os.environ.get(UNSAFE_NO_LOCK_ENV) == "1"
             if self._client is None or (not self.is_server and not naive and self._external_change()):
@@ -150,6 +156,10 @@ class VectorStore:
 
     def reading(self):
         """The collection for reading; re-opens (under the lock) on an external change."""
+        with self._mutex:
+            return self._reading()
+
+    def _reading(self):
         if self._client is None:
             with self._locked():
                 self._open(create=False)
@@ -178,10 +188,12 @@ class VectorStore:
             col.delete(ids=list(ids))
 
     def get(self, ids: Sequence[str], include: Sequence[str] = ("metadatas", "documents")) -> dict:
-        return self.reading().get(ids=list(ids), include=list(include))
+        with self._mutex:
+            return self.reading().get(ids=list(ids), include=list(include))
 
     def count(self) -> int:
-        return self.reading().count()
+        with self._mutex:
+            return self.reading().count()
 
     def close(self) -> None:
         if self._client is not None and hasattr(self._client, "close"):

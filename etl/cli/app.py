@@ -108,7 +108,9 @@ def status(palace: str = PALACE, kg: Optional[Path] = KG, json_out: bool = JSON,
 
 @app.command()
 def verify(
-    palace: str = PALACE, kg: Optional[Path] = KG,
+    palace: Optional[str] = typer.Option(None, "--palace", help="Palace directory or http://host:port."),
+    bundle: Optional[Path] = typer.Option(None, "--bundle", help="Check a bundle and its chain instead."),
+    kg: Optional[Path] = KG,
     against: Optional[tuple[str, Path]] = typer.Option(None, "--against", help="SOURCE_KIND PATH to compare with."),
     sample: Optional[str] = typer.Option(None, "--sample", help="N% or B/N (bucket B of N by id hash)."),
     probes: int = typer.Option(200, "--probes", help="Retrieval probes (self-queries)."),
@@ -116,17 +118,70 @@ def verify(
     json_out: bool = JSON, embedder: str = EMBEDDER,
 ) -> None:
     """Check a palace's health, and its parity with a source."""
-    from etl.verify import verify_palace
+    from etl.verify import verify_bundle_report, verify_palace
     from palace.layout import layout_for
 
-    _, identity = _embedder(embedder) if embedder == "minilm" else (None, None)
-    report = verify_palace(layout_for(palace, kg), identity, against=against, sample=sample, probes=probes,
-                           full=full).to_dict()
+    if bool(palace) == bool(bundle):
+        raise typer.BadParameter("give exactly one of --palace DIR or --bundle DIR")
+    if bundle:
+        report = verify_bundle_report(bundle).to_dict()
+    else:
+        _, identity = _embedder(embedder) if embedder == "minilm" else (None, None)
+        report = verify_palace(layout_for(palace, kg), identity, against=against, sample=sample, probes=probes,
+                               full=full).to_dict()
     if json_out:
         render.emit_json(report)
     render.verify_report(report)
     if report["findings"]:
         raise typer.Exit(EXIT_VERIFY_FAILED)
+
+
+@app.command()
+def export(
+    palace: str = PALACE, out: Path = typer.Option(..., "--out", help="Backup directory (bundles go inside)."),
+    kg: Optional[Path] = KG,
+    fmt: str = typer.Option("parquet", "--format", help="parquet (restorable bundle), jsonl or markdown."),
+    incremental: bool = typer.Option(False, "--incremental", help="Only what changed since the last bundle."),
+    full_every: int = typer.Option(7, "--full-every", help="A full bundle after this many chained bundles."),
+    keep: Optional[int] = typer.Option(None, "--keep", help="Keep the newest N bundles (and what they need)."),
+    keep_daily: Optional[int] = typer.Option(None, "--keep-daily", help="Keep the newest bundle of D days."),
+    keep_weekly: Optional[int] = typer.Option(None, "--keep-weekly", help="Keep the newest bundle of W weeks."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Show what would be exported; write nothing."),
+    json_out: bool = JSON, quiet: bool = QUIET, lock_timeout: float = typer.Option(30.0, "--lock-timeout"),
+) -> None:
+    """Write a verified backup bundle of the whole palace (cron-friendly)."""
+    from exporters.run import run_export
+    from palace.layout import layout_for
+
+    r = run_export(layout_for(palace, kg), out, fmt, incremental, full_every, keep, keep_daily, keep_weekly,
+                   dry_run, lock_timeout)
+    if json_out:
+        render.emit_json(r)
+    elif not quiet:
+        render.export_report(r)
+
+
+@app.command()
+def restore(
+    bundle: Path = typer.Argument(..., help="A bundle directory (its incremental chain is followed)."),
+    palace: str = PALACE, kg: Optional[Path] = KG,
+    force: bool = typer.Option(False, "--force", help="Replace an existing palace (it is kept aside)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Check the bundle and show the plan; write nothing."),
+    json_out: bool = JSON,
+) -> None:
+    """Rebuild a palace from a bundle without re-embedding; checks every file first."""
+    from dataclasses import asdict
+
+    from exporters.restore import restore_bundle
+    from palace.layout import layout_for
+
+    r = asdict(restore_bundle(bundle, layout_for(palace, kg), force=force, dry_run=dry_run))
+    if json_out:
+        render.emit_json(r)
+    else:
+        typer.echo(f"restored {' + '.join(r['chain'])} into {r['palace']}: "
+                   + ", ".join(f"{n} {t}" for t, n in sorted(r["rows"].items()))
+                   + f", {r['deleted']} deletions" + (" (dry run)" if r["dry_run"] else ""))
 
 
 @app.command()

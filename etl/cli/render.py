@@ -65,3 +65,14 @@ def verify_report(v: dict) -> None:
     typer.echo(f"checked {t['drawers']} drawers, {t['probes']} retrieval probes "
                f"(self-hit rate {t['self_hit_rate']:.4f}), {t['triples']} triples", err=True)
     typer.echo("no problems found" if not v["findings"] else f"{len(v['findings'])} problem(s) found", err=True)
+
+
+def export_report(r: dict) -> None:
+    if r.get("format", "parquet") != "parquet":
+        typer.echo(f"exported {r.get('drawers', 0)} drawers as {r['format']} to {r['out']}")
+        return
+    what = ", ".join(f"{n} {t}" for t, n in sorted(r["counts"].items()) if n)
+    where = "would write" if r["dry_run"] else f"wrote {r['bundle']}"
+    typer.echo(f"{r['kind']} bundle: {where} ({what or 'no changes'}; {r['deleted']} deletions)")
+    for name in r["removed_by_retention"]:
+        typer.echo(f"  retention: {'would remove' if r['dry_run'] else 'removed'} {name}")

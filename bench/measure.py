@@ -1,0 +1,214 @@
+"""One measurement per process: ``python -m bench.measure NAME JSON_ARGS`` prints one JSON result.
+
+Each result has ``seconds`` (wall time of the measured part only), ``rows`` and the
+process's own ``peak_rss_mb``. Running each in a fresh process keeps peak RSS
+per measurement honest and caches from one measurement out of the next.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import orjson
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _docs(path: str) -> list[str]:
+    return orjson.loads(Path(path).read_bytes())
+
+
+def documents(workload: str, out: str) -> dict:
+    """Parse the workload through the importer (no palace): the exact documents a migration embeds."""
+    from etl.runs import Quarantine
+    from etl.schema import DRAWERS, batch_kind
+    from importers.base import ImportOptions
+    from importers.mcp_memory import McpMemoryImporter
+
+    t = time.perf_counter()
+    docs = []
+    for f in sorted(Path(workload).glob("mcp-*.jsonl")):
+        wing = f.stem.removeprefix("mcp-")
+        for b in McpMemoryImporter().batches(f, ImportOptions(wing=wing), Quarantine()):
+            if batch_kind(b) == DRAWERS:
+                docs += b.column("document").to_pylist()
+    Path(out).write_bytes(orjson.dumps(docs))
+    return {"seconds": time.perf_counter() - t, "rows": len(docs)}
+
+
+def embed_ours(docs: str, limit: int = 0, vectors_out: str = "") -> dict:
+    from etl.embed import MiniLMEmbedder
+
+    texts = _docs(docs)[:limit or None]
+    emb = MiniLMEmbedder()
+    t = time.perf_counter()
+    vecs = emb.embed(texts)
+    secs = time.perf_counter() - t
+    if vectors_out:
+        np.save(vectors_out, vecs)
+    return {"seconds": secs, "rows": len(texts)}
+
+
+def embed_chroma_default(docs: str, limit: int, palace: str) -> dict:
+    """MemPalace's path: Chroma's DefaultEmbeddingFunction embedding inside collection.upsert."""
+    import chromadb
+    from chromadb.utils.embedding_functions import DefaultEmbeddingFunction
+
+    texts = _docs(docs)[:limit]
+    col = chromadb.PersistentClient(palace).get_or_create_collection(
+        "mempalace_drawers", metadata={"hnsw:space": "cosine", "hnsw:num_threads": 1},
+        embedding_function=DefaultEmbeddingFunction())
+    t = time.perf_counter()
+    for s in range(0, len(texts), 100):  # MemPalace files drawers in calls of this order
+        chunk = texts[s:s + 100]
+        col.upsert(ids=[f"d{s + i}" for i in range(len(chunk))], documents=chunk)
+    return {"seconds": time.perf_counter() - t, "rows": len(texts)}
+
+
+def upsert_raw(docs: str, vectors: str, palace: str) -> dict:
+    """Raw chromadb upsert of precomputed vectors at max_batch_size (the irreducible write cost)."""
+    import chromadb
+
+    from palace.layout import HNSW_METADATA
+
+    texts, vecs = _docs(docs), np.load(vectors)
+    client = chromadb.PersistentClient(palace)
+    col = client.get_or_create_collection("mempalace_drawers", metadata=dict(HNSW_METADATA),
+                                          embedding_function=None)
+    step = client.get_max_batch_size()
+    t = time.perf_counter()
+    for s in range(0, len(texts), step):
+        n = len(texts[s:s + step])
+        col.upsert(ids=[f"drawer_{s + i}" for i in range(n)], documents=texts[s:s + step],
+                   metadatas=[{"wing": "w", "room": "r", "source_file": "f", "chunk_index": s + i, "added_by": "b",
+                               "filed_at": "2026-01-01T00:00:00"} for i in range(n)],
+                   embeddings=vecs[s:s + step])
+    return {"seconds": time.perf_counter() - t, "rows": len(texts)}
+
+
+def migrate(workload: str, palace: str) -> dict:
+    """The real migration: every per-wing MCP memory file through run_import (parse, embed, load, KG)."""
+    from etl.embed import MINILM, MiniLMEmbedder
+    from etl.load import run_import
+    from importers.base import ImportOptions
+    from importers.registry import get_importer
+    from palace.layout import layout_for
+
+    emb = {}
+    factory = lambda: emb.setdefault("e", MiniLMEmbedder())  # one model load for the whole migration
+    t = time.perf_counter()
+    totals = {"drawers_written": 0, "drawers_unchanged": 0, "kg_rows_written": 0, "vectors_embedded": 0}
+    for f in sorted(Path(workload).glob("mcp-*.jsonl")):
+        r = run_import(get_importer("mcp-memory"), f, layout_for(palace), ImportOptions(wing=f.stem[4:]),
+                       factory, MINILM, progress=False)
+        for k in totals:
+            totals[k] += getattr(r, k)
+    return {"seconds": time.perf_counter() - t, "rows": totals["drawers_written"] + totals["drawers_unchanged"],
+            **totals}
+
+
+def _triples(n: int) -> list[tuple]:
+    return [(f"t_s{i % 997}_rel_o{i}_{i:012d}", f"Subject {i % 997}", f"rel{i % 7}", f"Object {i}", "2026-01-01",
+             None, 1.0, "bench", None, "bench") for i in range(n)]
+
+
+def kg_bulk(path: str, n: int) -> dict:
+    from palace.kg import KnowledgeGraph
+
+    rows = _triples(n)
+    t = time.perf_counter()
+    with KnowledgeGraph(path) as kg:
+        for s in range(0, n, 1000):
+            kg.write_batch([], rows[s:s + 1000])
+    return {"seconds": time.perf_counter() - t, "rows": n}
+
+
+def kg_mempalace(path: str, n: int) -> dict:
+    """MemPalace's own KnowledgeGraph.add_triple loop: one deferred transaction per call."""
+    from mempalace.knowledge_graph import KnowledgeGraph
+
+    rows = _triples(n)
+    kg = KnowledgeGraph(path)
+    t = time.perf_counter()
+    for r in rows:
+        kg.add_triple(r[1], r[2], r[3], valid_from=r[4], source_file=r[7])
+    secs = time.perf_counter() - t
+    kg.close()
+    return {"seconds": secs, "rows": n}
+
+
+def kg_writer(path: str, tag: str, n: int) -> dict:
+    from palace.kg import KnowledgeGraph
+
+    errors = 0
+    t = time.perf_counter()
+    with KnowledgeGraph(path) as kg:
+        for i in range(n):
+            try:
+                kg.write_batch([], [(f"t_{tag}_{i}", f"{tag} {i}", "wrote", "bench", None, None, 1.0, None, None,
+                                     "bench")])
+            except Exception:
+                errors += 1
+    return {"seconds": time.perf_counter() - t, "rows": n, "errors": errors}
+
+
+def drawer_writer(palace: str, tag: str, n: int, seed: int) -> dict:
+    from palace.layout import layout_for
+    from palace.vectors import VectorStore
+
+    vecs = np.random.default_rng(seed).standard_normal((n, 384)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    store = VectorStore(layout_for(palace), lock_timeout=300)
+    errors = 0
+    t = time.perf_counter()
+    for s in range(0, n, 200):
+        ids = [f"{tag}_{i}" for i in range(s, min(n, s + 200))]
+        try:
+            store.upsert(ids, ids, [{"wing": "bench", "room": tag}] * len(ids), vecs[s:s + len(ids)])
+        except Exception:
+            errors += 1
+    store.close()
+    return {"seconds": time.perf_counter() - t, "rows": n, "errors": errors}
+
+
+def reader(palace: str, seconds: float) -> dict:
+    """Our reader (rate-limited refresh) and, alongside, what a 3.3.6-style reader would do.
+
+    The 3.3.6 policy re-creates the client whenever the chroma.sqlite3 mtime moved since the
+    last read; re-opening during writes can tear the index, so that policy is counted
+    (every read stats the file), not executed.
+    """
+    from palace.layout import layout_for
+    from palace.vectors import VectorStore, db_stamp
+
+    store = VectorStore(layout_for(palace), lock_timeout=300)
+    db = Path(palace) / "chroma.sqlite3"
+    naive, last, reads = 0, db_stamp(db), 0
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        store.reading().count()
+        reads += 1
+        now = db_stamp(db)
+        if now != last:
+            naive += 1
+            last = now
+        time.sleep(0.05)
+    creations = store.client_creations
+    store.close()
+    return {"seconds": seconds, "rows": reads, "client_creations": creations, "naive_recreations": naive}
+
+
+if __name__ == "__main__":
+    limit = int(os.environ.get("BENCH_FSIZE_LIMIT", 8 << 30))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    name, args = sys.argv[1], json.loads(sys.argv[2])
+    result = globals()[name](**args)
+    result["peak_rss_mb"] = round(_rss_mb(), 1)
+    print(json.dumps(result))

@@ -1,0 +1,295 @@
+"""Verified, incremental, restorable Parquet bundles of a whole palace.
+
+A bundle is a directory ``<out>/palace-<UTC timestamp>-<full|incr>/`` holding
+zstd Parquet files -- drawers and closets with their vectors, KG entities and
+triples, tombstones -- a ``state.parquet`` (id and row hash of every row in the
+palace at export time, which is what the next incremental diffs against), the
+palace's sidecars, and ``manifest.json`` with a sha256 per file. It is written
+to a temp directory, fsynced and renamed into place, so a crash never leaves a
+half bundle that looks complete.
+
+Reading never disturbs live writers: the snapshot reads ``chroma.sqlite3``
+read-only in short rowid pages (no client, no lock); only the rows to export
+are then fetched through a Chroma client, one page per palace-lock hold.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import fcntl
+import hashlib
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import orjson
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from etl.errors import PalaceLocked, SourceMissing
+from palace import chroma_sqlite
+from palace.kg import KnowledgeGraph
+from palace.layout import CLOSETS_COLLECTION, DRAWERS_COLLECTION, SIDECAR, PalaceLayout, read_sidecar
+from palace.vectors import VectorStore
+
+from .manifest import MANIFEST, BundleError, Manifest, check_files, sha256_file
+
+PAGE = 1000
+COLLECTIONS = {"drawers": DRAWERS_COLLECTION, "closets": CLOSETS_COLLECTION}
+KG_TABLES = ("entities", "triples")
+STATE_SCHEMA = pa.schema([("table", pa.string()), ("id", pa.string()), ("hash", pa.string())])
+TOMBSTONE_SCHEMA = pa.schema([("table", pa.string()), ("id", pa.string())])
+
+
+def row_hash(*parts) -> str:
+    return hashlib.sha256(orjson.dumps(parts, option=orjson.OPT_SORT_KEYS | orjson.OPT_SERIALIZE_NUMPY)).hexdigest()[:32]
+
+
+def record_schema(dim: int) -> pa.Schema:
+    return pa.schema([("id", pa.string()), ("document", pa.string()), ("metadata", pa.string()),
+                      ("embedding", pa.list_(pa.float32(), dim))])
+
+
+@dataclass
+class ExportReport:
+    bundle: str | None
+    kind: str
+    previous: str | None
+    counts: dict = field(default_factory=dict)
+    totals: dict = field(default_factory=dict)
+    deleted: list = field(default_factory=list)
+    dry_run: bool = False
+
+
+# --------------------------------------------------------------------- snapshot
+def _snapshot(layout: PalaceLayout) -> dict[str, dict[str, tuple[str, int]]]:
+    """{table: {id: (row hash, rowid)}} for every collection and KG table, read without a client."""
+    state: dict[str, dict[str, tuple[str, int]]] = {}
+    with chroma_sqlite.open_ro(chroma_sqlite.palace_db(layout.path)) as conn:
+        for table, name in COLLECTIONS.items():
+            seg = chroma_sqlite.segments(conn, name).get("METADATA")
+            state[table] = {}
+            after = 0
+            while seg is not None:
+                rows = chroma_sqlite.page_rows(conn, seg, after, PAGE)
+                if not rows:
+                    break
+                for rowid, eid, doc, meta in rows:
+                    state[table][eid] = (row_hash(doc, meta), rowid)
+                after = rows[-1][0]
+    for table in KG_TABLES:
+        state[table] = {}
+    if layout.kg_path.exists():
+        with KnowledgeGraph(layout.kg_path) as kg:
+            for table in KG_TABLES:
+                after = 0
+                while rows := kg.query(f"SELECT rowid, * FROM {table} WHERE rowid > ? ORDER BY rowid LIMIT ?",
+                                       (after, PAGE)):
+                    for r in rows:
+                        state[table][r[1]] = (row_hash(*r[1:]), r[0])
+                    after = rows[-1][0]
+    return state
+
+
+# ------------------------------------------------------------------------ chain
+def list_bundles(out: Path) -> list[Path]:
+    """Complete bundles in ``out``, oldest first (temp directories are not bundles)."""
+    if not out.is_dir():
+        return []
+    return sorted(p for p in out.iterdir() if p.is_dir() and p.name.startswith("palace-") and (p / MANIFEST).exists())
+
+
+def chain(bundle: Path) -> list[Path]:
+    """The full bundle and every incremental up to ``bundle``, in apply order."""
+    out, seen = [], set()
+    cur: Path | None = Path(bundle)
+    while cur is not None:
+        if cur in seen:
+            raise BundleError(f"read bundle chain: {cur} repeats")
+        seen.add(cur)
+        m = Manifest.load(cur)
+        out.append(cur)
+        if m.kind == "full":
+            return list(reversed(out))
+        if not m.previous:
+            raise BundleError(f"read bundle {cur}: incremental without a previous bundle")
+        cur = cur.parent / m.previous
+        if not cur.exists():
+            raise BundleError(f"read bundle chain: {cur} (needed by {out[-1].name}) is missing")
+    raise BundleError(f"read bundle chain of {bundle}: no full bundle")
+
+
+def _previous_state(prev: Path) -> dict[str, dict[str, str]]:
+    state: dict[str, dict[str, str]] = {}
+    for r in pq.read_table(prev / "state.parquet").to_pylist():
+        state.setdefault(r["table"], {})[r["id"]] = r["hash"]
+    return state
+
+
+# ----------------------------------------------------------------------- writing
+def _safe_dir(out: Path) -> None:
+    for p in [out, *out.parents]:
+        if p.is_symlink():
+            raise BundleError(f"write bundle to {out}: {p} is a symlink; refusing to write through it")
+    out.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _Guard:
+    """Non-blocking 'already running' guard for one backup directory."""
+
+    def __init__(self, out: Path):
+        self.path = out / ".export.lock"
+
+    def __enter__(self):
+        self.f = open(self.path, "a+")
+        try:
+            fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.f.seek(0)
+            holder = self.f.read().strip() or "another export"
+            self.f.close()
+            raise PalaceLocked(f"export to {self.path.parent}: already running ({holder})",
+                               hint="overlapping cron runs: let the first finish") from None
+        self.f.seek(0)
+        self.f.truncate()
+        self.f.write(f"pid {os.getpid()}")
+        self.f.flush()
+        return self
+
+    def __exit__(self, *exc):
+        fcntl.flock(self.f, fcntl.LOCK_UN)
+        self.f.close()
+
+
+def _records(store: VectorStore, ids: list[str], dim: int) -> Iterator[pa.RecordBatch]:
+    schema = record_schema(dim)
+    for s in range(0, len(ids), PAGE):
+        with store.writing(create=False) as col:  # one lock hold per page: writers get in between
+            got = col.get(ids=ids[s:s + PAGE], include=["documents", "metadatas", "embeddings"])
+        vecs = np.asarray(got["embeddings"], dtype=np.float32).reshape(-1, dim)
+        yield pa.RecordBatch.from_arrays([
+            pa.array(got["ids"], pa.string()), pa.array(got["documents"], pa.string()),
+            pa.array([orjson.dumps(m or {}, option=orjson.OPT_SORT_KEYS).decode() for m in got["metadatas"]],
+                     pa.string()),
+            pa.FixedSizeListArray.from_arrays(pa.array(vecs.ravel(), pa.float32()), dim)], schema=schema)
+
+
+def _write_table(path: Path, schema: pa.Schema, batches) -> int:
+    n = 0
+    with pq.ParquetWriter(path, schema, compression="zstd") as w:
+        for b in batches:
+            if b.num_rows:
+                w.write_batch(b)
+                n += b.num_rows
+    os.chmod(path, 0o600)
+    return n
+
+
+def _dimension(layout: PalaceLayout, collection: str) -> int | None:
+    with chroma_sqlite.open_ro(chroma_sqlite.palace_db(layout.path)) as conn:
+        row = conn.execute("SELECT dimension FROM collections WHERE name = ?", (collection,)).fetchone()
+        meta = chroma_sqlite.collection_metadata(conn, collection)
+    return (row[0] if row else None), meta
+
+
+def export_bundle(layout: PalaceLayout, out: Path, incremental: bool = False, full_every: int = 7,
+                  dry_run: bool = False, lock_timeout: float = 30.0) -> ExportReport:
+    if layout.is_server:
+        raise BundleError("export a server palace: not supported yet; export its directory on the server host")
+    if not chroma_sqlite.palace_db(layout.path).exists():
+        raise SourceMissing(f"export palace {layout.path}: no chroma.sqlite3 there")
+    out = Path(out)
+    _safe_dir(out)
+    with _Guard(out):
+        prev = list_bundles(out)[-1] if incremental and list_bundles(out) else None
+        if prev is not None and len(chain(prev)) >= full_every:
+            prev = None  # a full bundle every N incrementals
+        state = _snapshot(layout)
+        old = _previous_state(prev) if prev else {}
+        changed = {t: sorted((i for i, (h, _) in rows.items() if old.get(t, {}).get(i) != h),
+                             key=lambda i: rows[i][1]) for t, rows in state.items()}
+        gone = [(t, i) for t in old for i in old[t] if i not in state.get(t, {})]
+        kind = "incremental" if prev else "full"
+        report = ExportReport(None, kind, prev.name if prev else None,
+                              counts={t: len(v) for t, v in changed.items()},
+                              totals={t: len(v) for t, v in state.items()}, deleted=gone, dry_run=dry_run)
+        if dry_run:
+            return report
+        now = dt.datetime.now(dt.timezone.utc)
+        name = f"palace-{now:%Y%m%dT%H%M%S%fZ}-{'incr' if prev else 'full'}"
+        tmp = out / f".tmp-{name}"
+        tmp.mkdir(mode=0o700)
+        try:
+            files = _write_bundle(layout, tmp, state, changed, gone, lock_timeout)
+            collections = {t: _dimension(layout, n)[1] for t, n in COLLECTIONS.items()}
+            ident = read_sidecar(layout.path)
+            m = Manifest(name=name, kind=kind, created_at=now.isoformat(), palace=str(layout.path),
+                         embedder={"model_name": ident.model_name, "dimension": ident.dimension} if ident else None,
+                         collections=collections, counts=report.counts | {"tombstones": len(gone)},
+                         totals=report.totals, files=files, previous=prev.name if prev else None,
+                         watermark={"exported_at": now.isoformat(),
+                                    "max_rowid": {t: max((r for _, r in v.values()), default=0)
+                                                  for t, v in state.items()}})
+            (tmp / MANIFEST).write_bytes(m.to_json())
+            os.chmod(tmp / MANIFEST, 0o600)
+            for p in tmp.rglob("*"):
+                if p.is_file():
+                    with open(p, "rb") as f:
+                        os.fsync(f.fileno())
+            _fsync_dir(tmp)
+            os.rename(tmp, out / name)
+            _fsync_dir(out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        report.bundle = str(out / name)
+        return report
+
+
+def _write_bundle(layout, tmp: Path, state, changed, gone, lock_timeout) -> dict[str, str]:
+    files = {}
+    store = VectorStore(layout, lock_timeout=lock_timeout)
+    try:
+        for table, collection in COLLECTIONS.items():
+            dim, _ = _dimension(layout, collection)
+            if not changed[table] or not dim:
+                continue
+            store.collection_name = collection
+            store.close()
+            _write_table(tmp / f"{table}.parquet", record_schema(dim), _records(store, changed[table], dim))
+    finally:
+        store.close()
+    if layout.kg_path.exists():
+        with KnowledgeGraph(layout.kg_path) as kg:
+            for table in KG_TABLES:
+                if changed[table]:
+                    cols = [r[1] for r in kg.query(f"PRAGMA table_info({table})")]
+                    wanted = set(changed[table])
+                    rows = [dict(zip(cols, r)) for r in kg.query(f"SELECT * FROM {table} ORDER BY rowid")
+                            if r[0] in wanted]
+                    _write_table(tmp / f"{table}.parquet", pa.Table.from_pylist(rows).schema,
+                                 [pa.RecordBatch.from_pylist(rows)])
+    _write_table(tmp / "tombstones.parquet", TOMBSTONE_SCHEMA,
+                 [pa.RecordBatch.from_pylist([{"table": t, "id": i} for t, i in gone], schema=TOMBSTONE_SCHEMA)])
+    _write_table(tmp / "state.parquet", STATE_SCHEMA, [pa.RecordBatch.from_pylist(
+        [{"table": t, "id": i, "hash": h} for t, rows in state.items() for i, (h, _) in rows.items()],
+        schema=STATE_SCHEMA)])
+    sidecars = tmp / "sidecars"
+    sidecars.mkdir(mode=0o700)
+    if (layout.path / SIDECAR).exists():
+        shutil.copy2(layout.path / SIDECAR, sidecars / SIDECAR)
+        os.chmod(sidecars / SIDECAR, 0o600)
+    for p in sorted(tmp.rglob("*")):
+        if p.is_file():
+            files[str(p.relative_to(tmp))] = sha256_file(p)
+    return files

@@ -1,0 +1,47 @@
+"""Retention for a backup directory: keep the newest N bundles, or D daily and W weekly ones.
+
+A bundle that a kept incremental builds on is always kept too, so nothing kept
+becomes unrestorable.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import shutil
+from pathlib import Path
+
+from .bundle import chain, list_bundles
+
+
+def _when(bundle: Path) -> dt.datetime:
+    stamp = bundle.name.split("-")[1]
+    return dt.datetime.strptime(stamp, "%Y%m%dT%H%M%S%fZ")
+
+
+def select(bundles: list[Path], keep: int | None = None, daily: int | None = None,
+           weekly: int | None = None) -> set[Path]:
+    """The bundles to keep (with everything they depend on)."""
+    newest_first = sorted(bundles, key=_when, reverse=True)
+    chosen: set[Path] = set(newest_first[:keep]) if keep else set()
+    for count, key in ((daily, lambda d: d.date()), (weekly, lambda d: d.isocalendar()[:2])):
+        if count:
+            periods: dict = {}
+            for b in newest_first:
+                periods.setdefault(key(_when(b)), b)  # the newest bundle of each period
+            chosen |= set(list(periods.values())[:count])
+    if not (keep or daily or weekly):
+        chosen = set(bundles)
+    for b in list(chosen):
+        chosen |= set(chain(b))
+    return chosen
+
+
+def apply_retention(out: Path, keep: int | None = None, daily: int | None = None, weekly: int | None = None,
+                    dry_run: bool = False) -> list[str]:
+    """Delete the bundles not selected; return their names."""
+    bundles = list_bundles(Path(out))
+    kept = select(bundles, keep, daily, weekly)
+    removed = [b for b in bundles if b not in kept]
+    if not dry_run:
+        for b in removed:
+            shutil.rmtree(b)
+    return [b.name for b in removed]
