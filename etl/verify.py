@@ -113,7 +113,7 @@ def _server_facts(store: VectorStore) -> _Facts | None:
     return _Facts(total, dict(col.metadata or {}), dim, ids)
 
 
-def verify_palace(layout: PalaceLayout, embedder: EmbedderIdentity, against: tuple[str, Path] | None = None,
+def verify_palace(layout: PalaceLayout, embedder: EmbedderIdentity | None = None, against: tuple[str, Path] | None = None,
                   sample: str | None = None, probes: int = 200, full: bool = False) -> VerifyReport:
     report = VerifyReport(layout.location)
     spec = parse_sample(sample)
@@ -138,7 +138,7 @@ def verify_palace(layout: PalaceLayout, embedder: EmbedderIdentity, against: tup
             _check_parity(layout, store, against, spec, report)
         else:
             report.not_checked.append("parity with a source (give --against KIND PATH)")
-        _probe(store, sample_ids(facts.ids, spec, probes), report, layout, read_sidecar(layout.sidecar_dir) or embedder)
+        _probe(store, sample_ids(facts.ids, spec, probes), report, layout, read_sidecar(layout.sidecar_dir))
     finally:
         store.close()
     return report
@@ -152,7 +152,9 @@ def _check_chroma_sqlite(layout: PalaceLayout, report: VerifyReport, full: bool)
                    f"mempalace --palace {layout.location} repair --mode from-sqlite")
 
 
-def _check_structure(layout: PalaceLayout, embedder: EmbedderIdentity, facts: _Facts, report: VerifyReport) -> None:
+def _check_structure(layout: PalaceLayout, embedder: EmbedderIdentity | None, facts: _Facts,
+                     report: VerifyReport) -> None:
+    """Collection settings; the sidecar identity against the vectors (and ``--embedder`` when given)."""
     report.totals["drawers"] = facts.count
     where = layout.location
     if facts.metadata.get("hnsw:space") != "cosine":
@@ -161,8 +163,9 @@ def _check_structure(layout: PalaceLayout, embedder: EmbedderIdentity, facts: _F
     recorded = read_sidecar(layout.sidecar_dir)
     if recorded is None:
         report.add("warning", "embedder_unrecorded", "no mempalace_embedder.json: MemPalace 3.11 will warn",
-                   f"mempalace --palace {where} palace set-embedder --model {embedder.model_name}")
-    elif recorded.model_name != embedder.model_name:
+                   f"mempalace --palace {where} palace set-embedder --model "
+                   f"{embedder.model_name if embedder else 'MODEL'}")
+    elif embedder is not None and recorded.model_name != embedder.model_name:
         report.add("error", "embedder_mismatch", f"sidecar records {recorded}, vectors here are {embedder}",
                    f"mempalace --palace {where} repair rebuild-index")
     if facts.dimension and recorded and recorded.dimension and facts.dimension != recorded.dimension:

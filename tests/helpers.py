@@ -42,18 +42,23 @@ def run_python(code: str, timeout: float = 300) -> dict:
         return json.loads(Path(out.name).read_text())
 
 
-def palace_rows(palace: Path) -> dict[str, dict]:
-    """{id: {document, metadata}} of every drawer, read through chromadb in a subprocess."""
+def palace_rows(palace: Path, collection: str = "mempalace_drawers", vectors: bool = False) -> dict[str, dict]:
+    """{id: {document, metadata[, embedding]}} of every row, read through chromadb in a subprocess."""
     code = f"""
-import json, chromadb
+import chromadb
 c = chromadb.PersistentClient({str(palace)!r})
-col = c.get_collection("mempalace_drawers")
+names = [x.name for x in c.list_collections()]
 out = {{}}
-n = col.count()
-for off in range(0, n, 5000):
-    got = col.get(include=["documents", "metadatas"], limit=5000, offset=off)
-    for i, d, m in zip(got["ids"], got["documents"], got["metadatas"]):
-        out[i] = {{"document": d, "metadata": m}}
+if {collection!r} in names:
+    col = c.get_collection({collection!r})
+    include = ["documents", "metadatas"] + (["embeddings"] if {vectors!r} else [])
+    n = col.count()
+    for off in range(0, n, 5000):
+        got = col.get(include=include, limit=5000, offset=off)
+        for k, i in enumerate(got["ids"]):
+            out[i] = {{"document": got["documents"][k], "metadata": got["metadatas"][k]}}
+            if {vectors!r}:
+                out[i]["embedding"] = [float(x) for x in got["embeddings"][k]]
 emit(out)
 """
     return run_python(code)

@@ -115,7 +115,9 @@ def verify(
     sample: Optional[str] = typer.Option(None, "--sample", help="N% or B/N (bucket B of N by id hash)."),
     probes: int = typer.Option(200, "--probes", help="Retrieval probes (self-queries)."),
     full: bool = typer.Option(False, "--full", help="integrity_check instead of quick_check."),
-    json_out: bool = JSON, embedder: str = EMBEDDER,
+    json_out: bool = JSON,
+    embedder: Optional[str] = typer.Option(None, "--embedder", help="Also check the palace was built with this "
+                                           "embedder (default: trust its sidecar)."),
 ) -> None:
     """Check a palace's health, and its parity with a source."""
     from etl.verify import verify_bundle_report, verify_palace
@@ -126,7 +128,7 @@ def verify(
     if bundle:
         report = verify_bundle_report(bundle).to_dict()
     else:
-        _, identity = _embedder(embedder) if embedder == "minilm" else (None, None)
+        identity = _embedder(embedder)[1] if embedder else None
         report = verify_palace(layout_for(palace, kg), identity, against=against, sample=sample, probes=probes,
                                full=full).to_dict()
     if json_out:

@@ -1,0 +1,314 @@
+"""Backup bundles: verified, incremental, restorable; and the human-readable formats."""
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from exporters.bundle import list_bundles
+from exporters.manifest import Manifest
+from exporters.retention import select
+from palace.kg import KnowledgeGraph
+from etl.embed import EmbedderIdentity
+from palace.layout import layout_for, write_sidecar
+from palace.vectors import VectorStore
+
+from .helpers import SAMPLE, cli_json, kg_rows, palace_rows, run_cli
+
+
+def unit(n: int, seed: int) -> np.ndarray:
+    v = np.random.default_rng(seed).standard_normal((n, 384)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def snapshot(palace: Path) -> dict:
+    """Everything a restore must reproduce: drawers and closets with vectors, and both KG tables."""
+    kg = palace / "knowledge_graph.sqlite3"
+    return {"drawers": palace_rows(palace, vectors=True), "closets": palace_rows(palace, "mempalace_closets", True),
+            "entities": kg_rows(kg, "entities") if kg.exists() else [],
+            "triples": kg_rows(kg, "triples") if kg.exists() else []}
+
+
+def assert_same(a: dict, b: dict) -> None:
+    for table in ("drawers", "closets"):
+        assert a[table].keys() == b[table].keys(), table
+        for i, row in a[table].items():
+            other = b[table][i]
+            assert (row["document"], row["metadata"]) == (other["document"], other["metadata"]), i
+            assert np.abs(np.array(row["embedding"]) - np.array(other["embedding"])).max() <= 1e-6
+    assert a["entities"] == b["entities"] and a["triples"] == b["triples"]
+
+
+def add_closets(palace: Path, n: int = 5) -> None:
+    store = VectorStore(layout_for(palace), collection="mempalace_closets")
+    store.upsert([f"closet_mcp_memory_x_{i:02d}" for i in range(n)], [f"topic {i}|ents|→drawer_{i}" for i in range(n)],
+                 [{"wing": "mcp_memory", "room": "x", "drawer_count": i} for i in range(n)], unit(n, 5))
+    store.close()
+
+
+@pytest.fixture(scope="module")
+def sample_palace(tmp_path_factory) -> Path:
+    p = tmp_path_factory.mktemp("sample") / "palace"
+    cli_json("import", "mcp-memory", SAMPLE, "--palace", p)
+    add_closets(p)
+    return p
+
+
+def test_round_trip(sample_palace, tmp_path):
+    out = tmp_path / "backups"
+    r = cli_json("export", "--palace", sample_palace, "--out", out)
+    assert r["kind"] == "full" and r["counts"]["drawers"] == 363 and r["counts"]["closets"] == 5
+    bundle = Path(r["bundle"])
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["embedder"] == {"model_name": "minilm", "dimension": 384}
+    assert manifest["collections"]["drawers"]["hnsw:space"] == "cosine"
+    assert set(manifest["files"]) >= {"drawers.parquet", "closets.parquet", "entities.parquet", "triples.parquet",
+                                      "state.parquet", "tombstones.parquet", "sidecars/mempalace_embedder.json"}
+    run_cli("verify", "--bundle", bundle)
+    target = tmp_path / "restored"
+    cli_json("restore", bundle, "--palace", target)
+    assert_same(snapshot(sample_palace), snapshot(target))
+    run_cli("verify", "--palace", target, "--against", "mcp-memory", SAMPLE)
+    assert (target / "mempalace_embedder.json").read_bytes() == (sample_palace / "mempalace_embedder.json").read_bytes()
+
+
+def test_files_are_private_and_no_temp_dirs_remain(sample_palace, tmp_path):
+    out = tmp_path / "backups"
+    bundle = Path(cli_json("export", "--palace", sample_palace, "--out", out)["bundle"])
+    assert stat.S_IMODE(bundle.stat().st_mode) == 0o700
+    for p in bundle.rglob("*"):
+        assert stat.S_IMODE(p.stat().st_mode) == (0o600 if p.is_file() else 0o700), p
+    assert [p.name for p in out.iterdir() if p.name.startswith(".tmp")] == []
+
+
+def test_refuses_to_write_through_a_symlink(sample_palace, tmp_path):
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    proc = run_cli("export", "--palace", sample_palace, "--out", tmp_path / "link" / "backups", check=1)
+    assert "symlink" in proc.stderr and not any(real.iterdir())
+
+
+@pytest.mark.parametrize("victim", ["manifest.json", "drawers.parquet", "closets.parquet", "entities.parquet",
+                                    "triples.parquet", "state.parquet", "tombstones.parquet",
+                                    "sidecars/mempalace_embedder.json"])
+def test_one_flipped_byte_is_named_and_nothing_is_written(sample_palace, tmp_path, victim):
+    bundle = Path(cli_json("export", "--palace", sample_palace, "--out", tmp_path / "b")["bundle"])
+    path = bundle / victim
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    target = tmp_path / "restored"
+    proc = run_cli("restore", bundle, "--palace", target, check=1)
+    assert (victim in proc.stderr) and not target.exists()
+    report = json.loads(run_cli("verify", "--bundle", bundle, "--json", check=4).stdout)
+    assert any(victim in f["message"] for f in report["findings"])
+
+
+def _mutate(palace: Path, night: int) -> None:
+    """One night of changes: add, edit, delete drawers and triples; invalidate a triple."""
+    store = VectorStore(layout_for(palace))
+    ids = sorted(palace_rows(palace))
+    store.upsert([f"drawer_night{night}_{i}" for i in range(20)], [f"night {night} memory {i}" for i in range(20)],
+                 [{"wing": "nightly", "room": f"n{night}"}] * 20, unit(20, night))
+    store.upsert(ids[night * 3:night * 3 + 3], [f"edited on night {night}"] * 3, [{"wing": "mcp_memory", "room": "x"}] * 3,
+                 unit(3, 100 + night))
+    store.delete(ids[-(night + 1) * 4:][:4])
+    store.close()
+    with KnowledgeGraph(palace / "knowledge_graph.sqlite3") as kg:
+        kg.write_batch([], [(f"t_night_{night}", f"Night {night}", "saw", "moon", None, None, 1.0, None, None, "t")])
+        first = kg.query("SELECT id FROM triples WHERE valid_to IS NULL ORDER BY id LIMIT 1")[0][0]
+        kg.execute_write("UPDATE triples SET valid_to = '2026-11-2%d' WHERE id = ?" % night, (first,))
+        victim = kg.query("SELECT id FROM triples ORDER BY id DESC LIMIT 1")[0][0]
+        kg.execute_write("DELETE FROM triples WHERE id = ?", (victim,))
+
+
+def test_three_nights_of_incrementals_restore_like_a_full_export(tmp_path):
+    palace, out = tmp_path / "palace", tmp_path / "backups"
+    cli_json("import", "mcp-memory", SAMPLE, "--palace", palace)
+    first = cli_json("export", "--palace", palace, "--out", out, "--incremental")
+    assert first["kind"] == "full"
+    for night in (1, 2, 3):
+        _mutate(palace, night)
+        r = cli_json("export", "--palace", palace, "--out", out, "--incremental")
+        assert r["kind"] == "incremental" and r["deleted"] == 5  # 4 drawers + 1 triple
+        assert r["counts"]["drawers"] == 23 and r["counts"]["triples"] == 2
+    unchanged = cli_json("export", "--palace", palace, "--out", out, "--incremental")
+    assert sum(unchanged["counts"].values()) == 0 and unchanged["deleted"] == 0
+    latest = list_bundles(out)[-1]
+    chained = tmp_path / "from-chain"
+    assert cli_json("restore", latest, "--palace", chained)["chain"][0].endswith("-full")
+    full = Path(cli_json("export", "--palace", palace, "--out", tmp_path / "full")["bundle"])
+    direct = tmp_path / "from-full"
+    cli_json("restore", full, "--palace", direct)
+    want = snapshot(palace)
+    assert_same(want, snapshot(chained))
+    assert_same(want, snapshot(direct))
+
+
+def test_full_bundle_every_n(tmp_path):
+    palace, out = tmp_path / "palace", tmp_path / "backups"
+    cli_json("import", "mcp-memory", SAMPLE, "--palace", palace)
+    kinds = [cli_json("export", "--palace", palace, "--out", out, "--incremental", "--full-every", "3")["kind"]
+             for _ in range(5)]
+    assert kinds == ["full", "incremental", "incremental", "full", "incremental"]
+
+
+def test_retention_keeps_what_kept_bundles_need(tmp_path):
+    palace, out = tmp_path / "palace", tmp_path / "backups"
+    cli_json("import", "mcp-memory", SAMPLE, "--palace", palace)
+    for _ in range(4):
+        cli_json("export", "--palace", palace, "--out", out, "--incremental", "--full-every", "10")
+    names = [b.name for b in list_bundles(out)]
+    r = cli_json("export", "--palace", palace, "--out", out, "--incremental", "--keep", "1")
+    # the newest incremental needs the whole chain back to the full bundle: nothing may go
+    assert r["removed_by_retention"] == [] and len(list_bundles(out)) == 5
+    cli_json("export", "--palace", palace, "--out", out, "--keep", "1")  # a fresh full bundle
+    assert [b.name for b in list_bundles(out)][-1].endswith("-full") and len(list_bundles(out)) == 1
+    assert not set(names) & {b.name for b in list_bundles(out)}
+    fake = []
+    for d in range(1, 8):  # one full bundle a day, plus a second one on day 7
+        for hh in ("03", "04") if d == 7 else ("03",):
+            b = tmp_path / "days" / f"palace-2026110{d}T{hh}0000000000Z-full"
+            b.mkdir(parents=True)
+            (b / "manifest.json").write_bytes(Manifest(b.name, "full", "", "", None, {}).to_json())
+            fake.append(b)
+    kept = sorted(b.name[13:18] for b in select(fake, daily=3))
+    assert kept == ["05T03", "06T03", "07T04"]  # the newest bundle of each of the last 3 days
+
+
+def test_overlapping_runs_are_refused(sample_palace, tmp_path):
+    out = tmp_path / "backups"
+    out.mkdir()
+    code = ("import fcntl, sys, time\nf = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); "
+            "f.write('pid 4242'); f.flush(); print('held', flush=True); time.sleep(30)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(out / ".export.lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        proc = run_cli("export", "--palace", sample_palace, "--out", out, check=11)
+        assert "already running" in proc.stderr and "pid 4242" in proc.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_export_while_another_process_writes(tmp_path):
+    palace, out = tmp_path / "palace", tmp_path / "backups"
+    store = VectorStore(layout_for(palace))
+    store.upsert([f"base_{i}" for i in range(3000)], [f"base {i}" for i in range(3000)],
+                 [{"wing": "w", "room": "r"}] * 3000, unit(3000, 1))
+    store.close()
+    write_sidecar(palace, EmbedderIdentity("random-test-vectors", 384))  # honest: these are not MiniLM vectors
+    writer = subprocess.Popen([sys.executable, "-m", "tests.workers", "drawers", str(palace), "live", "2000", "50", "9"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    bundles = []
+    while writer.poll() is None or not bundles:
+        bundles.append(Path(cli_json("export", "--palace", palace, "--out", out, "--lock-timeout", "120")["bundle"]))
+    out_, err = writer.communicate()
+    assert writer.returncode == 0 and json.loads(out_.splitlines()[-1])["errors"] == 0, err
+    for i, bundle in enumerate(bundles):
+        run_cli("verify", "--bundle", bundle)
+        target = tmp_path / f"r{i}"
+        restored = cli_json("restore", bundle, "--palace", target)
+        rows = palace_rows(target)
+        assert all(k.startswith("base_") for k in list(rows)[:1])
+        assert sum(k.startswith("base_") for k in rows) == 3000
+        assert restored["rows"]["drawers"] == len(rows) >= 3000
+        run_cli("verify", "--palace", target)
+
+
+metadata_values = st.one_of(st.text(max_size=20), st.integers(-10**9, 10**9), st.booleans(),
+                            st.floats(allow_nan=False, allow_infinity=False, width=32))
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
+@given(rows=st.dictionaries(st.text("abcdefghij_", min_size=1, max_size=12), st.tuples(
+    st.text(min_size=0, max_size=80), st.dictionaries(st.sampled_from(["wing", "room", "k1", "k2", "n"]),
+                                                      metadata_values, min_size=1, max_size=4)),
+    min_size=1, max_size=40),
+    triples=st.lists(st.tuples(st.text(min_size=1, max_size=10), st.text(min_size=1, max_size=10)), max_size=10))
+def test_round_trip_of_random_palaces(tmp_path_factory, rows, triples):
+    base = tmp_path_factory.mktemp("rand")
+    palace = base / "palace"
+    ids = sorted(rows)
+    store = VectorStore(layout_for(palace))
+    store.upsert(ids, [rows[i][0] for i in ids], [rows[i][1] for i in ids], unit(len(ids), len(ids)))
+    store.close()
+    with KnowledgeGraph(palace / "knowledge_graph.sqlite3") as kg:
+        kg.write_batch([], [(f"t_{k}", s, "rel", o, None, None, 0.5, None, None, "h") for k, (s, o) in enumerate(triples)])
+    bundle = cli_json("export", "--palace", palace, "--out", base / "b")["bundle"]
+    cli_json("restore", bundle, "--palace", base / "r")
+    assert_same(snapshot(palace), snapshot(base / "r"))
+
+
+def test_restore_refuses_a_non_empty_target_unless_forced(sample_palace, tmp_path):
+    bundle = cli_json("export", "--palace", sample_palace, "--out", tmp_path / "b")["bundle"]
+    target = tmp_path / "t"
+    cli_json("import", "mcp-memory", SAMPLE, "--palace", target, "--wing", "other")
+    proc = run_cli("restore", bundle, "--palace", target, check=1)
+    assert "--force" in proc.stderr
+    r = cli_json("restore", bundle, "--palace", target, "--force")
+    assert Path(r["replaced"]).exists()  # the old palace is kept aside, not deleted
+    assert set(cli_json("status", "--palace", target)["wings"]) == {"mcp_memory"}
+
+
+def test_human_formats(sample_palace, tmp_path):
+    r = cli_json("export", "--palace", sample_palace, "--out", tmp_path / "j", "--format", "jsonl")
+    assert r["drawers"] == 363
+    lines = (tmp_path / "j" / "mcp_memory" / "person.jsonl").read_text().splitlines()
+    recs = [json.loads(l) for l in lines]
+    assert [x["id"] for x in recs] == sorted(x["id"] for x in recs) and len(recs) == 27
+    assert set(recs[0]) == {"id", "document", "metadata"} and recs[0]["metadata"]["room"] == "person"
+    cli_json("export", "--palace", sample_palace, "--out", tmp_path / "m", "--format", "markdown")
+    index = (tmp_path / "m" / "index.md").read_text()
+    assert "| mcp_memory |" in index and "[person](mcp_memory/person.md)" in index
+    md = (tmp_path / "m" / "mcp_memory" / "person.md").read_text()
+    assert md.startswith("# mcp_memory / person") and md.count("\n## drawer_mcp_memory_person_") == 27
+
+
+COMPARE = """
+import chromadb, numpy as np
+a = chromadb.PersistentClient({a!r}).get_collection("mempalace_drawers")
+b = chromadb.PersistentClient({b!r}).get_collection("mempalace_drawers")
+inc = ["documents", "metadatas", "embeddings"]
+diff = {{"count": [a.count(), b.count()], "missing": 0, "changed": 0, "max_abs": 0.0}}
+for off in range(0, a.count(), 2000):
+    x = a.get(include=inc, limit=2000, offset=off)
+    y = b.get(ids=x["ids"], include=inc)
+    ym = dict(zip(y["ids"], zip(y["documents"], y["metadatas"], y["embeddings"])))
+    for i, d, m, e in zip(x["ids"], x["documents"], x["metadatas"], x["embeddings"]):
+        if i not in ym:
+            diff["missing"] += 1
+            continue
+        diff["changed"] += (d, m) != ym[i][:2]
+        diff["max_abs"] = max(diff["max_abs"], float(np.abs(np.asarray(e) - np.asarray(ym[i][2])).max()))
+emit(diff)
+"""
+
+
+def test_round_trip_of_a_20k_drawer_palace(tmp_path):
+    from .helpers import run_python
+
+    palace = tmp_path / "palace"
+    store = VectorStore(layout_for(palace))
+    n = 20_000
+    vecs = unit(n, 20)
+    for s in range(0, n, 5000):
+        ids = [f"drawer_big_{i:06d}" for i in range(s, s + 5000)]
+        store.upsert(ids, [f"memory number {i} " * (1 + i % 5) for i in range(s, s + 5000)],
+                     [{"wing": f"w{i % 15}", "room": f"r{i % 8}", "chunk_index": i, "score": i / 7, "pinned": i % 2 == 0}
+                      for i in range(s, s + 5000)], vecs[s:s + 5000])
+    store.close()
+    bundle = cli_json("export", "--palace", palace, "--out", tmp_path / "b")["bundle"]
+    assert cli_json("restore", bundle, "--palace", tmp_path / "r")["rows"]["drawers"] == n
+    diff = run_python(COMPARE.format(a=str(palace), b=str(tmp_path / "r")))
+    assert diff == {"count": [n, n], "missing": 0, "changed": 0, "max_abs": diff["max_abs"]}
+    assert diff["max_abs"] <= 1e-6
