@@ -75,6 +75,15 @@ def run(size: int, chroma_texts: int, kg_triples: int, work: Path, skip: set[str
                     f"{rate(ch):.1f} texts/s", rate(ours_n) / rate(ch), ">= 4", rate(ours_n) / rate(ch) >= 4,
                     ours_n["peak_rss_mb"]))
 
+    # 2c. the same comparison on short memories only (one-liners and a few sentences, no paragraphs)
+    short = str(work / "short.json")
+    Path(short).write_bytes(json.dumps([d for d in json.loads(Path(docs).read_text()) if len(d) < 700][:n]).encode())
+    ch_s = measure("embed_chroma_default", docs=short, limit=n, palace=str(work / "chroma-default-short"))
+    ours_s = measure("embed_ours", docs=short, limit=n)
+    rows.append(row(f"2c. embedder alone vs Chroma default EF ({n:,} short memories, < 700 chars)",
+                    f"{rate(ours_s):.1f} texts/s", f"{rate(ch_s):.1f} texts/s", rate(ours_s) / rate(ch_s), ">= 4",
+                    rate(ours_s) / rate(ch_s) >= 4, ours_s["peak_rss_mb"]))
+
     # 3. identical re-run
     again = measure("migrate", workload=str(work / "workload"), palace=str(work / "palace"))
     ok = again["drawers_written"] == 0 and again["seconds"] <= 0.05 * mig["seconds"]
@@ -82,10 +91,26 @@ def run(size: int, chroma_texts: int, kg_triples: int, work: Path, skip: set[str
                     f"{mig['seconds']:.1f} s (first run)", again["seconds"] / mig["seconds"], "<= 0.05, 0 written",
                     ok, again["peak_rss_mb"]))
 
-    rows.append(row("4. restore / sync to an empty replica", "-", "-", None, ">= 0.8 x raw upsert", None, None,
-                    "not measured yet: export/restore and sync are not built"))
-    rows.append(row("5. export of the 100k palace", "-", "-", None, "flat RSS, well under 1 GB", None, None,
-                    "not measured yet: export is not built"))
+    # 4-5. export the migrated palace, restore it into an empty one (vectors carried)
+    ex = measure("export_palace", palace=str(work / "palace"), out=str(work / "backups"))
+    gp = measure("get_paging_raw", palace=str(work / "palace"))
+    rows.append(row(f"5. export {size:,} drawers with vectors (bundle)", f"{rate(ex):,.0f} rows/s",
+                    f"{rate(gp):,.0f} rows/s (raw get paging)", rate(ex) / rate(gp), "flat RSS, well under 1 GB",
+                    ex["peak_rss_mb"] < 1024, ex["peak_rss_mb"], f"raw paging peak {gp['peak_rss_mb']:.0f} MB"))
+    bundle = sorted((work / "backups").glob("palace-*"))[-1]
+    rs = measure("restore_palace", bundle=str(bundle), palace=str(work / "restored"))
+    rows.append(row("4. restore into an empty palace (no re-embedding)", f"{rate(rs):,.0f} rows/s",
+                    f"{rate(up):,.0f} rows/s (raw upsert)", rate(rs) / rate(up), ">= 0.8",
+                    rate(rs) / rate(up) >= 0.8, rs["peak_rss_mb"]))
+    sy = measure("sync_palace", a=str(work / "palace"), b=str(work / "replica"))
+    sy_rate = size / sy["seconds"]
+    rows.append(row("4b. sync to an empty replica (vectors carried)", f"{sy_rate:,.0f} drawers/s",
+                    f"{rate(up):,.0f} rows/s (raw upsert)", sy_rate / rate(up), ">= 0.8", sy_rate / rate(up) >= 0.8,
+                    sy["peak_rss_mb"]))
+    again = measure("sync_palace", a=str(work / "palace"), b=str(work / "replica"))
+    rows.append(row("4c. second sync, nothing changed", f"{again['seconds']:.1f} s, {again['rows']} moved",
+                    f"{sy['seconds']:.1f} s (first sync)", again["seconds"] / sy["seconds"], "small fraction, 0 moved",
+                    again["rows"] == 0 and again["seconds"] <= 0.2 * sy["seconds"], again["peak_rss_mb"]))
 
     # 6. KG bulk load vs MemPalace's add_triple loop
     kb = measure("kg_bulk", path=str(work / "kg-ours.sqlite3"), n=kg_triples)
@@ -100,7 +125,7 @@ def run(size: int, chroma_texts: int, kg_triples: int, work: Path, skip: set[str
         measure("drawer_writer", palace=pal, tag="seed", n=200, seed=99)
         start = time.perf_counter()
         procs = [spawn("kg_writer", path=kg, tag=f"k{i}", n=500) for i in range(4)]
-        procs += [spawn("drawer_writer", palace=pal, tag=f"d{i}", n=2000, seed=i) for i in range(2)]
+        procs += [spawn("drawer_writer", palace=pal, tag=f"d{i}", n=2000, seed=i, pause=1.0) for i in range(2)]
         rd = spawn("reader", palace=pal, seconds=20.0)
         res = [collect(p) for p in procs]
         wall = time.perf_counter() - start

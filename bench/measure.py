@@ -114,6 +114,37 @@ def migrate(workload: str, palace: str) -> dict:
             **totals}
 
 
+def export_palace(palace: str, out: str) -> dict:
+    from exporters.bundle import export_bundle
+    from palace.layout import layout_for
+
+    t = time.perf_counter()
+    r = export_bundle(layout_for(palace), Path(out))
+    return {"seconds": time.perf_counter() - t, "rows": r.counts["drawers"]}
+
+
+def get_paging_raw(palace: str) -> dict:
+    """Raw chromadb: page the whole collection with get(limit, offset), vectors included."""
+    import chromadb
+
+    col = chromadb.PersistentClient(palace).get_collection("mempalace_drawers")
+    n = col.count()
+    t = time.perf_counter()
+    rows = 0
+    for off in range(0, n, 5000):
+        rows += len(col.get(include=["documents", "metadatas", "embeddings"], limit=5000, offset=off)["ids"])
+    return {"seconds": time.perf_counter() - t, "rows": rows}
+
+
+def restore_palace(bundle: str, palace: str) -> dict:
+    from exporters.restore import restore_bundle
+    from palace.layout import layout_for
+
+    t = time.perf_counter()
+    r = restore_bundle(Path(bundle), layout_for(palace))
+    return {"seconds": time.perf_counter() - t, "rows": r.rows.get("drawers", 0)}
+
+
 def _triples(n: int) -> list[tuple]:
     return [(f"t_s{i % 997}_rel_o{i}_{i:012d}", f"Subject {i % 997}", f"rel{i % 7}", f"Object {i}", "2026-01-01",
              None, 1.0, "bench", None, "bench") for i in range(n)]
@@ -159,7 +190,15 @@ def kg_writer(path: str, tag: str, n: int) -> dict:
     return {"seconds": time.perf_counter() - t, "rows": n, "errors": errors}
 
 
-def drawer_writer(palace: str, tag: str, n: int, seed: int) -> dict:
+def sync_palace(a: str, b: str) -> dict:
+    from etl.sync import run_sync
+
+    t = time.perf_counter()
+    r = run_sync(a, b)
+    return {"seconds": time.perf_counter() - t, "rows": r.moved, "converged": r.converged}
+
+
+def drawer_writer(palace: str, tag: str, n: int, seed: int, pause: float = 0.0) -> dict:
     from palace.layout import layout_for
     from palace.vectors import VectorStore
 
@@ -174,6 +213,7 @@ def drawer_writer(palace: str, tag: str, n: int, seed: int) -> dict:
             store.upsert(ids, ids, [{"wing": "bench", "room": tag}] * len(ids), vecs[s:s + len(ids)])
         except Exception:
             errors += 1
+        time.sleep(pause)  # bursts, like an agent filing memories, not one tight loop
     store.close()
     return {"seconds": time.perf_counter() - t, "rows": n, "errors": errors}
 

@@ -84,13 +84,25 @@ def _snapshot(layout: PalaceLayout) -> dict[str, dict[str, tuple[str, int]]]:
     if layout.kg_path.exists():
         with KnowledgeGraph(layout.kg_path) as kg:
             for table in KG_TABLES:
-                after = 0
-                while rows := kg.query(f"SELECT rowid, * FROM {table} WHERE rowid > ? ORDER BY rowid LIMIT ?",
-                                       (after, PAGE)):
-                    for r in rows:
-                        state[table][r[1]] = (row_hash(*r[1:]), r[0])
-                    after = rows[-1][0]
+                for rowid, row in kg_rows(kg, table):
+                    state[table][row["id"]] = (kg_row_hash(row), rowid)
     return state
+
+
+def kg_row_hash(row: dict) -> str:
+    """Hash of a KG row by column name: a migrated KG has its columns in another order."""
+    return row_hash(row)
+
+
+def kg_rows(kg: KnowledgeGraph, table: str, ids: set[str] | None = None) -> Iterator[tuple[int, dict]]:
+    """(rowid, {column: value}) of a KG table in rowid pages, optionally only ``ids``."""
+    cols = [r[1] for r in kg.query(f"PRAGMA table_info({table})")]
+    after = 0
+    while rows := kg.query(f"SELECT rowid, * FROM {table} WHERE rowid > ? ORDER BY rowid LIMIT ?", (after, PAGE)):
+        for r in rows:
+            if ids is None or r[1] in ids:
+                yield r[0], dict(zip(cols, r[1:]))
+        after = rows[-1][0]
 
 
 # ------------------------------------------------------------------------ chain
@@ -171,17 +183,18 @@ class _Guard:
         self.f.close()
 
 
-def _records(store: VectorStore, ids: list[str], dim: int) -> Iterator[pa.RecordBatch]:
-    schema = record_schema(dim)
+def fetch_rows(store: VectorStore, ids: list[str]) -> Iterator[list[dict]]:
+    """Pages of collection rows ``{id, document, metadata, embedding}``, one palace-lock hold per page."""
     for s in range(0, len(ids), PAGE):
-        with store.writing(create=False) as col:  # one lock hold per page: writers get in between
+        with store.writing(create=False) as col:  # writers get in between pages
             got = col.get(ids=ids[s:s + PAGE], include=["documents", "metadatas", "embeddings"])
-        vecs = np.asarray(got["embeddings"], dtype=np.float32).reshape(-1, dim)
-        yield pa.RecordBatch.from_arrays([
-            pa.array(got["ids"], pa.string()), pa.array(got["documents"], pa.string()),
-            pa.array([orjson.dumps(m or {}, option=orjson.OPT_SORT_KEYS).decode() for m in got["metadatas"]],
-                     pa.string()),
-            pa.FixedSizeListArray.from_arrays(pa.array(vecs.ravel(), pa.float32()), dim)], schema=schema)
+        yield [{"id": i, "document": d, "metadata": m or {}, "embedding": e}
+               for i, d, m, e in zip(got["ids"], got["documents"], got["metadatas"], got["embeddings"])]
+
+
+def _records(store: VectorStore, ids: list[str], dim: int) -> Iterator[pa.RecordBatch]:
+    for page in fetch_rows(store, ids):
+        yield records_batch(page, dim)
 
 
 def _write_table(path: Path, schema: pa.Schema, batches) -> int:
@@ -256,40 +269,51 @@ def export_bundle(layout: PalaceLayout, out: Path, incremental: bool = False, fu
         return report
 
 
-def _write_bundle(layout, tmp: Path, state, changed, gone, lock_timeout) -> dict[str, str]:
-    files = {}
-    store = VectorStore(layout, lock_timeout=lock_timeout)
-    try:
-        for table, collection in COLLECTIONS.items():
-            dim, _ = _dimension(layout, collection)
-            if not changed[table] or not dim:
-                continue
-            store.collection_name = collection
-            store.close()
-            _write_table(tmp / f"{table}.parquet", record_schema(dim), _records(store, changed[table], dim))
-    finally:
-        store.close()
-    if layout.kg_path.exists():
-        with KnowledgeGraph(layout.kg_path) as kg:
-            for table in KG_TABLES:
-                if changed[table]:
-                    cols = [r[1] for r in kg.query(f"PRAGMA table_info({table})")]
-                    wanted = set(changed[table])
-                    rows = [dict(zip(cols, r)) for r in kg.query(f"SELECT * FROM {table} ORDER BY rowid")
-                            if r[0] in wanted]
-                    _write_table(tmp / f"{table}.parquet", pa.Table.from_pylist(rows).schema,
-                                 [pa.RecordBatch.from_pylist(rows)])
+def records_batch(rows: list[dict], dim: int) -> pa.RecordBatch:
+    """Collection rows ``{id, document, metadata, embedding}`` as a bundle record batch."""
+    vecs = np.asarray([r["embedding"] for r in rows], dtype=np.float32).reshape(-1, dim)
+    return pa.RecordBatch.from_arrays([
+        pa.array([r["id"] for r in rows], pa.string()), pa.array([r["document"] for r in rows], pa.string()),
+        pa.array([orjson.dumps(r["metadata"] or {}, option=orjson.OPT_SORT_KEYS).decode() for r in rows],
+                 pa.string()),
+        pa.FixedSizeListArray.from_arrays(pa.array(vecs.ravel(), pa.float32()), dim)], schema=record_schema(dim))
+
+
+def write_tables(tmp: Path, collections: dict[str, tuple[int, Iterator[pa.RecordBatch]]], kg: dict[str, list[dict]],
+                 gone: list[tuple[str, str]], state: dict[str, dict[str, str]], sidecar: Path | None) -> dict[str, str]:
+    """Write a bundle's files into ``tmp``; return {relative path: sha256}."""
+    for table, (dim, batches) in collections.items():
+        _write_table(tmp / f"{table}.parquet", record_schema(dim), batches)
+    for table, rows in kg.items():
+        if rows:
+            batch = pa.RecordBatch.from_pylist(rows)
+            _write_table(tmp / f"{table}.parquet", batch.schema, [batch])
     _write_table(tmp / "tombstones.parquet", TOMBSTONE_SCHEMA,
                  [pa.RecordBatch.from_pylist([{"table": t, "id": i} for t, i in gone], schema=TOMBSTONE_SCHEMA)])
     _write_table(tmp / "state.parquet", STATE_SCHEMA, [pa.RecordBatch.from_pylist(
-        [{"table": t, "id": i, "hash": h} for t, rows in state.items() for i, (h, _) in rows.items()],
+        [{"table": t, "id": i, "hash": h} for t, rows in state.items() for i, h in rows.items()],
         schema=STATE_SCHEMA)])
-    sidecars = tmp / "sidecars"
-    sidecars.mkdir(mode=0o700)
-    if (layout.path / SIDECAR).exists():
-        shutil.copy2(layout.path / SIDECAR, sidecars / SIDECAR)
-        os.chmod(sidecars / SIDECAR, 0o600)
-    for p in sorted(tmp.rglob("*")):
-        if p.is_file():
-            files[str(p.relative_to(tmp))] = sha256_file(p)
-    return files
+    (tmp / "sidecars").mkdir(mode=0o700)
+    if sidecar is not None and sidecar.exists():
+        shutil.copy2(sidecar, tmp / "sidecars" / SIDECAR)
+        os.chmod(tmp / "sidecars" / SIDECAR, 0o600)
+    return {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+
+
+def _write_bundle(layout, tmp: Path, state, changed, gone, lock_timeout) -> dict[str, str]:
+    stores = {t: VectorStore(layout, lock_timeout=lock_timeout, collection=c) for t, c in COLLECTIONS.items()}
+    try:
+        collections = {}
+        for table, collection in COLLECTIONS.items():
+            dim, _ = _dimension(layout, collection)
+            if changed[table] and dim:
+                collections[table] = (dim, _records(stores[table], changed[table], dim))
+        kg = {}
+        if layout.kg_path.exists():
+            with KnowledgeGraph(layout.kg_path) as g:
+                kg = {t: [row for _, row in kg_rows(g, t, set(changed[t]))] for t in KG_TABLES if changed[t]}
+        flat = {t: {i: h for i, (h, _) in rows.items()} for t, rows in state.items()}
+        return write_tables(tmp, collections, kg, gone, flat, layout.path / SIDECAR)
+    finally:
+        for store in stores.values():
+            store.close()

@@ -115,7 +115,7 @@ def _build(links: list[Path], layout: PalaceLayout, report: RestoreReport, lock_
                 path = link / f"{table}.parquet"
                 if not path.exists():
                     continue
-                for batch in pq.ParquetFile(path).iter_batches(batch_size=1000):
+                for batch in pq.ParquetFile(path).iter_batches(batch_size=5000):  # near Chroma's max batch
                     vecs = batch.column("embedding").values.to_numpy(zero_copy_only=False).reshape(batch.num_rows, -1)
                     store.upsert(batch.column("id").to_pylist(), batch.column("document").to_pylist(),
                                  [orjson.loads(m) or None for m in batch.column("metadata").to_pylist()], vecs)

@@ -17,6 +17,7 @@ from typing import Any, Iterable, Sequence
 
 from tenacity import retry, retry_if_exception, stop_after_delay, wait_random_exponential
 
+from etl.errors import PalaceLocked
 from etl.ids import entity_id
 
 BUSY_TIMEOUT_MS = 60_000
@@ -86,8 +87,10 @@ def _is_busy(exc: BaseException) -> bool:
         s in str(exc).lower() for s in ("locked", "busy"))
 
 
-_retry_busy = retry(retry=retry_if_exception(_is_busy), wait=wait_random_exponential(multiplier=0.05, max=2),
-                    stop=stop_after_delay(BUSY_TIMEOUT_MS / 1000), reraise=True)
+def _retry_busy(timeout_s: float):
+    """Retry only on 'locked'/'busy', with exponential backoff and jitter, for at most ``timeout_s``."""
+    return retry(retry=retry_if_exception(_is_busy), wait=wait_random_exponential(multiplier=0.05, max=2),
+                 stop=stop_after_delay(timeout_s), reraise=True)
 
 _open_graphs: "weakref.WeakSet[KnowledgeGraph]" = weakref.WeakSet()
 
@@ -105,11 +108,13 @@ class KnowledgeGraph:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        self._retry = _retry_busy(busy_timeout_ms / 1000)
+        self._timeout_s = busy_timeout_ms / 1000
         self._conn: sqlite3.Connection | None = sqlite3.connect(
             str(self.path), timeout=busy_timeout_ms / 1000, isolation_level=None, check_same_thread=False)
         c = self._conn
         c.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
-        _retry_busy(c.execute)("PRAGMA journal_mode=WAL")
+        self._retry(c.execute)("PRAGMA journal_mode=WAL")
         c.execute("PRAGMA wal_autocheckpoint=1000")
         c.execute("PRAGMA journal_size_limit=67108864")
         c.execute("PRAGMA synchronous=NORMAL")
@@ -129,7 +134,7 @@ class KnowledgeGraph:
     def _write(self, fn, *args) -> Any:
         """Run ``fn(conn, *args)`` in one BEGIN IMMEDIATE transaction, retrying on busy."""
 
-        @_retry_busy
+        @self._retry
         def attempt():
             with self._lock:
                 c = self._require()
@@ -142,7 +147,14 @@ class KnowledgeGraph:
                     c.execute("ROLLBACK")
                     raise
 
-        return attempt()
+        try:
+            return attempt()
+        except sqlite3.OperationalError as exc:
+            if _is_busy(exc):
+                raise PalaceLocked(f"write knowledge graph {self.path}: another connection kept it locked for "
+                                   f"{self._timeout_s:g}s ({exc})",
+                                   hint="find the long-running writer (an open sqlite3 shell?) and retry") from exc
+            raise
 
     def _require(self) -> sqlite3.Connection:
         if self._conn is None:
@@ -181,7 +193,7 @@ class KnowledgeGraph:
 
     def query(self, sql: str, params: Iterable = ()) -> list[tuple]:
         with self._lock:
-            return _retry_busy(lambda: self._require().execute(sql, tuple(params)).fetchall())()
+            return self._retry(lambda: self._require().execute(sql, tuple(params)).fetchall())()
 
     def counts(self) -> dict[str, int]:
         (e,), = self.query("SELECT count(*) FROM entities")

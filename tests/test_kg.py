@@ -6,6 +6,7 @@ import time
 import pytest
 from mempalace.knowledge_graph import KnowledgeGraph as MpKG
 
+from etl.errors import PalaceLocked
 from palace.kg import KnowledgeGraph
 
 
@@ -69,17 +70,19 @@ def test_write_fails_clearly_after_the_timeout(tmp_path):
     KnowledgeGraph(path).close()
     blocker = sqlite3.connect(path, isolation_level=None)
     blocker.execute("BEGIN IMMEDIATE")
+    started = time.monotonic()
     try:
         kg = KnowledgeGraph(path, busy_timeout_ms=300)
-    except sqlite3.OperationalError as exc:  # the schema check itself may be the write that waits
-        assert "locked" in str(exc)
+    except PalaceLocked as exc:  # the schema check itself may be the write that waits
+        assert "kept it locked for 0.3s" in str(exc)
     else:
-        with pytest.raises(sqlite3.OperationalError, match="locked"):
+        with pytest.raises(PalaceLocked, match="kept it locked for 0.3s"):
             kg.write_batch([("bob", "Bob", "person", "{}")], [])
         kg.close()
     finally:
         blocker.execute("ROLLBACK")
         blocker.close()
+    assert time.monotonic() - started < 10  # bounded by its own timeout, not the 60 s default
 
 
 def test_close_checkpoints_the_wal(tmp_path):

@@ -108,7 +108,8 @@ def status(palace: str = PALACE, kg: Optional[Path] = KG, json_out: bool = JSON,
 
 @app.command()
 def verify(
-    palace: Optional[str] = typer.Option(None, "--palace", help="Palace directory or http://host:port."),
+    palace: Optional[list[str]] = typer.Option(None, "--palace", help="Palace directory or http://host:port; "
+                                               "twice to compare two replicas (a bundle dir works there too)."),
     bundle: Optional[Path] = typer.Option(None, "--bundle", help="Check a bundle and its chain instead."),
     kg: Optional[Path] = KG,
     against: Optional[tuple[str, Path]] = typer.Option(None, "--against", help="SOURCE_KIND PATH to compare with."),
@@ -120,14 +121,18 @@ def verify(
                                            "embedder (default: trust its sidecar)."),
 ) -> None:
     """Check a palace's health, and its parity with a source."""
-    from etl.verify import verify_bundle_report, verify_palace
+    from etl.verify import verify_bundle_report, verify_palace, verify_parity
     from palace.layout import layout_for
 
-    if bool(palace) == bool(bundle):
-        raise typer.BadParameter("give exactly one of --palace DIR or --bundle DIR")
+    palace = palace or []
+    if bool(palace) == bool(bundle) or len(palace) > 2:
+        raise typer.BadParameter("give --palace DIR (once, or twice to compare replicas) or --bundle DIR")
     if bundle:
         report = verify_bundle_report(bundle).to_dict()
+    elif len(palace) == 2:
+        report = verify_parity(palace[0], palace[1], sample=sample, probes=probes).to_dict()
     else:
+        palace = palace[0]
         identity = _embedder(embedder)[1] if embedder else None
         report = verify_palace(layout_for(palace, kg), identity, against=against, sample=sample, probes=probes,
                                full=full).to_dict()
@@ -184,6 +189,34 @@ def restore(
         typer.echo(f"restored {' + '.join(r['chain'])} into {r['palace']}: "
                    + ", ".join(f"{n} {t}" for t, n in sorted(r["rows"].items()))
                    + f", {r['deleted']} deletions" + (" (dry run)" if r["dry_run"] else ""))
+
+
+@app.command()
+def sync(
+    a: str = typer.Argument(..., help="Replica A: palace dir, http://host:port, or a bundle dir (bundle:DIR)."),
+    b: str = typer.Argument(..., help="Replica B: same forms."),
+    kg_a: Optional[Path] = typer.Option(None, "--kg-a", help="KG file of A (required for a server)."),
+    kg_b: Optional[Path] = typer.Option(None, "--kg-b", help="KG file of B (required for a server)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan; write nothing."),
+    prefer: Optional[str] = typer.Option(None, "--prefer", help="Resolve every conflict for A or B."),
+    keep_both: bool = typer.Option(False, "--keep-both", help="Keep a conflict's loser under a new id."),
+    max_delete: Optional[int] = typer.Option(None, "--max-delete", help="Refuse plans deleting more "
+                                             "(default: 5% of the larger side, at least 10)."),
+    json_out: bool = JSON, lock_timeout: float = typer.Option(30.0, "--lock-timeout"),
+) -> None:
+    """Bring two replicas to the same content, deletes included, without re-embedding."""
+    from etl.sync import run_sync
+
+    if prefer is not None and prefer.lower() not in ("a", "b"):
+        raise typer.BadParameter("--prefer takes A or B")
+    r = run_sync(a, b, kg_a, kg_b, dry_run, prefer.lower() if prefer else None, keep_both, max_delete,
+                 lock_timeout).to_dict()
+    if json_out:
+        render.emit_json(r)
+    else:
+        render.sync_report(r)
+    if r["converged"] is False:
+        raise typer.Exit(EXIT_VERIFY_FAILED)
 
 
 @app.command()

@@ -76,3 +76,23 @@ def export_report(r: dict) -> None:
     typer.echo(f"{r['kind']} bundle: {where} ({what or 'no changes'}; {r['deleted']} deletions)")
     for name in r["removed_by_retention"]:
         typer.echo(f"  retention: {'would remove' if r['dry_run'] else 'removed'} {name}")
+
+
+def sync_report(r: dict) -> None:
+    typer.echo(f"sync {r['a']} <-> {r['b']}" + (" (dry run)" if r["dry_run"] else ""))
+    labels = {"to_a": "to A", "to_b": "to B", "delete_a": "delete in A", "delete_b": "delete in B",
+              "keep_both": "kept both"}
+    for key, tables in r["plan"].items():
+        if tables:
+            typer.echo(f"  {labels[key]}: " + ", ".join(f"{n} {t}" for t, n in sorted(tables.items())))
+    for c in r["conflicts"][:20]:
+        typer.echo(f"  conflict {c['table']} {c['id']}: {c['winner'].upper()} wins ({c['rule']})")
+    if len(r["conflicts"]) > 20:
+        typer.echo(f"  ... {len(r['conflicts']) - 20} more conflicts (see --json)")
+    if r["dry_run"]:
+        return
+    if r["converged"]:
+        typer.echo(f"  converged: both replicas hold the same content ({r['moved']} rows moved, {r['seconds']:.1f}s)")
+    else:
+        for t, d in r["differences"].items():
+            typer.echo(f"  still different: {d['count']} {t}, e.g. {', '.join(d['first'][:3])}")

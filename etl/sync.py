@@ -1,0 +1,236 @@
+"""``palace-etl sync A B``: make two replicas hold the same drawers, closets and KG.
+
+A three-way merge per row id, against the base both replicas agreed on at the end
+of their last sync (kept on both sides, per peer): a side that still has the base
+version takes the other side's version (a deletion included, so a deleted drawer
+never comes back); when both sides changed it is a conflict, resolved by
+last-writer-wins on the row's own timestamp with the row hash as a deterministic
+tie-break, or ``--prefer``, or ``--keep-both``. A deletion beats an edit unless
+``--prefer`` names the editing side; an invalidated triple beats an open one.
+Vectors travel with their rows. The base is saved only after both sides were
+written and found equal, so an interrupted sync re-runs to the same result.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import time
+from dataclasses import asdict, dataclass, field
+
+from .embed import check_identity
+from .errors import PalaceEtlError
+from .replicas import TABLES, State, open_replica, row_time
+
+KEEP_BOTH_SUFFIX = "__conflict_"
+
+
+@dataclass
+class SyncPlan:
+    to_a: dict[str, list[str]] = field(default_factory=lambda: {t: [] for t in TABLES})
+    to_b: dict[str, list[str]] = field(default_factory=lambda: {t: [] for t in TABLES})
+    delete_a: dict[str, list[str]] = field(default_factory=lambda: {t: [] for t in TABLES})
+    delete_b: dict[str, list[str]] = field(default_factory=lambda: {t: [] for t in TABLES})
+    keep_both: dict[str, list[tuple[str, str]]] = field(default_factory=lambda: {t: [] for t in TABLES})
+    conflicts: list[dict] = field(default_factory=list)
+    first_sync: bool = False
+
+    def counts(self) -> dict:
+        return {k: {t: len(v) for t, v in getattr(self, k).items() if v}
+                for k in ("to_a", "to_b", "delete_a", "delete_b", "keep_both")}
+
+    def moves(self) -> int:
+        return sum(len(v) for k in ("to_a", "to_b", "delete_a", "delete_b", "keep_both")
+                   for v in getattr(self, k).values())
+
+
+@dataclass
+class SyncReport:
+    a: str
+    b: str
+    dry_run: bool
+    plan: dict
+    conflicts: list
+    moved: int = 0
+    converged: bool | None = None
+    differences: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def local_deletions(known: State | None, current: State, tombstones: dict, now: str) -> dict:
+    """Tombstones plus the ids this replica held at its last sync and no longer holds."""
+    out = {t: dict(v) for t, v in tombstones.items()}
+    for t, rows in (known or {}).items():
+        for i in rows.keys() - current.get(t, {}).keys():
+            out.setdefault(t, {}).setdefault(i, now)
+    return out
+
+
+def merge_tombstones(x: dict, y: dict) -> dict:
+    out = {t: dict(v) for t, v in x.items()}
+    for t, rows in y.items():
+        for i, when in rows.items():
+            out.setdefault(t, {})[i] = max(when, out.get(t, {}).get(i, when))
+    return out
+
+
+def plan_sync(a, b, sa: State, sb: State, base: State | None, tombs: dict, prefer: str | None,
+              keep_both: bool) -> SyncPlan:
+    """What moves where. ``tombs`` are the ids deleted anywhere (with when), merged from both sides."""
+    plan = SyncPlan(first_sync=base is None)
+    undecided, revived = [], []
+    for t in TABLES:
+        A, B, X, T = sa.get(t, {}), sb.get(t, {}), (base or {}).get(t, {}), tombs.get(t, {})
+        for i in sorted(A.keys() | B.keys()):
+            ha, hb = A.get(i), B.get(i)
+            if ha == hb:
+                continue
+            if ha is None or hb is None:
+                if i in T:
+                    revived.append((t, i, "a" if hb is None else "b"))  # deleted somewhere: unless re-created since
+                else:
+                    (plan.to_a if ha is None else plan.to_b)[t].append(i)
+            elif base is not None and i in X and ha == X[i]:
+                plan.to_a[t].append(i)
+            elif base is not None and i in X and hb == X[i]:
+                plan.to_b[t].append(i)
+            else:
+                undecided.append((t, i, ha, hb))
+    _deletions(a, b, revived, tombs, plan)
+    _resolve(a, b, undecided, plan, prefer, keep_both)
+    return plan
+
+
+def _deletions(a, b, items: list, tombs: dict, plan: SyncPlan) -> None:
+    """A row one side holds and the other deleted goes, unless it was written after the deletion."""
+    for t in TABLES:
+        for side in ("a", "b"):
+            ids = [i for tt, i, s in items if tt == t and s == side]
+            if not ids:
+                continue
+            rows = _rows_by_id(a if side == "a" else b, t, ids)
+            for i in ids:
+                if i in rows and row_time(t, rows[i]) > tombs[t][i]:
+                    tombs[t].pop(i)  # re-created after the deletion: it lives, everywhere
+                    (plan.to_b if side == "a" else plan.to_a)[t].append(i)
+                else:
+                    (plan.delete_a if side == "a" else plan.delete_b)[t].append(i)
+
+
+def _rows_by_id(replica, table: str, ids: list[str]) -> dict[str, dict]:
+    return {r["id"]: r for page in replica.fetch(table, ids) for r in page}
+
+
+def _resolve(a, b, undecided: list, plan: SyncPlan, prefer: str | None, keep_both: bool) -> None:
+    """Both sides changed the same id since the last sync: pick a winner per conflict."""
+    for t in TABLES:
+        items = [(i, ha, hb) for tt, i, ha, hb in undecided if tt == t]
+        if not items:
+            continue
+        ra = _rows_by_id(a, t, [i for i, ha, _ in items if ha])
+        rb = _rows_by_id(b, t, [i for i, _, hb in items if hb])
+        for i, ha, hb in items:
+            if ha is None or hb is None:  # deleted on one side, edited on the other
+                winner = prefer or ("b" if ha is None else "a")
+                why = "prefer" if prefer else "delete beats edit"
+            elif prefer:
+                winner, why = prefer, "prefer"
+            elif t == "triples" and bool(ra[i].get("valid_to")) != bool(rb[i].get("valid_to")):
+                winner, why = ("a" if ra[i].get("valid_to") else "b"), "invalidation beats open triple"
+            else:
+                ka, kb = (row_time(t, ra[i]), ha), (row_time(t, rb[i]), hb)
+                winner, why = ("a" if ka > kb else "b"), "last writer wins"
+            plan.conflicts.append({"table": t, "id": i, "winner": winner, "rule": why})
+            if winner == "a":
+                (plan.delete_b if ha is None else plan.to_b)[t].append(i)
+            else:
+                (plan.delete_a if hb is None else plan.to_a)[t].append(i)
+            if keep_both and ha is not None and hb is not None and t in ("drawers", "closets"):
+                plan.keep_both[t].append((i, "b" if winner == "a" else "a"))
+
+
+def _apply(a, b, plan: SyncPlan) -> int:
+    # capture the losing versions kept under new ids before the winners overwrite them (conflicts are few)
+    kept: dict[str, list[dict]] = {}
+    for t, items in plan.keep_both.items():
+        for side, replica in (("a", a), ("b", b)):
+            ids = [i for i, s in items if s == side]
+            kept.setdefault(t, []).extend(dict(r, id=f"{r['id']}{KEEP_BOTH_SUFFIX}{side}")
+                                          for page in replica.fetch(t, ids) for r in page)
+    moved = 0
+    for src, dst, ids, deletes in ((a, b, plan.to_b, plan.delete_b), (b, a, plan.to_a, plan.delete_a)):
+        for t in TABLES:
+            if deletes[t]:
+                dst.apply(t, [], deletes[t])
+                moved += len(deletes[t])
+            for page in src.fetch(t, ids[t]):  # streamed: vectors travel a page at a time
+                dst.apply(t, page, [])
+                moved += len(page)
+    for t, rows in kept.items():
+        if rows:
+            a.apply(t, rows, [])
+            b.apply(t, rows, [])
+            moved += 2 * len(rows)
+    a.commit()
+    b.commit()
+    return moved
+
+
+def _differences(sa: State, sb: State) -> dict:
+    out = {}
+    for t in TABLES:
+        A, B = sa.get(t, {}), sb.get(t, {})
+        diff = sorted(i for i in A.keys() | B.keys() if A.get(i) != B.get(i))
+        if diff:
+            out[t] = {"count": len(diff), "first": diff[:10]}
+    return out
+
+
+def run_sync(spec_a: str, spec_b: str, kg_a=None, kg_b=None, dry_run: bool = False, prefer: str | None = None,
+             keep_both: bool = False, max_delete: int | None = None, lock_timeout: float = 30.0) -> SyncReport:
+    started = time.monotonic()
+    a, b = open_replica(spec_a, kg_a, lock_timeout), open_replica(spec_b, kg_b, lock_timeout)
+    if a.name == b.name:
+        raise PalaceEtlError(f"sync {spec_a} with itself: give two different replicas")
+    try:
+        ia, ib = a.identity(), b.identity()
+        if ia and ib:
+            check_identity(ia, ib)  # vectors of another model never travel
+        sa, sb = a.snapshot(), b.snapshot()
+        ssa, ssb = a.sync_state(), b.sync_state()
+        base = ssa["bases"].get(b.name) or ssb["bases"].get(a.name)
+        now = dt.datetime.now().isoformat(timespec="microseconds")  # same clock as MemPalace's filed_at
+        tombs = merge_tombstones(local_deletions(ssa["known"], sa, ssa["tombstones"], now),
+                                 local_deletions(ssb["known"], sb, ssb["tombstones"], now))
+        plan = plan_sync(a, b, sa, sb, base, tombs, prefer, keep_both)
+        deletes = sum(len(plan.delete_a[t]) + len(plan.delete_b[t]) for t in ("drawers", "closets"))
+        limit = max_delete if max_delete is not None else max(10, len(sa["drawers"]) // 20, len(sb["drawers"]) // 20)
+        if deletes > limit:
+            raise PalaceEtlError(f"sync {a.name} {b.name}: the plan deletes {deletes} drawers/closets, more than "
+                                 f"--max-delete {limit}; nothing written",
+                                 hint="check with --dry-run, then raise --max-delete if it is meant")
+        report = SyncReport(a.name, b.name, dry_run, plan.counts(), plan.conflicts)
+        if dry_run:
+            report.seconds = round(time.monotonic() - started, 3)
+            return report
+        if plan.moves():
+            if ia and not ib:
+                b.set_identity(ia)
+            elif ib and not ia:
+                a.set_identity(ib)
+            report.moved = _apply(a, b, plan)
+            sa, sb = a.snapshot(), b.snapshot()
+        report.differences = _differences(sa, sb)
+        report.converged = not report.differences
+        if report.converged:
+            for t, rows in tombs.items():  # a tombstone for a row both sides hold again is spent
+                for i in [i for i in rows if i in sa.get(t, {})]:
+                    rows.pop(i)
+            a.save_sync_state(b.name, sa, tombs)
+            b.save_sync_state(a.name, sb, tombs)
+        report.seconds = round(time.monotonic() - started, 3)
+        return report
+    finally:
+        a.close()
+        b.close()

@@ -1,0 +1,87 @@
+"""Every command the README shows is run here (the two setup commands are run by .ci/run)."""
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .helpers import REPO, SAMPLE, cli_json
+
+README = (REPO / "README.md").read_text()
+BIN = str(Path(sys.executable).parent) + "/"
+
+
+def blocks(lang: str) -> list[str]:
+    return re.findall(rf"```{lang}\n(.*?)```", README, re.S)
+
+
+def test_readme_starts_with_the_two_setup_commands():
+    head = README.split("\n## ", 1)[0]
+    sh = blocks("sh")
+    assert len(re.findall(r"```sh\n", head)) == 2 and len(sh) == 2
+    demo, tests = (b.strip() for b in sh)
+    assert "\n" not in demo and "\n" not in tests
+    assert "sample_data/" in demo and "verify" in demo
+    assert "pytest" in tests and ".[test]" in tests
+    ci = (REPO / ".ci" / "run").read_text()
+    assert "README.md" in ci  # .ci/run takes both commands from this file
+
+
+def test_crontab_line(tmp_path):
+    (line,) = [b.strip() for b in blocks("text") if b.startswith("30 3 * * *")]
+    command = line.split(" ", 5)[5]
+    palace, backups, log = tmp_path / "palace", tmp_path / "backups", tmp_path / "verify.json"
+    cli_json("import", "mcp-memory", SAMPLE, "--palace", palace)
+    command = (command.replace("/opt/palace-etl/.venv/bin/", BIN).replace("/srv/palace", str(palace))
+               .replace("/backups/palace", str(backups)).replace("/var/log/palace-verify.json", str(log)))
+    for _ in range(2):
+        subprocess.run(["bash", "-c", command], check=True, timeout=300)
+    bundles = sorted(backups.glob("palace-*"))
+    assert [b.name.rsplit("-", 1)[1] for b in bundles] == ["full", "incr"]
+    assert '"ok": true' in log.read_text()
+
+
+def test_server_mode_block(tmp_path):
+    (block,) = [b for b in blocks("text") if b.startswith("chroma run")]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    memory = tmp_path / "memory.jsonl"
+    memory.write_bytes(SAMPLE.read_bytes())
+    lines = [l.replace("8000", port).replace("/srv/palace", str(tmp_path / "srv")) for l in block.strip().splitlines()]
+    server = subprocess.Popen([BIN + lines[0].split()[0], *lines[0].split()[1:]], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        import httpx
+
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/api/v2/heartbeat", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+        for line in lines[1:]:
+            proc = subprocess.run(["bash", "-c", BIN + line], cwd=tmp_path, capture_output=True, text=True,
+                                  timeout=300)
+            assert proc.returncode == 0, proc.stderr
+        assert "363 drawers" in proc.stdout
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_sync_block(tmp_path):
+    (block,) = [b for b in blocks("text") if b.startswith("palace-etl sync")]
+    home_palace, shared = tmp_path / "laptop-palace", tmp_path / "shared"
+    cli_json("import", "mcp-memory", SAMPLE, "--palace", home_palace)
+    for line in block.strip().splitlines():
+        line = line.replace("~/.mempalace/palace", str(home_palace)).replace("/mnt/shared/palace-sync", str(shared))
+        proc = subprocess.run(["bash", "-c", BIN + line], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+    assert "no problems found" in proc.stderr
+    assert len(list(shared.glob("palace-*"))) == 1

@@ -1,0 +1,230 @@
+"""Cross-machine sync: replicas converge, deletes included, nothing re-embedded."""
+from __future__ import annotations
+
+import json
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from etl.replicas import open_replica
+from etl.sync import run_sync
+from palace.kg import KnowledgeGraph
+from etl.embed import EmbedderIdentity
+from palace.layout import layout_for, write_sidecar
+from palace.vectors import VectorStore
+
+from .helpers import SAMPLE, cli_json, run_cli
+
+
+def unit(n: int, seed: int) -> np.ndarray:
+    v = np.random.default_rng(seed).standard_normal((n, 384)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def state(spec: str, kg: Path | None = None) -> dict:
+    r = open_replica(spec, kg)
+    try:
+        return r.snapshot()
+    finally:
+        r.close()
+
+
+def edit(spec: str, kg: Path | None, rng: random.Random, tag: str, embed) -> None:
+    """Random adds, edits and deletes of drawers and triples on one replica (real MiniLM vectors)."""
+    layout = layout_for(spec, kg)
+    ids = sorted(state(spec, kg)["drawers"])
+    store = VectorStore(layout)
+    new = [f"drawer_{tag}_{k}" for k in range(rng.randint(3, 8))]
+    docs = [f"{tag} added {k}" for k in range(len(new))]
+    store.upsert(new, docs,
+                 [{"wing": "sync", "room": tag, "last_modified": f"2026-11-24T0{k}:00:00"} for k in range(len(new))],
+                 embed(docs))
+    changed = rng.sample(ids, min(3, len(ids)))
+    docs = [f"{tag} edited {i}" for i in changed]
+    store.upsert(changed, docs, [{"wing": "sync", "room": tag, "last_modified": "2026-11-24T12:00:00"}] * len(changed),
+                 embed(docs))
+    gone = rng.sample(sorted(set(ids) - set(changed)), min(2, len(ids)))
+    store.delete(gone)
+    store.close()
+    with KnowledgeGraph(layout.kg_path) as g:
+        g.write_batch([], [(f"t_{tag}", f"{tag} node", "syncs_with", "palace", None, None, 1.0, None, None, "t")])
+
+
+def converged(*replicas: tuple[str, Path | None]) -> bool:
+    states = [state(s, k) for s, k in replicas]
+    return all(st == states[0] for st in states[1:])
+
+
+def test_three_replicas_converge_and_nothing_is_re_embedded(tmp_path, chroma_server, monkeypatch, embedder):
+    import etl.embed
+
+    embed = embedder.embed  # the edits' own vectors are made before sync is forbidden to embed
+
+    def no_embedding(*a, **k):
+        raise AssertionError("sync must never build an embedder")
+
+    monkeypatch.setattr(etl.embed.MiniLMEmbedder, "__init__", no_embedding)
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    c, kg_c = chroma_server, tmp_path / "c-kg" / "knowledge_graph.sqlite3"
+    cli_json("import", "mcp-memory", SAMPLE, "--palace", a)
+    reps = [(a, None), (b, None), (c, kg_c)]
+    rng = random.Random(7)
+    first = run_sync(a, b)
+    assert first.converged and first.plan["to_b"]["drawers"] == 363
+    assert run_sync(b, c, kg_b=kg_c).converged
+    for rnd in range(3):
+        for k, (spec, kg) in enumerate(reps):
+            edit(spec, kg, rng, f"r{rnd}x{k}", embed)
+        order = [(0, 1), (1, 2), (2, 0), (0, 1)] if rnd % 2 == 0 else [(2, 1), (1, 0), (0, 2), (2, 1)]
+        for i, j in order:
+            r = run_sync(reps[i][0], reps[j][0], kg_a=reps[i][1], kg_b=reps[j][1], max_delete=100)
+            assert r.converged, r.differences
+        assert converged(*reps)
+    deleted = [i for i in state(a)["drawers"]]  # no deleted drawer came back anywhere
+    assert len(deleted) == len(set(deleted))
+    for spec, kg in reps[:2]:
+        run_cli("verify", "--palace", spec)
+    # a second sync with no changes moves nothing
+    again = run_sync(a, b)
+    assert again.moved == 0 and again.plan == {k: {} for k in again.plan} and again.converged
+
+
+def test_deleted_drawer_never_comes_back(tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    cli_json("import", "mcp-memory", SAMPLE, "--palace", a)
+    run_sync(a, b)
+    victim = sorted(state(a)["drawers"])[0]
+    store = VectorStore(layout_for(a))
+    store.delete([victim])
+    store.close()
+    r = run_sync(b, a)  # direction does not matter: b is now the first replica
+    assert r.plan["delete_a"] == {"drawers": 1} and r.converged
+    assert victim not in state(b)["drawers"]
+    assert victim not in state(a)["drawers"]
+
+
+def test_conflicts_last_writer_wins_prefer_and_keep_both(tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    store_a, store_b = VectorStore(layout_for(a)), VectorStore(layout_for(b))
+    store_a.upsert(["x", "y", "z"], ["x0", "y0", "z0"], [{"last_modified": "2026-01-01"}] * 3, unit(3, 1))
+    store_a.close()
+    run_sync(a, b)
+    for store, side, stamp in ((store_a, "a", "2026-05-01"), (store_b, "b", "2026-06-01")):
+        store.upsert(["x", "y", "z"], [f"x {side}", f"y {side}", f"z {side}"], [{"last_modified": stamp}] * 3,
+                     unit(3, ord(side)))
+        store.close()
+    plan = cli_json("sync", a, b, "--dry-run")
+    assert {c["id"]: (c["winner"], c["rule"]) for c in plan["conflicts"]} == {
+        "x": ("b", "last writer wins"), "y": ("b", "last writer wins"), "z": ("b", "last writer wins")}
+    assert state(a)["drawers"] != state(b)["drawers"]  # the dry run wrote nothing
+    r = cli_json("sync", a, b, "--keep-both")
+    assert r["converged"] and r["plan"]["keep_both"] == {"drawers": 3}
+    docs = VectorStore(layout_for(a)).get(["x", "x__conflict_a"], include=("documents",))["documents"]
+    assert sorted(docs) == ["x a", "x b"]
+    store_a.upsert(["y"], ["y from a again"], [{"last_modified": "2025-01-01"}], unit(1, 9))
+    store_a.close()
+    store_b.upsert(["y"], ["y from b again"], [{"last_modified": "2027-01-01"}], unit(1, 8))
+    store_b.close()
+    r = cli_json("sync", a, b, "--prefer", "A")
+    assert r["conflicts"][0]["rule"] == "prefer" and r["converged"]
+    assert VectorStore(layout_for(b)).get(["y"], include=("documents",))["documents"] == ["y from a again"]
+
+
+def test_invalidation_beats_open_triple(tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    cli_json("import", "mcp-memory", SAMPLE, "--palace", a)
+    run_sync(a, b)
+    tid = KnowledgeGraph(tmp_path / "a" / "knowledge_graph.sqlite3").query("SELECT id FROM triples LIMIT 1")[0][0]
+    with KnowledgeGraph(tmp_path / "a" / "knowledge_graph.sqlite3") as kg:
+        kg.execute_write("UPDATE triples SET valid_to='2026-11-01', extracted_at='2020-01-01' WHERE id=?", (tid,))
+    with KnowledgeGraph(tmp_path / "b" / "knowledge_graph.sqlite3") as kg:
+        kg.execute_write("UPDATE triples SET confidence=0.5, extracted_at='2030-01-01' WHERE id=?", (tid,))
+    r = run_sync(a, b)
+    assert r.conflicts == [{"table": "triples", "id": tid, "winner": "a", "rule": "invalidation beats open triple"}]
+    with KnowledgeGraph(tmp_path / "b" / "knowledge_graph.sqlite3") as kg:
+        assert kg.query("SELECT valid_to FROM triples WHERE id=?", (tid,)) == [("2026-11-01",)]
+
+
+def test_max_delete_refuses_big_deletions(tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    cli_json("import", "mcp-memory", SAMPLE, "--palace", a)
+    run_sync(a, b)
+    store = VectorStore(layout_for(a))
+    store.delete(sorted(state(a)["drawers"])[:50])
+    store.close()
+    proc = run_cli("sync", a, b, check=1)
+    assert "--max-delete" in proc.stderr and len(state(b)["drawers"]) == 363
+    assert cli_json("sync", a, b, "--max-delete", "50")["converged"]
+
+
+def test_bundle_directory_replica(tmp_path):
+    a, shared, c = str(tmp_path / "a"), tmp_path / "shared-disk", str(tmp_path / "c")
+    cli_json("import", "mcp-memory", SAMPLE, "--palace", a)
+    assert run_sync(a, f"bundle:{shared}").converged
+    assert run_sync(f"bundle:{shared}", c).converged  # another machine pulls from the shared disk
+    store = VectorStore(layout_for(c))
+    store.upsert(["drawer_from_c"], ["written on machine c"], [{"wing": "c", "room": "r"}], unit(1, 3))
+    store.delete([sorted(state(c)["drawers"])[0]])
+    store.close()
+    assert run_sync(c, str(shared)).converged  # detected as a bundle dir
+    assert run_sync(str(shared), a).converged
+    assert converged((a, None), (c, None), (f"bundle:{shared}", None))
+    run_cli("verify", "--bundle", sorted(shared.glob("palace-*"))[-1])
+    run_cli("verify", "--palace", a)
+
+
+def test_sigkill_during_sync_then_rerun(tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    store = VectorStore(layout_for(a))
+    n = 6000
+    for s in range(0, n, 2000):
+        store.upsert([f"d{i}" for i in range(s, s + 2000)], [f"memory {i}" for i in range(s, s + 2000)],
+                     [{"wing": "w", "room": "r"}] * 2000, unit(2000, s))
+    store.close()
+    write_sidecar(Path(a), EmbedderIdentity("random-test-vectors", 384))  # sync carries it to b
+    proc = subprocess.Popen([sys.executable, "-m", "etl.cli", "sync", a, b], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+
+    def copied() -> int:
+        try:
+            return len(state(b)["drawers"])
+        except sqlite3.OperationalError:  # Chroma is still creating b's schema
+            return 0
+
+    while copied() < 1000:
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert 0 < len(state(b)["drawers"]) < n
+    r = cli_json("sync", a, b)
+    assert r["converged"] and len(state(b)["drawers"]) == n
+    assert cli_json("sync", a, b)["moved"] == 0
+    run_cli("verify", "--palace", b)
+
+
+def test_verify_parity_of_two_replicas(tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    cli_json("import", "mcp-memory", SAMPLE, "--palace", a)
+    run_sync(a, b)
+    assert "no problems found" in run_cli("verify", "--palace", a, "--palace", b).stderr
+    ids = sorted(state(b)["drawers"])
+    store = VectorStore(layout_for(b))
+    got = store.get(ids[:2], include=("documents", "metadatas"))
+    # same document and metadata, another vector: invisible to row hashes, caught by vector parity
+    store.upsert(got["ids"], got["documents"], got["metadatas"], unit(2, 99))
+    store.delete(ids[5:8])
+    store.close()
+    report = json.loads(run_cli("verify", "--palace", a, "--palace", b, "--probes", "1000", "--json", check=4).stdout)
+    codes = {f["code"]: f for f in report["findings"]}
+    assert "3 drawers only in" in codes["replica_missing"]["message"]
+    assert codes["vector_mismatch"]["message"].startswith("2 of ")
+    assert codes["replica_missing"]["remedy"] == f"palace-etl sync {a} {b}"
