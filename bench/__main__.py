@@ -50,7 +50,7 @@ def row(name, ours, base, ratio, target, ok, rss, note=""):
 
 def run(size: int, chroma_texts: int, kg_triples: int, work: Path, skip: set[str]) -> list[dict]:
     rows = []
-    wl = generate(work / "workload", size)
+    generate(work / "workload", size)
     docs = str(work / "docs.json")
     measure("documents", workload=str(work / "workload"), out=docs)
 

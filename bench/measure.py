@@ -102,7 +102,9 @@ def migrate(workload: str, palace: str) -> dict:
     from palace.layout import layout_for
 
     emb = {}
-    factory = lambda: emb.setdefault("e", MiniLMEmbedder())  # one model load for the whole migration
+
+    def factory():  # one model load for the whole migration
+        return emb.setdefault("e", MiniLMEmbedder())
     t = time.perf_counter()
     totals = {"drawers_written": 0, "drawers_unchanged": 0, "kg_rows_written": 0, "vectors_embedded": 0}
     for f in sorted(Path(workload).glob("mcp-*.jsonl")):

@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable
 
 import numpy as np
 import orjson
@@ -35,7 +34,7 @@ from .embed import Embedder, EmbedderIdentity, check_identity
 from .errors import SourceMissing
 from .ids import ID_RECIPE
 from .runs import Ledger, Quarantine, make_run_id, source_fingerprint
-from .schema import DRAWERS, ENTITIES, TRIPLES, embedding_identity, validate_batch
+from .schema import DRAWERS, ENTITIES, embedding_identity, validate_batch
 
 NORMALIZE_VERSION = 2  # mempalace.palace.NORMALIZE_VERSION
 # metadata keys whose change alone does not make a drawer "changed"
@@ -139,7 +138,7 @@ class Loader:
         palace_exists = self.layout.is_server or (Path(self.layout.location) / CHROMA_DB).exists()
         ledger = None if self.dry_run else Ledger(self.layout.state_dir)
         quarantine = Quarantine(None if self.dry_run else self.layout.state_dir / "quarantine" / f"{run_id}.jsonl")
-        resume_after = -1
+        resume_after, started_run = -1, False
         try:
             if not self.dry_run or palace_exists:
                 self._open(create=not self.dry_run)
@@ -147,6 +146,7 @@ class Loader:
                 if quarantine.path and quarantine.path.exists():
                     quarantine.path.unlink()  # this run re-parses the source from the start
                 resume_after = ledger.start(run_id, importer.name, source.resolve(), fingerprint, options.to_dict())
+                started_run = True
             seen: set[str] = set()
             bar = tqdm(desc=f"import {importer.name}", unit=" drawers", disable=not self.progress, leave=False)
             self._pipeline(enumerate(importer.batches(source, options, quarantine)), resume_after, seen, report,
@@ -160,7 +160,7 @@ class Loader:
                 ledger.finish(run_id, "complete", report.to_dict())
             return report
         except BaseException:
-            if ledger is not None:
+            if started_run:  # a run that never reached the ledger (locked, refused) leaves it as it was
                 ledger.finish(run_id, "interrupted", report.to_dict())
             raise
         finally:

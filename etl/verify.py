@@ -24,6 +24,7 @@ from palace.vectors import VectorStore
 
 from .embed import MINILM, Embedder, EmbedderIdentity, MiniLMEmbedder
 from .errors import ModelNotInstalled, PalaceEtlError, SourceMissing
+from .ids import content_sha256
 from .runs import Ledger, Quarantine
 from .schema import DRAWERS, TRIPLES, batch_kind
 
@@ -86,6 +87,7 @@ class _Facts:
     metadata: dict
     dimension: int | None
     ids: list[str]
+    log: dict | None = None  # vector index vs SQLite bookkeeping (local palaces)
 
 
 def _local_facts(layout: PalaceLayout) -> _Facts | None:
@@ -96,7 +98,7 @@ def _local_facts(layout: PalaceLayout) -> _Facts | None:
             return None
         (dim,) = conn.execute("SELECT dimension FROM collections WHERE name='mempalace_drawers'").fetchone()
         ids = [r[0] for r in conn.execute("SELECT embedding_id FROM embeddings WHERE segment_id = ?", (seg,))]
-        return _Facts(len(ids), chroma_sqlite.collection_metadata(conn), dim, ids)
+        return _Facts(len(ids), chroma_sqlite.collection_metadata(conn), dim, ids, chroma_sqlite.log_coverage(conn))
 
 
 def _server_facts(store: VectorStore) -> _Facts | None:
@@ -123,7 +125,10 @@ def verify_palace(layout: PalaceLayout, embedder: EmbedderIdentity | None = None
     else:
         if not chroma_sqlite.palace_db(layout.path).exists():
             raise SourceMissing(f"verify palace {layout.path}: no chroma.sqlite3 there")
-        _check_chroma_sqlite(layout, report, full)
+        if not _check_chroma_sqlite(layout, report, full):
+            report.not_checked.append("everything that reads chroma.sqlite3 (it is damaged)")
+            _check_kg(layout, report, full)
+            return report
     _check_kg(layout, report, full)
     _check_ledger(layout, report)
     store = VectorStore(layout)
@@ -144,12 +149,13 @@ def verify_palace(layout: PalaceLayout, embedder: EmbedderIdentity | None = None
     return report
 
 
-def _check_chroma_sqlite(layout: PalaceLayout, report: VerifyReport, full: bool) -> None:
+def _check_chroma_sqlite(layout: PalaceLayout, report: VerifyReport, full: bool) -> bool:
     db = chroma_sqlite.palace_db(layout.path)
     problems = chroma_sqlite.quick_check(db, full)
     if problems:
         report.add("error", "sqlite_corrupt", f"{db}: {'; '.join(problems[:5])}",
-                   f"mempalace --palace {layout.location} repair --mode from-sqlite")
+                   f"restore the newest bundle: palace-etl restore BUNDLE --palace {layout.location} --force")
+    return not problems
 
 
 def _check_structure(layout: PalaceLayout, embedder: EmbedderIdentity | None, facts: _Facts,
@@ -168,6 +174,15 @@ def _check_structure(layout: PalaceLayout, embedder: EmbedderIdentity | None, fa
     elif embedder is not None and recorded.model_name != embedder.model_name:
         report.add("error", "embedder_mismatch", f"sidecar records {recorded}, vectors here are {embedder}",
                    f"mempalace --palace {where} repair rebuild-index")
+    log = facts.log
+    if log and log["vector_seq"] < log["metadata_seq"] and (
+            log["log_min"] is None or log["log_min"] > log["vector_seq"] + 1 or log["log_max"] < log["metadata_seq"]):
+        report.add("error", "hnsw_behind_sqlite", f"the vector index persisted up to log entry {log['vector_seq']}, "
+                   f"SQLite rows go to {log['metadata_seq']}, and the log that would replay the gap is gone "
+                   f"(it holds {log['log_min']}..{log['log_max']}): vectors are missing",
+                   f"mempalace --palace {where} repair rebuild-index")
+    elif layout.is_server:
+        report.not_checked.append("vector index vs SQLite bookkeeping (server palace)")
     if facts.dimension and recorded and recorded.dimension and facts.dimension != recorded.dimension:
         report.add("error", "dimension_mismatch", f"collection vectors are {facts.dimension}-d, sidecar says "
                    f"{recorded.dimension}", f"mempalace --palace {where} repair rebuild-index")
@@ -218,14 +233,15 @@ def _check_parity(layout: PalaceLayout, store: VectorStore, against: tuple[str, 
             if kind_ == DRAWERS:
                 rows = [r for r in batch.select(["id", "wing", "room", "content_sha256"]).to_pylist()
                         if in_sample(r["id"], spec)]
-                got = store.get([r["id"] for r in rows], include=("metadatas",))
-                have = dict(zip(got["ids"], got["metadatas"]))
+                got = store.get([r["id"] for r in rows], include=("metadatas", "documents"))
+                have = {i: (d, m or {}) for i, d, m in zip(got["ids"], got["documents"], got["metadatas"])}
                 for r in rows:
                     checked += 1
-                    m = have.get(r["id"])
-                    if m is None:
+                    if r["id"] not in have:
                         missing.append(r["id"])
-                    elif (m.get("content_sha256"), m.get("wing"), m.get("room")) != (
+                        continue
+                    doc, m = have[r["id"]]  # hash the stored text itself, not the hash in its metadata
+                    if (content_sha256(doc or ""), m.get("wing"), m.get("room")) != (
                             r["content_sha256"], r["wing"], r["room"]):
                         changed.append(r["id"])
             elif kind_ == TRIPLES:

@@ -28,13 +28,13 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from etl.errors import PalaceLocked, SourceMissing
+from etl.errors import PalaceEtlError, PalaceLocked, SourceMissing
 from palace import chroma_sqlite
 from palace.kg import KnowledgeGraph
 from palace.layout import CLOSETS_COLLECTION, DRAWERS_COLLECTION, SIDECAR, PalaceLayout, read_sidecar
 from palace.vectors import VectorStore
 
-from .manifest import MANIFEST, BundleError, Manifest, check_files, sha256_file
+from .manifest import MANIFEST, BundleError, Manifest, sha256_file
 
 PAGE = 1000
 COLLECTIONS = {"drawers": DRAWERS_COLLECTION, "closets": CLOSETS_COLLECTION}
@@ -64,6 +64,43 @@ class ExportReport:
 
 
 # --------------------------------------------------------------------- snapshot
+def palace_state(layout: PalaceLayout) -> dict[str, dict[str, tuple[str, int]]]:
+    """{table: {id: (row hash, order)}} of every collection and KG table of a palace or server."""
+    return _server_snapshot(layout) if layout.is_server else _snapshot(layout)
+
+
+def _server_snapshot(layout: PalaceLayout) -> dict[str, dict[str, tuple[str, int]]]:
+    """A server has no SQLite file to read: page its API (documents and metadata, no vectors)."""
+    state: dict[str, dict[str, tuple[str, int]]] = {}
+    for table, name in COLLECTIONS.items():
+        state[table] = {}
+        store = VectorStore(layout, collection=name)
+        try:
+            col = store.reading()
+        except PalaceEtlError:
+            continue  # no such collection on the server
+        try:
+            n = col.count()
+            for off in range(0, n, 5000):
+                got = col.get(include=["documents", "metadatas"], limit=5000, offset=off)
+                for k, (i, d, m) in enumerate(zip(got["ids"], got["documents"], got["metadatas"])):
+                    state[table][i] = (row_hash(d, m or {}), off + k)
+        finally:
+            store.close()
+    state.update(_kg_state(layout))
+    return state
+
+
+def _kg_state(layout: PalaceLayout) -> dict[str, dict[str, tuple[str, int]]]:
+    state: dict[str, dict[str, tuple[str, int]]] = {t: {} for t in KG_TABLES}
+    if layout.kg_path.exists():
+        with KnowledgeGraph(layout.kg_path) as kg:
+            for table in KG_TABLES:
+                for rowid, row in kg_rows(kg, table):
+                    state[table][row["id"]] = (kg_row_hash(row), rowid)
+    return state
+
+
 def _snapshot(layout: PalaceLayout) -> dict[str, dict[str, tuple[str, int]]]:
     """{table: {id: (row hash, rowid)}} for every collection and KG table, read without a client."""
     state: dict[str, dict[str, tuple[str, int]]] = {}
@@ -79,13 +116,7 @@ def _snapshot(layout: PalaceLayout) -> dict[str, dict[str, tuple[str, int]]]:
                 for rowid, eid, doc, meta in rows:
                     state[table][eid] = (row_hash(doc, meta), rowid)
                 after = rows[-1][0]
-    for table in KG_TABLES:
-        state[table] = {}
-    if layout.kg_path.exists():
-        with KnowledgeGraph(layout.kg_path) as kg:
-            for table in KG_TABLES:
-                for rowid, row in kg_rows(kg, table):
-                    state[table][row["id"]] = (kg_row_hash(row), rowid)
+    state.update(_kg_state(layout))
     return state
 
 
@@ -183,11 +214,11 @@ class _Guard:
         self.f.close()
 
 
-def fetch_rows(store: VectorStore, ids: list[str]) -> Iterator[list[dict]]:
+def fetch_rows(store: VectorStore, ids: list[str], page: int = PAGE) -> Iterator[list[dict]]:
     """Pages of collection rows ``{id, document, metadata, embedding}``, one palace-lock hold per page."""
-    for s in range(0, len(ids), PAGE):
+    for s in range(0, len(ids), page):
         with store.writing(create=False) as col:  # writers get in between pages
-            got = col.get(ids=ids[s:s + PAGE], include=["documents", "metadatas", "embeddings"])
+            got = col.get(ids=ids[s:s + page], include=["documents", "metadatas", "embeddings"])
         yield [{"id": i, "document": d, "metadata": m or {}, "embedding": e}
                for i, d, m, e in zip(got["ids"], got["documents"], got["metadatas"], got["embeddings"])]
 
@@ -208,7 +239,18 @@ def _write_table(path: Path, schema: pa.Schema, batches) -> int:
     return n
 
 
-def _dimension(layout: PalaceLayout, collection: str) -> int | None:
+def _dimension(layout: PalaceLayout, collection: str) -> tuple[int | None, dict]:
+    """(vector dimension, collection metadata) of a collection; (None, {}) when it does not exist."""
+    if layout.is_server:
+        store = VectorStore(layout, collection=collection)
+        try:
+            col = store.reading()
+            first = col.get(limit=1, include=["embeddings"])["embeddings"]
+            return (len(first[0]) if len(first) else None), dict(col.metadata or {})
+        except PalaceEtlError:
+            return None, {}
+        finally:
+            store.close()
     with chroma_sqlite.open_ro(chroma_sqlite.palace_db(layout.path)) as conn:
         row = conn.execute("SELECT dimension FROM collections WHERE name = ?", (collection,)).fetchone()
         meta = chroma_sqlite.collection_metadata(conn, collection)
@@ -217,9 +259,7 @@ def _dimension(layout: PalaceLayout, collection: str) -> int | None:
 
 def export_bundle(layout: PalaceLayout, out: Path, incremental: bool = False, full_every: int = 7,
                   dry_run: bool = False, lock_timeout: float = 30.0) -> ExportReport:
-    if layout.is_server:
-        raise BundleError("export a server palace: not supported yet; export its directory on the server host")
-    if not chroma_sqlite.palace_db(layout.path).exists():
+    if not layout.is_server and not chroma_sqlite.palace_db(layout.path).exists():
         raise SourceMissing(f"export palace {layout.path}: no chroma.sqlite3 there")
     out = Path(out)
     _safe_dir(out)
@@ -227,7 +267,7 @@ def export_bundle(layout: PalaceLayout, out: Path, incremental: bool = False, fu
         prev = list_bundles(out)[-1] if incremental and list_bundles(out) else None
         if prev is not None and len(chain(prev)) >= full_every:
             prev = None  # a full bundle every N incrementals
-        state = _snapshot(layout)
+        state = palace_state(layout)
         old = _previous_state(prev) if prev else {}
         changed = {t: sorted((i for i, (h, _) in rows.items() if old.get(t, {}).get(i) != h),
                              key=lambda i: rows[i][1]) for t, rows in state.items()}
@@ -245,8 +285,8 @@ def export_bundle(layout: PalaceLayout, out: Path, incremental: bool = False, fu
         try:
             files = _write_bundle(layout, tmp, state, changed, gone, lock_timeout)
             collections = {t: _dimension(layout, n)[1] for t, n in COLLECTIONS.items()}
-            ident = read_sidecar(layout.path)
-            m = Manifest(name=name, kind=kind, created_at=now.isoformat(), palace=str(layout.path),
+            ident = read_sidecar(layout.sidecar_dir)
+            m = Manifest(name=name, kind=kind, created_at=now.isoformat(), palace=layout.location,
                          embedder={"model_name": ident.model_name, "dimension": ident.dimension} if ident else None,
                          collections=collections, counts=report.counts | {"tombstones": len(gone)},
                          totals=report.totals, files=files, previous=prev.name if prev else None,
@@ -313,7 +353,7 @@ def _write_bundle(layout, tmp: Path, state, changed, gone, lock_timeout) -> dict
             with KnowledgeGraph(layout.kg_path) as g:
                 kg = {t: [row for _, row in kg_rows(g, t, set(changed[t]))] for t in KG_TABLES if changed[t]}
         flat = {t: {i: h for i, (h, _) in rows.items()} for t, rows in state.items()}
-        return write_tables(tmp, collections, kg, gone, flat, layout.path / SIDECAR)
+        return write_tables(tmp, collections, kg, gone, flat, layout.sidecar_dir / SIDECAR)
     finally:
         for store in stores.values():
             store.close()

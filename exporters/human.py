@@ -15,11 +15,23 @@ import orjson
 from etl.errors import SourceMissing
 from palace import chroma_sqlite
 from palace.layout import DRAWERS_COLLECTION, PalaceLayout
+from palace.vectors import VectorStore
 
 from .bundle import PAGE, _safe_dir
 
 
 def _rows(layout: PalaceLayout):
+    if layout.is_server:  # no SQLite file to read: page the server's API
+        store = VectorStore(layout)
+        try:
+            col = store.reading()
+            for off in range(0, col.count(), 5000):
+                got = col.get(include=["documents", "metadatas"], limit=5000, offset=off)
+                for i, d, m in zip(got["ids"], got["documents"], got["metadatas"]):
+                    yield off, i, d, m or {}
+        finally:
+            store.close()
+        return
     with chroma_sqlite.open_ro(chroma_sqlite.palace_db(layout.path)) as conn:
         seg = chroma_sqlite.segments(conn, DRAWERS_COLLECTION).get("METADATA")
         after = 0
@@ -35,7 +47,7 @@ def _room_file(root: Path, wing: str, room: str, suffix: str) -> Path:
 
 
 def export_human(layout: PalaceLayout, out: Path, fmt: str) -> dict:
-    if not chroma_sqlite.palace_db(layout.path).exists():
+    if not layout.is_server and not chroma_sqlite.palace_db(layout.path).exists():
         raise SourceMissing(f"export palace {layout.path}: no chroma.sqlite3 there")
     out = Path(out)
     _safe_dir(out.parent)

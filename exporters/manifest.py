@@ -1,13 +1,13 @@
 """The bundle manifest: what a bundle holds and how to check it."""
 from __future__ import annotations
 
-import hashlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import orjson
 
 from etl.errors import PalaceEtlError
+from etl.ids import sha256_file
 
 BUNDLE_SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -48,14 +48,6 @@ class Manifest:
             raise BundleError(f"read bundle {bundle}: schema version {data.get('schema_version')} is not "
                               f"{BUNDLE_SCHEMA_VERSION}")
         return cls(**data)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def check_files(bundle: Path, manifest: Manifest) -> list[str]:

@@ -57,26 +57,36 @@ def verify_bundle(bundle: Path) -> list[str]:
 
 
 def _target_is_empty(layout: PalaceLayout) -> bool:
-    return not (layout.path / CHROMA_DB).exists() and not layout.kg_path.exists()
+    if layout.kg_path.exists():
+        return False
+    if not layout.is_server:
+        return not (layout.path / CHROMA_DB).exists()
+    from .bundle import _server_snapshot
+
+    return not any(_server_snapshot(layout).values())
 
 
 def restore_bundle(bundle: Path, layout: PalaceLayout, force: bool = False, dry_run: bool = False,
                    lock_timeout: float = 30.0) -> RestoreReport:
-    if layout.is_server:
-        raise PalaceEtlError("restore into a server palace: not supported yet; restore a directory")
     links = chain(Path(bundle))
     problems = verify_bundle(Path(bundle))
     if problems:
         raise BundleError("restore: the bundle is damaged, nothing written:\n  " + "\n  ".join(problems),
                           hint="restore an older bundle, or re-run the export")
-    report = RestoreReport(str(layout.path), [p.name for p in links], dry_run=dry_run)
+    report = RestoreReport(layout.location, [p.name for p in links], dry_run=dry_run)
     if not _target_is_empty(layout) and not force:
-        raise PalaceEtlError(f"restore into {layout.path}: it already holds a palace",
+        raise PalaceEtlError(f"restore into {layout.location}: it already holds a palace",
                              hint="restore into a new directory, or pass --force to replace it (kept aside)")
     if dry_run:
         for link in links:
             for table, n in Manifest.load(link).counts.items():
                 report.rows[table] = report.rows.get(table, 0) + n
+        return report
+    if layout.is_server:  # a server's data cannot be built aside and renamed: it must be empty
+        if force:
+            raise PalaceEtlError(f"restore into {layout.location}: --force cannot replace a server's palace",
+                                 hint="start an empty chroma server (and an empty --kg) and restore into it")
+        _build(links, layout, report, lock_timeout)
         return report
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     work = layout.path.with_name(f".{layout.path.name}.restoring-{stamp}")
@@ -142,7 +152,8 @@ def _build(links: list[Path], layout: PalaceLayout, report: RestoreReport, lock_
                     kg._write(lambda c: c.executemany(f"DELETE FROM {table} WHERE id = ?", [(i,) for i in ids]))
         sidecar = links[-1] / "sidecars" / SIDECAR
         if sidecar.exists():
-            shutil.copy2(sidecar, layout.path / SIDECAR)
+            layout.sidecar_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(sidecar, layout.sidecar_dir / SIDECAR)
     finally:
         for s in stores.values():
             s.close()

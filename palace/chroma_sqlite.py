@@ -71,8 +71,11 @@ def wing_room_counts(conn: sqlite3.Connection, collection: str = DRAWERS_COLLECT
 
 def quick_check(db: Path, full: bool = False) -> list[str]:
     """``PRAGMA quick_check`` (or ``integrity_check``); [] when the database is ok."""
-    with open_ro(db) as conn:
-        rows = [r[0] for r in conn.execute("PRAGMA integrity_check" if full else "PRAGMA quick_check")]
+    try:
+        with open_ro(db) as conn:
+            rows = [r[0] for r in conn.execute("PRAGMA integrity_check" if full else "PRAGMA quick_check")]
+    except sqlite3.DatabaseError as exc:  # too damaged to even check ("file is not a database", ...)
+        return [str(exc)]
     return [] if rows == ["ok"] else rows
 
 
@@ -107,3 +110,21 @@ def page_rows(conn: sqlite3.Connection, segment: str, after: int, limit: int) ->
         elif not key.startswith("chroma:"):
             out[-1][3][key] = _value(s, i, f, b)
     return out
+
+
+def log_coverage(conn: sqlite3.Connection, collection: str = DRAWERS_COLLECTION) -> dict | None:
+    """How far the vector index persisted, how far SQLite rows go, and what log is left to replay the gap.
+
+    Chroma persists the HNSW only every ``sync_threshold`` records; the rows after that live in
+    ``embeddings_queue`` and are replayed on open. If that tail was purged (two writers purging
+    each other's log), the index lacks vectors SQLite has, and nothing can replay them.
+    """
+    segs = segments(conn, collection)
+    if "METADATA" not in segs:
+        return None
+    seqs = dict(conn.execute("SELECT segment_id, seq_id FROM max_seq_id"))
+    (coll_id,) = conn.execute("SELECT id FROM collections WHERE name = ?", (collection,)).fetchone()
+    q_min, q_max = conn.execute("SELECT min(seq_id), max(seq_id) FROM embeddings_queue WHERE topic LIKE ?",
+                                (f"%/{coll_id}",)).fetchone()
+    return {"vector_seq": int(seqs.get(segs.get("VECTOR"), 0) or 0), "metadata_seq": int(seqs.get(segs["METADATA"], 0) or 0),
+            "log_min": q_min, "log_max": q_max}

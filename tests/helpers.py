@@ -69,3 +69,28 @@ def kg_rows(kg: Path, table: str) -> list[tuple]:
 
     with sqlite3.connect(f"file:{kg}?mode=ro", uri=True) as c:
         return c.execute(f"SELECT * FROM {table} ORDER BY id").fetchall()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_chroma(url: str, proc: subprocess.Popen, timeout: float = 60) -> None:
+    """Block until a ``chroma run`` server answers its heartbeat (or fail if it died or took too long)."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"{url}/api/v2/heartbeat", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert proc.poll() is None and time.monotonic() < deadline, "chroma run did not come up"
+        time.sleep(0.2)

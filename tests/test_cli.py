@@ -1,6 +1,5 @@
 """CLI conventions: --json, exit codes, sources, status, verify findings."""
 import json
-import shutil
 import sqlite3
 
 from .helpers import CORPUS, cli_json, run_cli

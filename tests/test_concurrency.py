@@ -13,7 +13,6 @@ import pytest
 
 from palace.lock import UNSAFE_NO_LOCK_ENV
 
-from .helpers import BIN, cli_json, run_cli
 
 FSIZE_LIMIT = 2 << 30  # a torn HNSW index once wrote a 56 GB link_lists.bin; never let a test do that
 
@@ -73,6 +72,15 @@ def test_embedded_stress_loses_nothing(tmp_path):
     with __import__("sqlite3").connect(kg) as c:
         assert c.execute("SELECT count(*) FROM triples").fetchone()[0] == 200
         assert c.execute("SELECT count(*) FROM entities WHERE type='stress'").fetchone()[0] == 200
+
+
+@pytest.mark.slow
+def test_embedded_stress_large(tmp_path):
+    """The larger variant: 4 KG writers + 2 writers of 20,000 drawers each (pytest -m slow)."""
+    palace, kg = tmp_path / "p", tmp_path / "p" / "knowledge_graph.sqlite3"
+    out = stress(str(palace), kg, drawers=20000, batch=500)
+    assert_no_loss(out, 20000)
+    assert integrity(palace / "chroma.sqlite3") == "ok" and integrity(kg) == "ok"
 
 
 def test_single_process_control(tmp_path):

@@ -3,17 +3,14 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pytest
 
 from etl.embed import MINILM, EmbedderIdentity, MiniLMEmbedder, check_identity
 from etl.errors import EmbedderMismatch, ModelNotInstalled
 
-from .helpers import FIXTURES
-from .helpers import cli_json, run_cli
+from .helpers import CORPUS, FIXTURES, run_cli
 
 REF = FIXTURES / "embedder"
 
@@ -82,3 +79,46 @@ def test_identity_mismatch_is_refused():
         check_identity(MINILM, EmbedderIdentity("openai-compat", 384))
     with pytest.raises(EmbedderMismatch):
         check_identity(MINILM, EmbedderIdentity("minilm", 768))
+
+
+def test_openai_compatible_embedder_over_loopback(tmp_path, embedder):
+    """--embedder openai-compat against a real HTTP endpoint on 127.0.0.1 serving MiniLM vectors."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    served = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            assert self.path == "/v1/embeddings" and self.headers["Authorization"] == "Bearer k3y"
+            served.extend(body["input"])
+            vecs = embedder.embed(body["input"]) * 3.0  # unnormalised on purpose: the client normalises
+            data = json.dumps({"data": [{"index": i, "embedding": v.tolist()} for i, v in enumerate(vecs)]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    palace = tmp_path / "p"
+    try:
+        args = ("--embedder", "openai-compat", "--embedder-url", url, "--embedder-model", "minilm-http",
+                "--embedder-dim", "384")
+        r = json.loads(run_cli("import", "mcp-memory", CORPUS / "mcp-memory" / "memory.jsonl", "--palace", palace,
+                               *args, "--json", env={"PALACE_ETL_EMBEDDER_KEY": "k3y"}).stdout)
+        assert r["vectors_embedded"] == 47 and len(served) == 47 and r["embedder"] == "openai-compat/384"
+        assert json.loads((palace / "mempalace_embedder.json").read_text())["mempalace_drawers"] == {
+            "model_name": "openai-compat", "dimension": 384}
+        # the default embedder may not write into this palace
+        proc = run_cli("import", "mcp-memory", CORPUS / "mcp-memory" / "memory.jsonl", "--palace", palace,
+                       "--wing", "other", check=1)
+        assert "openai-compat/384" in proc.stderr
+    finally:
+        server.shutdown()

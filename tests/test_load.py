@@ -1,6 +1,5 @@
 """The loader: idempotent re-runs, resume after SIGKILL, dry runs, carried vectors, identity checks."""
 import json
-import os
 import signal
 import sqlite3
 import subprocess
@@ -8,7 +7,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import orjson
 import pyarrow as pa
 import pytest

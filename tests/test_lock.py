@@ -1,5 +1,4 @@
 """The palace writer lock interoperates with MemPalace 3.11's own lock, both ways."""
-import json
 import subprocess
 import sys
 import time
@@ -33,6 +32,7 @@ with mine_palace_lock({str(tmp_path)!r}):
 
 def test_import_waits_then_exits_11_naming_mempalace(tmp_path):
     palace = tmp_path / "p"
+    cli_json("import", "mcp-memory", MEMORY, "--palace", palace)
     holder = subprocess.Popen([sys.executable, "-c", HOLD_WITH_MEMPALACE, str(palace), "30"],
                               stdout=subprocess.PIPE, text=True)
     try:
@@ -44,6 +44,8 @@ def test_import_waits_then_exits_11_naming_mempalace(tmp_path):
     finally:
         holder.kill()
         holder.wait()
+    # the refused attempt left the earlier complete run as it was (no false "interrupted")
+    assert [r["status"] for r in cli_json("status", "--palace", palace)["runs"]] == ["complete"]
     cli_json("import", "mcp-memory", MEMORY, "--palace", palace)  # free again: it goes through
 
 

@@ -3,16 +3,14 @@ import json
 from pathlib import Path
 
 import orjson
-import pyarrow as pa
-import pytest
 
 from etl.runs import Quarantine
-from etl.schema import DRAWERS, ENTITIES, TRIPLES, batch_kind, validate_batch
+from etl.schema import DRAWERS, ENTITIES, TRIPLES, validate_batch
 from importers.base import ImportOptions
 from importers.mcp_memory import McpMemoryImporter
 
 from .helpers import CORPUS, FIXTURES, REPO
-from .helpers import cli_json, kg_rows, palace_rows, run_cli
+from .helpers import kg_rows, palace_rows, run_cli
 
 MEMORY = CORPUS / "mcp-memory" / "memory.jsonl"
 BROKEN = FIXTURES / "mcp-memory" / "broken.jsonl"
@@ -78,7 +76,9 @@ def test_read_graph_shape(tmp_path):
     got, q = collect(p)
     want, _ = collect(MEMORY)
     assert q.count == 0
-    strip = lambda rows: sorted((d["id"], d["document"]) for d in rows)
+    def strip(rows):
+        return sorted((d["id"], d["document"]) for d in rows)
+
     assert strip(got[DRAWERS]) == strip(want[DRAWERS])
     assert sorted(t["id"] for t in got[TRIPLES]) == sorted(t["id"] for t in want[TRIPLES])
 

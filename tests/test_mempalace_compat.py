@@ -3,7 +3,6 @@
 Everything runs in subprocesses against the installed ``mempalace==3.11.0`` (the
 test extra), with the isolated HOME whose model our ``model install`` provisioned.
 """
-import json
 import subprocess
 
 import pytest

@@ -2,13 +2,11 @@
 from __future__ import annotations
 
 import re
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from .helpers import REPO, SAMPLE, cli_json
+from .helpers import REPO, SAMPLE, cli_json, free_port, wait_for_chroma
 
 README = (REPO / "README.md").read_text()
 BIN = str(Path(sys.executable).parent) + "/"
@@ -46,25 +44,14 @@ def test_crontab_line(tmp_path):
 
 def test_server_mode_block(tmp_path):
     (block,) = [b for b in blocks("text") if b.startswith("chroma run")]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
+    port = str(free_port())
     memory = tmp_path / "memory.jsonl"
     memory.write_bytes(SAMPLE.read_bytes())
     lines = [l.replace("8000", port).replace("/srv/palace", str(tmp_path / "srv")) for l in block.strip().splitlines()]
     server = subprocess.Popen([BIN + lines[0].split()[0], *lines[0].split()[1:]], stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     try:
-        import httpx
-
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/api/v2/heartbeat", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                assert time.monotonic() < deadline
-                time.sleep(0.2)
+        wait_for_chroma(f"http://127.0.0.1:{port}", server)
         for line in lines[1:]:
             proc = subprocess.run(["bash", "-c", BIN + line], cwd=tmp_path, capture_output=True, text=True,
                                   timeout=300)

@@ -1,7 +1,7 @@
 """Server mode: --palace http://127.0.0.1:PORT works wherever a palace directory does."""
 import json
 
-from .helpers import cli_json, run_cli, SAMPLE
+from .helpers import SAMPLE, cli_json, free_port, run_cli
 
 
 def test_import_status_verify_against_a_chroma_server(tmp_path, chroma_server):
@@ -25,11 +25,38 @@ def test_server_palace_needs_a_kg_path(chroma_server):
 
 
 def test_unreachable_server_exits_10(tmp_path):
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     proc = run_cli("import", "mcp-memory", SAMPLE, "--palace", f"http://127.0.0.1:{port}", "--kg",
                    tmp_path / "kg.sqlite3", check=10)
     assert "no Chroma server answers" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_export_from_and_restore_into_a_server(tmp_path, chroma_server):
+    from etl.replicas import open_replica
+
+    kg = tmp_path / "kg" / "knowledge_graph.sqlite3"
+    cli_json("import", "mcp-memory", SAMPLE, "--palace", chroma_server, "--kg", kg)
+    r = cli_json("export", "--palace", chroma_server, "--kg", kg, "--out", tmp_path / "backups")
+    assert r["counts"]["drawers"] == 363 and r["counts"]["triples"] == 223
+    local = tmp_path / "restored"
+    cli_json("restore", r["bundle"], "--palace", local)
+    server_state = open_replica(chroma_server, kg).snapshot()
+    assert open_replica(str(local)).snapshot() == server_state
+    run_cli("verify", "--palace", local, "--against", "mcp-memory", SAMPLE)
+    # restoring over a server that holds a palace is refused (it cannot be set aside like a directory)
+    proc = run_cli("restore", r["bundle"], "--palace", chroma_server, "--kg", kg, check=1)
+    assert "already holds a palace" in proc.stderr and "Traceback" not in proc.stderr
+    human = cli_json("export", "--palace", chroma_server, "--kg", kg, "--out", tmp_path / "md", "--format", "markdown")
+    assert human["drawers"] == 363 and (tmp_path / "md" / "index.md").exists()
+
+
+def test_restore_into_an_empty_server(tmp_path, chroma_server):
+    from etl.replicas import open_replica
+
+    local = tmp_path / "local"
+    cli_json("import", "mcp-memory", SAMPLE, "--palace", local)
+    bundle = cli_json("export", "--palace", local, "--out", tmp_path / "b")["bundle"]
+    kg = tmp_path / "server-kg" / "knowledge_graph.sqlite3"
+    assert cli_json("restore", bundle, "--palace", chroma_server, "--kg", kg)["rows"]["drawers"] == 363
+    assert open_replica(chroma_server, kg).snapshot() == open_replica(str(local)).snapshot()
+    assert cli_json("status", "--palace", chroma_server, "--kg", kg)["embedder"] == "minilm/384"

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from etl.replicas import open_replica
 from etl.sync import run_sync
@@ -222,9 +221,13 @@ def test_verify_parity_of_two_replicas(tmp_path):
     # same document and metadata, another vector: invisible to row hashes, caught by vector parity
     store.upsert(got["ids"], got["documents"], got["metadatas"], unit(2, 99))
     store.delete(ids[5:8])
+    store.upsert(["drawer_only_in_b"], ["extra"], [{"wing": "w", "room": "r"}], unit(1, 4))
+    store.upsert([ids[9]], ["changed only in b"], [{"wing": "w", "room": "r"}], unit(1, 5))
     store.close()
     report = json.loads(run_cli("verify", "--palace", a, "--palace", b, "--probes", "1000", "--json", check=4).stdout)
     codes = {f["code"]: f for f in report["findings"]}
     assert "3 drawers only in" in codes["replica_missing"]["message"]
-    assert codes["vector_mismatch"]["message"].startswith("2 of ")
+    assert codes["vector_mismatch"]["message"].startswith("3 of ")  # two re-vectored + the changed one
+    assert "drawer_only_in_b" in codes["replica_extra"]["message"]
+    assert ids[9] in codes["replica_changed"]["message"]
     assert codes["replica_missing"]["remedy"] == f"palace-etl sync {a} {b}"

@@ -1,11 +1,18 @@
-"""verify and status detect a palace whose vector index was damaged by another tool."""
+"""verify: each finding code is produced by exactly the fault it names, in a real palace."""
 import json
 import shutil
+import sqlite3
 from pathlib import Path
 
+import numpy as np
 import orjson
+import pytest
 
-from .helpers import cli_json, run_cli
+from etl.embed import EmbedderIdentity
+from palace.layout import layout_for, write_sidecar
+from palace.vectors import VectorStore
+
+from .helpers import SAMPLE, cli_json, run_cli
 
 
 def _memory(path: Path, docs: list[str]) -> None:
@@ -36,3 +43,91 @@ def test_hnsw_of_another_palace_is_detected(tmp_path):
     assert report["totals"]["self_hit_rate"] < 0.5
     status = cli_json("status", "--palace", a, "--probes", "100")
     assert status["self_hit_rate"] < 0.5 and status["client_creations"] == 1
+
+
+@pytest.fixture
+def migrated(tmp_path) -> Path:
+    p = tmp_path / "palace"
+    cli_json("import", "mcp-memory", SAMPLE, "--palace", p)
+    return p
+
+
+def findings(palace: Path, *extra: str) -> dict:
+    proc = run_cli("verify", "--palace", palace, *extra, "--json", check=4)
+    return {f["code"]: f for f in json.loads(proc.stdout)["findings"]}
+
+
+def test_edited_document_is_reported_changed(migrated):
+    store = VectorStore(layout_for(migrated))
+    victim = store.get(store.reading().get(limit=1)["ids"], include=("metadatas",))
+    store.upsert(victim["ids"], ["someone edited this text"], victim["metadatas"], store.reading().get(
+        ids=victim["ids"], include=["embeddings"])["embeddings"])
+    store.close()
+    f = findings(migrated, "--against", "mcp-memory", str(SAMPLE))
+    assert victim["ids"][0] in f["drawer_changed"]["message"]
+
+
+def test_truncated_kg_is_reported(migrated):
+    kg = migrated / "knowledge_graph.sqlite3"
+    with open(kg, "r+b") as fh:
+        fh.truncate(2048)
+    assert "kg_corrupt" in findings(migrated)
+
+
+def test_dangling_triples_are_reported(migrated):
+    with sqlite3.connect(migrated / "knowledge_graph.sqlite3") as c:
+        (n,) = c.execute("SELECT count(*) FROM triples WHERE 'alice_chen' IN (subject, object)").fetchone()
+        c.execute("DELETE FROM entities WHERE id = 'alice_chen'")
+    assert n and f"{n} triples name entities that do not exist" in findings(migrated)["kg_dangling"]["message"]
+
+
+def test_sidecar_problems(migrated):
+    (migrated / "mempalace_embedder.json").unlink()
+    assert "embedder_unrecorded" in findings(migrated)
+    write_sidecar(migrated, EmbedderIdentity("minilm", 768))
+    assert "dimension_mismatch" in findings(migrated)
+    write_sidecar(migrated, EmbedderIdentity("embeddinggemma", 384))
+    assert "embedder_mismatch" in findings(migrated, "--embedder", "minilm")
+
+
+def test_collection_problems(tmp_path):
+    import chromadb
+
+    l2, empty = tmp_path / "l2", tmp_path / "empty"
+    client = chromadb.PersistentClient(str(l2))
+    col = client.create_collection("mempalace_drawers", metadata={"hnsw:space": "l2"}, embedding_function=None)
+    col.add(ids=["a"], documents=["x"], metadatas=[{"wing": "w", "room": "r"}], embeddings=[[0.1] * 384])
+    client.close()
+    assert "collection_not_cosine" in findings(l2)
+    client = chromadb.PersistentClient(str(empty))
+    client.create_collection("something_else", embedding_function=None)
+    client.close()
+    assert "collection_missing" in findings(empty)
+
+
+def test_corrupt_chroma_sqlite_is_reported(migrated):
+    db = migrated / "chroma.sqlite3"
+    data = bytearray(db.read_bytes())
+    page = 4096
+    for off in range(page * 2, len(data) - page, page * 3):  # scribble over a third of the pages
+        data[off + 100:off + 400] = b"\xde\xad" * 150
+    db.write_bytes(bytes(data))
+    f = findings(migrated)
+    assert "sqlite_corrupt" in f and "restore" in f["sqlite_corrupt"]["remedy"]
+
+
+def test_vector_index_behind_sqlite_is_reported(tmp_path):
+    """Two writers purge each other's log: SQLite has rows whose vectors were never persisted."""
+    palace = tmp_path / "palace"
+    store = VectorStore(layout_for(palace))
+    vecs = np.random.default_rng(3).standard_normal((1200, 384)).astype(np.float32)
+    for s in range(0, 1200, 500):  # the index persists at 1,000 records; the last 200 stay in the log
+        store.upsert([f"d{i}" for i in range(s, min(1200, s + 500))], [f"doc {i}" for i in range(s, min(1200, s + 500))],
+                     [{"wing": "w", "room": "r"}] * len(range(s, min(1200, s + 500))), vecs[s:s + 500])
+    store.close()
+    write_sidecar(palace, EmbedderIdentity("random-test-vectors", 384))
+    run_cli("verify", "--palace", palace)
+    with sqlite3.connect(palace / "chroma.sqlite3") as c:
+        c.execute("DELETE FROM embeddings_queue")  # the purge another process did
+    f = findings(palace)
+    assert "log that would replay the gap is gone" in f["hnsw_behind_sqlite"]["message"]

@@ -10,19 +10,33 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-import click
 import typer
-
-try:  # typer >= 0.26 vendors its own click; catch both generations
-    from typer._click import exceptions as _typer_click
-except ImportError:  # pragma: no cover - older typer uses click itself
-    _typer_click = click.exceptions
-_ABORTS = (click.exceptions.Abort, typer.Abort)
-_USAGE_ERRORS = (click.exceptions.ClickException, _typer_click.ClickException)
 
 from etl.errors import EXIT_CODES_HELP, EXIT_INTERRUPTED, EXIT_PARTIAL, EXIT_VERIFY_FAILED, PalaceEtlError
 
 from . import render
+
+
+def _click_errors() -> tuple[tuple, tuple]:
+    """(abort, usage) exception classes: typer >= 0.26 vendors click, older typer uses click itself."""
+    aborts, usage = [typer.Abort], []
+    try:
+        from typer._click import exceptions as vendored
+
+        usage.append(vendored.ClickException)
+    except ImportError:  # pragma: no cover - older typer
+        pass
+    try:
+        import click
+
+        aborts.append(click.exceptions.Abort)
+        usage.append(click.exceptions.ClickException)
+    except ImportError:  # pragma: no cover - click is not installed beside a vendoring typer
+        pass
+    return tuple(aborts), tuple(usage)
+
+
+_ABORTS, _USAGE_ERRORS = _click_errors()
 
 app = typer.Typer(help=f"Migrate, back up and sync MemPalace palaces.\n\n{EXIT_CODES_HELP}",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
