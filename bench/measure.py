@@ -125,6 +125,28 @@ def export_palace(palace: str, out: str) -> dict:
     return {"seconds": time.perf_counter() - t, "rows": r.counts["drawers"]}
 
 
+def build_palace(palace: str, n: int, seed: int = 5) -> dict:
+    """A palace of ``n`` drawers with realistic text and metadata and precomputed unit vectors (no embedding)."""
+    import random
+
+    from bench.generate import _text
+    from palace.layout import layout_for
+    from palace.vectors import VectorStore
+
+    r = random.Random(seed)
+    store = VectorStore(layout_for(palace), lock_timeout=300)
+    t = time.perf_counter()
+    for s in range(0, n, 5000):
+        k = min(5000, n - s)
+        v = np.random.default_rng(seed + s).standard_normal((k, 384)).astype(np.float32)
+        store.upsert([f"drawer_big_{i:07d}" for i in range(s, s + k)], [_text(r) for _ in range(k)],
+                     [{"wing": f"w{i % 15}", "room": f"r{i % 8}", "source_file": f"/data/f{i // 50}.md",
+                       "chunk_index": i % 50, "added_by": "bench", "filed_at": "2026-11-24T03:00:00"}
+                      for i in range(s, s + k)], v / np.linalg.norm(v, axis=1, keepdims=True))
+    store.close()
+    return {"seconds": time.perf_counter() - t, "rows": n}
+
+
 def get_paging_raw(palace: str) -> dict:
     """Raw chromadb: page the whole collection with get(limit, offset), vectors included."""
     import chromadb

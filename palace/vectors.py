@@ -20,9 +20,9 @@ server, which serialises writers itself; no lock, no stamps.
 """
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import os
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -115,13 +115,10 @@ class VectorStore:
             cols[self.collection_name].count()  # the first read backfills: it must run under the lock
             return client, cols
 
-        pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+        if not self.is_server:
+            self._wait_for_sqlite()
         try:
-            self._client, self._collections = pool.submit(work).result(timeout=self.open_timeout)
-        except concurrent.futures.TimeoutError:
-            raise PalaceLocked(f"open palace {self.layout.location}: chroma.sqlite3 stayed locked for "
-                               f"{self.open_timeout:g}s (another process holds a SQLite transaction on it)",
-                               hint="close sqlite3 shells or DB browsers on the palace and retry") from None
+            value = work()
         except Exception as exc:
             if self.is_server and "Could not connect" in str(exc):
                 raise SourceMissing(f"open palace {self.layout.location}: no Chroma server answers there",
@@ -130,12 +127,32 @@ class VectorStore:
                 raise PalaceEtlError(f"open palace {self.layout.location}: no collection "
                                      f"{self.collection_name!r}") from None
             raise
-        finally:
-            pool.shutdown(wait=False)
+        self._client, self._collections = value
         self.client_creations += 1
         if not self.is_server:
             self._stamp = db_stamp(self.layout.path / CHROMA_DB)
         self._last_check = time.monotonic()
+
+    def _wait_for_sqlite(self) -> None:
+        """Bound the open: ``PersistentClient()`` waits up to 1,000 s behind any other connection's lock
+        on chroma.sqlite3 (even a read), holding the GIL, so no thread can time it out. Probe first:
+        an EXCLUSIVE transaction, rolled back at once, succeeds only when nobody else holds a lock.
+        This process has no Chroma client on the file at this point (``_open`` closed it)."""
+        db = self.layout.path / CHROMA_DB
+        if not db.exists():
+            return
+        probe = sqlite3.connect(str(db), timeout=self.open_timeout, isolation_level=None)
+        try:
+            probe.execute("BEGIN EXCLUSIVE")
+            probe.execute("ROLLBACK")
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc):
+                raise
+            raise PalaceLocked(f"open palace {self.layout.location}: chroma.sqlite3 stayed locked for "
+                               f"{self.open_timeout:g}s (another process holds a SQLite transaction on it)",
+                               hint="close sqlite3 shells or DB browsers on the palace and retry") from None
+        finally:
+            probe.close()
 
     def _external_change(self) -> bool:
         return db_stamp(self.layout.path / CHROMA_DB) != self._stamp

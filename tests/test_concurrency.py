@@ -90,11 +90,24 @@ def test_single_process_control(tmp_path):
     assert out["errors"] == 0 and check["total"] == 4000 and check["misses"] <= 4
 
 
-@pytest.mark.xfail(reason="proof the stress test can fail: with the lock off, Chroma loses vectors", strict=False)
-def test_embedded_stress_without_the_lock_loses_vectors(tmp_path):
-    palace, kg = tmp_path / "p", tmp_path / "p" / "knowledge_graph.sqlite3"
-    out = stress(str(palace), kg, env={UNSAFE_NO_LOCK_ENV: "1"})
-    assert_no_loss(out, 2000)
+def four_writers(palace: Path, env: dict | None = None) -> dict | None:
+    """4 processes x 2,000 drawers in batches of 500 into one pre-created palace; the self-query check."""
+    assert result(spawn("drawers", palace, "seed", 10, 10, 99))["errors"] == 0
+    writers = [result(p) for p in [spawn("drawers", palace, f"w{i}", 2000, 500, i, env=env) for i in range(4)]]
+    assert all(w is not None and w["errors"] == 0 for w in writers), writers  # no writer ever sees an error
+    return result(spawn("self_query", palace, ",".join(f"w{i}:{i}:2000" for i in range(4))), timeout=180)
+
+
+@pytest.mark.parametrize("lock", [True, False], ids=["with-lock", "lock-off"])
+def test_the_lock_is_what_prevents_silent_loss(tmp_path, lock):
+    """The same 4-writer run: with the palace lock nothing is lost; with it switched off (a test-only
+    switch that makes our writers behave like plain PersistentClient writers) Chroma silently tears
+    the index -- the proof that the self-query check can fail."""
+    check = four_writers(tmp_path / "p", None if lock else {UNSAFE_NO_LOCK_ENV: "1"})
+    if lock:
+        assert check is not None and check["errors"] == 0 and check["misses"] <= 8, check
+    else:  # a crash, a hang, query errors or misses: every one of them is lost vectors
+        assert check is None or check["errors"] > 0 or check["misses"] > 0.01 * check["expected"], check
 
 
 def test_server_mode_stress_loses_nothing(tmp_path, chroma_server):
@@ -122,3 +135,24 @@ def test_reader_refreshes_at_most_once_per_window_and_never_for_own_writes(tmp_p
     assert result(spawn("own_writes", tmp_path / "own", 10))["client_creations"] == 1
     check = result(spawn("self_query", palace, "seed:1:200,b0:10:100,b1:11:100,b2:12:100,b3:13:100"))
     assert check["misses"] == 0 and check["total"] == 600
+
+
+def test_open_behind_a_sqlite_lock_fails_in_time_and_exits(tmp_path):
+    """PersistentClient() waits up to 1,000 s behind another connection's lock; ours gives up, and exits."""
+    import sqlite3
+
+    palace = tmp_path / "p"
+    assert result(spawn("drawers", palace, "x", 10, 10, 1))["errors"] == 0
+    blocker = sqlite3.connect(palace / "chroma.sqlite3", isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")
+    try:
+        code = ("from palace.layout import layout_for\nfrom palace.vectors import VectorStore\n"
+                f"VectorStore(layout_for({str(palace)!r}), open_timeout=2).reading()")
+        started = time.monotonic()
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                              cwd=Path(__file__).resolve().parent.parent)
+        assert time.monotonic() - started < 30  # it gave up and the process exited; it did not wait for the lock
+        assert proc.returncode != 0 and "stayed locked for 2s" in proc.stderr
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()

@@ -1,0 +1,23 @@
+"""The benchmark harness runs end to end (tiny sizes: this checks the harness, not the speed)."""
+import json
+import re
+import subprocess
+import sys
+
+from .helpers import REPO
+
+
+def test_bench_command_from_its_readme(tmp_path):
+    (command,) = re.findall(r"```text\n(python -m bench .*?)\n```", (REPO / "bench" / "README.md").read_text())
+    args = command.split()[3:]
+    sizes = {"--size": "300", "--big-export": "600"}
+    args = [sizes.get(args[i - 1], a) if i else a for i, a in enumerate(args)]
+    args += ["--chroma-texts", "20", "--kg-triples", "500", "--skip", "concurrency", "--out", str(tmp_path)]
+    proc = subprocess.run([sys.executable, "-m", "bench", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "latest.json").read_text())
+    names = [r["measurement"] for r in report["rows"]]
+    assert any(n.startswith("1. migrate 300") for n in names) and any(n.startswith("5b. export 600") for n in names)
+    assert all(r["ratio"] is None or r["ratio"] > 0 for r in report["rows"])
+    assert "| measurement |" in proc.stdout
