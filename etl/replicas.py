@@ -14,11 +14,34 @@ from typing import Iterator
 import orjson
 import pyarrow.parquet as pq
 
-from exporters.bundle import (COLLECTIONS, KG_TABLES, PAGE, _fsync_dir, _Guard, _safe_dir, chain, fetch_rows,
-                              kg_row_hash, kg_rows, list_bundles, palace_state, records_batch, row_hash, write_tables)
+from exporters.bundle import (
+    COLLECTIONS,
+    KG_TABLES,
+    PAGE,
+    _fsync_dir,
+    _Guard,
+    _safe_dir,
+    chain,
+    fetch_rows,
+    kg_row_hash,
+    kg_rows,
+    list_bundles,
+    palace_state,
+    records_batch,
+    row_hash,
+    write_tables,
+)
 from exporters.manifest import MANIFEST, Manifest
 from palace.kg import KnowledgeGraph
-from palace.layout import CHROMA_DB, SIDECAR, PalaceLayout, atomic_write, layout_for, read_sidecar, write_sidecar
+from palace.layout import (
+    CHROMA_DB,
+    SIDECAR,
+    PalaceLayout,
+    atomic_write,
+    layout_for,
+    read_sidecar,
+    write_sidecar,
+)
 from palace.vectors import VectorStore
 
 from .embed import EmbedderIdentity

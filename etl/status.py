@@ -49,7 +49,13 @@ def palace_status(layout: PalaceLayout, probes: int = 0) -> dict:
 
 
 def _probe(layout: PalaceLayout, probes: int) -> dict:
-    from .verify import _local_facts, _server_facts, probe_embedder, sample_ids, self_query
+    from .verify import (
+        _local_facts,
+        _server_facts,
+        probe_embedder,
+        sample_ids,
+        self_query,
+    )
 
     store = VectorStore(layout)
     try:

@@ -31,7 +31,13 @@ import pyarrow.parquet as pq
 from etl.errors import PalaceEtlError, PalaceLocked, SourceMissing
 from palace import chroma_sqlite
 from palace.kg import KnowledgeGraph
-from palace.layout import CLOSETS_COLLECTION, DRAWERS_COLLECTION, SIDECAR, PalaceLayout, read_sidecar
+from palace.layout import (
+    CLOSETS_COLLECTION,
+    DRAWERS_COLLECTION,
+    SIDECAR,
+    PalaceLayout,
+    read_sidecar,
+)
 from palace.vectors import VectorStore
 
 from .manifest import MANIFEST, BundleError, Manifest, sha256_file

@@ -15,7 +15,12 @@ import weakref
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from tenacity import retry, retry_if_exception, stop_after_delay, wait_random_exponential
+from tenacity import (
+    retry,
+    retry_if_exception,
+    stop_after_delay,
+    wait_random_exponential,
+)
 
 from etl.errors import PalaceLocked
 from etl.ids import entity_id

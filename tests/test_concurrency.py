@@ -13,7 +13,6 @@ import pytest
 
 from palace.lock import UNSAFE_NO_LOCK_ENV
 
-
 FSIZE_LIMIT = 2 << 30  # a torn HNSW index once wrote a 56 GB link_lists.bin; never let a test do that
 
 

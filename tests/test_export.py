@@ -12,11 +12,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from etl.embed import EmbedderIdentity
 from exporters.bundle import list_bundles
 from exporters.manifest import Manifest
 from exporters.retention import select
 from palace.kg import KnowledgeGraph
-from etl.embed import EmbedderIdentity
 from palace.layout import layout_for, write_sidecar
 from palace.vectors import VectorStore
 

@@ -9,8 +9,7 @@ from etl.schema import DRAWERS, ENTITIES, TRIPLES, validate_batch
 from importers.base import ImportOptions
 from importers.mcp_memory import McpMemoryImporter
 
-from .helpers import CORPUS, FIXTURES, REPO
-from .helpers import kg_rows, palace_rows, run_cli
+from .helpers import CORPUS, FIXTURES, REPO, kg_rows, palace_rows, run_cli
 
 MEMORY = CORPUS / "mcp-memory" / "memory.jsonl"
 BROKEN = FIXTURES / "mcp-memory" / "broken.jsonl"

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
+from etl.embed import EmbedderIdentity
 from etl.replicas import open_replica
 from etl.sync import run_sync
 from palace.kg import KnowledgeGraph
-from etl.embed import EmbedderIdentity
 from palace.layout import layout_for, write_sidecar
 from palace.vectors import VectorStore
 

@@ -12,7 +12,13 @@ from typing import Optional
 
 import typer
 
-from etl.errors import EXIT_CODES_HELP, EXIT_INTERRUPTED, EXIT_PARTIAL, EXIT_VERIFY_FAILED, PalaceEtlError
+from etl.errors import (
+    EXIT_CODES_HELP,
+    EXIT_INTERRUPTED,
+    EXIT_PARTIAL,
+    EXIT_VERIFY_FAILED,
+    PalaceEtlError,
+)
 
 from . import render
 
