@@ -52,7 +52,7 @@ def run(size: int, chroma_texts: int, kg_triples: int, work: Path, skip: set[str
     rows = []
     generate(work / "workload", size)
     docs = str(work / "docs.json")
-    measure("documents", workload=str(work / "workload"), out=docs)
+    parse = measure("documents", workload=str(work / "workload"), out=docs)
 
     # 1. migration end to end vs the sum of its irreducible parts
     emb = measure("embed_ours", docs=docs, vectors_out=str(work / "vectors.npy"))
@@ -63,6 +63,12 @@ def run(size: int, chroma_texts: int, kg_triples: int, work: Path, skip: set[str
                     f"{parts:.1f} s (embed {emb['seconds']:.1f} + raw upsert {up['seconds']:.1f})",
                     mig["seconds"] / parts, "<= 1.15", mig["seconds"] / parts <= 1.15,
                     max(mig["peak_rss_mb"], emb["peak_rss_mb"], up["peak_rss_mb"])))
+
+    # 1b. verify the migration against its source vs re-reading the source
+    vf = measure("verify_against", workload=str(work / "workload"), palace=str(work / "palace"))
+    rows.append(row(f"1b. verify {size:,} drawers against their source", f"{vf['seconds']:.1f} s, "
+                    f"{vf['problems']} problems", f"{parse['seconds']:.1f} s (re-reading the source)",
+                    vf["seconds"] / parse["seconds"], "about the re-read time", None, vf["peak_rss_mb"]))
 
     # 2. MemPalace's path: Chroma's default EF inside upsert, on a subset (it is slow)
     n = min(chroma_texts, size)

@@ -169,6 +169,18 @@ def restore_palace(bundle: str, palace: str) -> dict:
     return {"seconds": time.perf_counter() - t, "rows": r.rows.get("drawers", 0)}
 
 
+def verify_against(workload: str, palace: str) -> dict:
+    """verify --against every source file of the workload (parity only: no retrieval probes)."""
+    from etl.verify import verify_palace
+    from palace.layout import layout_for
+
+    t = time.perf_counter()
+    problems = 0
+    for f in sorted(Path(workload).glob("mcp-*.jsonl")):
+        problems += len(verify_palace(layout_for(palace), against=("mcp-memory", f), probes=0).findings)
+    return {"seconds": time.perf_counter() - t, "rows": 0, "problems": problems}
+
+
 def _triples(n: int) -> list[tuple]:
     return [(f"t_s{i % 997}_rel_o{i}_{i:012d}", f"Subject {i % 997}", f"rel{i % 7}", f"Object {i}", "2026-01-01",
              None, 1.0, "bench", None, "bench") for i in range(n)]

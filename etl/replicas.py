@@ -142,12 +142,9 @@ class PalaceReplica(_Base):
                     store.delete(deletes[s:s + 5000])
             return
         with KnowledgeGraph(self.layout.kg_path) as kg:
-            if rows:
-                cols = list(rows[0])
-                sql = f"INSERT OR REPLACE INTO {table} ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})"
-                kg._write(lambda c: c.executemany(sql, [tuple(r[k] for k in cols) for r in rows]))
+            kg.replace_rows(table, rows)
             if deletes:
-                kg._write(lambda c: c.executemany(f"DELETE FROM {table} WHERE id = ?", [(i,) for i in deletes]))
+                kg.delete_rows(table, deletes)
 
     def commit(self) -> None:
         self.close()

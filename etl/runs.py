@@ -87,6 +87,12 @@ class Ledger:
         self._conn.execute("UPDATE runs SET status=?, finished_at=?, report=? WHERE run_id=?",
                            (status, time.time(), orjson.dumps(report).decode(), run_id))
 
+    def options_for(self, importer: str, source: Path) -> dict | None:
+        """The options of the newest run of ``importer`` over ``source`` (what verify re-reads it with)."""
+        row = self._conn.execute("SELECT options FROM runs WHERE importer = ? AND source = ? ORDER BY started_at "
+                                 "DESC LIMIT 1", (importer, str(Path(source).resolve()))).fetchone()
+        return orjson.loads(row[0]) if row else None
+
     def runs(self) -> list[dict]:
         cur = self._conn.execute("SELECT run_id, importer, source, status, started_at, finished_at FROM runs "
                                  "ORDER BY started_at")

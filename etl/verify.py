@@ -116,7 +116,8 @@ def _server_facts(store: VectorStore) -> _Facts | None:
 
 
 def verify_palace(layout: PalaceLayout, embedder: EmbedderIdentity | None = None, against: tuple[str, Path] | None = None,
-                  sample: str | None = None, probes: int = 200, full: bool = False) -> VerifyReport:
+                  sample: str | None = None, probes: int = 200, full: bool = False,
+                  wing: str | None = None) -> VerifyReport:
     report = VerifyReport(layout.location)
     spec = parse_sample(sample)
     if layout.is_server:
@@ -140,7 +141,7 @@ def verify_palace(layout: PalaceLayout, embedder: EmbedderIdentity | None = None
             return report
         _check_structure(layout, embedder, facts, report)
         if against is not None:
-            _check_parity(layout, store, against, spec, report)
+            _check_parity(layout, store, against, spec, report, wing)
         else:
             report.not_checked.append("parity with a source (give --against KIND PATH)")
         _probe(store, sample_ids(facts.ids, spec, probes), report, layout, read_sidecar(layout.sidecar_dir))
@@ -220,15 +221,32 @@ def _check_ledger(layout: PalaceLayout, report: VerifyReport) -> None:
         ledger.close()
 
 
-def _check_parity(layout: PalaceLayout, store: VectorStore, against: tuple[str, Path], spec, report) -> None:
+def _import_options(layout: PalaceLayout, kind: str, path: Path, wing: str | None) -> ImportOptions:
+    """Re-read a source with the options it was imported with (the ledger has them), or ``--wing``."""
+    if wing is not None:
+        return ImportOptions(wing=wing)
+    if (layout.state_dir / "ledger.sqlite3").exists():
+        ledger = Ledger(layout.state_dir)
+        try:
+            used = ledger.options_for(kind, path)
+        finally:
+            ledger.close()
+        if used:
+            return ImportOptions(**used)
+    return ImportOptions()
+
+
+def _check_parity(layout: PalaceLayout, store: VectorStore, against: tuple[str, Path], spec, report,
+                  wing: str | None = None) -> None:
     kind, path = against
     importer = get_importer(kind)
     if not Path(path).exists():
         raise SourceMissing(f"verify against {kind} {path}: no such file or directory")
+    options = _import_options(layout, kind, Path(path), wing)
     missing, changed, triples_missing, checked = [], [], [], 0
     kg = KnowledgeGraph(layout.kg_path) if layout.kg_path.exists() else None
     try:
-        for batch in importer.batches(Path(path), ImportOptions(), Quarantine()):
+        for batch in importer.batches(Path(path), options, Quarantine()):
             kind_ = batch_kind(batch)
             if kind_ == DRAWERS:
                 rows = [r for r in batch.select(["id", "wing", "room", "content_sha256"]).to_pylist()
@@ -252,7 +270,8 @@ def _check_parity(layout: PalaceLayout, store: VectorStore, against: tuple[str, 
     finally:
         if kg is not None:
             kg.close()
-    remedy = f"palace-etl import {kind} {path} --palace {layout.location}"
+    remedy = f"palace-etl import {kind} {path} --palace {layout.location}" + (
+        f" --wing '{options.wing}'" if options.wing else "")
     if missing:
         report.add("error", "drawer_missing", f"{len(missing)} of {checked} source drawers are not in the palace: "
                    f"{', '.join(missing[:MAX_LISTED])}", remedy)

@@ -133,13 +133,8 @@ def _build(links: list[Path], layout: PalaceLayout, report: RestoreReport, lock_
             for table in KG_TABLES:
                 path = link / f"{table}.parquet"
                 if path.exists():
-                    rows = pq.read_table(path).to_pylist()
-                    if rows:
-                        cols = list(rows[0])
-                        sql = (f"INSERT OR REPLACE INTO {table} ({', '.join(cols)}) "
-                               f"VALUES ({', '.join('?' * len(cols))})")
-                        kg._write(lambda c: c.executemany(sql, [tuple(r[k] for k in cols) for r in rows]))
-                        report.rows[table] = report.rows.get(table, 0) + len(rows)
+                    n = kg.replace_rows(table, pq.read_table(path).to_pylist())
+                    report.rows[table] = report.rows.get(table, 0) + n
             gone: dict[str, list[str]] = {}
             for t in pq.read_table(link / "tombstones.parquet").to_pylist():
                 gone.setdefault(t["table"], []).append(t["id"])
@@ -149,7 +144,7 @@ def _build(links: list[Path], layout: PalaceLayout, report: RestoreReport, lock_
                     for s in range(0, len(ids), 5000):
                         stores[table].delete(ids[s:s + 5000])
                 elif table in KG_TABLES:
-                    kg._write(lambda c: c.executemany(f"DELETE FROM {table} WHERE id = ?", [(i,) for i in ids]))
+                    kg.delete_rows(table, ids)
         sidecar = links[-1] / "sidecars" / SIDECAR
         if sidecar.exists():
             layout.sidecar_dir.mkdir(parents=True, exist_ok=True)

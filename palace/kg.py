@@ -193,6 +193,23 @@ class KnowledgeGraph:
 
         return self._write(run)
 
+    def replace_rows(self, table: str, rows: list[dict]) -> int:
+        """Write whole rows (every column given, as a bundle or another replica holds them) in one transaction."""
+        if table not in ("entities", "triples"):
+            raise ValueError(f"not a knowledge-graph table: {table!r}")
+        if not rows:
+            return 0
+        cols = list(rows[0])
+        sql = f"INSERT OR REPLACE INTO {table} ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})"
+        self._write(lambda c: c.executemany(sql, [tuple(r[k] for k in cols) for r in rows]))
+        return len(rows)
+
+    def delete_rows(self, table: str, ids: list[str]) -> int:
+        if table not in ("entities", "triples"):
+            raise ValueError(f"not a knowledge-graph table: {table!r}")
+        self._write(lambda c: c.executemany(f"DELETE FROM {table} WHERE id = ?", [(i,) for i in ids]))
+        return len(ids)
+
     def execute_write(self, sql: str, params: Iterable = ()) -> int:
         return self._write(lambda c: c.execute(sql, tuple(params)).rowcount)
 

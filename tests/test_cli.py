@@ -66,3 +66,13 @@ def test_verify_finds_a_deleted_drawer_and_a_dropped_triple(tmp_path):
 
 def test_verify_missing_palace_exits_10(tmp_path):
     run_cli("verify", "--palace", tmp_path / "nothing", check=10)
+
+
+def test_verify_against_uses_the_wing_the_import_used(tmp_path):
+    palace = tmp_path / "p"
+    cli_json("import", "mcp-memory", MEMORY, "--palace", palace, "--wing", "old memory")
+    assert "no problems found" in run_cli("verify", "--palace", palace, "--against", "mcp-memory", MEMORY).stderr
+    proc = run_cli("verify", "--palace", palace, "--against", "mcp-memory", MEMORY, "--wing", "mcp_memory",
+                   "--json", check=4)
+    missing = {f["code"]: f for f in json.loads(proc.stdout)["findings"]}["drawer_missing"]
+    assert "47 of 47" in missing["message"] and "--wing 'mcp_memory'" in missing["remedy"]

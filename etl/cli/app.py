@@ -133,6 +133,8 @@ def verify(
     bundle: Optional[Path] = typer.Option(None, "--bundle", help="Check a bundle and its chain instead."),
     kg: Optional[Path] = KG,
     against: Optional[tuple[str, Path]] = typer.Option(None, "--against", help="SOURCE_KIND PATH to compare with."),
+    wing: Optional[str] = typer.Option(None, "--wing", help="The --wing the source was imported with "
+                                       "(default: what the run ledger recorded)."),
     sample: Optional[str] = typer.Option(None, "--sample", help="N% or B/N (bucket B of N by id hash)."),
     probes: int = typer.Option(200, "--probes", help="Retrieval probes (self-queries)."),
     full: bool = typer.Option(False, "--full", help="integrity_check instead of quick_check."),
@@ -155,7 +157,7 @@ def verify(
         palace = palace[0]
         identity = _embedder(embedder)[1] if embedder else None
         report = verify_palace(layout_for(palace, kg), identity, against=against, sample=sample, probes=probes,
-                               full=full).to_dict()
+                               full=full, wing=wing).to_dict()
     if json_out:
         render.emit_json(report)
     render.verify_report(report)
