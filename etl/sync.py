@@ -5,8 +5,9 @@ of their last sync (kept on both sides, per peer): a side that still has the bas
 version takes the other side's version (a deletion included, so a deleted drawer
 never comes back); when both sides changed it is a conflict, resolved by
 last-writer-wins on the row's own timestamp with the row hash as a deterministic
-tie-break, or ``--prefer``, or ``--keep-both``. A deletion beats an edit unless
-``--prefer`` names the editing side; an invalidated triple beats an open one.
+tie-break, or ``--prefer``, or ``--keep-both``. A deletion beats an edit made before it,
+a row written after the deletion lives, and ``--prefer`` decides either way; an
+invalidated triple beats an open one.
 Vectors travel with their rows. The base is saved only after both sides were
 written and found equal, so an interrupted sync re-runs to the same result.
 """
@@ -97,13 +98,14 @@ def plan_sync(a, b, sa: State, sb: State, base: State | None, tombs: dict, prefe
                 plan.to_b[t].append(i)
             else:
                 undecided.append((t, i, ha, hb))
-    _deletions(a, b, revived, tombs, plan)
+    _deletions(a, b, revived, tombs, plan, prefer)
     _resolve(a, b, undecided, plan, prefer, keep_both)
     return plan
 
 
-def _deletions(a, b, items: list, tombs: dict, plan: SyncPlan) -> None:
-    """A row one side holds and the other deleted goes, unless it was written after the deletion."""
+def _deletions(a, b, items: list, tombs: dict, plan: SyncPlan, prefer: str | None) -> None:
+    """A row one side holds and a replica deleted goes, unless it was written after the deletion
+    (a re-creation) or ``--prefer`` names the side that holds it. Either way it is a listed conflict."""
     for t in TABLES:
         for side in ("a", "b"):
             ids = [i for tt, i, s in items if tt == t and s == side]
@@ -111,11 +113,15 @@ def _deletions(a, b, items: list, tombs: dict, plan: SyncPlan) -> None:
                 continue
             rows = _rows_by_id(a if side == "a" else b, t, ids)
             for i in ids:
-                if i in rows and row_time(t, rows[i]) > tombs[t][i]:
-                    tombs[t].pop(i)  # re-created after the deletion: it lives, everywhere
+                newer = i in rows and row_time(t, rows[i]) > tombs[t][i]
+                if prefer == side or (prefer is None and newer):
+                    tombs[t].pop(i)  # it lives, everywhere
                     (plan.to_b if side == "a" else plan.to_a)[t].append(i)
+                    winner, rule = side, "prefer" if prefer else "written after the deletion"
                 else:
                     (plan.delete_a if side == "a" else plan.delete_b)[t].append(i)
+                    winner, rule = ("b" if side == "a" else "a"), "prefer" if prefer else "deletion wins"
+                plan.conflicts.append({"table": t, "id": i, "winner": winner, "rule": rule})
 
 
 def _rows_by_id(replica, table: str, ids: list[str]) -> dict[str, dict]:
@@ -130,11 +136,8 @@ def _resolve(a, b, undecided: list, plan: SyncPlan, prefer: str | None, keep_bot
             continue
         ra = _rows_by_id(a, t, [i for i, ha, _ in items if ha])
         rb = _rows_by_id(b, t, [i for i, _, hb in items if hb])
-        for i, ha, hb in items:
-            if ha is None or hb is None:  # deleted on one side, edited on the other
-                winner = prefer or ("b" if ha is None else "a")
-                why = "prefer" if prefer else "delete beats edit"
-            elif prefer:
+        for i, ha, hb in items:  # both sides hold the row, both changed it
+            if prefer:
                 winner, why = prefer, "prefer"
             elif t == "triples" and bool(ra[i].get("valid_to")) != bool(rb[i].get("valid_to")):
                 winner, why = ("a" if ra[i].get("valid_to") else "b"), "invalidation beats open triple"
@@ -142,11 +145,8 @@ def _resolve(a, b, undecided: list, plan: SyncPlan, prefer: str | None, keep_bot
                 ka, kb = (row_time(t, ra[i]), ha), (row_time(t, rb[i]), hb)
                 winner, why = ("a" if ka > kb else "b"), "last writer wins"
             plan.conflicts.append({"table": t, "id": i, "winner": winner, "rule": why})
-            if winner == "a":
-                (plan.delete_b if ha is None else plan.to_b)[t].append(i)
-            else:
-                (plan.delete_a if hb is None else plan.to_a)[t].append(i)
-            if keep_both and ha is not None and hb is not None and t in ("drawers", "closets"):
+            (plan.to_b if winner == "a" else plan.to_a)[t].append(i)
+            if keep_both and t in ("drawers", "closets"):
                 plan.keep_both[t].append((i, "b" if winner == "a" else "a"))
 
 

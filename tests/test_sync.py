@@ -231,3 +231,22 @@ def test_verify_parity_of_two_replicas(tmp_path):
     assert "drawer_only_in_b" in codes["replica_extra"]["message"]
     assert ids[9] in codes["replica_changed"]["message"]
     assert codes["replica_missing"]["remedy"] == f"palace-etl sync {a} {b}"
+
+
+def test_deletion_against_an_edit(tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    store = VectorStore(layout_for(a))
+    store.upsert(["x", "y"], ["x0", "y0"], [{"last_modified": "2026-01-01T00:00:00"}] * 2, unit(2, 1))
+    store.close()
+    run_sync(a, b)
+    store_a, store_b = VectorStore(layout_for(a)), VectorStore(layout_for(b))
+    store_a.delete(["x", "y"])
+    store_a.close()
+    # b edits both: x with a stamp before the deletion happens (now), y after it (a re-creation)
+    store_b.upsert(["x", "y"], ["x edited", "y re-created"],
+                   [{"last_modified": "2026-02-01T00:00:00"}, {"last_modified": "2999-01-01T00:00:00"}], unit(2, 2))
+    store_b.close()
+    plan = run_sync(a, b, dry_run=True)
+    assert {c["id"]: c["rule"] for c in plan.conflicts} == {"x": "deletion wins", "y": "written after the deletion"}
+    assert run_sync(a, b, prefer="b").converged  # --prefer the editing side keeps both
+    assert sorted(state(a)["drawers"]) == ["x", "y"]
