@@ -14,14 +14,14 @@ def palace_status(layout: PalaceLayout, probes: int = 0) -> dict:
     if layout.is_server:
         store = VectorStore(layout)
         try:
-            col = store.reading()
             wings: dict[str, dict[str, int]] = {}
-            total = col.count()
-            for offset in range(0, total, 5000):
-                for m in col.get(include=["metadatas"], limit=5000, offset=offset)["metadatas"]:
-                    m = m or {}
-                    room = wings.setdefault(str(m.get("wing", "(none)")), {})
-                    room[str(m.get("room", "(none)"))] = room.get(str(m.get("room", "(none)")), 0) + 1
+            total = 0
+            for _, _, _, m in store.scan(("metadatas",)):
+                m = m or {}
+                rooms = wings.setdefault(str(m.get("wing", "(none)")), {})
+                room = str(m.get("room", "(none)"))
+                rooms[room] = rooms.get(room, 0) + 1
+                total += 1
             creations = store.client_creations
         finally:
             store.close()

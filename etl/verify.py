@@ -106,13 +106,10 @@ def _server_facts(store: VectorStore) -> _Facts | None:
         col = store.reading()
     except PalaceEtlError:
         return None
-    ids: list[str] = []
-    total = col.count()
-    for off in range(0, total, 5000):
-        ids += col.get(include=[], limit=5000, offset=off)["ids"]
+    ids = [i for _, i, _, _ in store.scan(())]
     first = col.get(limit=1, include=["embeddings"])["embeddings"]
     dim = len(first[0]) if len(first) else None
-    return _Facts(total, dict(col.metadata or {}), dim, ids)
+    return _Facts(len(ids), dict(col.metadata or {}), dim, ids)
 
 
 def verify_palace(layout: PalaceLayout, embedder: EmbedderIdentity | None = None, against: tuple[str, Path] | None = None,

@@ -82,15 +82,12 @@ def _server_snapshot(layout: PalaceLayout) -> dict[str, dict[str, tuple[str, int
         state[table] = {}
         store = VectorStore(layout, collection=name)
         try:
-            col = store.reading()
+            store.reading()
         except PalaceEtlError:
             continue  # no such collection on the server
         try:
-            n = col.count()
-            for off in range(0, n, 5000):
-                got = col.get(include=["documents", "metadatas"], limit=5000, offset=off)
-                for k, (i, d, m) in enumerate(zip(got["ids"], got["documents"], got["metadatas"])):
-                    state[table][i] = (row_hash(d, m or {}), off + k)
+            for pos, i, d, m in store.scan():
+                state[table][i] = (row_hash(d, m or {}), pos)
         finally:
             store.close()
     state.update(_kg_state(layout))

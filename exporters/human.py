@@ -24,11 +24,8 @@ def _rows(layout: PalaceLayout):
     if layout.is_server:  # no SQLite file to read: page the server's API
         store = VectorStore(layout)
         try:
-            col = store.reading()
-            for off in range(0, col.count(), 5000):
-                got = col.get(include=["documents", "metadatas"], limit=5000, offset=off)
-                for i, d, m in zip(got["ids"], got["documents"], got["metadatas"]):
-                    yield off, i, d, m or {}
+            for pos, i, d, m in store.scan():
+                yield pos, i, d, m or {}
         finally:
             store.close()
         return

@@ -190,6 +190,23 @@ class VectorStore:
                         self._open(create=False)
         return self._collections[self.collection_name]
 
+    def scan(self, include: Sequence[str] = ("documents", "metadatas"),
+             page: int = 5000) -> Iterator[tuple[int, str, str | None, dict | None]]:
+        """Every row as (position, id, document, metadata), one ``get`` page at a time.
+
+        The way into a server palace (its API is all there is); a local palace is read from
+        chroma.sqlite3 by rowid instead (``palace.chroma_sqlite.page_rows``).
+        """
+        col = self.reading()
+        for off in range(0, col.count(), page):
+            with self._mutex:
+                got = col.get(include=list(include), limit=page, offset=off)
+            ids = got["ids"]
+            docs = got.get("documents") or [None] * len(ids)
+            metas = got.get("metadatas") or [None] * len(ids)
+            for k, (i, d, m) in enumerate(zip(ids, docs, metas)):
+                yield off + k, i, d, m
+
     def max_batch_size(self) -> int:
         with self.writing():
             return int(self._client.get_max_batch_size())
