@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from etl.embed import EmbedderIdentity
 from etl.replicas import open_replica
@@ -43,11 +44,11 @@ def edit(spec: str, kg: Path | None, rng: random.Random, tag: str, embed) -> Non
     new = [f"drawer_{tag}_{k}" for k in range(rng.randint(3, 8))]
     docs = [f"{tag} added {k}" for k in range(len(new))]
     store.upsert(new, docs,
-                 [{"wing": "sync", "room": tag, "last_modified": f"2026-11-24T0{k}:00:00"} for k in range(len(new))],
+                 [{"wing": "sync", "room": tag, "last_modified": f"2020-01-01T0{k}:00:00"} for k in range(len(new))],
                  embed(docs))
     changed = rng.sample(ids, min(3, len(ids)))
     docs = [f"{tag} edited {i}" for i in changed]
-    store.upsert(changed, docs, [{"wing": "sync", "room": tag, "last_modified": "2026-11-24T12:00:00"}] * len(changed),
+    store.upsert(changed, docs, [{"wing": "sync", "room": tag, "last_modified": "2020-01-01T12:00:00"}] * len(changed),
                  embed(docs))
     gone = rng.sample(sorted(set(ids) - set(changed)), min(2, len(ids)))
     store.delete(gone)
@@ -61,6 +62,9 @@ def converged(*replicas: tuple[str, Path | None]) -> bool:
     return all(st == states[0] for st in states[1:])
 
 
+@pytest.mark.xfail(strict=True, reason="known bug (#7): a conflict settled one way in one pair can be undone when "
+                   "the losing version later reaches a replica whose pairwise base matches the winner; needs "
+                   "per-row version tracking. Fails deterministically with these past timestamps.")
 def test_three_replicas_converge_and_nothing_is_re_embedded(tmp_path, chroma_server, monkeypatch, embedder):
     import etl.embed
 
