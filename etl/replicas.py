@@ -70,19 +70,17 @@ class _Base:
         raise NotImplementedError
 
     def sync_state(self) -> dict:
-        """{"bases": {peer: state}, "known": state at the end of the last sync, "tombstones": {table: {id: time}}}."""
+        """{"known": state at the end of the last sync, "history": {table: {id: [superseded row hashes]}},
+        "tombstones": {table: {id: time}}}."""
         try:
             data = orjson.loads(self._state_file().read_bytes())
         except (FileNotFoundError, orjson.JSONDecodeError):
             data = {}
-        return {"bases": data.get("bases", {}), "known": data.get("known"), "tombstones": data.get("tombstones", {})}
+        return {"known": data.get("known"), "history": data.get("history", {}),
+                "tombstones": data.get("tombstones", {})}
 
-    def save_sync_state(self, peer: str, state: State, tombstones: dict) -> None:
-        data = self.sync_state()
-        data["bases"][peer] = state
-        data["known"] = state
-        data["tombstones"] = tombstones
-        atomic_write(self._state_file(), orjson.dumps(data))
+    def save_sync_state(self, state: State, history: dict, tombstones: dict) -> None:
+        atomic_write(self._state_file(), orjson.dumps({"known": state, "history": history, "tombstones": tombstones}))
 
 
 class PalaceReplica(_Base):

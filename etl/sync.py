@@ -1,15 +1,17 @@
 """``palace-etl sync A B``: make two replicas hold the same drawers, closets and KG.
 
-A three-way merge per row id, against the base both replicas agreed on at the end
-of their last sync (kept on both sides, per peer): a side that still has the base
-version takes the other side's version (a deletion included, so a deleted drawer
-never comes back); when both sides changed it is a conflict, resolved by
-last-writer-wins on the row's own timestamp with the row hash as a deterministic
-tie-break, or ``--prefer``, or ``--keep-both``. A deletion beats an edit made before it,
-a row written after the deletion lives, and ``--prefer`` decides either way; an
-invalidated triple beats an open one.
-Vectors travel with their rows. The base is saved only after both sides were
-written and found equal, so an interrupted sync re-runs to the same result.
+Each replica keeps, per row id, the hashes of the versions it has seen superseded (its own
+edits since its last sync, and every version that lost or was replaced in a sync, carried on
+from peer to peer). When the two sides hold different versions of a row and one side's version
+is in the other's history, the other side's is newer and wins: it was made from it, or beat it
+in an earlier sync. Otherwise both changed it independently: a conflict, resolved by
+last-writer-wins on the row's own timestamp with the row hash as a deterministic tie-break, or
+``--prefer``, or ``--keep-both``. Because histories travel, a conflict settled in one pair stays
+settled when the losing version reaches a third replica.
+Deletions travel as tombstones: a deletion beats an edit made before it, a row written after the
+deletion lives, and ``--prefer`` decides either way; an invalidated triple beats an open one.
+Vectors travel with their rows. The state is saved only after both sides were written and found
+equal, so an interrupted sync re-runs to the same result.
 """
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ from .errors import PalaceEtlError
 from .replicas import TABLES, State, open_replica, row_time
 
 KEEP_BOTH_SUFFIX = "__conflict_"
+HISTORY_KEEP = 32  # superseded versions remembered per row
+History = dict[str, dict[str, list[str]]]
 
 
 @dataclass
@@ -32,7 +36,6 @@ class SyncPlan:
     delete_b: dict[str, list[str]] = field(default_factory=lambda: {t: [] for t in TABLES})
     keep_both: dict[str, list[tuple[str, str]]] = field(default_factory=lambda: {t: [] for t in TABLES})
     conflicts: list[dict] = field(default_factory=list)
-    first_sync: bool = False
 
     def counts(self) -> dict:
         return {k: {t: len(v) for t, v in getattr(self, k).items() if v}
@@ -76,28 +79,59 @@ def merge_tombstones(x: dict, y: dict) -> dict:
     return out
 
 
-def plan_sync(a, b, sa: State, sb: State, base: State | None, tombs: dict, prefer: str | None,
+def local_history(known: State | None, current: State, history: History) -> History:
+    """The stored history plus this replica's own edits since its last sync (the version it replaced)."""
+    out = {t: {i: list(h) for i, h in rows.items()} for t, rows in history.items()}
+    for t, rows in (known or {}).items():
+        cur = current.get(t, {})
+        for i, h in rows.items():
+            if cur.get(i, h) != h:
+                out.setdefault(t, {})[i] = _union(out.get(t, {}).get(i, []), [h])
+    return out
+
+
+def merged_history(ha: History, hb: History, sa: State, sb: State, final: State) -> History:
+    """After a sync both sides hold ``final``: every version either side saw, minus the one now held."""
+    out: History = {}
+    for t, rows in final.items():
+        A, B, XA, XB = sa.get(t, {}), sb.get(t, {}), ha.get(t, {}), hb.get(t, {})
+        for i, h in rows.items():
+            seen = [v for v in _union(XA.get(i, []), XB.get(i, []), [A.get(i), B.get(i)]) if v and v != h]
+            if seen:
+                out.setdefault(t, {})[i] = seen[-HISTORY_KEEP:]
+    return out
+
+
+def _union(*lists: list) -> list:
+    return list(dict.fromkeys(v for vs in lists for v in vs))
+
+
+def plan_sync(a, b, sa: State, sb: State, ha: History, hb: History, tombs: dict, prefer: str | None,
               keep_both: bool) -> SyncPlan:
-    """What moves where. ``tombs`` are the ids deleted anywhere (with when), merged from both sides."""
-    plan = SyncPlan(first_sync=base is None)
+    """What moves where. ``ha``/``hb`` are the sides' histories, ``tombs`` the ids deleted anywhere
+    (with when), merged from both sides."""
+    plan = SyncPlan()
     undecided, revived = [], []
     for t in TABLES:
-        A, B, X, T = sa.get(t, {}), sb.get(t, {}), (base or {}).get(t, {}), tombs.get(t, {})
+        A, B, T = sa.get(t, {}), sb.get(t, {}), tombs.get(t, {})
+        XA, XB = ha.get(t, {}), hb.get(t, {})
         for i in sorted(A.keys() | B.keys()):
-            ha, hb = A.get(i), B.get(i)
-            if ha == hb:
+            va, vb = A.get(i), B.get(i)
+            if va == vb:
                 continue
-            if ha is None or hb is None:
+            if va is None or vb is None:
                 if i in T:
-                    revived.append((t, i, "a" if hb is None else "b"))  # deleted somewhere: unless re-created since
+                    revived.append((t, i, "a" if vb is None else "b"))  # deleted somewhere: unless re-created since
                 else:
-                    (plan.to_a if ha is None else plan.to_b)[t].append(i)
-            elif base is not None and i in X and ha == X[i]:
-                plan.to_a[t].append(i)
-            elif base is not None and i in X and hb == X[i]:
+                    (plan.to_a if va is None else plan.to_b)[t].append(i)
+                continue
+            a_saw_b, b_saw_a = vb in XA.get(i, ()), va in XB.get(i, ())
+            if a_saw_b and not b_saw_a:
                 plan.to_b[t].append(i)
+            elif b_saw_a and not a_saw_b:
+                plan.to_a[t].append(i)
             else:
-                undecided.append((t, i, ha, hb))
+                undecided.append((t, i, va, vb))
     _deletions(a, b, revived, tombs, plan, prefer)
     _resolve(a, b, undecided, plan, prefer, keep_both)
     return plan
@@ -199,11 +233,11 @@ def run_sync(spec_a: str, spec_b: str, kg_a=None, kg_b=None, dry_run: bool = Fal
             check_identity(ia, ib)  # vectors of another model never travel
         sa, sb = a.snapshot(), b.snapshot()
         ssa, ssb = a.sync_state(), b.sync_state()
-        base = ssa["bases"].get(b.name) or ssb["bases"].get(a.name)
         now = dt.datetime.now().isoformat(timespec="microseconds")  # same clock as MemPalace's filed_at
         tombs = merge_tombstones(local_deletions(ssa["known"], sa, ssa["tombstones"], now),
                                  local_deletions(ssb["known"], sb, ssb["tombstones"], now))
-        plan = plan_sync(a, b, sa, sb, base, tombs, prefer, keep_both)
+        ha, hb = local_history(ssa["known"], sa, ssa["history"]), local_history(ssb["known"], sb, ssb["history"])
+        plan = plan_sync(a, b, sa, sb, ha, hb, tombs, prefer, keep_both)
         deletes = sum(len(plan.delete_a[t]) + len(plan.delete_b[t]) for t in ("drawers", "closets"))
         limit = max_delete if max_delete is not None else max(10, len(sa["drawers"]) // 20, len(sb["drawers"]) // 20)
         if deletes > limit:
@@ -214,6 +248,7 @@ def run_sync(spec_a: str, spec_b: str, kg_a=None, kg_b=None, dry_run: bool = Fal
         if dry_run:
             report.seconds = round(time.monotonic() - started, 3)
             return report
+        before_a, before_b = sa, sb
         if plan.moves():
             if ia and not ib:
                 b.set_identity(ia)
@@ -227,8 +262,9 @@ def run_sync(spec_a: str, spec_b: str, kg_a=None, kg_b=None, dry_run: bool = Fal
             for t, rows in tombs.items():  # a tombstone for a row both sides hold again is spent
                 for i in [i for i in rows if i in sa.get(t, {})]:
                     rows.pop(i)
-            a.save_sync_state(b.name, sa, tombs)
-            b.save_sync_state(a.name, sb, tombs)
+            history = merged_history(ha, hb, before_a, before_b, sa)
+            a.save_sync_state(sa, history, tombs)
+            b.save_sync_state(sb, history, tombs)
         report.seconds = round(time.monotonic() - started, 3)
         return report
     finally:
