@@ -170,14 +170,13 @@ def restore_palace(bundle: str, palace: str) -> dict:
 
 
 def verify_against(workload: str, palace: str) -> dict:
-    """verify --against every source file of the workload (parity only: no retrieval probes)."""
+    """verify --against every source file of the workload in one run (parity only: no retrieval probes)."""
     from etl.verify import verify_palace
     from palace.layout import layout_for
 
     t = time.perf_counter()
-    problems = 0
-    for f in sorted(Path(workload).glob("mcp-*.jsonl")):
-        problems += len(verify_palace(layout_for(palace), against=("mcp-memory", f), probes=0).findings)
+    sources = [("mcp-memory", f) for f in sorted(Path(workload).glob("mcp-*.jsonl"))]
+    problems = len(verify_palace(layout_for(palace), against=sources, probes=0).findings)
     return {"seconds": time.perf_counter() - t, "rows": 0, "problems": problems}
 
 

@@ -12,6 +12,7 @@ import hashlib
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -112,11 +113,17 @@ def _server_facts(store: VectorStore) -> _Facts | None:
     return _Facts(len(ids), dict(col.metadata or {}), dim, ids)
 
 
-def verify_palace(layout: PalaceLayout, embedder: EmbedderIdentity | None = None, against: tuple[str, Path] | None = None,
-                  sample: str | None = None, probes: int = 200, full: bool = False,
-                  wing: str | None = None) -> VerifyReport:
+def verify_palace(layout: PalaceLayout, embedder: EmbedderIdentity | None = None,
+                  against: Sequence[tuple[str, Path]] = (), sample: str | None = None, probes: int = 200,
+                  full: bool = False, wing: str | None = None) -> VerifyReport:
+    """Palace health, then parity with each ``(kind, path)`` source in ``against``: the health checks
+    and the read of the palace's rows happen once, however many source files are compared."""
     report = VerifyReport(layout.location)
     spec = parse_sample(sample)
+    for kind, path in against:
+        get_importer(kind)
+        if not Path(path).exists():
+            raise SourceMissing(f"verify against {kind} {path}: no such file or directory")
     if layout.is_server:
         report.not_checked.append("SQLite integrity of chroma.sqlite3 (server palace: verify its directory on "
                                   "the server host)")
@@ -137,8 +144,10 @@ def verify_palace(layout: PalaceLayout, embedder: EmbedderIdentity | None = None
                        f"palace-etl import ... --palace {layout.location}")
             return report
         _check_structure(layout, embedder, facts, report)
-        if against is not None:
-            _check_parity(layout, store, against, spec, report, wing)
+        if against:
+            held = _ServerRows(store) if layout.is_server else _local_rows(layout, spec)
+            for source in against:
+                _check_parity(layout, held, source, spec, report, wing)
         else:
             report.not_checked.append("parity with a source (give --against KIND PATH)")
         _probe(store, sample_ids(facts.ids, spec, probes), report, layout, read_sidecar(layout.sidecar_dir))
@@ -233,12 +242,40 @@ def _import_options(layout: PalaceLayout, kind: str, path: Path, wing: str | Non
     return ImportOptions()
 
 
-def _check_parity(layout: PalaceLayout, store: VectorStore, against: tuple[str, Path], spec, report,
+Held = dict[str, tuple[str, str | None, str | None]]  # id -> (content sha256, wing, room)
+
+
+def _local_rows(layout: PalaceLayout, spec) -> Held:
+    """Every drawer's content hash, wing and room, straight from chroma.sqlite3 (read-only, in pages,
+    before this process opens a Chroma client on it)."""
+    held: Held = {}
+    with chroma_sqlite.open_ro(chroma_sqlite.palace_db(layout.path)) as conn:
+        seg = chroma_sqlite.segments(conn).get("METADATA")
+        after = -1
+        while seg is not None and (page := chroma_sqlite.page_rows(conn, seg, after, 10_000)):
+            for _, i, doc, m in page:
+                if in_sample(i, spec):
+                    held[i] = (content_sha256(doc or ""), m.get("wing"), m.get("room"))
+            after = page[-1][0]
+    return held
+
+
+class _ServerRows:
+    """The same lookup for a server palace, asked per source batch."""
+
+    def __init__(self, store: VectorStore):
+        self.store = store
+
+    def lookup(self, ids: list[str]) -> Held:
+        got = self.store.get(ids, include=("metadatas", "documents"))
+        return {i: (content_sha256(d or ""), (m or {}).get("wing"), (m or {}).get("room"))
+                for i, d, m in zip(got["ids"], got["documents"], got["metadatas"])}
+
+
+def _check_parity(layout: PalaceLayout, held: Held | _ServerRows, against: tuple[str, Path], spec, report,
                   wing: str | None = None) -> None:
     kind, path = against
     importer = get_importer(kind)
-    if not Path(path).exists():
-        raise SourceMissing(f"verify against {kind} {path}: no such file or directory")
     options = _import_options(layout, kind, Path(path), wing)
     missing, changed, triples_missing, checked = [], [], [], 0
     kg = KnowledgeGraph(layout.kg_path) if layout.kg_path.exists() else None
@@ -248,17 +285,13 @@ def _check_parity(layout: PalaceLayout, store: VectorStore, against: tuple[str, 
             if kind_ == DRAWERS:
                 rows = [r for r in batch.select(["id", "wing", "room", "content_sha256"]).to_pylist()
                         if in_sample(r["id"], spec)]
-                got = store.get([r["id"] for r in rows], include=("metadatas", "documents"))
-                have = {i: (d, m or {}) for i, d, m in zip(got["ids"], got["documents"], got["metadatas"])}
+                have = held.lookup([r["id"] for r in rows]) if isinstance(held, _ServerRows) else held
                 for r in rows:
                     checked += 1
                     if r["id"] not in have:
                         missing.append(r["id"])
-                        continue
-                    doc, m = have[r["id"]]  # hash the stored text itself, not the hash in its metadata
-                    if (content_sha256(doc or ""), m.get("wing"), m.get("room")) != (
-                            r["content_sha256"], r["wing"], r["room"]):
-                        changed.append(r["id"])
+                    elif have[r["id"]] != (r["content_sha256"], r["wing"], r["room"]):
+                        changed.append(r["id"])  # the stored text itself is hashed, not the hash in its metadata
             elif kind_ == TRIPLES:
                 ids = batch.column("id").to_pylist()
                 present = set() if kg is None else {row[0] for row in kg.query(

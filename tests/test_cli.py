@@ -1,8 +1,12 @@
 """CLI conventions: --json, exit codes, sources, status, verify findings."""
 import json
 import sqlite3
+from pathlib import Path
 
-from .helpers import CORPUS, cli_json, run_cli
+from palace.layout import layout_for
+from palace.vectors import VectorStore
+
+from .helpers import CORPUS, SAMPLE, cli_json, run_cli
 
 MEMORY = CORPUS / "mcp-memory" / "memory.jsonl"
 
@@ -76,3 +80,25 @@ def test_verify_against_uses_the_wing_the_import_used(tmp_path):
                    "--json", check=4)
     missing = {f["code"]: f for f in json.loads(proc.stdout)["findings"]}["drawer_missing"]
     assert "47 of 47" in missing["message"] and "--wing 'mcp_memory'" in missing["remedy"]
+
+
+def test_verify_against_several_source_files_in_one_run(tmp_path):
+    lines = Path(SAMPLE).read_text().splitlines(keepends=True)
+    one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
+    one.write_text("".join(lines[::2]))
+    two.write_text("".join(lines[1::2]))
+    palace = tmp_path / "p"
+    cli_json("import", "mcp-memory", one, "--palace", palace, "--wing", "first")
+    cli_json("import", "mcp-memory", two, "--palace", palace, "--wing", "second")
+    assert "no problems found" in run_cli("verify", "--palace", palace, "--against", "mcp-memory", one, two).stderr
+    with sqlite3.connect(palace / "chroma.sqlite3") as conn:
+        victim = conn.execute("SELECT e.embedding_id FROM embeddings e JOIN embedding_metadata m ON m.id = e.id "
+                              "WHERE m.key = 'wing' AND m.string_value = 'second' LIMIT 1").fetchone()[0]
+    store = VectorStore(layout_for(palace))
+    store.delete([victim])
+    store.close()
+    proc = run_cli("verify", "--palace", palace, "--against", "mcp-memory", one, two, "--json", check=4)
+    missing = {f["code"]: f for f in json.loads(proc.stdout)["findings"]}["drawer_missing"]
+    assert victim in missing["message"] and f"mcp-memory {two}" in missing["remedy"]
+    assert "--wing 'second'" in missing["remedy"]
+    run_cli("verify", "--palace", palace, one, check=2)  # extra paths without --against

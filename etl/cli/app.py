@@ -132,7 +132,10 @@ def verify(
                                                "twice to compare two replicas (a bundle dir works there too)."),
     bundle: Optional[Path] = typer.Option(None, "--bundle", help="Check a bundle and its chain instead."),
     kg: Optional[Path] = KG,
-    against: Optional[tuple[str, Path]] = typer.Option(None, "--against", help="SOURCE_KIND PATH to compare with."),
+    against: Optional[tuple[str, Path]] = typer.Option(None, "--against", help="SOURCE_KIND PATH to compare with; "
+                                                       "more PATHs of the same kind may follow the options."),
+    more: Optional[list[Path]] = typer.Argument(None, metavar="[MORE_PATHS]...", show_default=False,
+                                                help="Further source files for --against (e.g. a shell glob)."),
     wing: Optional[str] = typer.Option(None, "--wing", help="The --wing the source was imported with "
                                        "(default: what the run ledger recorded)."),
     sample: Optional[str] = typer.Option(None, "--sample", help="N% or B/N (bucket B of N by id hash)."),
@@ -147,6 +150,8 @@ def verify(
     from palace.layout import layout_for
 
     palace = palace or []
+    if more and not against:
+        raise typer.BadParameter(f"{more[0]}: extra source paths need --against KIND PATH")
     if bool(palace) == bool(bundle) or len(palace) > 2:
         raise typer.BadParameter("give --palace DIR (once, or twice to compare replicas) or --bundle DIR")
     if bundle:
@@ -156,7 +161,8 @@ def verify(
     else:
         palace = palace[0]
         identity = _embedder(embedder)[1] if embedder else None
-        report = verify_palace(layout_for(palace, kg), identity, against=against, sample=sample, probes=probes,
+        sources = [(against[0], p) for p in (against[1], *(more or []))] if against else []
+        report = verify_palace(layout_for(palace, kg), identity, against=sources, sample=sample, probes=probes,
                                full=full, wing=wing).to_dict()
     if json_out:
         render.emit_json(report)
