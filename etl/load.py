@@ -64,6 +64,7 @@ class ImportReport:
     quarantined: int = 0
     quarantine_file: str | None = None
     quarantine_first: list[str] = field(default_factory=list)
+    skipped: dict[str, int] = field(default_factory=dict)
     per_room: dict[str, dict[str, int]] = field(default_factory=dict)
     seconds: float = 0.0
 
@@ -154,6 +155,7 @@ class Loader:
             bar.close()
             report.quarantined = quarantine.count
             report.quarantine_first = quarantine.first
+            report.skipped = quarantine.skipped
             report.quarantine_file = str(quarantine.path) if quarantine.count and quarantine.path else None
             report.seconds = round(time.monotonic() - started, 3)
             if ledger is not None:

@@ -109,7 +109,13 @@ class Quarantine:
     path: Path | None = None
     count: int = 0
     first: list[str] = field(default_factory=list)
+    skipped: dict[str, int] = field(default_factory=dict)  # records left out on purpose, by reason
     _fh: object = None
+
+    def skip(self, reason: str, n: int = 1) -> None:
+        """Count records an importer leaves out on purpose (tool definitions, deleted memories, ...)."""
+        if n:
+            self.skipped[reason] = self.skipped.get(reason, 0) + n
 
     def add(self, error: SourceFormatError, raw: str | bytes | None = None) -> None:
         self.count += 1

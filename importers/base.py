@@ -2,14 +2,18 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Protocol
 
+import ijson
 import orjson
 import pyarrow as pa
+import yaml
 
 from etl import ids
+from etl.errors import SourceFormatError
 from etl.runs import Quarantine
 from etl.schema import ENTITY_SCHEMA, TRIPLE_SCHEMA, drawer_schema, extra_json
 
@@ -35,15 +39,137 @@ class Importer(Protocol):
 
 
 def to_utc(value: Any) -> dt.datetime | None:
-    """Parse an ISO string or epoch seconds/milliseconds into an aware UTC datetime."""
+    """Parse an ISO string or epoch seconds/milliseconds/microseconds into an aware UTC datetime.
+
+    Raises ValueError on text that is not a timestamp (the importer quarantines the record)."""
     if value is None or value == "":
         return None
-    if isinstance(value, (int, float)):
-        secs = value / 1000 if value > 1e11 else value
+    if isinstance(value, dt.datetime):
+        return value.replace(tzinfo=dt.timezone.utc) if value.tzinfo is None else value.astimezone(dt.timezone.utc)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        secs = value / 1e6 if value > 1e14 else value / 1000 if value > 1e11 else value
         return dt.datetime.fromtimestamp(secs, tz=dt.timezone.utc)
-    text = str(value).strip().replace("Z", "+00:00")
-    parsed = dt.datetime.fromisoformat(text)
+    text = str(value).strip()
+    if re.fullmatch(r"\d+(\.\d+)?", text):
+        return to_utc(float(text))
+    parsed = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
     return parsed.replace(tzinfo=dt.timezone.utc) if parsed.tzinfo is None else parsed.astimezone(dt.timezone.utc)
+
+
+def iso(value: Any) -> str | None:
+    """A timestamp as UTC ISO text (for KG validity columns), or None."""
+    when = to_utc(value)
+    return when.isoformat() if when else None
+
+
+def text_of(rec: dict, *keys: str) -> str | None:
+    """The first non-blank string among ``keys``."""
+    for k in keys:
+        v = rec.get(k)
+        if isinstance(v, str) and v.strip():
+            return v.strip()
+    return None
+
+
+def head(path: Path, n: int = 65536) -> bytes:
+    """The first bytes of a file (b"" when it cannot be read): for ``detect``."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(n)
+    except OSError:
+        return b""
+
+
+def files_under(path: Path, suffixes: tuple[str, ...]) -> list[Path]:
+    """``path`` itself, or the files under a directory with one of ``suffixes`` (sorted, dot-dirs skipped)."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    return sorted(p for p in path.rglob("*") if p.is_file() and p.name.lower().endswith(suffixes)
+                  and not any(part.startswith(".") for part in p.relative_to(path).parts))
+
+
+def json_records(path: Path, array_keys: tuple[str, ...], quarantine: Quarantine) -> Iterator[tuple[str, int, Any]]:
+    """Stream ``(key, n, record)`` from a JSON source without loading it whole.
+
+    Accepts a top-level array (key ``""``), an object whose ``array_keys`` hold arrays, or JSONL
+    where each line is a record or such an object (paginated dumps). A document that breaks off
+    mid-way quarantines the rest with the record number it reached.
+    """
+    first = head(path, 1 << 20).lstrip()
+    if not first:
+        return
+    line = first.split(b"\n", 1)[0]
+    jsonl = False
+    if first[:1] == b"{" and b"\n" in first.rstrip():
+        try:
+            jsonl = isinstance(orjson.loads(line), dict)
+        except orjson.JSONDecodeError:
+            jsonl = False
+    if jsonl:
+        yield from _jsonl_records(path, array_keys, quarantine)
+        return
+    prefixes = ["item"] if first[:1] == b"[" else [f"{k}.item" for k in array_keys]
+    for prefix in prefixes:
+        n = 0
+        with open(path, "rb") as f:
+            try:
+                for n, rec in enumerate(ijson.items(f, prefix, use_float=True), 1):
+                    yield prefix.removesuffix(".item").removesuffix("item"), n, rec
+            except ijson.JSONError as exc:
+                quarantine.add(SourceFormatError(path, None, f"invalid JSON after record {n} of "
+                                                 f"{prefix.removesuffix('.item') or 'the array'}: {exc}"), None)
+                return
+
+
+def _jsonl_records(path: Path, array_keys: tuple[str, ...], quarantine: Quarantine):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                rec = orjson.loads(raw)
+            except orjson.JSONDecodeError as exc:
+                quarantine.add(SourceFormatError(path, lineno, f"invalid JSON ({exc})"), raw)
+                continue
+            pages = [k for k in array_keys if isinstance(rec, dict) and isinstance(rec.get(k), list)]
+            if pages:
+                for k in pages:
+                    for item in rec[k]:
+                        yield k, lineno, item
+            else:
+                yield "", lineno, rec
+
+
+def frontmatter(text: str) -> tuple[dict, str]:
+    """Split ``---`` YAML frontmatter from a markdown body. YAML that a strict parser rejects (real
+    files have unquoted colons in values) falls back to ``key: value`` lines, nested one level."""
+    if not text.startswith("---"):
+        return {}, text
+    m = re.match(r"---[ \t]*\r?\n(.*?)\r?\n---[ \t]*(?:\r?\n|$)", text, re.S)
+    if not m:
+        return {}, text
+    raw, body = m.group(1), text[m.end():]
+    try:
+        meta = yaml.safe_load(raw)
+        if isinstance(meta, dict):
+            return meta, body
+    except yaml.YAMLError:
+        pass
+    meta: dict = {}
+    parent = None
+    for ln in raw.splitlines():
+        km = re.match(r"^(\s*)([\w.-]+):\s*(.*)$", ln)
+        if not km:
+            continue
+        indent, key, value = km.groups()
+        if indent and isinstance(parent, dict):
+            parent[key] = value.strip().strip("'\"")
+        elif not value.strip():
+            parent = meta[key] = {}
+        else:
+            meta[key], parent = value.strip().strip("'\""), None
+    return meta, body
 
 
 class RowBuffer:
@@ -54,23 +180,33 @@ class RowBuffer:
         self.batch_size = batch_size
         self.adapter_name = f"palace-etl:{origin_system}"
         self._drawers: list[dict] = []
+        self._vectors: dict[tuple[str, int], list[dict]] = {}  # (embedder, dim) -> rows with vectors
         self._ids: set[str] = set()
         self._entities: dict[str, dict] = {}
         self._triples: list[dict] = []
 
     def drawer(self, *, id: str, document: str, wing: str, room: str, source_file: str, chunk_index: int,
                origin_id: str, added_by: str = "palace-etl", hall: str | None = None,
-               created_at: Any = None, updated_at: Any = None, extra: dict | None = None) -> bool:
-        """Add a drawer; False if this batch already holds the id (the loader dedupes across batches)."""
+               created_at: Any = None, updated_at: Any = None, extra: dict | None = None,
+               embedding: list[float] | None = None, embedder: str | None = None) -> bool:
+        """Add a drawer; False if this batch already holds the id (the loader dedupes across batches).
+
+        ``embedding`` + ``embedder`` carry a source's own vector (its model identity decides whether the
+        loader keeps it); such rows travel in their own batches."""
         if id in self._ids:
             return False
         self._ids.add(id)
-        self._drawers.append({
+        target = self._drawers
+        if embedding is not None and embedder:
+            key = (embedder, len(embedding))
+            target = self._vectors.setdefault(key, [])
+        target.append({
             "id": id, "document": document, "wing": wing, "room": room, "source_file": source_file,
             "chunk_index": chunk_index, "added_by": added_by, "filed_at": None, "hall": hall,
             "origin_system": self.origin_system, "origin_id": origin_id,
             "content_sha256": ids.content_sha256(document),
             "created_at": to_utc(created_at), "updated_at": to_utc(updated_at), "extra": extra_json(extra),
+            **({"embedding": [float(x) for x in embedding]} if target is not self._drawers else {}),
         })
         return True
 
@@ -91,13 +227,16 @@ class RowBuffer:
         })
 
     def full(self) -> bool:
-        return len(self._drawers) >= self.batch_size or len(self._triples) >= self.batch_size
+        return (len(self._drawers) + sum(map(len, self._vectors.values())) >= self.batch_size
+                or len(self._triples) >= self.batch_size)
 
     def flush(self, final: bool = False) -> Iterator[pa.RecordBatch]:
         """Yield what is buffered: drawers, triples, and (at the end only) entities."""
         if self._drawers:
             yield pa.RecordBatch.from_pylist(self._drawers, schema=drawer_schema())
-            self._drawers, self._ids = [], set()
+        for (embedder, dim), rows in self._vectors.items():
+            yield pa.RecordBatch.from_pylist(rows, schema=drawer_schema(dim, embedder))
+        self._drawers, self._vectors, self._ids = [], {}, set()
         if final and self._entities:
             rows = list(self._entities.values())
             for i in range(0, len(rows), self.batch_size):
@@ -106,3 +245,66 @@ class RowBuffer:
         if self._triples:
             yield pa.RecordBatch.from_pylist(self._triples, schema=TRIPLE_SCHEMA)
             self._triples = []
+
+
+def origin_drawer_id(wing: str, room: str, origin_system: str, origin_id: str, chunk: int = 0) -> str:
+    """A drawer id from the source's own record id (MemPalace's chunk recipe, the source key as its
+    file): re-importing an edited record updates its drawer instead of adding a second one."""
+    return ids.drawer_id_from_chunk(wing, room, f"{origin_system}:{origin_id}", chunk)
+
+
+def is_sqlite(path: Path) -> bool:
+    return head(path, 16) == b"SQLite format 3\x00"
+
+
+def sqlite_ro(path: Path):
+    """A read-only connection to another program's SQLite database (WAL-safe, never writes)."""
+    import sqlite3
+
+    conn = sqlite3.connect(f"file:{Path(path).resolve()}?mode=ro", uri=True, timeout=30)
+    conn.row_factory = sqlite3.Row
+    return conn
+
+
+def sqlite_tables(path: Path) -> set[str]:
+    import sqlite3
+
+    try:
+        conn = sqlite_ro(path)
+        try:
+            return {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type IN ('table', 'view')")}
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError:
+        return set()
+
+
+class Exchanges:
+    """A conversation as drawers, one per exchange: a user turn and the replies that follow it
+    (MemPalace's convo miner files transcripts the same way: ``> user`` then the answer)."""
+
+    def __init__(self, buf: RowBuffer, *, wing: str, origin: str, source: str, room: str = "conversations",
+                 extra: dict | None = None):
+        self.buf, self.wing, self.origin, self.source, self.room = buf, wing, origin, source, room
+        self.extra = extra or {}
+        self.turn: dict | None = None
+        self.chunk = 0
+
+    def user(self, text: str, key: str, at: Any = None) -> None:
+        self.close()
+        self.turn = {"key": key, "at": at, "last": at, "lines": [f"> {text.strip()}"]}
+
+    def reply(self, text: str, at: Any = None) -> None:
+        if self.turn is not None and text and text.strip():
+            self.turn["lines"].append(text.strip())
+            self.turn["last"] = at or self.turn["last"]
+
+    def close(self) -> None:
+        t, self.turn = self.turn, None
+        if t is None:
+            return
+        self.buf.drawer(id=origin_drawer_id(self.wing, self.room, self.origin, t["key"]),
+                        document="\n".join(t["lines"]), wing=self.wing, room=self.room, hall="conversations",
+                        source_file=self.source, chunk_index=self.chunk, origin_id=t["key"], created_at=t["at"],
+                        updated_at=t["last"], extra={**self.extra, "turns": len(t["lines"])})
+        self.chunk += 1

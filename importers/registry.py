@@ -3,12 +3,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from etl.errors import PalaceEtlError
+from etl.errors import PalaceEtlError, SourceMissing
 
 from .base import Importer
+from .chatgpt import ChatGPTImporter
+from .claude_ai import ClaudeAIImporter
+from .claude_code import ClaudeCodeImporter
+from .letta import LettaImporter
 from .mcp_memory import McpMemoryImporter
+from .mcp_memory_service import McpMemoryServiceImporter
+from .mem0 import Mem0Importer
+from .zep import ZepImporter
 
-IMPORTERS: dict[str, Importer] = {imp.name: imp for imp in (McpMemoryImporter(),)}
+IMPORTERS: dict[str, Importer] = {imp.name: imp for imp in (
+    McpMemoryImporter(), Mem0Importer(), LettaImporter(), ZepImporter(), McpMemoryServiceImporter(),
+    ClaudeCodeImporter(), ChatGPTImporter(), ClaudeAIImporter(),
+)}
 
 
 def get_importer(name: str) -> Importer:
@@ -22,3 +32,17 @@ def get_importer(name: str) -> Importer:
 def detect(path: Path) -> list[str]:
     """Names of the importers whose ``detect`` accepts ``path``."""
     return [name for name, imp in IMPORTERS.items() if imp.detect(Path(path))]
+
+
+def choose(path: Path) -> str:
+    """The one importer that recognises ``path``; otherwise an error listing the candidates."""
+    if not Path(path).exists():
+        raise SourceMissing(f"import auto {path}: no such file or directory")
+    found = detect(path)
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise PalaceEtlError(f"import auto {path}: no importer recognises this format",
+                             hint="`palace-etl sources` lists them; name one: palace-etl import NAME PATH")
+    raise PalaceEtlError(f"import auto {path}: several formats match: {', '.join(found)}",
+                         hint=f"name one: palace-etl import {found[0]} {path} ...")

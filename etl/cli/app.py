@@ -79,24 +79,58 @@ def _progress(json_out: bool, quiet: bool) -> bool:
     return not (json_out or quiet) and sys.stderr.isatty()
 
 
-@import_app.command("mcp-memory")
-def import_mcp_memory(
-    path: Path = typer.Argument(..., help="memory.jsonl, memory.json or read_graph JSON"),
-    palace: str = PALACE, wing: Optional[str] = typer.Option(None, "--wing", help="Wing for all drawers."),
-    kg: Optional[Path] = KG, dry_run: bool = typer.Option(False, "--dry-run", help="Show the plan; write nothing."),
+EMBEDDER_URL = typer.Option(None, "--embedder-url")
+EMBEDDER_MODEL = typer.Option(None, "--embedder-model")
+EMBEDDER_DIM = typer.Option(None, "--embedder-dim")
+DRY_RUN = typer.Option(False, "--dry-run", help="Show the plan; write nothing.")
+WING = typer.Option(None, "--wing", help="Wing for all drawers.")
+BATCH = typer.Option(1000, "--batch-size", help="Drawers per batch.")
+
+
+def _import_command(name: str, description: str) -> None:
+    """Register ``palace-etl import NAME``: every importer takes the same options."""
+    def command(path: Path = typer.Argument(..., help=description), palace: str = PALACE,
+                wing: Optional[str] = WING, kg: Optional[Path] = KG, dry_run: bool = DRY_RUN,
+                json_out: bool = JSON, quiet: bool = QUIET, embedder: str = EMBEDDER,
+                embedder_url: Optional[str] = EMBEDDER_URL, embedder_model: Optional[str] = EMBEDDER_MODEL,
+                embedder_dim: Optional[int] = EMBEDDER_DIM, lock_timeout: float = LOCK_TIMEOUT,
+                batch_size: int = BATCH) -> None:
+        _run_import(name, path, palace, kg, dry_run, json_out, quiet,
+                    _embedder(embedder, embedder_url, embedder_model, embedder_dim), lock_timeout, wing, batch_size)
+
+    command.__doc__ = f"Import {description}."
+    import_app.command(name)(command)
+
+
+@import_app.command("auto")
+def import_auto(
+    path: Path = typer.Argument(..., help="A file or directory in any supported format."),
+    palace: str = PALACE, wing: Optional[str] = WING, kg: Optional[Path] = KG, dry_run: bool = DRY_RUN,
     json_out: bool = JSON, quiet: bool = QUIET, embedder: str = EMBEDDER,
-    embedder_url: Optional[str] = typer.Option(None, "--embedder-url"),
-    embedder_model: Optional[str] = typer.Option(None, "--embedder-model"),
-    embedder_dim: Optional[int] = typer.Option(None, "--embedder-dim"),
-    lock_timeout: float = LOCK_TIMEOUT,
-    batch_size: int = typer.Option(1000, "--batch-size", help="Drawers per batch."),
+    embedder_url: Optional[str] = EMBEDDER_URL, embedder_model: Optional[str] = EMBEDDER_MODEL,
+    embedder_dim: Optional[int] = EMBEDDER_DIM, lock_timeout: float = LOCK_TIMEOUT, batch_size: int = BATCH,
 ) -> None:
-    """Import the MCP memory server's knowledge graph file."""
-    _run_import("mcp-memory", path, palace, wing, kg, dry_run, json_out, quiet,
-                _embedder(embedder, embedder_url, embedder_model, embedder_dim), lock_timeout, batch_size)
+    """Sniff the format with every importer's detect; import if exactly one matches."""
+    from importers.registry import choose
+
+    name = choose(path)
+    if not quiet:
+        print(f"import auto: {path} looks like {name}", file=sys.stderr)
+    _run_import(name, path, palace, kg, dry_run, json_out, quiet,
+                _embedder(embedder, embedder_url, embedder_model, embedder_dim), lock_timeout, wing, batch_size)
 
 
-def _run_import(name, path, palace, wing, kg, dry_run, json_out, quiet, embedder, lock_timeout, batch_size):
+def _register_importers() -> None:
+    from importers.registry import IMPORTERS
+
+    for name, imp in IMPORTERS.items():
+        _import_command(name, imp.description)
+
+
+_register_importers()
+
+
+def _run_import(name, path, palace, kg, dry_run, json_out, quiet, embedder, lock_timeout, wing, batch_size):
     from etl.load import run_import
     from importers.base import ImportOptions
     from importers.registry import get_importer

@@ -28,6 +28,8 @@ def import_report(r: dict) -> None:
         typer.echo(f"  resumed: {r['batches_resumed']} batches ({r['rows_resumed']} rows) already committed")
     for wing, rooms in sorted(r["per_room"].items()):
         typer.echo(f"  wing {wing}: " + ", ".join(f"{room} {n}" for room, n in sorted(rooms.items())))
+    if r.get("skipped"):
+        typer.echo("  skipped on purpose: " + ", ".join(f"{n} {why}" for why, n in sorted(r["skipped"].items())))
     if r["quarantined"]:
         typer.echo(f"  quarantined: {r['quarantined']} records"
                    + (f" -> {r['quarantine_file']}" if r["quarantine_file"] else ""))

@@ -1,0 +1,242 @@
+"""Every importer: the contract over the registry, the real corpus files with counts derived by
+reading them, and the database sources built from their real DDL."""
+from __future__ import annotations
+
+import gzip
+import json
+import sqlite3
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from etl.runs import Quarantine
+from etl.schema import DRAWERS, TRIPLES, batch_kind, validate_batch
+from importers.base import ImportOptions
+from importers.registry import IMPORTERS, choose, get_importer
+
+from .helpers import CORPUS, FIXTURES, REPO, cli_json, run_cli
+
+SAMPLES = {  # one small realistic input per importer (sample_data/), and one with broken records
+    "mcp-memory": ("mcp-memory/memory.jsonl", "../mcp-memory/broken.jsonl"),
+    "mem0": ("mem0/mem0_get_all.json", "mem0.json"),
+    "letta": ("letta/companion.af", "letta.af"),
+    "zep": ("zep/graph_dump.json", "zep.json"),
+    "mcp-memory-service": ("mcp-memory-service/memories_export.json", "mcp-memory-service.json"),
+    "claude-code": ("claude-code/projects", "claude-code.jsonl"),
+    "chatgpt": ("chatgpt/conversations.json", "chatgpt.json"),
+    "claude-ai": ("claude-ai", "claude-ai.json"),
+}
+
+
+def read(name: str, path: Path) -> tuple[dict, Quarantine, list]:
+    q = Quarantine()
+    batches = list(get_importer(name).batches(Path(path), ImportOptions(), q))
+    counts = {}
+    for b in batches:
+        counts[validate_batch(b)] = counts.get(batch_kind(b), 0) + b.num_rows
+    return counts, q, batches
+
+
+def test_every_registered_importer_has_a_sample_and_a_broken_fixture():
+    assert set(SAMPLES) == set(IMPORTERS)
+    for sample, broken in SAMPLES.values():
+        assert (REPO / "sample_data" / sample).exists() and (FIXTURES / "broken" / broken).exists()
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLES))
+def test_contract_schema_determinism_and_auto_detection(name):
+    path = REPO / "sample_data" / SAMPLES[name][0]
+    counts, q, first = read(name, path)
+    assert counts.get(DRAWERS, 0) > 0 and q.count == 0
+    _, _, again = read(name, path)
+    assert [b.to_pylist() for b in first] == [b.to_pylist() for b in again]  # deterministic
+    assert choose(path) == name
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLES))
+def test_contract_empty_input_is_not_an_error(name, tmp_path):
+    suffix = Path(SAMPLES[name][0]).suffix
+    empty = tmp_path / ("empty" + suffix) if suffix else tmp_path / "empty"
+    empty.mkdir() if not suffix else empty.write_bytes(b"")
+    counts, q, _ = read(name, empty)
+    assert counts.get(DRAWERS, 0) == 0 and q.count == 0
+
+
+BROKEN = {  # records quarantined in tests/fixtures/broken, counted by reading each file
+    "mcp-memory": None,  # covered in test_mcp_memory.py with its own fixture
+    "mem0": (2, 2),  # no memory text; "last tuesday" is not a timestamp
+    "letta": (1, 1),  # block-1 has no label and a non-string value
+    "zep": (3, 1),  # e2 has no content; f1 ends before it starts; f2 names a missing node (f3: a triple only)
+    "mcp-memory-service": (3, 1),  # empty content, a string record, "soon" as a timestamp
+    "claude-code": (3, 1),  # "{not json", a bare array, "yesterday-ish"; x1/x2 is the good exchange
+    "chatgpt": (1, 1),  # the second conversation has no mapping
+    "claude-ai": (2, 1),  # an object that is none of the three kinds, and a number
+}
+
+
+@pytest.mark.parametrize("name", sorted(n for n in BROKEN if BROKEN[n]))
+def test_contract_broken_records_are_quarantined_and_the_rest_imports(name, tmp_path):
+    bad, good = BROKEN[name]
+    path = FIXTURES / "broken" / SAMPLES[name][1]
+    report = cli_json("import", name, path, "--palace", tmp_path / "p", check=3)
+    assert report["quarantined"] == bad and report["drawers_written"] == good
+    lines = Path(report["quarantine_file"]).read_text().splitlines()
+    assert len(lines) == bad and all(json.loads(x)["file"] == str(path) for x in lines)
+
+
+@pytest.mark.parametrize("name", sorted(n for n in SAMPLES if n != "mcp-memory"))
+def test_contract_reimport_writes_nothing_and_verify_is_clean(name, tmp_path):
+    path, palace = REPO / "sample_data" / SAMPLES[name][0], tmp_path / "p"
+    first = cli_json("import", name, path, "--palace", palace)
+    assert first["drawers_written"] == first["drawers_read"] > 0
+    again = cli_json("import", name, path, "--palace", palace)
+    assert again["drawers_written"] == 0 and again["kg_rows_written"] == 0
+    assert again["drawers_unchanged"] == first["drawers_written"]
+    run_cli("verify", "--palace", palace, "--against", name, path, "--probes", "20")
+
+
+# Expected counts from reading each corpus file (see its SOURCES.md notes), not from the importer.
+CORPUS_COUNTS = [
+    # file, importer, drawers, triples, quarantined
+    ("mem0/mem0_export.json", "mem0", 4, 0, 0),  # 4 records under "results"
+    ("mem0/mem0_sample_export.json", "mem0", 5, 0, 0),  # 5 records
+    # v1: 24 user messages, 5 of them heartbeat/login JSON -> 19 exchanges, plus persona + human blocks
+    ("letta-agentfile/memgpt_agent_with_convo.v1.af", "letta", 21, 0, 0),
+    ("letta-agentfile/memgpt_agent_with_convo.v2.af", "letta", 2, 0, 0),  # 2 blocks, 1 system message
+    ("letta-agentfile/memgpt_agent.double_encoded.af", "letta", 2, 0, 0),  # same, two decodes
+    ("mcp-memory-service/memory_export_template.json", "mcp-memory-service", 3, 0, 0),  # 3 memories
+    ("zep-graphiti/sample_zep_dump.json", "zep", 6, 4, 0),  # 2 episodes + 4 fact texts; 4 edges
+    ("claude-code/55550000-0000-4000-8000-000000000002.jsonl", "claude-code", 5, 0, 0),  # 5 user text turns
+    # 11 lines: user text turns msg_001, _003, _007, _011 (the others are tool traffic) + a summary
+    ("claude-code/representative_messages.jsonl", "claude-code", 4, 0, 0),
+    # user text turns edge_001, _003, _006 and the second edge_011 line; edge_007/_008 hold only
+    # slash-command and local-command tags, edge_005/_010 tool results. Quarantined: line 11 (a
+    # string message), lines 13-16 (not records: a string, an object without type, 42, [1]).
+    ("claude-code/edge_cases.jsonl", "claude-code", 4, 0, 5),
+    # 4 files; MEMORY.md links 5 topic files, cursor-runs... links 1 -> 6 links_to triples
+    ("claude-code-memory", "claude-code", 4, 6, 0),
+    ("chatgpt/conversations.json", "chatgpt", 2, 0, 0),  # 1 user turn each; a branch is not a second turn
+    ("chatgpt/chatgpt_export.json", "chatgpt", 3, 0, 0),  # 2 + 1 user turns
+    ("claude-ai/conversations.json", "claude-ai", 1, 0, 0),  # 1 human message
+    ("claude-ai/claude_export.json", "claude-ai", 5, 0, 0),  # 2 + 2 + 1 human messages
+]
+
+
+@pytest.mark.parametrize("rel, name, drawers, triples, bad", CORPUS_COUNTS)
+def test_corpus_files_import_with_expected_counts(rel, name, drawers, triples, bad):
+    counts, q, _ = read(name, CORPUS / rel)
+    assert (counts.get(DRAWERS, 0), counts.get(TRIPLES, 0), q.count) == (drawers, triples, bad), q.first
+
+
+def test_every_corpus_file_is_covered():
+    covered = {rel for rel, *_ in CORPUS_COUNTS} | {"mcp-memory/memory.jsonl"}  # test_mcp_memory.py
+    files = {str(p.relative_to(CORPUS)) for p in CORPUS.rglob("*") if p.is_file() and p.name != "SOURCES.md"}
+    assert all(f in covered or any(f.startswith(c + "/") for c in covered) for f in files), files - covered
+
+
+def test_zep_validity_becomes_triple_validity(tmp_path):
+    cli_json("import", "zep", REPO / "sample_data/zep/graph_dump.json", "--palace", tmp_path / "p")
+    with sqlite3.connect(tmp_path / "p" / "knowledge_graph.sqlite3") as conn:
+        rows = sorted(conn.execute("SELECT object, valid_from, valid_to FROM triples"))
+    assert rows == [("nightly", "2026-04-10T15:00:00+00:00", None),
+                    ("hourly", "2026-03-02T09:00:00+00:00", "2026-04-10T15:00:00+00:00")][::-1]
+
+
+def test_mem0_history_db_rebuilds_current_memories(tmp_path):
+    db = tmp_path / "history.db"
+    with sqlite3.connect(db) as conn:  # mem0/memory/storage.py's DDL
+        conn.execute("CREATE TABLE history (id TEXT PRIMARY KEY, memory_id TEXT, old_memory TEXT, new_memory TEXT, "
+                     "event TEXT, created_at DATETIME, updated_at DATETIME, is_deleted INTEGER, actor_id TEXT, "
+                     "role TEXT)")
+        conn.executemany("INSERT INTO history VALUES (?,?,?,?,?,?,?,?,?,?)", [
+            ("h1", "m1", None, "Likes jazz", "ADD", "2026-01-01T00:00:00", None, 0, None, "user"),
+            ("h2", "m1", "Likes jazz", "Likes jazz and blues", "UPDATE", "2026-01-01T00:00:00", "2026-02-01T00:00:00",
+             0, None, "user"),
+            ("h3", "m2", None, "Lives in Oslo", "ADD", "2026-01-03T00:00:00", None, 0, None, "user"),
+            ("h4", "m2", "Lives in Oslo", None, "DELETE", "2026-01-03T00:00:00", "2026-03-01T00:00:00", 1, None, None),
+            ("h5", "m3", None, "Has two kids", "ADD", "2026-01-04T00:00:00", None, 0, None, "user")])
+    assert choose(db) == "mem0"
+    r = cli_json("import", "mem0", db, "--palace", tmp_path / "p")
+    assert r["drawers_written"] == 2 and r["skipped"] == {"deleted memories": 1}
+    docs = sorted(run_docs(tmp_path / "p"))
+    assert docs == ["Has two kids", "Likes jazz and blues"]
+
+
+def test_openmemory_export_zip(tmp_path):
+    z = tmp_path / "memories_export_dana.zip"
+    lines = [{"id": "a", "content": "Prefers dark roast", "state": "active", "app": "cursor", "categories": ["food"],
+              "created_at": "2026-01-01T00:00:00Z", "updated_at": "2026-01-01T00:00:00Z"},
+             {"id": "b", "content": "Old address", "state": "deleted", "app": "cursor", "categories": []}]
+    with zipfile.ZipFile(z, "w") as zf:
+        zf.writestr("memories.jsonl.gz", gzip.compress("\n".join(json.dumps(x) for x in lines).encode()))
+        zf.writestr("memories.json", json.dumps({"memories": [], "apps": []}))
+    assert choose(z) == "mem0"
+    counts, q, batches = read("mem0", z)
+    assert counts[DRAWERS] == 1 and q.skipped == {"deleted memories": 1}
+    assert batches[0].to_pylist()[0]["room"] == "food"
+
+
+def run_docs(palace: Path) -> list[str]:
+    from palace.layout import layout_for
+    from palace.vectors import VectorStore
+
+    store = VectorStore(layout_for(palace))
+    try:
+        return [d for _, _, d, _ in store.scan(("documents",))]
+    finally:
+        store.close()
+
+
+def test_mcp_memory_service_database_carries_its_vectors(tmp_path, embedder):
+    """A real sqlite_vec.db (the service's DDL, a real vec0 table made by the sqlite-vec extension
+    through apsw); the importer reads vec0's storage without the extension."""
+    apsw = pytest.importorskip("apsw")
+    sqlite_vec = pytest.importorskip("sqlite_vec")
+    db = tmp_path / "sqlite_vec.db"
+    texts = ["Deploys happen on Thursdays", "The API key rotates monthly", "Old note, deleted", "Chunk one. ",
+             "Chunk two."]
+    conn = apsw.Connection(str(db))
+    conn.enable_load_extension(True)
+    conn.load_extension(sqlite_vec.loadable_path())
+    conn.execute("""CREATE TABLE memories (id INTEGER PRIMARY KEY AUTOINCREMENT, content_hash TEXT UNIQUE NOT NULL,
+        content TEXT NOT NULL, tags TEXT, memory_type TEXT, metadata TEXT, created_at REAL, updated_at REAL,
+        created_at_iso TEXT, updated_at_iso TEXT, deleted_at REAL DEFAULT NULL)""")
+    conn.execute("CREATE VIRTUAL TABLE memory_embeddings USING vec0(content_embedding FLOAT[384] distance_metric=cosine)")
+    conn.execute("""CREATE TABLE memory_graph (source_hash TEXT, target_hash TEXT, similarity REAL,
+        connection_types TEXT, metadata TEXT, created_at REAL, relationship_type TEXT DEFAULT 'related',
+        PRIMARY KEY (source_hash, target_hash))""")
+    vecs = embedder.embed(texts)
+    metas = [{"project": "ops"}, {}, {}, {"chunk_index": 0, "original_hash": "whole"},
+             {"chunk_index": 1, "original_hash": "whole"}]
+    for i, (t, v, m) in enumerate(zip(texts, vecs, metas), 1):
+        conn.execute("INSERT INTO memories (id, content_hash, content, tags, memory_type, metadata, created_at, "
+                     "updated_at, deleted_at) VALUES (?,?,?,?,?,?,?,?,?)",
+                     (i, f"hash{i}", t, "ops,deploy", "note", json.dumps(m), 1767225600.0 + i, 1767225600.0 + i,
+                      1767225700.0 if i == 3 else None))
+        conn.execute("INSERT INTO memory_embeddings(rowid, content_embedding) VALUES (?, ?)",
+                     (i, sqlite_vec.serialize_float32(v.tolist())))
+    conn.execute("INSERT INTO memory_graph (source_hash, target_hash, relationship_type) VALUES "
+                 "('hash1', 'hash2', 'related')")
+    conn.close()
+    assert choose(db) == "mcp-memory-service"
+    counts, q, batches = read("mcp-memory-service", db)
+    carried = [r for b in batches if "embedding" in b.schema.names for r in b.to_pylist()]
+    assert {r["document"] for r in carried} == set(texts[:2])
+    for r in carried:
+        want = vecs[texts.index(r["document"])]
+        assert float(np.dot(np.asarray(r["embedding"]), want)) > 0.99999
+    assert q.skipped == {"soft-deleted memories": 1} and counts[TRIPLES] == 1
+    r = cli_json("import", "mcp-memory-service", db, "--palace", tmp_path / "p")
+    assert r["vectors_carried"] == 2 and r["vectors_embedded"] == 1  # the reassembled chunks are re-embedded
+    assert "Chunk one. Chunk two." in run_docs(tmp_path / "p")
+
+
+def test_import_auto_reports_its_choice_and_stops_when_unsure(tmp_path):
+    proc = run_cli("import", "auto", REPO / "sample_data/zep/graph_dump.json", "--palace", tmp_path / "p",
+                   "--dry-run")
+    assert "looks like zep" in proc.stderr
+    odd = tmp_path / "notes.txt"
+    odd.write_text("just some text\n")
+    assert "no importer recognises" in run_cli("import", "auto", odd, "--palace", tmp_path / "p", check=1).stderr
