@@ -109,6 +109,13 @@ def json_records(path: Path, array_keys: tuple[str, ...], quarantine: Quarantine
     if jsonl:
         yield from _jsonl_records(path, array_keys, quarantine)
         return
+    if first[:1] == b"{":
+        keys = _top_level_keys(path, quarantine)
+        if keys is None:
+            return
+        if not keys & set(array_keys):  # a single record (a memory file, one conversation): small
+            yield "", 1, orjson.loads(path.read_bytes())
+            return
     prefixes = ["item"] if first[:1] == b"[" else [f"{k}.item" for k in array_keys]
     for prefix in prefixes:
         n = 0
@@ -120,6 +127,20 @@ def json_records(path: Path, array_keys: tuple[str, ...], quarantine: Quarantine
                 quarantine.add(SourceFormatError(path, None, f"invalid JSON after record {n} of "
                                                  f"{prefix.removesuffix('.item') or 'the array'}: {exc}"), None)
                 return
+
+
+def _top_level_keys(path: Path, quarantine: Quarantine) -> set[str] | None:
+    """The keys of a top-level JSON object, streamed; None (and quarantined) when it is not valid JSON."""
+    keys = set()
+    with open(path, "rb") as f:
+        try:
+            for prefix, event, value in ijson.parse(f):
+                if prefix == "" and event == "map_key":
+                    keys.add(value)
+        except ijson.JSONError as exc:
+            quarantine.add(SourceFormatError(path, None, f"invalid JSON: {exc}"), None)
+            return None
+    return keys
 
 
 def _jsonl_records(path: Path, array_keys: tuple[str, ...], quarantine: Quarantine):

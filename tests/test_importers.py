@@ -240,3 +240,17 @@ def test_import_auto_reports_its_choice_and_stops_when_unsure(tmp_path):
     odd = tmp_path / "notes.txt"
     odd.write_text("just some text\n")
     assert "no importer recognises" in run_cli("import", "auto", odd, "--palace", tmp_path / "p", check=1).stderr
+
+
+def test_claude_ai_split_export_single_object_memory_file(tmp_path):
+    """Newer exports put each memory in memories/<uuid>.json as one object, with memory_files."""
+    (tmp_path / "memories").mkdir()
+    (tmp_path / "memories" / "0198.json").write_text(json.dumps({
+        "conversations_memory": "**Work context**\n\nAlex is a backend engineer.",
+        "project_memories": {"p-1": "Project uses Postgres 16"},
+        "memory_files": [{"path": "/profile.md", "content": "- Prefers metric units", "updated_at": "2026-01-02T03:04:05Z"}],
+        "account_uuid": "acct-1"}))
+    assert choose(tmp_path) == "claude-ai"
+    counts, q, batches = read("claude-ai", tmp_path)
+    rooms = sorted(r["room"] for b in batches for r in b.to_pylist())
+    assert rooms == ["claude_memory", "memory_files", "project_memory"] and q.count == 0
