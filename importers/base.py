@@ -5,7 +5,7 @@ import datetime as dt
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import IO, Any, Iterator, Protocol
 
 import ijson
 import orjson
@@ -143,16 +143,21 @@ def _top_level_keys(path: Path, quarantine: Quarantine) -> set[str] | None:
     return keys
 
 
+def jsonl_lines(f: IO[bytes], where: str | Path, quarantine: Quarantine) -> Iterator[tuple[int, bytes, Any]]:
+    """``(line number, raw line, parsed value)`` of each non-blank line of an open JSONL stream; lines
+    that are not JSON are quarantined as ``where:line``."""
+    for lineno, raw in enumerate(f, 1):
+        if not raw.strip():
+            continue
+        try:
+            yield lineno, raw, orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            quarantine.add(SourceFormatError(where, lineno, f"invalid JSON ({exc})"), raw)
+
+
 def _jsonl_records(path: Path, array_keys: tuple[str, ...], quarantine: Quarantine):
     with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                rec = orjson.loads(raw)
-            except orjson.JSONDecodeError as exc:
-                quarantine.add(SourceFormatError(path, lineno, f"invalid JSON ({exc})"), raw)
-                continue
+        for lineno, _, rec in jsonl_lines(f, path, quarantine):
             pages = [k for k in array_keys if isinstance(rec, dict) and isinstance(rec.get(k), list)]
             if pages:
                 for k in pages:

@@ -32,6 +32,7 @@ from .base import (
     files_under,
     frontmatter,
     head,
+    jsonl_lines,
     origin_drawer_id,
     to_utc,
 )
@@ -128,14 +129,7 @@ class ClaudeCodeImporter:
         seen: set[str] = set()
         talk: Exchanges | None = None
         with open(path, "rb") as f:
-            for lineno, raw in enumerate(f, 1):
-                if not raw.strip():
-                    continue
-                try:
-                    rec = orjson.loads(raw)
-                except orjson.JSONDecodeError as exc:
-                    quarantine.add(SourceFormatError(path, lineno, f"invalid JSON ({exc})"), raw)
-                    continue
+            for lineno, raw, rec in jsonl_lines(f, path, quarantine):
                 if not isinstance(rec, dict) or not rec.get("type"):
                     quarantine.add(SourceFormatError(path, lineno, "not a transcript record (no type)"), raw)
                     continue

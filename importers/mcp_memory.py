@@ -22,7 +22,7 @@ from etl import ids
 from etl.errors import SourceFormatError
 from etl.runs import Quarantine
 
-from .base import ImportOptions, RowBuffer
+from .base import ImportOptions, RowBuffer, jsonl_lines
 
 DEFAULT_WING = "mcp_memory"
 
@@ -33,14 +33,7 @@ def _records(path: Path, quarantine: Quarantine) -> Iterator[tuple[int, dict]]:
         yield from _read_graph(path)
         return
     with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                rec = orjson.loads(raw)
-            except orjson.JSONDecodeError as exc:
-                quarantine.add(SourceFormatError(path, lineno, f"invalid JSON ({exc})"), raw)
-                continue
+        for lineno, raw, rec in jsonl_lines(f, path, quarantine):
             if not isinstance(rec, dict):
                 quarantine.add(SourceFormatError(path, lineno, "not a JSON object"), raw)
                 continue

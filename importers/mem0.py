@@ -34,6 +34,7 @@ from .base import (
     head,
     is_sqlite,
     json_records,
+    jsonl_lines,
     origin_drawer_id,
     sqlite_ro,
     sqlite_tables,
@@ -53,7 +54,8 @@ class Mem0Importer:
         if not path.is_file():
             return False
         if is_sqlite(path):
-            return "history" in sqlite_tables(path) and "memories" not in sqlite_tables(path)
+            tables = sqlite_tables(path)
+            return "history" in tables and "memories" not in tables
         if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as z:
                 return bool({"memories.jsonl.gz", "memories.json"} & {Path(n).name for n in z.namelist()})
@@ -151,15 +153,7 @@ def _openmemory(path: Path, quarantine: Quarantine) -> Iterator[tuple[str, str, 
         names = {Path(n).name: n for n in z.namelist()}
         if "memories.jsonl.gz" in names:
             with z.open(names["memories.jsonl.gz"]) as raw, gzip.open(raw) as f:
-                for lineno, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        rec = orjson.loads(line)
-                    except orjson.JSONDecodeError as exc:
-                        quarantine.add(SourceFormatError(f"{path}!memories.jsonl.gz", lineno, f"invalid JSON ({exc})"),
-                                       line)
-                        continue
+                for lineno, _, rec in jsonl_lines(f, f"{path}!memories.jsonl.gz", quarantine):
                     yield f"line {lineno}", "memories", lineno, rec
             return
         with z.open(names["memories.json"]) as f:
