@@ -245,10 +245,17 @@ def _import_options(layout: PalaceLayout, kind: str, path: Path, wing: str | Non
 Held = dict[str, tuple[str, str | None, str | None]]  # id -> (content sha256, wing, room)
 
 
-def _local_rows(layout: PalaceLayout, spec) -> Held:
+class _LocalRows(dict):
+    """Every drawer's content hash, wing and room, read once: a lookup is the dict itself."""
+
+    def lookup(self, ids: list[str]) -> Held:
+        return self
+
+
+def _local_rows(layout: PalaceLayout, spec) -> _LocalRows:
     """Every drawer's content hash, wing and room, straight from chroma.sqlite3 (read-only, in pages,
     before this process opens a Chroma client on it)."""
-    held: Held = {}
+    held = _LocalRows()
     with chroma_sqlite.open_ro(chroma_sqlite.palace_db(layout.path)) as conn:
         seg = chroma_sqlite.segments(conn).get("METADATA")
         after = -1
@@ -272,7 +279,7 @@ class _ServerRows:
                 for i, d, m in zip(got["ids"], got["documents"], got["metadatas"])}
 
 
-def _check_parity(layout: PalaceLayout, held: Held | _ServerRows, against: tuple[str, Path], spec, report,
+def _check_parity(layout: PalaceLayout, held: _LocalRows | _ServerRows, against: tuple[str, Path], spec, report,
                   wing: str | None = None) -> None:
     kind, path = against
     importer = get_importer(kind)
@@ -285,7 +292,7 @@ def _check_parity(layout: PalaceLayout, held: Held | _ServerRows, against: tuple
             if kind_ == DRAWERS:
                 rows = [r for r in batch.select(["id", "wing", "room", "content_sha256"]).to_pylist()
                         if in_sample(r["id"], spec)]
-                have = held.lookup([r["id"] for r in rows]) if isinstance(held, _ServerRows) else held
+                have = held.lookup([r["id"] for r in rows])
                 for r in rows:
                     checked += 1
                     if r["id"] not in have:

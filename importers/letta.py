@@ -27,10 +27,11 @@ ROOM_CONVERSATIONS = "conversations"
 
 def _load(path: Path) -> dict:
     """An agent file is one JSON document (KB-MB); a double-encoded one is a JSON string holding it."""
-    if not path.read_bytes().strip():
+    data = path.read_bytes()
+    if not data.strip():
         return {"agents": []}  # empty input is not an error
     try:
-        doc = orjson.loads(path.read_bytes())
+        doc = orjson.loads(data)
         if isinstance(doc, str):
             doc = orjson.loads(doc)
     except orjson.JSONDecodeError as exc:

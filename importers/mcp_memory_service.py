@@ -54,8 +54,8 @@ class McpMemoryServiceImporter:
         if not path.is_file():
             return False
         if is_sqlite(path):
-            return {"memories", "memory_graph"} <= sqlite_tables(path) or (
-                "memories" in sqlite_tables(path) and "memory_embeddings_rowids" in sqlite_tables(path))
+            tables = sqlite_tables(path)
+            return {"memories", "memory_graph"} <= tables or {"memories", "memory_embeddings_rowids"} <= tables
         h = head(path)
         return b'"export_metadata"' in h or (b'"content_hash"' in h and b'"memory_type"' in h)
 
