@@ -93,8 +93,9 @@ def upsert_raw(docs: str, vectors: str, palace: str) -> dict:
     return {"seconds": time.perf_counter() - t, "rows": len(texts)}
 
 
-def migrate(workload: str, palace: str) -> dict:
-    """The real migration: every per-wing MCP memory file through run_import (parse, embed, load, KG)."""
+def migrate(workload: str, palace: str, source: str = "mcp-memory") -> dict:
+    """The real migration through run_import (parse, embed, load, KG): every per-wing MCP memory
+    file, or (``source="mem0"``) the one mem0 export file holding the same memories."""
     from etl.embed import MINILM, MiniLMEmbedder
     from etl.load import run_import
     from importers.base import ImportOptions
@@ -107,9 +108,10 @@ def migrate(workload: str, palace: str) -> dict:
         return emb.setdefault("e", MiniLMEmbedder())
     t = time.perf_counter()
     totals = {"drawers_written": 0, "drawers_unchanged": 0, "kg_rows_written": 0, "vectors_embedded": 0}
-    for f in sorted(Path(workload).glob("mcp-*.jsonl")):
-        r = run_import(get_importer("mcp-memory"), f, layout_for(palace), ImportOptions(wing=f.stem[4:]),
-                       factory, MINILM, progress=False)
+    runs = ([(f, ImportOptions(wing=f.stem[4:])) for f in sorted(Path(workload).glob("mcp-*.jsonl"))]
+            if source == "mcp-memory" else [(Path(workload) / "mem0.json", ImportOptions())])
+    for f, options in runs:
+        r = run_import(get_importer(source), f, layout_for(palace), options, factory, MINILM, progress=False)
         for k in totals:
             totals[k] += getattr(r, k)
     return {"seconds": time.perf_counter() - t, "rows": totals["drawers_written"] + totals["drawers_unchanged"],
