@@ -137,8 +137,9 @@ class Loader:
         report = ImportReport(run_id, importer.name, str(source.resolve()), self.layout.location, self.dry_run,
                               str(self.identity))
         palace_exists = self.layout.is_server or (Path(self.layout.location) / CHROMA_DB).exists()
-        ledger = None if self.dry_run else Ledger(self.layout.state_dir)
         quarantine = Quarantine(None if self.dry_run else self.layout.state_dir / "quarantine" / f"{run_id}.jsonl")
+        stream = importer.batches(source, options, quarantine)  # may refuse its options before anything is written
+        ledger = None if self.dry_run else Ledger(self.layout.state_dir)
         resume_after, started_run = -1, False
         try:
             if not self.dry_run or palace_exists:
@@ -150,7 +151,7 @@ class Loader:
                 started_run = True
             seen: set[str] = set()
             bar = tqdm(desc=f"import {importer.name}", unit=" drawers", disable=not self.progress, leave=False)
-            self._pipeline(enumerate(importer.batches(source, options, quarantine)), resume_after, seen, report,
+            self._pipeline(enumerate(stream), resume_after, seen, report,
                            ledger, run_id, bar)
             bar.close()
             report.quarantined = quarantine.count

@@ -228,18 +228,17 @@ def _check_ledger(layout: PalaceLayout, report: VerifyReport) -> None:
 
 
 def _import_options(layout: PalaceLayout, kind: str, path: Path, wing: str | None) -> ImportOptions:
-    """Re-read a source with the options it was imported with (the ledger has them), or ``--wing``."""
-    if wing is not None:
-        return ImportOptions(wing=wing)
+    """Re-read a source with the options it was imported with (the ledger has them); ``--wing`` overrides."""
+    used: dict = {}
     if (layout.state_dir / "ledger.sqlite3").exists():
         ledger = Ledger(layout.state_dir)
         try:
-            used = ledger.options_for(kind, path)
+            used = ledger.options_for(kind, path) or {}
         finally:
             ledger.close()
-        if used:
-            return ImportOptions(**used)
-    return ImportOptions()
+    if wing is not None:
+        used["wing"] = wing
+    return ImportOptions(**used)
 
 
 Held = dict[str, tuple[str, str | None, str | None]]  # id -> (content sha256, wing, room)

@@ -22,9 +22,27 @@ from etl.schema import ENTITY_SCHEMA, TRIPLE_SCHEMA, drawer_schema, extra_json
 class ImportOptions:
     wing: str | None = None  # overrides the importer's default wing
     batch_size: int = 1000  # drawer rows per batch
+    # generic tables (jsonl / csv / parquet) only: canonical field -> source column, and the model
+    # identity of a vector column
+    columns: tuple[tuple[str, str], ...] = ()
+    vector_model: str | None = None
+    vector_dim: int | None = None
+
+    def __post_init__(self):
+        if isinstance(self.columns, dict):  # from the run ledger's JSON
+            object.__setattr__(self, "columns", tuple(sorted(self.columns.items())))
+
+    def column(self, name: str) -> str:
+        """The source column that holds canonical field ``name``."""
+        return dict(self.columns).get(name, name)
 
     def to_dict(self) -> dict:
-        return {"wing": self.wing, "batch_size": self.batch_size}
+        out = {"wing": self.wing, "batch_size": self.batch_size}
+        if self.columns:  # only when set: run ids of plain imports stay what they were
+            out["columns"] = dict(self.columns)
+        if self.vector_model or self.vector_dim:
+            out.update(vector_model=self.vector_model, vector_dim=self.vector_dim)
+        return out
 
 
 class Importer(Protocol):
@@ -167,6 +185,10 @@ def _jsonl_records(path: Path, array_keys: tuple[str, ...], quarantine: Quaranti
                 yield "", lineno, rec
 
 
+# [[Note]], [[Note|alias]], [[Note#Heading]], [[Note^block]] -> "Note"
+WIKILINK = re.compile(r"\[\[([^\]|#^]+)(?:[#^][^\]|]*)?(?:\|[^\]]*)?\]\]")
+
+
 def frontmatter(text: str) -> tuple[dict, str]:
     """Split ``---`` YAML frontmatter from a markdown body. YAML that a strict parser rejects (real
     files have unquoted colons in values) falls back to ``key: value`` lines, nested one level."""
@@ -214,7 +236,8 @@ class RowBuffer:
     def drawer(self, *, id: str, document: str, wing: str, room: str, source_file: str, chunk_index: int,
                origin_id: str, added_by: str = "palace-etl", hall: str | None = None,
                created_at: Any = None, updated_at: Any = None, extra: dict | None = None,
-               embedding: list[float] | None = None, embedder: str | None = None) -> bool:
+               embedding: list[float] | None = None, embedder: str | None = None,
+               filed_at: str | None = None) -> bool:
         """Add a drawer; False if this batch already holds the id (the loader dedupes across batches).
 
         ``embedding`` + ``embedder`` carry a source's own vector (its model identity decides whether the
@@ -228,7 +251,7 @@ class RowBuffer:
             target = self._vectors.setdefault(key, [])
         target.append({
             "id": id, "document": document, "wing": wing, "room": room, "source_file": source_file,
-            "chunk_index": chunk_index, "added_by": added_by, "filed_at": None, "hall": hall,
+            "chunk_index": chunk_index, "added_by": added_by, "filed_at": filed_at, "hall": hall,
             "origin_system": self.origin_system, "origin_id": origin_id,
             "content_sha256": ids.content_sha256(document),
             "created_at": to_utc(created_at), "updated_at": to_utc(updated_at), "extra": extra_json(extra),
@@ -244,12 +267,13 @@ class RowBuffer:
 
     def triple(self, subject: str, predicate: str, obj: str, *, origin: str, valid_from: str | None = None,
                valid_to: str | None = None, confidence: float = 1.0, source_file: str | None = None,
-               source_drawer_id: str | None = None) -> None:
+               source_drawer_id: str | None = None, id: str | None = None, adapter_name: str | None = None) -> None:
+        """A triple; ``id`` keeps a source KG's own id (another palace), else one is derived."""
         self._triples.append({
-            "id": ids.triple_id(subject, predicate, obj, valid_from, origin), "subject": subject,
+            "id": id or ids.triple_id(subject, predicate, obj, valid_from, origin), "subject": subject,
             "predicate": ids.normalize_predicate(predicate), "object": obj, "valid_from": valid_from,
             "valid_to": valid_to, "confidence": float(confidence), "source_file": source_file,
-            "source_drawer_id": source_drawer_id, "adapter_name": self.adapter_name,
+            "source_drawer_id": source_drawer_id, "adapter_name": adapter_name or self.adapter_name,
         })
 
     def full(self) -> bool:

@@ -26,6 +26,7 @@ from etl.errors import SourceFormatError
 from etl.runs import Quarantine
 
 from .base import (
+    WIKILINK,
     Exchanges,
     ImportOptions,
     RowBuffer,
@@ -42,7 +43,6 @@ DEFAULT_WING = "claude_code"
 TYPES = ("user", "feedback", "project", "reference")
 NOISE = re.compile(r"<(system-reminder|command-name|command-message|command-args|command-contents|local-command-stdout|"
                    r"local-command-stderr|user-prompt-submit-hook)>.*?</\1>", re.S)
-WIKILINK = re.compile(r"\[\[([^\]|#^]+)(?:[#^][^\]|]*)?(?:\|[^\]]*)?\]\]")
 INDEX_LINK = re.compile(r"^\s*[-*]\s*\[([^\]]+)\]\(([^)]+\.md)\)", re.M)
 
 

@@ -6,18 +6,26 @@ from pathlib import Path
 from etl.errors import PalaceEtlError, SourceMissing
 
 from .base import Importer
+from .basic_memory import BasicMemoryImporter
 from .chatgpt import ChatGPTImporter
 from .claude_ai import ClaudeAIImporter
 from .claude_code import ClaudeCodeImporter
+from .claude_mem import ClaudeMemImporter
+from .csv_rows import CsvImporter
+from .jsonl import JsonlImporter
 from .letta import LettaImporter
 from .mcp_memory import McpMemoryImporter
 from .mcp_memory_service import McpMemoryServiceImporter
 from .mem0 import Mem0Importer
+from .mempalace_jsonl import MempalaceJsonlImporter
+from .palace_dir import PalaceImporter
+from .parquet import ParquetImporter
 from .zep import ZepImporter
 
 IMPORTERS: dict[str, Importer] = {imp.name: imp for imp in (
     McpMemoryImporter(), Mem0Importer(), LettaImporter(), ZepImporter(), McpMemoryServiceImporter(),
-    ClaudeCodeImporter(), ChatGPTImporter(), ClaudeAIImporter(),
+    ClaudeCodeImporter(), ChatGPTImporter(), ClaudeAIImporter(), BasicMemoryImporter(), ClaudeMemImporter(),
+    JsonlImporter(), CsvImporter(), ParquetImporter(), MempalaceJsonlImporter(), PalaceImporter(),
 )}
 
 

@@ -19,5 +19,6 @@ def test_bench_command_from_its_readme(tmp_path):
     report = json.loads((tmp_path / "latest.json").read_text())
     names = [r["measurement"] for r in report["rows"]]
     assert any(n.startswith("1. migrate 300") for n in names) and any(n.startswith("5b. export 600") for n in names)
+    assert any(n.startswith("1c. migrate 300 memories from one mem0") for n in names)
     assert all(r["ratio"] is None or r["ratio"] > 0 for r in report["rows"])
     assert "| measurement |" in proc.stdout

@@ -27,6 +27,13 @@ SAMPLES = {  # one small realistic input per importer (sample_data/), and one wi
     "claude-code": ("claude-code/projects", "claude-code.jsonl"),
     "chatgpt": ("chatgpt/conversations.json", "chatgpt.json"),
     "claude-ai": ("claude-ai", "claude-ai.json"),
+    "basic-memory": ("basic-memory", "basic-memory"),
+    "claude-mem": ("claude-mem/claude-mem-export.json", "claude-mem.json"),
+    "jsonl": ("jsonl/memories.jsonl", "jsonl.jsonl"),
+    "csv": ("csv/memories.csv", "csv.csv"),
+    "parquet": ("parquet/memories.parquet", "parquet.parquet"),
+    "mempalace-jsonl": ("mempalace-jsonl", "mempalace-jsonl"),
+    "palace": ("palace", None),  # a real MemPalace 3.11 palace; its broken case is made in a test
 }
 
 
@@ -42,7 +49,7 @@ def read(name: str, path: Path) -> tuple[dict, Quarantine, list]:
 def test_every_registered_importer_has_a_sample_and_a_broken_fixture():
     assert set(SAMPLES) == set(IMPORTERS)
     for sample, broken in SAMPLES.values():
-        assert (REPO / "sample_data" / sample).exists() and (FIXTURES / "broken" / broken).exists()
+        assert (REPO / "sample_data" / sample).exists() and (broken is None or (FIXTURES / "broken" / broken).exists())
 
 
 @pytest.mark.parametrize("name", sorted(SAMPLES))
@@ -73,6 +80,13 @@ BROKEN = {  # records quarantined in tests/fixtures/broken, counted by reading e
     "claude-code": (3, 1),  # "{not json", a bare array, "yesterday-ish"; x1/x2 is the good exchange
     "chatgpt": (1, 1),  # the second conversation has no mapping
     "claude-ai": (2, 1),  # an object that is none of the three kinds, and a number
+    "basic-memory": (2, 1),  # latin1.md is not UTF-8; bad-date.md's created is "sometime in spring"
+    "claude-mem": (3, 1),  # observation 2 has no text at all, 3 says "yesterday", and a bare string
+    "jsonl": (4, 1),  # line 2 is not JSON, line 3 has no text, line 4 ends before it starts, line 5 "last tuesday"
+    "csv": (3, 1),  # c-2 has six fields, c-3 no text, c-4 "next week"
+    "parquet": (2, 1),  # q-2 has no text, q-3 "the day after"
+    "mempalace-jsonl": (3, 1),  # line 2 is cut off, line 3 has no id, line 4's metadata is a list
+    "palace": None,  # test_palace_drawer_without_a_document_is_quarantined
 }
 
 
@@ -83,7 +97,7 @@ def test_contract_broken_records_are_quarantined_and_the_rest_imports(name, tmp_
     report = cli_json("import", name, path, "--palace", tmp_path / "p", check=3)
     assert report["quarantined"] == bad and report["drawers_written"] == good
     lines = Path(report["quarantine_file"]).read_text().splitlines()
-    assert len(lines) == bad and all(json.loads(x)["file"] == str(path) for x in lines)
+    assert len(lines) == bad and all(Path(json.loads(x)["file"]).is_relative_to(path) for x in lines)
 
 
 @pytest.mark.parametrize("name", sorted(n for n in SAMPLES if n != "mcp-memory"))
@@ -254,3 +268,84 @@ def test_claude_ai_split_export_single_object_memory_file(tmp_path):
     counts, q, batches = read("claude-ai", tmp_path)
     rooms = sorted(r["room"] for b in batches for r in b.to_pylist())
     assert rooms == ["claude_memory", "memory_files", "project_memory"] and q.count == 0
+
+
+def test_basic_memory_observations_and_relations_become_triples():
+    """Counted by reading sample_data/basic-memory: per note, observations (task markers, [00:01]
+    and headings aside) + relation lines + other [[links]]."""
+    counts, q, batches = read("basic-memory", REPO / "sample_data/basic-memory")
+    # ada 4 obs + 3 rel; babbage 3 + 3; engine 3 + 2 + 2 links; reading list 1 + 2 links; index 3 links
+    assert (counts[DRAWERS], counts[TRIPLES], q.count) == (5, 26, 0)
+    triples = {(r["subject"], r["predicate"], r["object"]) for b in batches if batch_kind(b) == TRIPLES
+               for r in b.to_pylist()}
+    assert ("Ada Lovelace", "has_fact", "Wrote the first published program for the Analytical Engine") in triples
+    assert ("Ada Lovelace", "has_name", "Augusta Ada King") in triples  # "(her married name)" is context
+    assert ("Ada Lovelace", "wrote_notes_on", "Analytical Engine") in triples
+    assert ("Reading list", "links_to", "Difference Engine") in triples
+    assert not any(p in ("has_x", "has_", "has_00:01") or o.startswith("Swade") for _, p, o in triples)
+    rooms = {r["id"]: (r["room"], r["extra"]) for b in batches if batch_kind(b) == DRAWERS for r in b.to_pylist()}
+    assert sorted(room for room, _ in rooms.values()) == ["index", "notes", "people", "people", "projects"]
+
+
+CLAUDE_MEM_DDL = [  # the columns claude-mem's src/services/sqlite/schema.sql declares (migration 35)
+    """CREATE TABLE sdk_sessions (id INTEGER PRIMARY KEY AUTOINCREMENT, content_session_id TEXT UNIQUE NOT NULL,
+       memory_session_id TEXT UNIQUE, project TEXT NOT NULL, platform_source TEXT NOT NULL DEFAULT 'claude',
+       user_prompt TEXT, started_at TEXT NOT NULL, started_at_epoch INTEGER NOT NULL, completed_at TEXT,
+       completed_at_epoch INTEGER, status TEXT NOT NULL DEFAULT 'active', worker_port INTEGER,
+       prompt_counter INTEGER DEFAULT 0, custom_title TEXT)""",
+    """CREATE TABLE observations (id INTEGER PRIMARY KEY AUTOINCREMENT, memory_session_id TEXT NOT NULL,
+       project TEXT NOT NULL, text TEXT, type TEXT NOT NULL, title TEXT, subtitle TEXT, facts TEXT, narrative TEXT,
+       concepts TEXT, files_read TEXT, files_modified TEXT, prompt_number INTEGER, discovery_tokens INTEGER DEFAULT 0,
+       content_hash TEXT, agent_type TEXT, agent_id TEXT, merged_into_project TEXT, generated_by_model TEXT,
+       metadata TEXT, created_at TEXT NOT NULL, created_at_epoch INTEGER NOT NULL,
+       UNIQUE(memory_session_id, content_hash))""",
+    """CREATE TABLE session_summaries (id INTEGER PRIMARY KEY AUTOINCREMENT, memory_session_id TEXT NOT NULL,
+       project TEXT NOT NULL, request TEXT, investigated TEXT, learned TEXT, completed TEXT, next_steps TEXT,
+       files_read TEXT, files_edited TEXT, notes TEXT, prompt_number INTEGER, discovery_tokens INTEGER DEFAULT 0,
+       merged_into_project TEXT, created_at TEXT NOT NULL, created_at_epoch INTEGER NOT NULL)""",
+    """CREATE TABLE user_prompts (id INTEGER PRIMARY KEY AUTOINCREMENT, content_session_id TEXT NOT NULL,
+       prompt_number INTEGER NOT NULL, prompt_text TEXT NOT NULL, created_at TEXT NOT NULL,
+       created_at_epoch INTEGER NOT NULL)""",
+    """CREATE TABLE directives (id INTEGER PRIMARY KEY AUTOINCREMENT, scope TEXT NOT NULL DEFAULT 'global',
+       project TEXT, content TEXT NOT NULL, status TEXT NOT NULL DEFAULT 'active', source TEXT NOT NULL DEFAULT
+       'manual', created_at TEXT NOT NULL, created_at_epoch INTEGER NOT NULL, updated_at_epoch INTEGER NOT NULL)""",
+]
+
+
+def test_claude_mem_database(tmp_path):
+    db = tmp_path / "claude-mem.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("PRAGMA journal_mode=WAL")  # as claude-mem runs it
+        for ddl in CLAUDE_MEM_DDL:
+            conn.execute(ddl)
+        conn.execute("INSERT INTO sdk_sessions (content_session_id, memory_session_id, project, started_at, "
+                     "started_at_epoch) VALUES ('c1', 's1', 'app', '2026-01-01T00:00:00Z', 1767225600000)")
+        conn.executemany("INSERT INTO observations (memory_session_id, project, type, title, subtitle, facts, "
+                         "narrative, concepts, files_modified, created_at, created_at_epoch) VALUES "
+                         "(?,?,?,?,?,?,?,?,?,?,?)", [
+                             ("s1", "app", "bugfix", "Null check in parser", "Crash on empty input",
+                              '["parse(\\"\\") threw"]', "Guarded the empty case.", '["parser"]', '["src/parse.ts"]',
+                              "2026-01-01T00:01:00Z", 1767225660000),
+                             ("s1", "app", "decision", "Keep JSON config", None, None, "YAML adds a dependency.",
+                              None, None, "2026-01-01T00:02:00Z", 1767225720000)])
+        conn.execute("INSERT INTO session_summaries (memory_session_id, project, request, learned, created_at, "
+                     "created_at_epoch) VALUES ('s1', 'app', 'Fix the parser', 'Empty input was never tested', "
+                     "'2026-01-01T00:03:00Z', 1767225780000)")
+        conn.executemany("INSERT INTO directives (project, content, status, created_at, created_at_epoch, "
+                         "updated_at_epoch) VALUES (?,?,?,?,?,?)",
+                         [("app", "Never commit .env files", "active", "x", 1767225600000, 1767225600000),
+                          ("app", "Use tabs", "retired", "x", 1767225600000, 1767225600000)])
+        conn.execute("INSERT INTO user_prompts (content_session_id, prompt_number, prompt_text, created_at, "
+                     "created_at_epoch) VALUES ('c1', 1, 'fix the parser', 'x', 1767225600000)")
+    assert choose(db) == "claude-mem"
+    counts, q, batches = read("claude-mem", db)
+    drawers = {r["room"]: r for b in batches if batch_kind(b) == DRAWERS for r in b.to_pylist()}
+    assert sorted(drawers) == ["bugfix", "decision", "directives", "session-summary"] and counts[TRIPLES] == 2
+    assert drawers["bugfix"]["document"] == ('Null check in parser\nCrash on empty input\n\nGuarded the empty case.'
+                                             '\n\n- parse("") threw')
+    assert drawers["bugfix"]["created_at"].isoformat() == "2026-01-01T00:01:00+00:00"
+    assert q.skipped == {"claude-mem sessions (not memories)": 1, "claude-mem prompts (not memories)": 1,
+                         "claude-mem directives that are not active": 1}
+    r = cli_json("import", "claude-mem", db, "--palace", tmp_path / "p")
+    assert r["drawers_written"] == 4 and r["per_room"] == {"app": {"bugfix": 1, "decision": 1, "directives": 1,
+                                                                  "session-summary": 1}}

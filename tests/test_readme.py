@@ -72,3 +72,21 @@ def test_sync_block(tmp_path):
         assert proc.returncode == 0, proc.stderr
     assert "no problems found" in proc.stderr
     assert len(list(shared.glob("palace-*"))) == 1
+
+
+def test_generic_tables_block(tmp_path, embedder):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (block,) = [b for b in blocks("text") if b.startswith("palace-etl import csv")]
+    (tmp_path / "notes.csv").write_text("body,project,when\nStandup moved to 09:30,team,2025-05-01T09:00:00Z\n")
+    texts = ["The VPN needs the hardware key", "Backups run at 02:00"]
+    pq.write_table(pa.table({"text": texts, "vec": [v.tolist() for v in embedder.embed(texts)]}),
+                   tmp_path / "vectors.parquet")
+    for line in block.strip().splitlines():
+        line = line.replace("~/.mempalace/palace", str(tmp_path / "palace"))
+        proc = subprocess.run(["bash", "-c", BIN + line], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "no problems found" in proc.stderr
+    status = cli_json("status", "--palace", tmp_path / "palace")
+    assert sum(sum(rooms.values()) for rooms in status["wings"].values()) == 3

@@ -19,6 +19,7 @@ from etl.errors import (
     EXIT_VERIFY_FAILED,
     PalaceEtlError,
 )
+from importers.base import ImportOptions
 
 from . import render
 
@@ -87,8 +88,25 @@ WING = typer.Option(None, "--wing", help="Wing for all drawers.")
 BATCH = typer.Option(1000, "--batch-size", help="Drawers per batch.")
 
 
-def _import_command(name: str, description: str) -> None:
-    """Register ``palace-etl import NAME``: every importer takes the same options."""
+MAP = typer.Option(None, "--map", metavar="FIELD=COLUMN", help="Read canonical FIELD (text, id, wing, room, "
+                   "created_at, tags, metadata, embedding, subject, ...) from COLUMN; repeatable.")
+VECTOR_MODEL = typer.Option(None, "--vector-model", help="Model identity of the embedding column (e.g. minilm).")
+VECTOR_DIM = typer.Option(None, "--vector-dim", help="Dimension of the embedding column (e.g. 384).")
+
+
+def _columns(pairs: Optional[list[str]]) -> dict[str, str]:
+    out = {}
+    for pair in pairs or []:
+        field, sep, column = pair.partition("=")
+        if not sep or not field.strip() or not column.strip():
+            raise typer.BadParameter(f"--map {pair!r}: expected FIELD=COLUMN, e.g. --map text=content")
+        out[field.strip()] = column.strip()
+    return out
+
+
+def _import_command(name: str, description: str, takes_columns: bool) -> None:
+    """Register ``palace-etl import NAME``: every importer takes the same options; the generic
+    tables also take a column mapping and a vector declaration."""
     def command(path: Path = typer.Argument(..., help=description), palace: str = PALACE,
                 wing: Optional[str] = WING, kg: Optional[Path] = KG, dry_run: bool = DRY_RUN,
                 json_out: bool = JSON, quiet: bool = QUIET, embedder: str = EMBEDDER,
@@ -96,10 +114,24 @@ def _import_command(name: str, description: str) -> None:
                 embedder_dim: Optional[int] = EMBEDDER_DIM, lock_timeout: float = LOCK_TIMEOUT,
                 batch_size: int = BATCH) -> None:
         _run_import(name, path, palace, kg, dry_run, json_out, quiet,
-                    _embedder(embedder, embedder_url, embedder_model, embedder_dim), lock_timeout, wing, batch_size)
+                    _embedder(embedder, embedder_url, embedder_model, embedder_dim), lock_timeout,
+                    ImportOptions(wing, batch_size))
 
-    command.__doc__ = f"Import {description}."
-    import_app.command(name)(command)
+    def table_command(path: Path = typer.Argument(..., help=description), palace: str = PALACE,
+                      columns: Optional[list[str]] = MAP, vector_model: Optional[str] = VECTOR_MODEL,
+                      vector_dim: Optional[int] = VECTOR_DIM,
+                      wing: Optional[str] = WING, kg: Optional[Path] = KG, dry_run: bool = DRY_RUN,
+                      json_out: bool = JSON, quiet: bool = QUIET, embedder: str = EMBEDDER,
+                      embedder_url: Optional[str] = EMBEDDER_URL, embedder_model: Optional[str] = EMBEDDER_MODEL,
+                      embedder_dim: Optional[int] = EMBEDDER_DIM, lock_timeout: float = LOCK_TIMEOUT,
+                      batch_size: int = BATCH) -> None:
+        _run_import(name, path, palace, kg, dry_run, json_out, quiet,
+                    _embedder(embedder, embedder_url, embedder_model, embedder_dim), lock_timeout,
+                    ImportOptions(wing, batch_size, _columns(columns), vector_model, vector_dim))
+
+    chosen = table_command if takes_columns else command
+    chosen.__doc__ = f"Import {description}."
+    import_app.command(name)(chosen)
 
 
 @import_app.command("auto")
@@ -117,27 +149,27 @@ def import_auto(
     if not quiet:
         print(f"import auto: {path} looks like {name}", file=sys.stderr)
     _run_import(name, path, palace, kg, dry_run, json_out, quiet,
-                _embedder(embedder, embedder_url, embedder_model, embedder_dim), lock_timeout, wing, batch_size)
+                _embedder(embedder, embedder_url, embedder_model, embedder_dim), lock_timeout,
+                ImportOptions(wing, batch_size))
 
 
 def _register_importers() -> None:
     from importers.registry import IMPORTERS
 
     for name, imp in IMPORTERS.items():
-        _import_command(name, imp.description)
+        _import_command(name, imp.description, getattr(imp, "takes_columns", False))
 
 
 _register_importers()
 
 
-def _run_import(name, path, palace, kg, dry_run, json_out, quiet, embedder, lock_timeout, wing, batch_size):
+def _run_import(name, path, palace, kg, dry_run, json_out, quiet, embedder, lock_timeout, options):
     from etl.load import run_import
-    from importers.base import ImportOptions
     from importers.registry import get_importer
     from palace.layout import layout_for
 
     factory, identity = embedder
-    report = run_import(get_importer(name), path, layout_for(palace, kg), ImportOptions(wing, batch_size),
+    report = run_import(get_importer(name), path, layout_for(palace, kg), options,
                         factory, identity, dry_run=dry_run, lock_timeout=lock_timeout,
                         progress=_progress(json_out, quiet)).to_dict()
     if json_out:
