@@ -76,6 +76,8 @@ def parse_sample(spec: str | None) -> tuple[int, int, float]:
 
 def in_sample(drawer_id: str, sample: tuple[int, int, float]) -> bool:
     bucket, buckets, frac = sample
+    if buckets == 1 and frac >= 1.0:  # no --sample: everything, without hashing every id
+        return True
     h = int.from_bytes(hashlib.sha256(drawer_id.encode()).digest()[:8], "big")
     return h % buckets == bucket and (frac >= 1.0 or (h >> 16) % 10_000 < frac * 10_000)
 
@@ -258,10 +260,11 @@ def _local_rows(layout: PalaceLayout, spec) -> _LocalRows:
     with chroma_sqlite.open_ro(chroma_sqlite.palace_db(layout.path)) as conn:
         seg = chroma_sqlite.segments(conn).get("METADATA")
         after = -1
-        while seg is not None and (page := chroma_sqlite.page_rows(conn, seg, after, 10_000)):
-            for _, i, doc, m in page:
+        keys = ("chroma:document", "wing", "room")
+        while seg is not None and (page := chroma_sqlite.page_fields(conn, seg, after, 10_000, keys)):
+            for _, i, m in page:
                 if in_sample(i, spec):
-                    held[i] = (content_sha256(doc or ""), m.get("wing"), m.get("room"))
+                    held[i] = (content_sha256(m.get("chroma:document") or ""), m.get("wing"), m.get("room"))
             after = page[-1][0]
     return held
 
@@ -372,6 +375,8 @@ def sample_ids(ids: list[str], spec, limit: int) -> list[str]:
 
 def _probe(store: VectorStore, ids: list[str], report: VerifyReport, layout: PalaceLayout,
            identity: EmbedderIdentity | None) -> None:
+    if not ids:
+        return
     embedder = probe_embedder(identity)
     if embedder is None and ids:
         report.not_checked.append("retrieval probes used the index's own vectors (the palace's embedder is not "

@@ -112,6 +112,25 @@ def page_rows(conn: sqlite3.Connection, segment: str, after: int, limit: int) ->
     return out
 
 
+def page_fields(conn: sqlite3.Connection, segment: str, after: int, limit: int,
+                keys: tuple[str, ...]) -> list[tuple[int, str, dict]]:
+    """Like ``page_rows`` but only the metadata ``keys`` (``chroma:document`` for the text): (rowid,
+    id, {key: value}). Reads a fraction of ``embedding_metadata`` when a check needs few keys."""
+    marks = ",".join("?" * len(keys))
+    rows = conn.execute(
+        "SELECT e.id, e.embedding_id, m.key, m.string_value, m.int_value, m.float_value, m.bool_value "
+        "FROM (SELECT id, embedding_id FROM embeddings WHERE segment_id = ? AND id > ? ORDER BY id LIMIT ?) e "
+        f"LEFT JOIN embedding_metadata m ON m.id = e.id AND m.key IN ({marks}) ORDER BY e.id",
+        (segment, after, limit, *keys)).fetchall()
+    out: list[tuple[int, str, dict]] = []
+    for rowid, eid, key, s, i, f, b in rows:
+        if not out or out[-1][0] != rowid:
+            out.append((rowid, eid, {}))
+        if key is not None:
+            out[-1][2][key] = _value(s, i, f, b)
+    return out
+
+
 def log_coverage(conn: sqlite3.Connection, collection: str = DRAWERS_COLLECTION) -> dict | None:
     """How far the vector index persisted, how far SQLite rows go, and what log is left to replay the gap.
 
