@@ -3,8 +3,9 @@
 The default embedder reproduces MemPalace's ``minilm`` vectors: Chroma's
 all-MiniLM-L6-v2 ONNX model, WordPiece truncated at 256 tokens, attention-masked
 mean pooling, L2 normalisation. It differs from Chroma's own function only in
-speed: texts are sorted by length and each batch is padded to its longest text
-instead of to 256 tokens, and one onnxruntime session is reused.
+speed: texts are sorted by length, each batch holds about ``batch_tokens`` tokens
+(many short texts or a few long ones) and is padded to its longest text instead of
+to 256 tokens, and one onnxruntime session per worker is reused.
 
 Identity strings follow MemPalace 3.11's sidecar ``model_name`` values.
 """
@@ -70,8 +71,8 @@ class MiniLMEmbedder:
 
     identity = MINILM
 
-    def __init__(self, model_dir: Path | None = None, batch_size: int = 16, workers: int | None = None,
-                 threads: int | None = None):
+    def __init__(self, model_dir: Path | None = None, batch_tokens: int = 1024, max_batch: int = 64,
+                 workers: int | None = None, threads: int | None = None):
         import onnxruntime as ort
         from tokenizers import Tokenizer
 
@@ -79,7 +80,7 @@ class MiniLMEmbedder:
         missing = [f for f in MODEL_FILES if not (self.model_dir / f).exists()]
         if missing:
             raise ModelNotInstalled(f"load embedder minilm: {self.model_dir} lacks {', '.join(missing)}")
-        self.batch_size = batch_size
+        self.batch_tokens, self.max_batch = batch_tokens, max_batch
         self.calls = 0
         tok = Tokenizer.from_file(str(self.model_dir / "tokenizer.json"))
         tok.enable_truncation(max_length=MAX_TOKENS)
@@ -109,9 +110,13 @@ class MiniLMEmbedder:
         encs = self._tok.encode_batch_fast(list(texts))
         lengths = np.array([len(e.ids) for e in encs])
         order = np.argsort(lengths, kind="stable")
-        jobs = []
-        for k, start in enumerate(range(0, len(order), self.batch_size)):
-            idx = order[start:start + self.batch_size]
+        jobs, start = [], 0
+        while start < len(order):  # as many rows as fit the token budget (padded width x rows)
+            end = start + 1
+            while (end < len(order) and end - start < self.max_batch
+                   and (end - start + 1) * lengths[order[end]] <= self.batch_tokens):
+                end += 1
+            idx, k, start = order[start:end], len(jobs), end
             width = int(lengths[idx].max())
             ids = np.zeros((len(idx), width), dtype=np.int64)
             mask = np.zeros((len(idx), width), dtype=np.int64)
