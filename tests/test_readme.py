@@ -90,3 +90,11 @@ def test_generic_tables_block(tmp_path, embedder):
     assert "no problems found" in proc.stderr
     status = cli_json("status", "--palace", tmp_path / "palace")
     assert sum(sum(rooms.values()) for rooms in status["wings"].values()) == 3
+
+
+def test_exit_code_table_matches_the_cli_help():
+    from etl.errors import EXIT_CODES_HELP
+
+    section = README.split("### Exit codes", 1)[1].split("\n## ", 1)[0]
+    table = [int(c) for c in re.findall(r"^\| (\d+) \|", section, re.M)]
+    assert table == [int(c) for c in re.findall(r"(\d+) [a-z]", EXIT_CODES_HELP)]
