@@ -70,7 +70,10 @@ def to_utc(value: Any) -> dt.datetime | None:
     text = str(value).strip()
     if re.fullmatch(r"\d+(\.\d+)?", text):
         return to_utc(float(text))
-    parsed = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    try:
+        parsed = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"{text[:60]!r} is not a timestamp (ISO 8601 or epoch seconds/ms)") from None
     return parsed.replace(tzinfo=dt.timezone.utc) if parsed.tzinfo is None else parsed.astimezone(dt.timezone.utc)
 
 

@@ -349,3 +349,11 @@ def test_claude_mem_database(tmp_path):
     r = cli_json("import", "claude-mem", db, "--palace", tmp_path / "p")
     assert r["drawers_written"] == 4 and r["per_room"] == {"app": {"bugfix": 1, "decision": 1, "directives": 1,
                                                                   "session-summary": 1}}
+
+
+def test_a_bad_timestamp_names_the_text_it_got():
+    from importers.base import to_utc
+
+    with pytest.raises(ValueError, match="'next week' is not a timestamp"):
+        to_utc("next week")
+    assert to_utc("1765410000000").isoformat() == "2025-12-10T23:40:00+00:00"  # epoch ms as text
