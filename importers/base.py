@@ -46,8 +46,9 @@ class ImportOptions:
 
 
 class Importer(Protocol):
+    """One prior memory system; registry.CATALOGUE names it and describes it for the CLI."""
+
     name: str
-    description: str
 
     def detect(self, path: Path) -> bool:
         """Cheap sniff: does ``path`` look like this importer's format?"""

@@ -80,7 +80,6 @@ def _looks_like_note(path: Path) -> bool:
 
 class BasicMemoryImporter:
     name = "basic-memory"
-    description = "Basic Memory project folder: markdown notes with observations and [[relations]]"
 
     def detect(self, path: Path) -> bool:
         path = Path(path)

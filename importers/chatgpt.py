@@ -60,7 +60,6 @@ def _text(message: dict) -> str:
 
 class ChatGPTImporter:
     name = "chatgpt"
-    description = "ChatGPT export conversations.json (array/object, split files), saved memories"
 
     def detect(self, path: Path) -> bool:
         path = Path(path)

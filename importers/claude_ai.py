@@ -43,7 +43,6 @@ def _message_text(m: dict) -> str:
 
 class ClaudeAIImporter:
     name = "claude-ai"
-    description = "Claude.ai export: conversations.json, memories, projects"
 
     def detect(self, path: Path) -> bool:
         path = Path(path)

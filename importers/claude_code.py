@@ -57,7 +57,6 @@ def _is_transcript_line(raw: bytes) -> bool:
 
 class ClaudeCodeImporter:
     name = "claude-code"
-    description = "Claude Code CLAUDE.md, auto-memory memory/*.md and session .jsonl transcripts"
 
     def detect(self, path: Path) -> bool:
         path = Path(path)

@@ -53,7 +53,6 @@ def _list(value: Any) -> list[str]:
 
 class ClaudeMemImporter:
     name = "claude-mem"
-    description = "claude-mem SQLite database (observations, session summaries) or its JSON export"
 
     def detect(self, path: Path) -> bool:
         path = Path(path)

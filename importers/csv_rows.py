@@ -47,8 +47,6 @@ def _read(path: Path, quarantine: Quarantine):
 
 class CsvImporter:
     name = "csv"
-    description = "generic CSV/TSV with a header (text, id, wing, room, created_at, tags, embedding; triples)"
-    takes_columns = True
 
     def detect(self, path: Path) -> bool:
         files = files_under(Path(path), SUFFIXES) if Path(path).exists() else []

@@ -45,8 +45,6 @@ def _read(path: Path, quarantine: Quarantine):
 
 class JsonlImporter:
     name = "jsonl"
-    description = "generic JSONL rows (text, id, wing, room, created_at, tags, metadata, embedding; triples)"
-    takes_columns = True
 
     def detect(self, path: Path) -> bool:
         files = files_under(Path(path), SUFFIXES) if Path(path).exists() else []

@@ -88,7 +88,6 @@ def _replies(message: dict) -> list[str]:
 
 class LettaImporter:
     name = "letta"
-    description = "Letta / MemGPT agent file (.af, v1, v2 and double-encoded)"
 
     def detect(self, path: Path) -> bool:
         path = Path(path)

@@ -81,7 +81,6 @@ def _text(rec: dict, *keys: str) -> str | None:
 
 class McpMemoryImporter:
     name = "mcp-memory"
-    description = "MCP memory server memory.jsonl / memory.json / read_graph JSON"
 
     def detect(self, path: Path) -> bool:
         path = Path(path)

@@ -47,7 +47,6 @@ def _tags(value) -> list[str]:
 
 class McpMemoryServiceImporter:
     name = "mcp-memory-service"
-    description = "mcp-memory-service sqlite_vec.db or its JSON export"
 
     def detect(self, path: Path) -> bool:
         path = Path(path)

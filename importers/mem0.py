@@ -47,7 +47,6 @@ TEXT_KEYS = ("memory", "data", "content", "text")
 
 class Mem0Importer:
     name = "mem0"
-    description = "mem0 get_all / Platform JSON, OSS history.db, OpenMemory export zip"
 
     def detect(self, path: Path) -> bool:
         path = Path(path)

@@ -57,7 +57,6 @@ def drawer_from_export(buf: RowBuffer, rec: dict, source: str, wing: str | None 
 
 class MempalaceJsonlImporter:
     name = "mempalace-jsonl"
-    description = "MemPalace JSONL export: <wing>/<room>.jsonl lines of {id, document, metadata}"
 
     def detect(self, path: Path) -> bool:
         files = files_under(Path(path), (".jsonl",)) if Path(path).exists() else []

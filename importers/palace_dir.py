@@ -83,7 +83,6 @@ def snapshot(palace: Path) -> Iterator[Path]:
 
 class PalaceImporter:
     name = "palace"
-    description = "another MemPalace palace directory (read-only; drawers, vectors, knowledge graph)"
 
     def detect(self, path: Path) -> bool:
         db = chroma_sqlite.palace_db(Path(path))

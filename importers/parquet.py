@@ -32,8 +32,6 @@ def _read(path: Path, quarantine: Quarantine):
 
 class ParquetImporter:
     name = "parquet"
-    description = "generic Parquet rows (text, id, wing, room, created_at, tags, embedding; triples)"
-    takes_columns = True
 
     def detect(self, path: Path) -> bool:
         files = files_under(Path(path), SUFFIXES) if Path(path).exists() else []

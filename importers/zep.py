@@ -36,7 +36,6 @@ KEYS = ("entities", "nodes", "episodes", "facts", "edges")
 
 class ZepImporter:
     name = "zep"
-    description = "Zep / Graphiti dump JSON (episodes, entities, facts with valid_at/invalid_at)"
 
     def detect(self, path: Path) -> bool:
         h = head(Path(path)) if Path(path).is_file() else b""

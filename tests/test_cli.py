@@ -1,6 +1,8 @@
 """CLI conventions: --json, exit codes, sources, status, verify findings."""
 import json
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 from palace.layout import layout_for
@@ -102,3 +104,11 @@ def test_verify_against_several_source_files_in_one_run(tmp_path):
     assert victim in missing["message"] and f"mcp-memory {two}" in missing["remedy"]
     assert "--wing 'second'" in missing["remedy"]
     run_cli("verify", "--palace", palace, one, check=2)  # extra paths without --against
+
+
+def test_cli_start_up_imports_no_importer_module():
+    """Every command (cron runs several) starts without loading pyarrow and the 15 importers."""
+    code = ("import sys, etl.cli.app; "
+            "print(sorted(m for m in sys.modules if m.startswith('importers.') or m in ('pyarrow', 'numpy')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['importers.registry']"

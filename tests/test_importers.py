@@ -14,7 +14,7 @@ import pytest
 from etl.runs import Quarantine
 from etl.schema import DRAWERS, TRIPLES, batch_kind, validate_batch
 from importers.base import ImportOptions
-from importers.registry import IMPORTERS, choose, get_importer
+from importers.registry import CATALOGUE, choose, get_importer
 
 from .helpers import CORPUS, FIXTURES, REPO, cli_json, run_cli
 
@@ -47,7 +47,7 @@ def read(name: str, path: Path) -> tuple[dict, Quarantine, list]:
 
 
 def test_every_registered_importer_has_a_sample_and_a_broken_fixture():
-    assert set(SAMPLES) == set(IMPORTERS)
+    assert set(SAMPLES) == set(CATALOGUE) and all(get_importer(n).name == n for n in CATALOGUE)
     for sample, broken in SAMPLES.values():
         assert (REPO / "sample_data" / sample).exists() and (broken is None or (FIXTURES / "broken" / broken).exists())
 

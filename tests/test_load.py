@@ -120,7 +120,6 @@ class VectorImporter:
     """A real importer whose source carries vectors (as mcp-memory-service and bundles do)."""
 
     name = "test-vectors"
-    description = "drawers with precomputed vectors"
 
     def __init__(self, texts, vectors, identity: EmbedderIdentity):
         self.texts, self.vectors, self.identity = texts, vectors, identity

@@ -19,7 +19,6 @@ from etl.errors import (
     EXIT_VERIFY_FAILED,
     PalaceEtlError,
 )
-from importers.base import ImportOptions
 
 from . import render
 
@@ -113,6 +112,8 @@ def _import_command(name: str, description: str, takes_columns: bool) -> None:
                 embedder_url: Optional[str] = EMBEDDER_URL, embedder_model: Optional[str] = EMBEDDER_MODEL,
                 embedder_dim: Optional[int] = EMBEDDER_DIM, lock_timeout: float = LOCK_TIMEOUT,
                 batch_size: int = BATCH) -> None:
+        from importers.base import ImportOptions
+
         _run_import(name, path, palace, kg, dry_run, json_out, quiet,
                     _embedder(embedder, embedder_url, embedder_model, embedder_dim), lock_timeout,
                     ImportOptions(wing, batch_size))
@@ -125,6 +126,8 @@ def _import_command(name: str, description: str, takes_columns: bool) -> None:
                       embedder_url: Optional[str] = EMBEDDER_URL, embedder_model: Optional[str] = EMBEDDER_MODEL,
                       embedder_dim: Optional[int] = EMBEDDER_DIM, lock_timeout: float = LOCK_TIMEOUT,
                       batch_size: int = BATCH) -> None:
+        from importers.base import ImportOptions
+
         _run_import(name, path, palace, kg, dry_run, json_out, quiet,
                     _embedder(embedder, embedder_url, embedder_model, embedder_dim), lock_timeout,
                     ImportOptions(wing, batch_size, _columns(columns), vector_model, vector_dim))
@@ -143,6 +146,7 @@ def import_auto(
     embedder_dim: Optional[int] = EMBEDDER_DIM, lock_timeout: float = LOCK_TIMEOUT, batch_size: int = BATCH,
 ) -> None:
     """Sniff the format with every importer's detect; import if exactly one matches."""
+    from importers.base import ImportOptions
     from importers.registry import choose
 
     name = choose(path)
@@ -154,10 +158,10 @@ def import_auto(
 
 
 def _register_importers() -> None:
-    from importers.registry import IMPORTERS
+    from importers.registry import CATALOGUE
 
-    for name, imp in IMPORTERS.items():
-        _import_command(name, imp.description, getattr(imp, "takes_columns", False))
+    for name, entry in CATALOGUE.items():
+        _import_command(name, entry.description, entry.tables)
 
 
 _register_importers()
@@ -316,9 +320,9 @@ def sync(
 @app.command()
 def sources(json_out: bool = JSON) -> None:
     """List the importers."""
-    from importers.registry import IMPORTERS
+    from importers.registry import CATALOGUE
 
-    rows = [{"name": n, "description": imp.description} for n, imp in IMPORTERS.items()]
+    rows = [{"name": n, "description": entry.description} for n, entry in CATALOGUE.items()]
     if json_out:
         render.emit_json({"importers": rows})
     else:
