@@ -103,7 +103,7 @@ def _columns(pairs: Optional[list[str]]) -> dict[str, str]:
     return out
 
 
-def _import_command(name: str, description: str, takes_columns: bool) -> None:
+def _import_command(name: str, description: str, tables: bool) -> None:
     """Register ``palace-etl import NAME``: every importer takes the same options; the generic
     tables also take a column mapping and a vector declaration."""
     def command(path: Path = typer.Argument(..., help=description), palace: str = PALACE,
@@ -132,7 +132,7 @@ def _import_command(name: str, description: str, takes_columns: bool) -> None:
                     _embedder(embedder, embedder_url, embedder_model, embedder_dim), lock_timeout,
                     ImportOptions(wing, batch_size, _columns(columns), vector_model, vector_dim))
 
-    chosen = table_command if takes_columns else command
+    chosen = table_command if tables else command
     chosen.__doc__ = f"Import {description}."
     import_app.command(name)(chosen)
 
