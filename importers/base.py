@@ -320,13 +320,19 @@ def sqlite_ro(path: Path):
     return conn
 
 
+def tables_of(conn) -> set[str]:
+    """Table and view names of an open SQLite connection."""
+    return {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type IN ('table', 'view')")}
+
+
 def sqlite_tables(path: Path) -> set[str]:
+    """Table and view names of a SQLite file (empty when it is not one)."""
     import sqlite3
 
     try:
         conn = sqlite_ro(path)
         try:
-            return {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type IN ('table', 'view')")}
+            return tables_of(conn)
         finally:
             conn.close()
     except sqlite3.DatabaseError:

@@ -111,16 +111,15 @@ class BasicMemoryImporter:
         kind = str(meta.get("type") or "note")
         room = ids.safe_name(rel.parts[0] if len(rel.parts) > 1 else meta.get("type") or "notes", "notes")
         key = str(meta.get("permalink") or rel.with_suffix("").as_posix())
-        mtime = os.stat(f).st_mtime
+        mtime, source = os.stat(f).st_mtime, str(f.resolve())
         drawer = origin_drawer_id(wing, room, ORIGIN, key)
         tags = meta.get("tags")
-        buf.drawer(id=drawer, document=body.strip(), wing=wing, room=room, source_file=str(f.resolve()),
+        buf.drawer(id=drawer, document=body.strip(), wing=wing, room=room, source_file=source,
                    chunk_index=0, origin_id=key, created_at=meta.get("created") or meta.get("date") or mtime,
                    updated_at=meta.get("modified") or meta.get("updated") or mtime,
                    extra={"title": title, "note_type": kind, "permalink": meta.get("permalink"),
                           "tags": ";".join(map(str, tags)) if isinstance(tags, list) else tags})
         buf.entity(title, kind, {"permalink": meta.get("permalink")} if meta.get("permalink") else None)
-        source = str(f.resolve())
         for category, content, _, _ in observations(body):
             buf.triple(title, f"has_{category}", content, origin=f"{ORIGIN}:{key}", source_file=source,
                        source_drawer_id=drawer)

@@ -33,6 +33,7 @@ from .base import (
     origin_drawer_id,
     sqlite_ro,
     sqlite_tables,
+    tables_of,
 )
 
 ORIGIN = "claude-mem"
@@ -153,7 +154,7 @@ def _export(path: Path, quarantine: Quarantine) -> Iterator[tuple[str, str, Any]
 def _database(path: Path) -> Iterator[tuple[str, str, Any]]:
     conn = sqlite_ro(path)
     try:
-        tables = sqlite_tables(path)
+        tables = tables_of(conn)
         for table, kind in (("observations", "observations"), ("session_summaries", "summaries"),
                             ("directives", "directives")):
             if table in tables:

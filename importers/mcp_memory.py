@@ -22,7 +22,7 @@ from etl import ids
 from etl.errors import SourceFormatError
 from etl.runs import Quarantine
 
-from .base import ImportOptions, RowBuffer, jsonl_lines
+from .base import ImportOptions, RowBuffer, jsonl_lines, text_of
 
 DEFAULT_WING = "mcp_memory"
 
@@ -71,14 +71,6 @@ def _read_graph(path: Path) -> Iterator[tuple[int, dict]]:
         yield i + 1, {"type": "relation", **rel} if isinstance(rel, dict) else rel
 
 
-def _text(rec: dict, *keys: str) -> str | None:
-    for k in keys:
-        v = rec.get(k)
-        if isinstance(v, str) and v.strip():
-            return v.strip()
-    return None
-
-
 class McpMemoryImporter:
     name = "mcp-memory"
 
@@ -112,7 +104,7 @@ class McpMemoryImporter:
             if kind == "entity":
                 self._entity(path, lineno, rec, wing, source, buf, entities, quarantine)
             elif kind == "relation":
-                src, dst, rel = _text(rec, "from"), _text(rec, "to"), _text(rec, "relationType")
+                src, dst, rel = text_of(rec, "from"), text_of(rec, "to"), text_of(rec, "relationType")
                 if not (src and dst and rel):
                     quarantine.add(SourceFormatError(path, lineno, "relation needs from, to and relationType"),
                                    orjson.dumps(rec))
@@ -129,13 +121,13 @@ class McpMemoryImporter:
 
     def _entity(self, path: Path, lineno: int, rec: dict, wing: str, source: str, buf: RowBuffer,
                 entities: dict, quarantine: Quarantine) -> None:
-        name = _text(rec, "name", "entityName", "id")
+        name = text_of(rec, "name", "entityName", "id")
         observations = rec.get("observations", [])
         if not name or not isinstance(observations, list):
             quarantine.add(SourceFormatError(path, lineno, "entity needs a name and an observations list"),
                            orjson.dumps(rec))
             return
-        etype = _text(rec, "entityType") or "unknown"
+        etype = text_of(rec, "entityType") or "unknown"
         info = entities.setdefault(ids.entity_id(name), {"name": name, "types": []})
         if etype not in info["types"]:
             info["types"].append(etype)

@@ -33,6 +33,7 @@ from .base import (
     origin_drawer_id,
     sqlite_ro,
     sqlite_tables,
+    tables_of,
 )
 
 ORIGIN = "mcp-memory-service"
@@ -132,7 +133,7 @@ def _export(path: Path, quarantine: Quarantine) -> Iterator[tuple[str, dict]]:
 def _database(path: Path) -> Iterator[tuple[str, object]]:
     conn = sqlite_ro(path)
     try:
-        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+        tables = tables_of(conn)
         cols = {r[1] for r in conn.execute("PRAGMA table_info(memories)")}
         vectors = _vectors(conn, tables)
         optional = [c for c in ("deleted_at", "superseded_by") if c in cols]

@@ -36,7 +36,7 @@ from palace.layout import (
 )
 from palace.lock import palace_lock
 
-from .base import ImportOptions, RowBuffer, sqlite_ro, sqlite_tables
+from .base import ImportOptions, RowBuffer, sqlite_ro, sqlite_tables, tables_of
 from .mempalace_jsonl import drawer_from_export
 
 PAGE = 1000
@@ -133,11 +133,11 @@ class PalaceImporter:
                         yield from buf.flush()
 
     def _kg(self, kg: Path, buf: RowBuffer, quarantine: Quarantine):
-        tables = sqlite_tables(kg) if kg.exists() else set()
-        if not {"entities", "triples"} <= tables:
+        if not (kg.exists() and {"entities", "triples"} <= sqlite_tables(kg)):
             return
         conn = sqlite_ro(kg)
         try:
+            tables = tables_of(conn)
             names = {}
             for r in conn.execute("SELECT id, name, type, properties FROM entities ORDER BY rowid"):
                 try:
