@@ -199,6 +199,25 @@ def test_overlapping_runs_are_refused(sample_palace, tmp_path):
         holder.wait()
 
 
+def foreign_rows(rows: dict) -> list[str]:
+    """Ids of restored rows that neither the base palace nor the live writer (tests.workers) wrote."""
+    def expected(i: str) -> str | None:
+        if i.startswith("base_"):
+            return f"base {i[5:]}"
+        if i.startswith("drawer_stress_live_"):
+            return f"live memory {int(i.rsplit('_', 1)[1])}"
+        return None
+    return sorted(i for i, r in rows.items() if r["document"] != expected(i))
+
+
+def test_foreign_row_check_catches_every_row_not_only_the_first():
+    """Planted defect for the check above: a bad row that sorts last is still found."""
+    good = {"base_0": {"document": "base 0"}, "drawer_stress_live_000007": {"document": "live memory 7"}}
+    assert foreign_rows(good) == []
+    assert foreign_rows({**good, "zzz_intruder": {"document": "x"}}) == ["zzz_intruder"]
+    assert foreign_rows({**good, "base_9": {"document": "edited"}}) == ["base_9"]
+
+
 def test_export_while_another_process_writes(tmp_path):
     palace, out = tmp_path / "palace", tmp_path / "backups"
     store = VectorStore(layout_for(palace))
@@ -218,7 +237,7 @@ def test_export_while_another_process_writes(tmp_path):
         target = tmp_path / f"r{i}"
         restored = cli_json("restore", bundle, "--palace", target)
         rows = palace_rows(target)
-        assert all(k.startswith("base_") for k in list(rows)[:1])
+        assert foreign_rows(rows) == []  # every restored row is one the palace held, with its own text
         assert sum(k.startswith("base_") for k in rows) == 3000
         assert restored["rows"]["drawers"] == len(rows) >= 3000
         run_cli("verify", "--palace", target)

@@ -144,10 +144,28 @@ def test_corpus_files_import_with_expected_counts(rel, name, drawers, triples, b
     assert (counts.get(DRAWERS, 0), counts.get(TRIPLES, 0), q.count) == (drawers, triples, bad), q.first
 
 
+def uncovered_corpus_files(corpus: Path, covered: set[str]) -> set[str]:
+    """Corpus files no test imports; a missing or empty corpus is an error, never 'all covered'."""
+    assert corpus.is_dir(), f"{corpus}: the corpus is missing"
+    files = {str(p.relative_to(corpus)) for p in corpus.rglob("*") if p.is_file() and p.name != "SOURCES.md"}
+    assert files, f"{corpus}: the corpus is empty"
+    return {f for f in files if f not in covered and not any(f.startswith(c + "/") for c in covered)}
+
+
 def test_every_corpus_file_is_covered():
     covered = {rel for rel, *_ in CORPUS_COUNTS} | {"mcp-memory/memory.jsonl"}  # test_mcp_memory.py
-    files = {str(p.relative_to(CORPUS)) for p in CORPUS.rglob("*") if p.is_file() and p.name != "SOURCES.md"}
-    assert all(f in covered or any(f.startswith(c + "/") for c in covered) for f in files), files - covered
+    assert uncovered_corpus_files(CORPUS, covered) == set()
+
+
+def test_corpus_coverage_check_fails_on_a_missing_or_uncovered_corpus(tmp_path):
+    """Planted defects for the check above: no corpus, an empty one, a file nobody tests."""
+    with pytest.raises(AssertionError, match="missing"):
+        uncovered_corpus_files(tmp_path / "nowhere", set())
+    with pytest.raises(AssertionError, match="empty"):
+        uncovered_corpus_files(tmp_path, set())
+    (tmp_path / "mem0").mkdir()
+    (tmp_path / "mem0" / "new.json").write_text("[]")
+    assert uncovered_corpus_files(tmp_path, {"mem0/old.json"}) == {"mem0/new.json"}
 
 
 def test_zep_validity_becomes_triple_validity(tmp_path):

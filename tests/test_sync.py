@@ -36,8 +36,9 @@ def state(spec: str, kg: Path | None = None) -> dict:
         r.close()
 
 
-def edit(spec: str, kg: Path | None, rng: random.Random, tag: str, embed) -> None:
-    """Random adds, edits and deletes of drawers and triples on one replica (real MiniLM vectors)."""
+def edit(spec: str, kg: Path | None, rng: random.Random, tag: str, embed) -> list[str]:
+    """Random adds, edits and deletes of drawers and triples on one replica (real MiniLM vectors);
+    returns the ids it deleted."""
     layout = layout_for(spec, kg)
     ids = sorted(state(spec, kg)["drawers"])
     store = VectorStore(layout)
@@ -55,6 +56,17 @@ def edit(spec: str, kg: Path | None, rng: random.Random, tag: str, embed) -> Non
     store.close()
     with KnowledgeGraph(layout.kg_path) as g:
         g.write_batch([], [(f"t_{tag}", f"{tag} node", "syncs_with", "palace", None, None, 1.0, None, None, "t")])
+    return gone
+
+
+def resurrected(deleted: set[str], *replicas: tuple[str, Path | None]) -> dict[str, list[str]]:
+    """{replica: deleted ids it holds again}; empty when no deleted drawer came back anywhere."""
+    out = {}
+    for spec, kg in replicas:
+        back = sorted(deleted & state(spec, kg)["drawers"].keys())
+        if back:
+            out[spec] = back
+    return out
 
 
 def converged(*replicas: tuple[str, Path | None]) -> bool:
@@ -80,21 +92,33 @@ def test_three_replicas_converge_and_nothing_is_re_embedded(tmp_path, chroma_ser
     first = run_sync(a, b)
     assert first.converged and first.plan["to_b"]["drawers"] == 363
     assert run_sync(b, c, kg_b=kg_c).converged
+    deleted: set[str] = set()
     for rnd in range(3):
         for k, (spec, kg) in enumerate(reps):
-            edit(spec, kg, rng, f"r{rnd}x{k}", embed)
+            deleted |= set(edit(spec, kg, rng, f"r{rnd}x{k}", embed))
         order = [(0, 1), (1, 2), (2, 0), (0, 1)] if rnd % 2 == 0 else [(2, 1), (1, 0), (0, 2), (2, 1)]
         for i, j in order:
             r = run_sync(reps[i][0], reps[j][0], kg_a=reps[i][1], kg_b=reps[j][1], max_delete=100)
             assert r.converged, r.differences
         assert converged(*reps)
-    deleted = [i for i in state(a)["drawers"]]  # no deleted drawer came back anywhere
-    assert len(deleted) == len(set(deleted))
+    assert deleted and resurrected(deleted, *reps) == {}  # no deleted drawer came back anywhere
     for spec, kg in reps[:2]:
         run_cli("verify", "--palace", spec)
     # a second sync with no changes moves nothing
     again = run_sync(a, b)
     assert again.moved == 0 and again.plan == {k: {} for k in again.plan} and again.converged
+
+
+def test_resurrection_check_catches_a_deleted_drawer_that_came_back(tmp_path):
+    """Planted defect for the check above: a drawer deleted and then written back is reported."""
+    a = str(tmp_path / "a")
+    store = VectorStore(layout_for(a))
+    store.upsert(["keep", "gone"], ["k", "g"], [{"wing": "w", "room": "r"}] * 2, unit(2, 1))
+    store.delete(["gone"])
+    assert resurrected({"gone"}, (a, None)) == {}
+    store.upsert(["gone"], ["g"], [{"wing": "w", "room": "r"}], unit(1, 2))  # the defect: it came back
+    store.close()
+    assert resurrected({"gone"}, (a, None)) == {a: ["gone"]}
 
 
 def test_a_settled_conflict_stays_settled_when_the_loser_arrives_from_a_third_replica(tmp_path):
