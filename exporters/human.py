@@ -3,21 +3,35 @@
 Both read documents and metadata straight from ``chroma.sqlite3`` (read-only, rowid
 pages; no vectors, no Chroma client). Output is deterministic: rows sorted by id,
 keys sorted.
+
+The export is built in a fresh temp directory beside ``--out`` and renamed into place.
+``--out`` is replaced only when it is empty or an earlier palace-etl export of the same
+format (it carries ``.palace-etl-export.json``): anything else is refused, never deleted.
+Wing and room names become file names only through ``safe_component``, so a name such as
+``../../x`` or ``/abs`` cannot write outside ``--out``.
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import shutil
+import tempfile
 from pathlib import Path
+from urllib.parse import quote
 
 import orjson
 
-from etl.errors import SourceMissing
+from etl.errors import PalaceEtlError, SourceMissing
 from palace import chroma_sqlite
 from palace.layout import DRAWERS_COLLECTION, PalaceLayout
 from palace.vectors import VectorStore
 
 from .bundle import PAGE, _safe_dir
+
+MARKER = ".palace-etl-export.json"  # what tells a directory is an earlier human export of ours
+NAME_MAX = 96  # characters of a wing or room kept in a file name (a hash keeps long names distinct)
+_UNSAFE = re.compile(r"[^\w .,+=@-]", re.UNICODE)
 
 
 def _rows(layout: PalaceLayout):
@@ -37,20 +51,53 @@ def _rows(layout: PalaceLayout):
             after = page[-1][0]
 
 
+def safe_component(name: str, empty: str) -> str:
+    """A file-name-safe, unique stand-in for a wing or room: never a path separator, NUL, ``.``/``..``,
+    a leading dot or an over-long name. A name that had to change gets a short hash of the original,
+    so two wings never land in one file."""
+    cleaned = _UNSAFE.sub("_", name).strip(" .")[:NAME_MAX]
+    if cleaned == name and name:
+        return name
+    digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    return f"{cleaned or empty}~{digest}"
+
+
 def _room_file(root: Path, wing: str, room: str, suffix: str) -> Path:
-    d = root / (wing or "_no_wing")
-    d.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return d / f"{room or '_no_room'}{suffix}"
+    d = root / safe_component(wing, "_no_wing")
+    d.mkdir(exist_ok=True, mode=0o700)
+    return d / f"{safe_component(room, '_no_room')}{suffix}"
+
+
+def _check_out(layout: PalaceLayout, out: Path, fmt: str) -> Path:
+    """The resolved export directory; refuses anything that is not ours to replace."""
+    if out.is_symlink():
+        raise PalaceEtlError(f"export --out {out}: it is a symlink; refusing to write through it")
+    out = out.resolve()
+    if not layout.is_server and (out == layout.path or out.is_relative_to(layout.path)
+                                 or layout.path.is_relative_to(out)):
+        raise PalaceEtlError(f"export --out {out}: it overlaps the palace {layout.path}",
+                             hint="export to a directory outside the palace")
+    if out.exists() and not out.is_dir():
+        raise PalaceEtlError(f"export --out {out}: it is not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        marker_file = out / MARKER
+        try:
+            marker = {} if marker_file.is_symlink() else orjson.loads(marker_file.read_bytes())
+        except (OSError, orjson.JSONDecodeError):
+            marker = {}
+        if not isinstance(marker, dict) or marker.get("format") != fmt:
+            raise PalaceEtlError(f"export --out {out}: the directory is not empty and is not an earlier "
+                                 f"palace-etl {fmt} export; nothing written",
+                                 hint="give a new or empty directory (bundles go to --format parquet)")
+    _safe_dir(out.parent)
+    return out
 
 
 def export_human(layout: PalaceLayout, out: Path, fmt: str) -> dict:
     if not layout.is_server and not chroma_sqlite.palace_db(layout.path).exists():
         raise SourceMissing(f"export palace {layout.path}: no chroma.sqlite3 there")
-    out = Path(out)
-    _safe_dir(out.parent)
-    tmp = out.with_name(f".tmp-{out.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(mode=0o700)
+    out = _check_out(layout, Path(out), fmt)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))  # ours alone, 0700
     counts: dict[str, dict[str, int]] = {}
     try:
         for _, eid, doc, meta in _rows(layout):  # append, then sort each file: memory stays flat
@@ -65,24 +112,42 @@ def export_human(layout: PalaceLayout, out: Path, fmt: str) -> dict:
             if fmt == "jsonl":
                 path.write_bytes(b"\n".join(lines) + b"\n")
             else:
-                path.with_suffix(".md").write_text(_markdown(path, [orjson.loads(l) for l in lines]))
+                path.with_suffix(".md").write_text(_markdown([orjson.loads(l) for l in lines]))
                 path.unlink()
         if fmt == "markdown":
             (tmp / "index.md").write_text(_index(counts))
+        (tmp / MARKER).write_bytes(orjson.dumps({"format": fmt, "palace": layout.location}))
         for p in tmp.rglob("*"):
             os.chmod(p, 0o600 if p.is_file() else 0o700)
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(tmp, out)
+        _swap_in(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return {"out": str(out), "format": fmt, "wings": counts, "drawers": sum(sum(r.values()) for r in counts.values())}
 
 
-def _markdown(path: Path, rows: list[dict]) -> str:
-    title = f"# {path.parent.name} / {path.stem}\n"
-    parts = [title]
+def _swap_in(tmp: Path, out: Path) -> None:
+    """Put the new export at ``out``. An earlier export there (checked by ``_check_out``) is renamed
+    aside first and removed only after the new one is in place; an empty directory is just replaced."""
+    old = None
+    if out.is_dir() and any(out.iterdir()):
+        old = out.with_name(f".old-{out.name}-{os.getpid()}")
+        os.rename(out, old)
+    elif out.is_dir():
+        out.rmdir()
+    os.rename(tmp, out)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def _md_text(s: str) -> str:
+    """A name as table-safe markdown text (no pipes, newlines or NUL)."""
+    return s.replace("\x00", "").replace("|", "\\|").replace("\n", " ") or "(none)"
+
+
+def _markdown(rows: list[dict]) -> str:
+    first = rows[0]["metadata"] if rows else {}
+    parts = [f"# {_md_text(str(first.get('wing', '')))} / {_md_text(str(first.get('room', '')))}\n"]
     for r in rows:
         m = r["metadata"]
         quoted = "\n".join(f"> {line}" if line else ">" for line in (r["document"] or "").splitlines())
@@ -94,6 +159,7 @@ def _markdown(path: Path, rows: list[dict]) -> str:
 def _index(counts: dict[str, dict[str, int]]) -> str:
     lines = ["# Palace export\n", "| wing | rooms | drawers |", "|---|---|---|"]
     for wing in sorted(counts):
-        rooms = ", ".join(f"[{r}]({wing or '_no_wing'}/{r or '_no_room'}.md)" for r in sorted(counts[wing]))
-        lines.append(f"| {wing} | {rooms} | {sum(counts[wing].values())} |")
+        rooms = ", ".join(f"[{_md_text(r)}]({quote(safe_component(wing, '_no_wing'))}/"
+                          f"{quote(safe_component(r, '_no_room'))}.md)" for r in sorted(counts[wing]))
+        lines.append(f"| {_md_text(wing)} | {rooms} | {sum(counts[wing].values())} |")
     return "\n".join(lines) + "\n"
