@@ -13,7 +13,10 @@ Per importer batch, in order:
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import itertools
+import stat
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -28,10 +31,11 @@ from tqdm import tqdm
 from importers.base import Importer, ImportOptions
 from palace.kg import KnowledgeGraph
 from palace.layout import CHROMA_DB, PalaceLayout, read_sidecar, write_sidecar
+from palace.lock import session_lock
 from palace.vectors import VectorStore
 
 from .embed import Embedder, EmbedderIdentity, check_identity
-from .errors import SourceMissing
+from .errors import PalaceEtlError, SourceFormatError, SourceMissing
 from .ids import ID_RECIPE
 from .runs import Ledger, Quarantine, make_run_id, source_fingerprint
 from .schema import DRAWERS, ENTITIES, embedding_identity, validate_batch
@@ -129,8 +133,7 @@ class Loader:
     # ------------------------------------------------------------------ run
     def run(self, importer: Importer, source: Path, options: ImportOptions) -> ImportReport:
         source = Path(source)
-        if not source.exists():
-            raise SourceMissing(f"import {importer.name} {source}: no such file or directory")
+        check_source(importer.name, source)
         started = time.monotonic()
         fingerprint = source_fingerprint(source)
         run_id = make_run_id(importer.name, source, fingerprint, options.to_dict())
@@ -138,15 +141,40 @@ class Loader:
                               str(self.identity))
         palace_exists = self.layout.is_server or (Path(self.layout.location) / CHROMA_DB).exists()
         quarantine = Quarantine(None if self.dry_run else self.layout.state_dir / "quarantine" / f"{run_id}.jsonl")
-        stream = importer.batches(source, options, quarantine)  # may refuse its options before anything is written
+        # may refuse its options before anything is written
+        stream = read_source(importer.name, source, importer.batches(source, options, quarantine))
+        try:
+            first = next(stream, None)  # nothing is created before the source shows one good record
+        except BaseException:
+            quarantine.discard()
+            raise
+        if first is None:
+            if quarantine.count:
+                quarantine.discard()
+                raise SourceFormatError(source, None, f"not a {importer.name} source, nothing imported "
+                                        f"({quarantine.count} unreadable record(s); first: {quarantine.first[0]})",
+                                        hint=f"palace-etl import auto {source} says what it looks like")
+            report.skipped = quarantine.skipped
+            report.seconds = round(time.monotonic() - started, 3)
+            return report  # empty input: not an error, and nothing to create
+        quarantine.activate()
+        stream = itertools.chain([first], stream)
+        with contextlib.ExitStack() as held:
+            if not self.dry_run and not self.layout.is_server:  # a restore never swaps the palace mid-run
+                held.enter_context(session_lock(self.layout.path, exclusive=False, timeout=self.lock_timeout))
+            return self._run(importer, source, options, stream, quarantine, report, run_id, fingerprint,
+                             palace_exists, started)
+
+    def _run(self, importer, source, options, stream, quarantine, report, run_id, fingerprint, palace_exists,
+             started) -> ImportReport:
         ledger = None if self.dry_run else Ledger(self.layout.state_dir)
         resume_after, started_run = -1, False
         try:
             if not self.dry_run or palace_exists:
                 self._open(create=not self.dry_run)
             if ledger is not None:
-                if quarantine.path and quarantine.path.exists():
-                    quarantine.path.unlink()  # this run re-parses the source from the start
+                if quarantine.path and quarantine.path.exists() and quarantine.path not in quarantine.created:
+                    quarantine.path.unlink()  # an earlier run's: this run re-parses the source from the start
                 resume_after = ledger.start(run_id, importer.name, source.resolve(), fingerprint, options.to_dict())
                 started_run = True
             seen: set[str] = set()
@@ -330,6 +358,34 @@ class Loader:
             report.vector_decision = f"re-embed (source vectors are {ident}, palace uses {self.identity})"
         report.vectors_embedded += len(todo)
         return self.embedder.embed(job["documents"])
+
+
+def check_source(name: str, source: Path) -> None:
+    """A source is a regular file or a directory: a FIFO, socket or device would hang or read nothing."""
+    try:
+        st = source.stat()
+    except FileNotFoundError:
+        raise SourceMissing(f"import {name} {source}: no such file or directory") from None
+    except OSError as exc:
+        raise SourceFormatError(source, None, f"cannot read it ({exc.strerror})") from None
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+        raise SourceFormatError(source, None, "not a regular file or directory (a FIFO, socket or device is "
+                                "never read)", hint="copy the export to a regular file first")
+
+
+def read_source(name: str, source: Path, stream):
+    """The importer's batches; any failure while reading the source (unreadable file, truncated
+    archive, a database that is not one, ...) becomes ``file: cause`` instead of a traceback, and an
+    EOFError is never mistaken for Ctrl-C."""
+    try:
+        yield from stream
+    except PalaceEtlError:
+        raise
+    except Exception as exc:
+        where = getattr(exc, "filename", None) or source
+        cause = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        raise SourceFormatError(where, None, f"cannot read this {name} source ({type(exc).__name__}: {cause})",
+                                hint="check the file; --debug shows where it failed") from exc
 
 
 def _count_room(report: ImportReport, row: dict) -> None:

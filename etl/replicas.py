@@ -29,9 +29,10 @@ from exporters.bundle import (
     palace_state,
     records_batch,
     row_hash,
+    verify_chain,
     write_tables,
 )
-from exporters.manifest import MANIFEST, Manifest
+from exporters.manifest import MANIFEST, BundleError, Manifest
 from palace.kg import KnowledgeGraph
 from palace.layout import (
     CHROMA_DB,
@@ -45,6 +46,7 @@ from palace.layout import (
 from palace.vectors import VectorStore
 
 from .embed import EmbedderIdentity
+from .errors import PalaceEtlError
 
 TABLES = (*COLLECTIONS, *KG_TABLES)
 SYNC_PAGE = 5000  # rows moved per page: near Chroma's max upsert batch (5461 with 6 metadata keys)
@@ -65,6 +67,9 @@ def row_time(table: str, row: dict) -> str:
 
 class _Base:
     name: str
+
+    def verified(self) -> None:
+        """Raise when the replica cannot be trusted as it stands (a bundle chain that does not verify)."""
 
     def _state_file(self) -> Path:
         raise NotImplementedError
@@ -176,6 +181,17 @@ class BundleReplica(_Base):
     def set_identity(self, ident: EmbedderIdentity) -> None:
         self._identity = ident
 
+    def verified(self) -> None:
+        """Refuse a damaged chain before anything is planned from it: a state file short of rows
+        would otherwise make sync delete those drawers everywhere."""
+        latest = self._latest()
+        if latest is None:
+            return
+        problems = verify_chain(latest)
+        if problems:
+            raise BundleError(f"sync replica {self.name}: the newest bundle does not verify, nothing "
+                              f"written: {problems[0]}", hint=f"palace-etl verify --bundle {latest}")
+
     def snapshot(self) -> State:
         state: State = {t: {} for t in TABLES}
         latest = self._latest()
@@ -233,7 +249,7 @@ class BundleReplica(_Base):
                     sidecar.write_bytes(orjson.dumps({c: {"model_name": ident.model_name,
                                                           "dimension": ident.dimension} for c in COLLECTIONS.values()}))
                 try:
-                    files = write_tables(tmp, collections, kg, self._deletes if prev else [], state, sidecar)
+                    files, _ = write_tables(tmp, collections, kg, self._deletes if prev else [], state, sidecar)
                 finally:
                     if sidecar is not None:
                         sidecar.unlink()
@@ -256,12 +272,36 @@ class BundleReplica(_Base):
         self._deletes = []
 
 
+def replica_kind(spec: str) -> str:
+    """``palace``, ``server`` or ``bundle``, from an explicit scheme or one unambiguous marker.
+
+    ``bundle:DIR`` and ``http(s)://`` say it outright. A directory is a palace when it holds
+    ``chroma.sqlite3`` and a bundle directory when it holds bundles (or a bundle replica's sync
+    state); both at once (a bundle exported into the palace) is refused as ambiguous. A new or empty
+    directory is a palace."""
+    if spec.startswith("bundle:"):
+        return "bundle"
+    if spec.startswith(("http://", "https://")):
+        return "server"
+    path = Path(spec)
+    is_palace = (path / CHROMA_DB).exists()
+    is_bundles = path.is_dir() and (bool(list_bundles(path)) or (path / ".sync-state.json").exists())
+    if is_palace and is_bundles:
+        raise PalaceEtlError(f"open replica {spec}: it holds both a palace (chroma.sqlite3) and bundles; "
+                             "which one is meant?", hint=f"say bundle:{spec} for the bundles, or move them out "
+                             "of the palace directory")
+    return "bundle" if is_bundles else "palace"
+
+
+def replica_root(spec: str) -> str:
+    """What a replica is, whatever spelling names it (for refusing a sync of a replica with itself)."""
+    if spec.startswith(("http://", "https://")):
+        return spec.rstrip("/")
+    return str(Path(spec.removeprefix("bundle:")).expanduser().resolve())
+
+
 def open_replica(spec: str, kg: Path | None = None, lock_timeout: float = 30.0):
     """``bundle:DIR`` or a directory of bundles -> BundleReplica; a palace dir or URL -> PalaceReplica."""
-    if spec.startswith("bundle:"):
-        return BundleReplica(Path(spec[len("bundle:"):]))
-    path = Path(spec)
-    if not spec.startswith(("http://", "https://")) and path.is_dir() and (
-            list_bundles(path) or (path / ".sync-state.json").exists() or (path / ".export.lock").exists()):
-        return BundleReplica(path)
+    if replica_kind(spec) == "bundle":
+        return BundleReplica(Path(spec.removeprefix("bundle:")))
     return PalaceReplica(layout_for(spec, kg), lock_timeout)

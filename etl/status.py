@@ -9,10 +9,10 @@ from palace.vectors import VectorStore
 from .runs import Ledger
 
 
-def palace_status(layout: PalaceLayout, probes: int = 0) -> dict:
+def palace_status(layout: PalaceLayout, probes: int = 0, lock_timeout: float = 5.0) -> dict:
     """Counts per wing/room, KG counts, runs; with ``probes`` > 0 also the self-query hit rate."""
     if layout.is_server:
-        store = VectorStore(layout)
+        store = VectorStore(layout, lock_timeout=lock_timeout)
         try:
             wings: dict[str, dict[str, int]] = {}
             total = 0
@@ -57,7 +57,7 @@ def _probe(layout: PalaceLayout, probes: int) -> dict:
         self_query,
     )
 
-    store = VectorStore(layout)
+    store = VectorStore(layout, lock_timeout=lock_timeout)
     try:
         facts = _server_facts(store) if layout.is_server else _local_facts(layout)
         n, hits = self_query(store, sample_ids(facts.ids if facts else [], (0, 1, 1.0), probes),

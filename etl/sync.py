@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 
 from .embed import check_identity
 from .errors import PalaceEtlError
-from .replicas import TABLES, State, open_replica, row_time
+from .replicas import TABLES, State, open_replica, replica_root, row_time
 
 KEEP_BOTH_SUFFIX = "__conflict_"
 HISTORY_KEEP = 32  # superseded versions remembered per row
@@ -224,10 +224,12 @@ def _differences(sa: State, sb: State) -> dict:
 def run_sync(spec_a: str, spec_b: str, kg_a=None, kg_b=None, dry_run: bool = False, prefer: str | None = None,
              keep_both: bool = False, max_delete: int | None = None, lock_timeout: float = 30.0) -> SyncReport:
     started = time.monotonic()
+    if replica_root(spec_a) == replica_root(spec_b):
+        raise PalaceEtlError(f"sync {spec_a} {spec_b}: both name the same directory; give two different replicas")
     a, b = open_replica(spec_a, kg_a, lock_timeout), open_replica(spec_b, kg_b, lock_timeout)
-    if a.name == b.name:
-        raise PalaceEtlError(f"sync {spec_a} with itself: give two different replicas")
     try:
+        a.verified()
+        b.verified()
         ia, ib = a.identity(), b.identity()
         if ia and ib:
             check_identity(ia, ib)  # vectors of another model never travel

@@ -115,7 +115,7 @@ def _server_facts(store: VectorStore) -> _Facts | None:
     return _Facts(len(ids), dict(col.metadata or {}), dim, ids)
 
 
-def verify_palace(layout: PalaceLayout, embedder: EmbedderIdentity | None = None,
+def verify_palace(layout: PalaceLayout, embedder: EmbedderIdentity | None = None, lock_timeout: float = 5.0,
                   against: Sequence[tuple[str, Path]] = (), sample: str | None = None, probes: int = 200,
                   full: bool = False, wing: str | None = None) -> VerifyReport:
     """Palace health, then parity with each ``(kind, path)`` source in ``against``: the health checks
@@ -138,7 +138,7 @@ def verify_palace(layout: PalaceLayout, embedder: EmbedderIdentity | None = None
             return report
     _check_kg(layout, report, full)
     _check_ledger(layout, report)
-    store = VectorStore(layout)
+    store = VectorStore(layout, lock_timeout=lock_timeout)
     try:
         facts = _server_facts(store) if layout.is_server else _local_facts(layout)
         if facts is None:
@@ -163,7 +163,9 @@ def _check_chroma_sqlite(layout: PalaceLayout, report: VerifyReport, full: bool)
     problems = chroma_sqlite.quick_check(db, full)
     if problems:
         report.add("error", "sqlite_corrupt", f"{db}: {'; '.join(problems[:5])}",
-                   f"restore the newest bundle: palace-etl restore BUNDLE --palace {layout.location} --force")
+                   f"keep the palace as it is; run `palace-etl verify --palace {layout.location} --full`, then "
+                   f"restore the newest bundle into a new directory and compare: palace-etl restore BUNDLE "
+                   f"--palace NEW_DIR && palace-etl verify --palace {layout.location} --palace NEW_DIR")
     return not problems
 
 
@@ -393,8 +395,8 @@ def _probe(store: VectorStore, ids: list[str], report: VerifyReport, layout: Pal
 
 def verify_bundle_report(bundle: Path) -> VerifyReport:
     """``verify --bundle``: every file's sha256 and row counts against the manifest, along the chain."""
+    from exporters.bundle import verify_chain as verify_bundle
     from exporters.manifest import BundleError
-    from exporters.restore import verify_bundle
 
     report = VerifyReport(str(bundle))
     if not Path(bundle).exists():
@@ -418,6 +420,8 @@ def verify_parity(spec_a: str, spec_b: str, kg_a: Path | None = None, kg_b: Path
     report = VerifyReport(f"{a.name} <-> {b.name}")
     spec = parse_sample(sample)
     try:
+        a.verified()
+        b.verified()
         sa, sb = a.snapshot(), b.snapshot()
         for t in TABLES:
             A, B = sa.get(t, {}), sb.get(t, {})

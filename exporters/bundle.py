@@ -40,7 +40,7 @@ from palace.layout import (
 )
 from palace.vectors import VectorStore
 
-from .manifest import MANIFEST, BundleError, Manifest, sha256_file
+from .manifest import MANIFEST, BundleError, Manifest, check_files, sha256_file
 
 PAGE = 1000
 COLLECTIONS = {"drawers": DRAWERS_COLLECTION, "closets": CLOSETS_COLLECTION}
@@ -67,6 +67,8 @@ class ExportReport:
     totals: dict = field(default_factory=dict)
     deleted: list = field(default_factory=list)
     dry_run: bool = False
+    full_because: str | None = None  # why an --incremental run wrote a full bundle instead
+    vanished: dict = field(default_factory=dict)  # table -> rows deleted by a writer during the export
 
 
 # --------------------------------------------------------------------- snapshot
@@ -161,10 +163,29 @@ def chain(bundle: Path) -> list[Path]:
             return list(reversed(out))
         if not m.previous:
             raise BundleError(f"read bundle {cur}: incremental without a previous bundle")
-        cur = cur.parent / m.previous
-        if not cur.exists():
+        cur = cur.parent / m.previous  # a validated bundle name: a sibling, never a path
+        if cur.is_symlink() or not cur.is_dir():
             raise BundleError(f"read bundle chain: {cur} (needed by {out[-1].name}) is missing")
     raise BundleError(f"read bundle chain of {bundle}: no full bundle")
+
+
+def verify_chain(bundle: Path) -> list[str]:
+    """Problems with a bundle and every bundle it builds on: manifests, files, sha256s, row counts."""
+    problems = []
+    for link in chain(Path(bundle)):
+        problems += check_files(link, Manifest.load(link))
+    return problems
+
+
+def usable_parent(prev: Path) -> tuple[Path | None, str | None]:
+    """(``prev``, None) when an incremental may chain onto it, else (None, why not)."""
+    try:
+        problems = verify_chain(prev)
+    except BundleError as exc:
+        problems = [str(exc)]
+    if problems:
+        return None, f"the newest bundle {prev.name} does not verify ({problems[0]}); writing a full bundle"
+    return prev, None
 
 
 def _previous_state(prev: Path) -> dict[str, dict[str, str]]:
@@ -175,6 +196,14 @@ def _previous_state(prev: Path) -> dict[str, dict[str, str]]:
 
 
 # ----------------------------------------------------------------------- writing
+def _clean_stale_temp(out: Path) -> None:
+    """Remove ``.tmp-palace-*`` left by killed exports. Only the holder of the directory's export
+    guard writes them, and the caller holds it, so every one present is stale."""
+    for p in out.iterdir():
+        if p.name.startswith(".tmp-palace-") and p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+
+
 def _safe_dir(out: Path) -> None:
     for p in [out, *out.parents]:
         if p.is_symlink():
@@ -197,7 +226,12 @@ class _Guard:
         self.path = out / ".export.lock"
 
     def __enter__(self):
-        self.f = open(self.path, "a+")
+        try:  # never through a symlink: a planted link would have us truncate its target
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o600)
+        except OSError as exc:
+            raise BundleError(f"export to {self.path.parent}: cannot use {self.path.name} ({exc.strerror}; "
+                              "a symlink there is refused)") from None
+        self.f = os.fdopen(fd, "r+")
         try:
             fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -218,7 +252,8 @@ class _Guard:
 
 
 def fetch_rows(store: VectorStore, ids: list[str], page: int = PAGE) -> Iterator[list[dict]]:
-    """Pages of collection rows ``{id, document, metadata, embedding}``, one palace-lock hold per page."""
+    """Pages of collection rows ``{id, document, metadata, embedding}``, one palace-lock hold per page.
+    A row deleted since ``ids`` were listed is simply not in its page."""
     for s in range(0, len(ids), page):
         with store.writing(create=False) as col:  # writers get in between pages
             got = col.get(ids=ids[s:s + page], include=["documents", "metadatas", "embeddings"])
@@ -226,9 +261,21 @@ def fetch_rows(store: VectorStore, ids: list[str], page: int = PAGE) -> Iterator
                for i, d, m, e in zip(got["ids"], got["documents"], got["metadatas"], got["embeddings"])]
 
 
-def _records(store: VectorStore, ids: list[str], dim: int) -> Iterator[pa.RecordBatch]:
-    for page in fetch_rows(store, ids):
-        yield records_batch(page, dim)
+def _records(store: VectorStore, ids: list[str], dim: int, state: dict[str, str],
+             vanished: list[str]) -> Iterator[pa.RecordBatch]:
+    """The rows of ``ids`` as record batches. A row another writer deleted between the snapshot and
+    this fetch is dropped from ``state`` and listed in ``vanished``: the bundle describes what it
+    holds, and the next incremental records the deletion."""
+    for s in range(0, len(ids), PAGE):
+        want = ids[s:s + PAGE]
+        page = next(iter(fetch_rows(store, want)), [])
+        got = {r["id"] for r in page}
+        for i in want:
+            if i not in got:
+                state.pop(i, None)
+                vanished.append(i)
+        if page:
+            yield records_batch(page, dim)
 
 
 def _write_table(path: Path, schema: pa.Schema, batches) -> int:
@@ -265,9 +312,16 @@ def export_bundle(layout: PalaceLayout, out: Path, incremental: bool = False, fu
     if not layout.is_server and not chroma_sqlite.palace_db(layout.path).exists():
         raise SourceMissing(f"export palace {layout.path}: no chroma.sqlite3 there")
     out = Path(out)
+    if not layout.is_server and out.resolve().is_relative_to(layout.path):
+        raise BundleError(f"export --out {out}: it is inside the palace {layout.path}; a bundle there would be "
+                          "taken for the palace's own files", hint="write bundles outside the palace")
     _safe_dir(out)
     with _Guard(out):
+        _clean_stale_temp(out)
         prev = list_bundles(out)[-1] if incremental and list_bundles(out) else None
+        full_because = None
+        if prev is not None:
+            prev, full_because = usable_parent(prev)
         if prev is not None and len(chain(prev)) >= full_every:
             prev = None  # a full bundle every N incrementals
         state = palace_state(layout)
@@ -278,7 +332,8 @@ def export_bundle(layout: PalaceLayout, out: Path, incremental: bool = False, fu
         kind = "incremental" if prev else "full"
         report = ExportReport(None, kind, prev.name if prev else None,
                               counts={t: len(v) for t, v in changed.items()},
-                              totals={t: len(v) for t, v in state.items()}, deleted=gone, dry_run=dry_run)
+                              totals={t: len(v) for t, v in state.items()}, deleted=gone, dry_run=dry_run,
+                              full_because=full_because)
         if dry_run:
             return report
         now = dt.datetime.now(dt.timezone.utc)
@@ -286,7 +341,10 @@ def export_bundle(layout: PalaceLayout, out: Path, incremental: bool = False, fu
         tmp = out / f".tmp-{name}"
         tmp.mkdir(mode=0o700)
         try:
-            files = _write_bundle(layout, tmp, state, changed, gone, lock_timeout)
+            files, written, flat, vanished = _write_bundle(layout, tmp, state, changed, gone, lock_timeout)
+            report.counts = {t: written.get(t, 0) for t in changed}
+            report.totals = {t: len(v) for t, v in flat.items()}
+            report.vanished = {t: len(v) for t, v in vanished.items() if v}
             collections = {t: _dimension(layout, n)[1] for t, n in COLLECTIONS.items()}
             ident = read_sidecar(layout.sidecar_dir)
             m = Manifest(name=name, kind=kind, created_at=now.isoformat(), palace=layout.location,
@@ -295,7 +353,8 @@ def export_bundle(layout: PalaceLayout, out: Path, incremental: bool = False, fu
                          totals=report.totals, files=files, previous=prev.name if prev else None,
                          watermark={"exported_at": now.isoformat(),
                                     "max_rowid": {t: max((r for _, r in v.values()), default=0)
-                                                  for t, v in state.items()}})
+                                                  for t, v in state.items()},
+                                    "vanished": report.vanished})
             (tmp / MANIFEST).write_bytes(m.to_json())
             os.chmod(tmp / MANIFEST, 0o600)
             for p in tmp.rglob("*"):
@@ -303,6 +362,9 @@ def export_bundle(layout: PalaceLayout, out: Path, incremental: bool = False, fu
                     with open(p, "rb") as f:
                         os.fsync(f.fileno())
             _fsync_dir(tmp)
+            problems = check_files(tmp, Manifest.load(tmp, name))
+            if problems:  # never put a bundle in place that does not verify
+                raise BundleError(f"export {out / name}: the bundle written does not verify: {problems[0]}")
             os.rename(tmp, out / name)
             _fsync_dir(out)
         except BaseException:
@@ -323,14 +385,17 @@ def records_batch(rows: list[dict], dim: int) -> pa.RecordBatch:
 
 
 def write_tables(tmp: Path, collections: dict[str, tuple[int, Iterator[pa.RecordBatch]]], kg: dict[str, list[dict]],
-                 gone: list[tuple[str, str]], state: dict[str, dict[str, str]], sidecar: Path | None) -> dict[str, str]:
-    """Write a bundle's files into ``tmp``; return {relative path: sha256}."""
+                 gone: list[tuple[str, str]], state: dict[str, dict[str, str]],
+                 sidecar: Path | None) -> tuple[dict[str, str], dict[str, int]]:
+    """Write a bundle's files into ``tmp``; return ({relative path: sha256}, {table: rows written}).
+    ``state`` is written last, so collection readers may still drop vanished rows from it."""
+    written = {}
     for table, (dim, batches) in collections.items():
-        _write_table(tmp / f"{table}.parquet", record_schema(dim), batches)
+        written[table] = _write_table(tmp / f"{table}.parquet", record_schema(dim), batches)
     for table, rows in kg.items():
         if rows:
             batch = pa.RecordBatch.from_pylist(rows)
-            _write_table(tmp / f"{table}.parquet", batch.schema, [batch])
+            written[table] = _write_table(tmp / f"{table}.parquet", batch.schema, [batch])
     _write_table(tmp / "tombstones.parquet", TOMBSTONE_SCHEMA,
                  [pa.RecordBatch.from_pylist([{"table": t, "id": i} for t, i in gone], schema=TOMBSTONE_SCHEMA)])
     _write_table(tmp / "state.parquet", STATE_SCHEMA, [pa.RecordBatch.from_pylist(
@@ -340,23 +405,34 @@ def write_tables(tmp: Path, collections: dict[str, tuple[int, Iterator[pa.Record
     if sidecar is not None and sidecar.exists():
         shutil.copy2(sidecar, tmp / "sidecars" / SIDECAR)
         os.chmod(tmp / "sidecars" / SIDECAR, 0o600)
-    return {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+    return {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}, written
 
 
-def _write_bundle(layout, tmp: Path, state, changed, gone, lock_timeout) -> dict[str, str]:
+def _write_bundle(layout, tmp: Path, state, changed, gone, lock_timeout):
+    """Write the bundle's files; return (files, rows written per table, the state as written, the ids
+    per table that vanished between the snapshot and the fetch)."""
     stores = {t: VectorStore(layout, lock_timeout=lock_timeout, collection=c) for t, c in COLLECTIONS.items()}
+    flat = {t: {i: h for i, (h, _) in rows.items()} for t, rows in state.items()}
+    vanished: dict[str, list[str]] = {t: [] for t in flat}
     try:
         collections = {}
         for table, collection in COLLECTIONS.items():
             dim, _ = _dimension(layout, collection)
             if changed[table] and dim:
-                collections[table] = (dim, _records(stores[table], changed[table], dim))
+                collections[table] = (dim, _records(stores[table], changed[table], dim, flat[table],
+                                                    vanished[table]))
         kg = {}
         if layout.kg_path.exists():
             with KnowledgeGraph(layout.kg_path) as g:
                 kg = {t: [row for _, row in kg_rows(g, t, set(changed[t]))] for t in KG_TABLES if changed[t]}
-        flat = {t: {i: h for i, (h, _) in rows.items()} for t, rows in state.items()}
-        return write_tables(tmp, collections, kg, gone, flat, layout.sidecar_dir / SIDECAR)
+        for t, rows in kg.items():
+            found = {r["id"] for r in rows}
+            for i in changed[t]:
+                if i not in found:
+                    flat[t].pop(i, None)
+                    vanished[t].append(i)
+        files, written = write_tables(tmp, collections, kg, gone, flat, layout.sidecar_dir / SIDECAR)
+        return files, written, flat, vanished
     finally:
         for store in stores.values():
             store.close()

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Iterator, Protocol
@@ -16,6 +18,7 @@ from etl import ids
 from etl.errors import SourceFormatError
 from etl.runs import Quarantine
 from etl.schema import ENTITY_SCHEMA, TRIPLE_SCHEMA, drawer_schema, extra_json
+from palace.chroma_sqlite import ro_uri
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,8 @@ def text_of(rec: dict, *keys: str) -> str | None:
 def head(path: Path, n: int = 65536) -> bytes:
     """The first bytes of a file (b"" when it cannot be read): for ``detect``."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # opening a FIFO would block detect forever
+            return b""
         with open(path, "rb") as f:
             return f.read(n)
     except OSError:
@@ -315,7 +320,7 @@ def sqlite_ro(path: Path):
     """A read-only connection to another program's SQLite database (WAL-safe, never writes)."""
     import sqlite3
 
-    conn = sqlite3.connect(f"file:{Path(path).resolve()}?mode=ro", uri=True, timeout=30)
+    conn = sqlite3.connect(ro_uri(path), uri=True, timeout=30)
     conn.row_factory = sqlite3.Row
     return conn
 

@@ -65,7 +65,7 @@ def snapshot(palace: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix="palace-etl-snapshot-"))
     try:
         with palace_lock(palace, timeout=LOCK_TIMEOUT):
-            src = sqlite3.connect(f"file:{chroma_sqlite.palace_db(palace)}?mode=ro", uri=True, timeout=60)
+            src = sqlite3.connect(chroma_sqlite.ro_uri(chroma_sqlite.palace_db(palace)), uri=True, timeout=60)
             dst = sqlite3.connect(str(tmp / "chroma.sqlite3"))
             try:
                 src.backup(dst)

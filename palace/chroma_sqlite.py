@@ -9,24 +9,83 @@ process, and closing this connection would drop Chroma's.
 from __future__ import annotations
 
 import contextlib
+import shutil
 import sqlite3
+import tempfile
 from pathlib import Path
 from typing import Iterator
+from urllib.parse import quote
 
-from etl.errors import SourceMissing
+from etl.errors import PalaceLocked, SourceMissing
 
 from .layout import CHROMA_DB, DRAWERS_COLLECTION
 
 
+def ro_uri(db: Path) -> str:
+    """A read-only SQLite URI for ``db``: the path is percent-quoted, so ``#`` or ``?`` in it never
+    end the path (``p#x/chroma.sqlite3`` would otherwise open, or create, ``p``)."""
+    return f"file:{quote(str(Path(db).resolve()))}?mode=ro"
+
+
+def hot_journal(db: Path) -> bool:
+    """A rollback journal left by a writer killed mid-transaction: a read-only connection cannot
+    roll it back, so every read fails ("attempt to write a readonly database") until a read-write
+    open does. The data is intact; nothing is corrupt."""
+    journal = Path(f"{db}-journal")
+    return journal.is_file() and journal.stat().st_size > 0
+
+
+def recover_hot_journal(db: Path) -> bool:
+    """Roll a hot journal back the way SQLite intends: one read-write open, under the palace writer
+    lock so no writer of ours or MemPalace's is mid-way. False when another process holds that lock
+    (then read a private copy instead, see ``open_ro``)."""
+    from .lock import palace_lock
+
+    try:
+        with palace_lock(Path(db).parent, timeout=0):
+            rw = sqlite3.connect(str(db), timeout=30)
+            try:
+                rw.execute("SELECT count(*) FROM sqlite_master").fetchone()  # the open rolls it back
+            finally:
+                rw.close()
+    except PalaceLocked:
+        return False
+    return True
+
+
+def _readable(conn: sqlite3.Connection) -> None:
+    conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+
+
 @contextlib.contextmanager
 def open_ro(db: Path, timeout: float = 30.0) -> Iterator[sqlite3.Connection]:
+    """A read-only connection. A hot journal from a killed writer is rolled back (under the palace
+    lock, when free) or, while another process holds the lock, read around: the database and its
+    journal are copied to a private directory and the copy is rolled back and read."""
     if not Path(db).exists():
         raise SourceMissing(f"read {db}: no such file", hint="is this a palace directory?")
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=timeout)
+    conn = sqlite3.connect(ro_uri(db), uri=True, timeout=timeout)
+    private = None
     try:
+        try:
+            _readable(conn)
+        except sqlite3.OperationalError as exc:
+            if "readonly" not in str(exc) or not hot_journal(db):
+                raise
+            conn.close()
+            if recover_hot_journal(db):
+                conn = sqlite3.connect(ro_uri(db), uri=True, timeout=timeout)
+            else:
+                private = Path(tempfile.mkdtemp(prefix="palace-etl-journal-"))
+                shutil.copy2(db, private / Path(db).name)
+                shutil.copy2(f"{db}-journal", private / f"{Path(db).name}-journal")
+                conn = sqlite3.connect(str(private / Path(db).name), timeout=timeout)
+                _readable(conn)  # rolls the copy back
         yield conn
     finally:
         conn.close()
+        if private is not None:
+            shutil.rmtree(private, ignore_errors=True)
 
 
 def palace_db(palace: Path) -> Path:

@@ -123,3 +123,32 @@ def write_sidecar(palace: Path, identity: EmbedderIdentity,
     for name in collections:
         data[name] = {"model_name": identity.model_name, "dimension": identity.dimension}
     atomic_write(path, orjson.dumps(data, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
+
+
+def private_dir(path: Path) -> Path:
+    """Create (or accept) a directory of our own bookkeeping: mode 0700, never a symlink.
+
+    A planted symlink at ``.palace-etl`` or ``quarantine`` would move user records outside the
+    palace; it is refused, not followed."""
+    path = Path(path)
+    if path.is_symlink():
+        raise PalaceEtlError(f"open {path}: it is a symlink; refusing to write through it",
+                             hint=f"remove the link (palace-etl creates {path.name} itself)")
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if not path.is_dir():
+        raise PalaceEtlError(f"open {path}: not a directory")
+    os.chmod(path, 0o700)
+    return path
+
+
+def open_private(path: Path, append: bool = True):
+    """Open a file of ours for writing (appending, or from empty): created 0600, never through a
+    symlink (``O_NOFOLLOW``)."""
+    flags = (os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+             | (os.O_APPEND if append else os.O_TRUNC))
+    try:
+        fd = os.open(path, flags, 0o600)
+    except OSError as exc:
+        raise PalaceEtlError(f"open {path}: {exc.strerror} (a symlink there is refused)") from None
+    os.fchmod(fd, 0o600)
+    return os.fdopen(fd, "ab" if append else "wb")

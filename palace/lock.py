@@ -100,3 +100,36 @@ def palace_lock(palace: str | os.PathLike, timeout: float = 5.0, poll: float = 0
             fcntl.flock(f, fcntl.LOCK_UN)
     finally:
         f.close()
+
+
+def session_lock_path(palace: str | os.PathLike) -> Path:
+    """palace-etl's own run lock, beside MemPalace's (in ``~/.mempalace/locks``, never in the palace)."""
+    mine = lock_path(palace)
+    return mine.with_name(mine.name.replace("mine_palace_", "palace_etl_session_", 1))
+
+
+@contextlib.contextmanager
+def session_lock(palace: str | os.PathLike, exclusive: bool, timeout: float = 5.0,
+                 poll: float = 0.05) -> Iterator[None]:
+    """An import holds this shared for its whole run; a restore holds it exclusively while it
+    replaces the palace. The palace writer lock alone is taken per write, so without this a restore
+    could swap the palace between two batches of an import and split its drawers across two
+    directories."""
+    path = session_lock_path(palace)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW, 0o600)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    what = "an import is running on it" if exclusive else "a restore is replacing it"
+                    raise PalaceLocked(f"lock palace {palace}: {what} (waited {timeout:g}s)",
+                                       hint="wait for it to finish, or raise --lock-timeout") from None
+                time.sleep(poll)
+        yield
+    finally:
+        os.close(fd)

@@ -187,12 +187,13 @@ def _run_import(name, path, palace, kg, dry_run, json_out, quiet, embedder, lock
 @app.command()
 def status(palace: str = PALACE, kg: Optional[Path] = KG, json_out: bool = JSON,
            probes: int = typer.Option(0, "--probes", help="Also query N drawers with their own vector "
-                                      "(opens a Chroma client under the palace lock).")) -> None:
+                                      "(opens a Chroma client under the palace lock)."),
+           lock_timeout: float = LOCK_TIMEOUT) -> None:
     """Drawers per wing and room, knowledge graph counts, unfinished runs."""
     from etl.status import palace_status
     from palace.layout import layout_for
 
-    s = palace_status(layout_for(palace, kg), probes)
+    s = palace_status(layout_for(palace, kg), probes, lock_timeout)
     render.emit_json(s) if json_out else render.status_report(s)
 
 
@@ -214,6 +215,7 @@ def verify(
     json_out: bool = JSON,
     embedder: Optional[str] = typer.Option(None, "--embedder", help="Also check the palace was built with this "
                                            "embedder (default: trust its sidecar)."),
+    lock_timeout: float = LOCK_TIMEOUT,
 ) -> None:
     """Check a palace's health, and its parity with a source."""
     from etl.verify import verify_bundle_report, verify_palace, verify_parity
@@ -232,8 +234,8 @@ def verify(
         palace = palace[0]
         identity = _embedder(embedder)[1] if embedder else None
         sources = [(against[0], p) for p in (against[1], *(more or []))] if against else []
-        report = verify_palace(layout_for(palace, kg), identity, against=sources, sample=sample, probes=probes,
-                               full=full, wing=wing).to_dict()
+        report = verify_palace(layout_for(palace, kg), identity, lock_timeout, against=sources, sample=sample,
+                               probes=probes, full=full, wing=wing).to_dict()
     if json_out:
         render.emit_json(report)
     render.verify_report(report)
@@ -272,7 +274,7 @@ def restore(
     palace: str = PALACE, kg: Optional[Path] = KG,
     force: bool = typer.Option(False, "--force", help="Replace an existing palace (it is kept aside)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Check the bundle and show the plan; write nothing."),
-    json_out: bool = JSON,
+    json_out: bool = JSON, lock_timeout: float = typer.Option(30.0, "--lock-timeout"),
 ) -> None:
     """Rebuild a palace from a bundle without re-embedding; checks every file first."""
     from dataclasses import asdict
@@ -280,7 +282,8 @@ def restore(
     from exporters.restore import restore_bundle
     from palace.layout import layout_for
 
-    r = asdict(restore_bundle(bundle, layout_for(palace, kg), force=force, dry_run=dry_run))
+    r = asdict(restore_bundle(bundle, layout_for(palace, kg), force=force, dry_run=dry_run,
+                              lock_timeout=lock_timeout))
     if json_out:
         render.emit_json(r)
     else:
