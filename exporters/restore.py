@@ -80,10 +80,10 @@ def restore_bundle(bundle: Path, layout: PalaceLayout, force: bool = False, dry_
                                  hint="start an empty chroma server (and an empty --kg) and restore into it")
         _build(links, layout, report, lock_timeout)
         return report
-    _check_target(layout)
     with session_lock(layout.path, exclusive=True, timeout=lock_timeout), \
             palace_lock(layout.path, timeout=lock_timeout):
         report.recovered = _recover_killed_restores(layout)
+        _check_target(layout)
         if not _target_is_empty(layout) and not force:  # a recovered swap put a palace back
             raise PalaceEtlError(f"restore into {layout.location}: it already holds a palace",
                                  hint="pass --force to replace it (kept aside)")
@@ -97,7 +97,8 @@ def _check_target(layout: PalaceLayout) -> None:
     path = layout.path
     if path.is_symlink() or (path.exists() and not path.is_dir()):
         raise PalaceEtlError(f"restore into {path}: it is not a directory; nothing written")
-    if path.is_dir() and any(path.iterdir()) and not (path / CHROMA_DB).exists() and not layout.kg_path.exists():
+    ours = {CHROMA_DB, layout.kg_path.name, layout.state_dir.name, SIDECAR}
+    if path.is_dir() and any(path.iterdir()) and not ours & {p.name for p in path.iterdir()}:
         raise PalaceEtlError(f"restore into {path}: the directory holds files but no palace; nothing written",
                              hint="restore into a new or empty directory")
 

@@ -12,7 +12,7 @@ import pyarrow as pa
 
 from etl.runs import Quarantine
 
-from .base import ImportOptions, files_under, head, json_records, jsonl_lines
+from .base import ImportOptions, files_under, head, json_depth_exceeds, json_records, jsonl_lines
 from .tabular import looks_like_rows, table_batches
 
 SUFFIXES = (".jsonl", ".ndjson", ".json")
@@ -22,6 +22,8 @@ def _first_record(path: Path):
     h = head(path).lstrip()
     try:
         if h[:1] == b"[":
+            if json_depth_exceeds(io.BytesIO(h)):
+                return None
             return next(ijson.items(io.BytesIO(h), "item"), None)
         return orjson.loads(h.split(b"\n", 1)[0])
     except (ijson.JSONError, orjson.JSONDecodeError, StopIteration):

@@ -31,6 +31,7 @@ from etl.runs import Quarantine
 from .base import (
     ImportOptions,
     RowBuffer,
+    check_json_depth,
     head,
     is_sqlite,
     json_records,
@@ -150,11 +151,15 @@ def _history(path: Path) -> Iterator[tuple[str, str, int, dict]]:
 def _openmemory(path: Path, quarantine: Quarantine) -> Iterator[tuple[str, str, int, dict]]:
     with zipfile.ZipFile(path) as z:
         names = {Path(n).name: n for n in z.namelist()}
+        if not {"memories.jsonl.gz", "memories.json"} & names.keys():
+            raise SourceFormatError(path, None, "the zip holds neither memories.jsonl.gz nor memories.json "
+                                    "(not an OpenMemory export)")
         if "memories.jsonl.gz" in names:
             with z.open(names["memories.jsonl.gz"]) as raw, gzip.open(raw) as f:
                 for lineno, _, rec in jsonl_lines(f, f"{path}!memories.jsonl.gz", quarantine):
                     yield f"line {lineno}", "memories", lineno, rec
             return
+        check_json_depth(path, lambda: z.open(names["memories.json"]))
         with z.open(names["memories.json"]) as f:
             apps = {a.get("id"): a.get("name") for a in ijson.items(f, "apps.item") if isinstance(a, dict)}
         with z.open(names["memories.json"]) as f:

@@ -282,3 +282,312 @@ def test_item08_restore_checks_the_result_against_the_manifest_totals(plain_pala
     proc = run_cli("restore", bundle, "--palace", tmp_path / "r", check=1)
     assert "does not match the bundle" in proc.stderr  # ...but the result does not
     assert not (tmp_path / "r").exists() and not list(tmp_path.glob(".r.restoring-*"))
+
+
+# ------------------------------------------------------------------ item 4
+def test_item04_restore_force_waits_for_a_running_import_and_never_splits_it(plain_palace, tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from .helpers import SAMPLE
+
+    bundle = bundle_of(plain_palace, tmp_path / "b")
+    target = tmp_path / "target"
+    imp = subprocess.Popen([sys.executable, "-m", "etl.cli", "import", "mcp-memory", str(SAMPLE), "--palace",
+                            str(target), "--json", "--batch-size", "20"], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    ledger = target / ".palace-etl" / "ledger.sqlite3"
+    deadline = time.monotonic() + 120
+    while not ledger.exists():  # the import is inside its run (holds the session lock)
+        assert imp.poll() is None and time.monotonic() < deadline, imp.stderr.read() if imp.poll() else "slow"
+        time.sleep(0.05)
+    proc = run_cli("restore", bundle, "--palace", target, "--force", "--lock-timeout", "0.5", check=None)
+    running = imp.poll() is None
+    out, err = imp.communicate(timeout=300)
+    assert imp.returncode == 0, err
+    if running:  # the restore met the import: refused with exit 11, nothing moved aside
+        assert proc.returncode == 11 and "import is running" in proc.stderr
+        assert not list(tmp_path.glob("target.before-restore-*"))
+    assert len(palace_rows(target)) == json.loads(out)["drawers_written"] == 363
+
+
+def test_item04_status_verify_restore_take_lock_timeout(plain_palace, tmp_path):
+    for verb in (["status", "--palace", plain_palace], ["verify", "--palace", plain_palace, "--probes", "0"],
+                 ["restore", tmp_path / "nothing", "--palace", tmp_path / "r"]):
+        proc = run_cli(*verb, "--lock-timeout", "2", check=None)
+        assert "No such option" not in proc.stderr, proc.stderr
+
+
+# ------------------------------------------------------------------ item 7
+def kill_mid_transaction(db: Path) -> None:
+    """A writer SIGKILLed inside a transaction whose pages already spilled into the file: a hot journal."""
+    import subprocess
+    import sys
+
+    code = (f"import sqlite3, os, signal\nc = sqlite3.connect({str(db)!r}, isolation_level=None)\n"
+            "c.execute('PRAGMA cache_size=1')\nc.execute('BEGIN IMMEDIATE')\n"
+            "c.execute(\"UPDATE embedding_metadata SET string_value = 'torn' WHERE key = 'chroma:document'\")\n"
+            "os.kill(os.getpid(), signal.SIGKILL)\n")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == -9
+    journal = Path(f"{db}-journal")
+    assert journal.exists() and journal.stat().st_size > 0
+
+
+def test_item07_a_hot_journal_is_rolled_back_not_reported_as_corruption(plain_palace, tmp_path):
+    import shutil
+
+    palace = tmp_path / "palace"
+    shutil.copytree(plain_palace, palace)
+    kill_mid_transaction(palace / "chroma.sqlite3")
+    status = cli_json("status", "--palace", palace)
+    assert status["drawers"] == 400
+    proc = run_cli("verify", "--palace", palace, "--probes", "0", check=None)
+    assert "sqlite_corrupt" not in proc.stdout and "--force" not in proc.stdout + proc.stderr
+    assert not Path(f"{palace}/chroma.sqlite3-journal").exists()  # rolled back, as SQLite intends
+    assert {r["document"] for r in palace_rows(palace).values()} == {f"memory {i}" for i in range(400)}
+    run_cli("export", "--palace", palace, "--out", tmp_path / "b")
+
+
+def test_item07_a_hot_journal_beside_a_lock_holder_is_read_around(plain_palace, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    palace = tmp_path / "palace"
+    shutil.copytree(plain_palace, palace)
+    kill_mid_transaction(palace / "chroma.sqlite3")
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom palace.lock import palace_lock\n"
+                               f"with palace_lock({str(palace)!r}):\n print('held', flush=True)\n time.sleep(120)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert cli_json("status", "--palace", palace)["drawers"] == 400  # read from a rolled-back copy
+        assert Path(f"{palace}/chroma.sqlite3-journal").exists()  # the live palace was not touched
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+# ------------------------------------------------------------------ items 11, 12, 13
+def test_item11_symlinks_are_refused_not_followed(plain_palace, tmp_path):
+    import shutil
+
+    from .helpers import FIXTURES, SAMPLE
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    # a symlinked .palace-etl would move the ledger outside the palace
+    p1 = tmp_path / "p1"
+    p1.mkdir()
+    (p1 / ".palace-etl").symlink_to(outside)
+    proc = run_cli("import", "mcp-memory", SAMPLE, "--palace", p1, check=1)
+    assert "symlink" in proc.stderr and not any(outside.iterdir())
+    # a dangling symlink at the quarantine file would create its target outside with user records
+    broken = FIXTURES / "mcp-memory" / "broken.jsonl"
+    p2 = tmp_path / "p2"
+    run_id = cli_json("import", "mcp-memory", broken, "--palace", p2, "--dry-run", check=None)["run_id"]
+    (p2 / ".palace-etl" / "quarantine").mkdir(parents=True)
+    (p2 / ".palace-etl" / "quarantine" / f"{run_id}.jsonl").symlink_to(outside / "leak.jsonl")
+    proc = run_cli("import", "mcp-memory", broken, "--palace", p2, check=None)
+    assert proc.returncode == 1 and "symlink" in proc.stderr and not (outside / "leak.jsonl").exists()
+    # a symlinked .export.lock would be truncated and overwritten
+    backups = tmp_path / "backups"
+    backups.mkdir()
+    victim = outside / "victim.txt"
+    victim.write_text("precious")
+    (backups / ".export.lock").symlink_to(victim)
+    run_cli("export", "--palace", plain_palace, "--out", backups, check=1)
+    assert victim.read_text() == "precious"
+    shutil.rmtree(outside)
+
+
+def test_item12_a_palace_path_with_hash_or_question_mark_opens_that_palace(plain_palace, tmp_path):
+    import shutil
+
+    for name in ("p#x", "p?x"):
+        palace = tmp_path / name
+        shutil.copytree(plain_palace, palace)
+        assert cli_json("status", "--palace", palace)["drawers"] == 400
+        assert not (tmp_path / "p").exists()
+
+
+def test_item13_private_records_keep_private_modes(plain_palace, tmp_path):
+    from .helpers import FIXTURES
+
+    palace = tmp_path / "p"
+    run_cli("import", "mcp-memory", FIXTURES / "mcp-memory" / "broken.jsonl", "--palace", palace, check=3)
+    state = palace / ".palace-etl"
+    assert stat.S_IMODE(state.stat().st_mode) == 0o700
+    assert stat.S_IMODE((state / "quarantine").stat().st_mode) == 0o700
+    for f in [*(state / "quarantine").iterdir(), state / "ledger.sqlite3"]:
+        assert stat.S_IMODE(f.stat().st_mode) == 0o600, f
+    bundle = bundle_of(plain_palace, tmp_path / "b")
+    cli_json("restore", bundle, "--palace", tmp_path / "r")
+    for p in [tmp_path / "r", *(tmp_path / "r").rglob("*")]:
+        assert stat.S_IMODE(p.stat().st_mode) == (0o700 if p.is_dir() else 0o600), p
+
+
+# ------------------------------------------------------------------ items 15, 16, 17: hostile sources
+def run_bounded(*args, check=None):
+    """The CLI with a hang guard: a source that hangs the importer fails the test instead of the suite."""
+    return run_cli(*args, check=check, timeout=120)
+
+
+@pytest.mark.parametrize("name", ["mem0", "mcp-memory", "letta", "csv", "parquet", "claude-code", "basic-memory",
+                                  "auto"])
+def test_item15_a_fifo_is_refused_not_read(tmp_path, name):
+    fifo = tmp_path / "memory.json"
+    os.mkfifo(fifo)
+    proc = run_bounded("import", name, fifo, "--palace", tmp_path / "p")
+    assert proc.returncode in (1, 10) and "Traceback" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "p").exists()
+
+
+def test_item16_a_file_that_is_not_the_format_is_said_so_and_creates_nothing(tmp_path):
+    junk = tmp_path / "junk.json"
+    junk.write_bytes(np.random.default_rng(3).bytes(4096))
+    proc = run_bounded("import", "chatgpt", junk, "--palace", tmp_path / "p1")
+    assert proc.returncode == 1 and "not a chatgpt source" in proc.stderr and not (tmp_path / "p1").exists()
+    for content in (b"", np.random.default_rng(4).bytes(2048)):
+        fake = tmp_path / "fake-palace"
+        fake.mkdir(exist_ok=True)
+        (fake / "chroma.sqlite3").write_bytes(content)
+        proc = run_bounded("import", "palace", fake, "--palace", tmp_path / "p2")
+        assert proc.returncode in (1, 10) and "Traceback" not in proc.stderr, proc.stderr
+        assert not (tmp_path / "p2").exists()
+
+
+@pytest.mark.parametrize("name, make", [
+    ("mem0", lambda d: (d / "m.json").write_bytes(b"")),
+    ("mcp-memory", lambda d: (d / "memory.jsonl").write_bytes(b"\n\n")),
+    ("basic-memory", lambda d: (d / "notes").mkdir()),
+    ("jsonl", lambda d: (d / "rows.jsonl").write_bytes(b"")),
+])
+def test_item16_empty_input_is_not_an_error_and_creates_nothing(tmp_path, name, make):
+    make(tmp_path)
+    (src,) = [p for p in tmp_path.iterdir()]
+    r = json.loads(run_bounded("import", name, src, "--palace", tmp_path / "p", "--json", check=0).stdout)
+    assert r["drawers_read"] == 0 and not (tmp_path / "p").exists()
+
+
+def _zip(path: Path, members: dict[str, bytes]) -> Path:
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as z:
+        for n, data in members.items():
+            z.writestr(n, data)
+    return path
+
+
+def _truncated_gz_zip(path: Path) -> Path:
+    import gzip
+
+    lines = b"".join(json.dumps({"id": f"m{i}", "memory": f"memory {i}", "user_id": "u"}).encode() + b"\n"
+                     for i in range(2000))
+    gz = gzip.compress(lines)
+    return _zip(path, {"memories.jsonl.gz": gz[: len(gz) // 2]})
+
+
+def _bad_history(path: Path) -> Path:
+    import sqlite3
+
+    with sqlite3.connect(path) as c:
+        c.execute("CREATE TABLE history (id TEXT)")  # the table, without the columns mem0 writes
+    return path
+
+
+@pytest.mark.parametrize("name, make", [
+    ("mcp-memory", lambda d: (d / "adir").mkdir() or d / "adir"),
+    ("letta", lambda d: (d / "adir").mkdir() or d / "adir"),
+    ("mem0", lambda d: _zip(d / "export.zip", {"readme.txt": b"hello"})),
+    ("mem0", lambda d: _truncated_gz_zip(d / "export.zip")),
+    ("mem0", lambda d: _bad_history(d / "history.db")),
+])
+def test_item17_broken_sources_are_file_and_cause_not_tracebacks(tmp_path, name, make):
+    src = make(tmp_path)
+    proc = run_bounded("import", name, src, "--palace", tmp_path / "p")
+    assert proc.returncode in (1, 3, 10) and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.returncode != 130 and "interrupted" not in proc.stderr  # an EOFError is not Ctrl-C
+    assert str(src.name) in proc.stderr or proc.returncode == 3
+
+
+def test_item17_restore_onto_a_file_or_a_foreign_directory_builds_nothing(plain_palace, tmp_path):
+    bundle = bundle_of(plain_palace, tmp_path / "b")
+    (tmp_path / "a-file").write_text("x")
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "cat.jpg").write_bytes(b"\xff\xd8")
+    for target in (tmp_path / "a-file", foreign):
+        proc = run_cli("restore", bundle, "--palace", target, "--force", check=1)
+        assert "nothing written" in proc.stderr and "Traceback" not in proc.stderr
+    assert (tmp_path / "a-file").read_text() == "x" and tree(foreign) == {"cat.jpg": b"\xff\xd8"}
+    assert not list(tmp_path.glob(".*restoring-*")) and not list(tmp_path.glob("*before-restore*"))
+
+
+# ------------------------------------------------------------------ item 18: crash leftovers
+def test_item18_a_restore_killed_between_its_renames_is_finished_by_the_next_run(plain_palace, tmp_path):
+    import shutil
+
+    from .helpers import SAMPLE
+
+    bundle = bundle_of(plain_palace, tmp_path / "b")
+    target = tmp_path / "target"
+    cli_json("import", "mcp-memory", SAMPLE, "--palace", target)
+    proc = run_cli("restore", bundle, "--palace", target, "--force", check=None,
+                   env={"PALACE_ETL_TEST_CRASH_AT": "restore-swap"})
+    assert proc.returncode == -9 and not target.exists()  # killed with the old palace aside, the new not in
+    (aside,) = tmp_path.glob("target.before-restore-*")
+    r = cli_json("restore", bundle, "--palace", target, "--force")
+    assert r["recovered"] and len(palace_rows(target)) == 400  # the killed swap was completed first
+    assert aside.exists() and not list(tmp_path.glob(".target.restoring-*"))
+    shutil.rmtree(aside)
+
+
+def test_item18_temp_dirs_of_killed_exports_are_cleaned(plain_palace, tmp_path):
+    out = tmp_path / "b"
+    bundle_of(plain_palace, out)
+    stale = out / ".tmp-palace-20260101T000000000000Z-full"
+    stale.mkdir()
+    (stale / "drawers.parquet").write_bytes(b"half")
+    bundle_of(plain_palace, out, "--incremental")
+    assert not stale.exists() and len(list(out.glob("palace-*"))) == 2
+
+
+# ------------------------------------------------------------------ item 14
+@pytest.mark.parametrize("name", ["mem0", "zep", "mcp-memory-service", "chatgpt", "claude-ai", "claude-mem", "jsonl",
+                                  "letta", "mcp-memory", "auto"])
+@pytest.mark.parametrize("shape", ["array", "object"])
+def test_item14_deeply_nested_json_is_refused_quickly(tmp_path, name, shape):
+    bomb = b"[" * 100000 + b"]" * 100000
+    src = tmp_path / "bomb.json"
+    src.write_bytes(bomb if shape == "array" else b'{"results": ' + bomb + b', "memories": []}')
+    proc = run_bounded("import", name, src, "--palace", tmp_path / "p")  # the guard is 120 s; a fix takes ~1 s
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and str(src.name) in proc.stderr, proc.stderr
+    assert not (tmp_path / "p").exists()
+
+
+def test_item14_the_depth_check_ignores_brackets_inside_strings():
+    import io
+
+    from importers.base import json_depth_exceeds
+
+    assert not json_depth_exceeds(io.BytesIO(b'{"a": "[[[[[[[[[[[[", "b": ["\\"]]]]]"]}'), limit=3)
+    assert json_depth_exceeds(io.BytesIO(b'[' + b'["]]]]]]", ' * 10 + b']' * 11), limit=5)  # hidden closers
+    assert json_depth_exceeds(io.BytesIO(b'["' + b'x' * 100 + b'", ' + b'[' * 10 + b']' * 10 + b']'), limit=5,
+                              chunk=7)  # strings and escapes split across reads
+
+
+# ------------------------------------------------------------------ item 19
+def test_item19_a_huge_memory_is_cut_before_tokenising_to_the_same_vector(embedder):
+    import random
+
+    rng = random.Random(19)
+    words = ["memory", "palace", "drawer", "naïve", "東京", "x" * 120, "e.g.", "(paren)", "tab\there", "a-b_c"]
+    for n in (300, 3000, 60000):
+        text = " ".join(rng.choice(words) for _ in range(n))
+        assert embedder._tok.encode(embedder._window(text)).ids == embedder._tok.encode(text).ids
+    huge = "the palace keeps every word " * 2_000_000  # 56 MB in one memory
+    head = " ".join(huge.split()[:400])
+    v_huge, v_head = embedder.embed([huge, head])
+    assert float(v_huge @ v_head) > 0.999999  # the same 256 tokens, so the same vector
