@@ -34,6 +34,7 @@ from palace.layout import CHROMA_DB, PalaceLayout, read_sidecar, write_sidecar
 from palace.lock import session_lock
 from palace.vectors import VectorStore
 
+from .clock import record_zone
 from .embed import Embedder, EmbedderIdentity, check_identity
 from .errors import PalaceEtlError, SourceFormatError, SourceMissing
 from .ids import ID_RECIPE
@@ -203,6 +204,7 @@ class Loader:
     def _open(self, create: bool) -> None:
         self.store = VectorStore(self.layout, lock_timeout=self.lock_timeout)
         if create:
+            record_zone(self.layout.state_dir)  # the zone of the naive filed_at stamps written here
             with self.store.writing(create=True) as col:
                 recorded = read_sidecar(self.layout.sidecar_dir)
                 check_identity(recorded, self.identity)

@@ -45,6 +45,7 @@ from palace.layout import (
 )
 from palace.vectors import VectorStore
 
+from .clock import instant, recorded_zone
 from .embed import EmbedderIdentity
 from .errors import PalaceEtlError
 
@@ -57,16 +58,25 @@ def collection_row_hash(row: dict) -> str:
     return row_hash(row["document"], row["metadata"] or {})
 
 
-def row_time(table: str, row: dict) -> str:
-    """When a row was last written, as far as the row itself says (for last-writer-wins)."""
+def row_time(table: str, row: dict, naive_zone: dt.tzinfo) -> float:
+    """When a row was last written, as far as the row itself says, as a UTC instant (for
+    last-writer-wins); -inf when it says nothing usable. Naive drawer stamps are local time of the
+    replica holding the row (``naive_zone``); naive KG stamps are SQLite's UTC."""
     if table in COLLECTIONS:
         m = row.get("metadata") or {}
-        return str(m.get("last_modified") or m.get("updated_at") or m.get("filed_at") or "")
-    return str(row.get("extracted_at") or row.get("created_at") or "")
+        stamps, zone_ = (m.get("last_modified"), m.get("updated_at"), m.get("filed_at")), naive_zone
+    else:
+        stamps, zone_ = (row.get("extracted_at"), row.get("created_at")), dt.timezone.utc
+    for s in stamps:
+        when = instant(s, zone_)
+        if when is not None:
+            return when
+    return float("-inf")
 
 
 class _Base:
     name: str
+    zone: dt.tzinfo  # the zone naive drawer stamps of this replica are in
 
     def verified(self) -> None:
         """Raise when the replica cannot be trusted as it stands (a bundle chain that does not verify)."""
@@ -95,6 +105,7 @@ class PalaceReplica(_Base):
         self.layout = layout
         self.name = layout.location
         self.lock_timeout = lock_timeout
+        self.zone = recorded_zone(layout.state_dir)
         self._stores: dict[str, VectorStore] = {}
 
     def _state_file(self) -> Path:
@@ -159,6 +170,7 @@ class BundleReplica(_Base):
     def __init__(self, out: Path):
         self.out = Path(out)
         self.name = f"bundle:{self.out.resolve()}"
+        self.zone = recorded_zone(None)
         self._rows: dict[str, list[dict]] = {t: [] for t in TABLES}
         self._deletes: list[tuple[str, str]] = []
         self._identity: EmbedderIdentity | None = None

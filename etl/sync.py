@@ -15,12 +15,12 @@ equal, so an interrupted sync re-runs to the same result.
 """
 from __future__ import annotations
 
-import datetime as dt
 import time
 from dataclasses import asdict, dataclass, field
 
 from .embed import check_identity
 from .errors import PalaceEtlError
+from .clock import instant, now_utc, zone
 from .replicas import TABLES, State, open_replica, replica_root, row_time
 
 KEEP_BOTH_SUFFIX = "__conflict_"
@@ -63,6 +63,7 @@ class SyncReport:
 
 
 def local_deletions(known: State | None, current: State, tombstones: dict, now: str) -> dict:
+    """(``now`` is UTC ISO; tombstones stored by older versions are naive local time of the sync host.)"""
     """Tombstones plus the ids this replica held at its last sync and no longer holds."""
     out = {t: dict(v) for t, v in tombstones.items()}
     for t, rows in (known or {}).items():
@@ -71,11 +72,18 @@ def local_deletions(known: State | None, current: State, tombstones: dict, now: 
     return out
 
 
+def tombstone_time(when: str) -> float:
+    t = instant(when, zone(None))
+    return float("-inf") if t is None else t
+
+
 def merge_tombstones(x: dict, y: dict) -> dict:
+    """Both sides' tombstones; an id deleted on both keeps the later deletion (compared as instants)."""
     out = {t: dict(v) for t, v in x.items()}
     for t, rows in y.items():
         for i, when in rows.items():
-            out.setdefault(t, {})[i] = max(when, out.get(t, {}).get(i, when))
+            mine = out.get(t, {}).get(i, when)
+            out.setdefault(t, {})[i] = when if tombstone_time(when) >= tombstone_time(mine) else mine
     return out
 
 
@@ -147,7 +155,8 @@ def _deletions(a, b, items: list, tombs: dict, plan: SyncPlan, prefer: str | Non
                 continue
             rows = _rows_by_id(a if side == "a" else b, t, ids)
             for i in ids:
-                newer = i in rows and row_time(t, rows[i]) > tombs[t][i]
+                holder = a if side == "a" else b
+                newer = i in rows and row_time(t, rows[i], holder.zone) > tombstone_time(tombs[t][i])
                 if prefer == side or (prefer is None and newer):
                     tombs[t].pop(i)  # it lives, everywhere
                     (plan.to_b if side == "a" else plan.to_a)[t].append(i)
@@ -176,7 +185,7 @@ def _resolve(a, b, undecided: list, plan: SyncPlan, prefer: str | None, keep_bot
             elif t == "triples" and bool(ra[i].get("valid_to")) != bool(rb[i].get("valid_to")):
                 winner, why = ("a" if ra[i].get("valid_to") else "b"), "invalidation beats open triple"
             else:
-                ka, kb = (row_time(t, ra[i]), ha), (row_time(t, rb[i]), hb)
+                ka, kb = (row_time(t, ra[i], a.zone), ha), (row_time(t, rb[i], b.zone), hb)
                 winner, why = ("a" if ka > kb else "b"), "last writer wins"
             plan.conflicts.append({"table": t, "id": i, "winner": winner, "rule": why})
             (plan.to_b if winner == "a" else plan.to_a)[t].append(i)
@@ -235,7 +244,7 @@ def run_sync(spec_a: str, spec_b: str, kg_a=None, kg_b=None, dry_run: bool = Fal
             check_identity(ia, ib)  # vectors of another model never travel
         sa, sb = a.snapshot(), b.snapshot()
         ssa, ssb = a.sync_state(), b.sync_state()
-        now = dt.datetime.now().isoformat(timespec="microseconds")  # same clock as MemPalace's filed_at
+        now = now_utc()
         tombs = merge_tombstones(local_deletions(ssa["known"], sa, ssa["tombstones"], now),
                                  local_deletions(ssb["known"], sb, ssb["tombstones"], now))
         ha, hb = local_history(ssa["known"], sa, ssa["history"]), local_history(ssb["known"], sb, ssb["history"])

@@ -591,3 +591,45 @@ def test_item19_a_huge_memory_is_cut_before_tokenising_to_the_same_vector(embedd
     head = " ".join(huge.split()[:400])
     v_huge, v_head = embedder.embed([huge, head])
     assert float(v_huge @ v_head) > 0.999999  # the same 256 tokens, so the same vector
+
+
+# ------------------------------------------------------------------ item 20
+def test_item20_last_writer_wins_compares_instants_across_time_zones(tmp_path):
+    import subprocess
+    import sys
+
+    a, b = tmp_path / "la", tmp_path / "tokyo"
+    base = {"x": ("first version", {"wing": "w", "room": "r", "last_modified": "2026-11-01T10:00:00"})}
+    make_palace(a, base)
+    make_palace(b, base)
+    for palace, tz in ((a, "America/Los_Angeles"), (b, "Asia/Tokyo")):  # each machine records its zone
+        subprocess.run([sys.executable, "-c", f"from etl.clock import record_zone; record_zone({str(palace / '.palace-etl')!r})"],
+                       check=True, env={**os.environ, "TZ": tz})
+    cli_json("sync", a, b)
+
+    def edit(palace: Path, doc: str, naive_local: str, seed: int) -> None:
+        store = VectorStore(layout_for(palace))
+        store.upsert(["x"], [doc], [{"wing": "w", "room": "r", "last_modified": naive_local}], unit(1, seed))
+        store.close()
+
+    edit(b, "tokyo, at 20:00 UTC", "2026-12-02T05:00:00", 2)  # earlier instant, later-looking text
+    edit(a, "los angeles, at 22:00 UTC", "2026-12-01T14:00:00", 3)  # the last writer
+    r = json.loads(run_cli("sync", a, b, "--json", env={"TZ": "UTC"}).stdout)
+    assert [c["rule"] for c in r["conflicts"]] == ["last writer wins"] and r["conflicts"][0]["winner"] == "a"
+    for palace in (a, b):
+        assert palace_rows(palace)["x"]["document"] == "los angeles, at 22:00 UTC"
+
+
+def test_item20_every_stamp_format_becomes_the_same_instant():
+    import datetime as dt
+    from zoneinfo import ZoneInfo
+
+    from etl.clock import instant
+
+    la = ZoneInfo("America/Los_Angeles")
+    same = ["2026-12-01T22:00:00+00:00", "2026-12-01T22:00:00Z", "2026-12-01T14:00:00-08:00",
+            "2026-12-01T14:00:00", "1796162400", 1796162400.0]
+    got = {instant(s, la) for s in same}
+    assert got == {dt.datetime(2026, 12, 1, 22, tzinfo=dt.timezone.utc).timestamp()}
+    assert instant("2026-12-01 22:00:00", dt.timezone.utc) == got.pop()  # SQLite CURRENT_TIMESTAMP
+    assert instant("not a time", la) is None
