@@ -65,5 +65,21 @@ class ModelNotInstalled(PalaceEtlError):
     hint = "run `palace-etl model install`"
 
 
+class DiskFull(PalaceEtlError):
+    """Not enough free space to write safely; stopped before writing (re-run resumes)."""
+
+    hint = "free space on that disk, then re-run the same command: it resumes after the last committed batch"
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """An error that is the disk being full, whichever layer raised it (OS, SQLite, Chroma)."""
+    import errno
+
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc).lower()
+    return any(s in text for s in ("no space left", "database or disk is full", "disk quota exceeded"))
+
+
 class VerificationFailed(PalaceEtlError):
     exit_code = EXIT_VERIFY_FAILED

@@ -44,11 +44,11 @@ def palace_status(layout: PalaceLayout, probes: int = 0, lock_timeout: float = 5
     out = {"palace": layout.location, "drawers": total, "wings": wings, "embedder": embedder, "kg": kg,
            "runs": runs, "client_creations": creations}
     if probes:
-        out.update(_probe(layout, probes))
+        out.update(_probe(layout, probes, lock_timeout))
     return out
 
 
-def _probe(layout: PalaceLayout, probes: int) -> dict:
+def _probe(layout: PalaceLayout, probes: int, lock_timeout: float) -> dict:
     from .verify import (
         _local_facts,
         _server_facts,

@@ -8,6 +8,7 @@ bookkeeping (run ledger, quarantine) lives in ``<palace>/.palace-etl/``.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ from urllib.parse import urlparse
 import orjson
 
 from etl.embed import EmbedderIdentity
-from etl.errors import PalaceEtlError
+from etl.errors import DiskFull, PalaceEtlError
 
 DRAWERS_COLLECTION = "mempalace_drawers"
 CLOSETS_COLLECTION = "mempalace_closets"
@@ -152,3 +153,33 @@ def open_private(path: Path, append: bool = True):
         raise PalaceEtlError(f"open {path}: {exc.strerror} (a symlink there is refused)") from None
     os.fchmod(fd, 0o600)
     return os.fdopen(fd, "ab" if append else "wb")
+
+
+SPACE_MARGIN = 16 << 20  # never let a write take the disk below this
+
+
+def ensure_space(path: Path, need: int, what: str) -> None:
+    """Refuse to start a write that could run the disk holding ``path`` out of space. A write cut
+    off by a full disk can leave Chroma's index files half written (a 0-byte
+    ``index_metadata.pickle``); stopping before it keeps the palace whole and the run resumable."""
+    probe = Path(path)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < need + SPACE_MARGIN:
+        raise DiskFull(f"{what}: {free >> 20} MB free on the disk holding {path}, need about "
+                       f"{(need + SPACE_MARGIN) >> 20} MB; stopped before writing")
+
+
+def tree_bytes(path: Path) -> int:
+    """Bytes of the files directly in ``path`` and one level below (a palace's HNSW segment dirs)."""
+    total = 0
+    try:
+        for e in os.scandir(path):
+            if e.is_file(follow_symlinks=False):
+                total += e.stat().st_size
+            elif e.is_dir(follow_symlinks=False):
+                total += sum(f.stat().st_size for f in os.scandir(e.path) if f.is_file(follow_symlinks=False))
+    except OSError:
+        pass
+    return total

@@ -33,16 +33,27 @@ import numpy as np
 
 from etl.errors import PalaceEtlError, PalaceLocked, SourceMissing
 
-from .layout import CHROMA_DB, DRAWERS_COLLECTION, HNSW_METADATA, PalaceLayout
+from .layout import CHROMA_DB, DRAWERS_COLLECTION, HNSW_METADATA, PalaceLayout, ensure_space, tree_bytes
 from .lock import UNSAFE_NO_LOCK_ENV, palace_lock
 
 Stamp = tuple[int, int, int] | None
+ROW_BYTES = 8 << 10  # SQLite + log + index growth per upserted row (measured ~4.6 KB at 384-d)
 
 
 def _settings():
     from chromadb.config import Settings
 
     return Settings(anonymized_telemetry=False, allow_reset=False)
+
+
+def damaged_index_files(palace: Path) -> list[Path]:
+    """HNSW segment files a cut-off write left empty (Chroma then fails every open of the palace)."""
+    out = []
+    for seg in sorted(Path(palace).glob("*-*-*-*-*")):
+        if seg.is_dir() and len(seg.name) == 36:
+            out += [f for f in (seg / "index_metadata.pickle", seg / "header.bin") if f.is_file()
+                    and f.stat().st_size == 0]
+    return out
 
 
 def db_stamp(path: Path) -> Stamp:
@@ -99,10 +110,20 @@ class VectorStore:
         self.layout.path.mkdir(parents=True, exist_ok=True)
         return chromadb.PersistentClient(path=str(self.layout.path), settings=_settings())
 
+    def _hnsw_bytes(self) -> int:
+        return sum(tree_bytes(self.layout.path / d) for d in os.listdir(self.layout.path)
+                   if (self.layout.path / d).is_dir() and len(d) == 36) if self.layout.path.is_dir() else 0
+
+    def _ensure_space(self, rows: int) -> None:
+        """Room for ``rows`` more rows and for Chroma to re-persist its index (which rewrites it)."""
+        if not self.is_server:
+            ensure_space(self.layout.path, self._hnsw_bytes() + rows * ROW_BYTES, f"write palace {self.layout.path}")
+
     def _open(self, create: bool) -> None:
         """(Re)create the client and do its first read; caller holds the lock."""
         if self._client is not None and not self.is_server:
             self.close()
+        self._ensure_space(0)  # the first read replays Chroma's log into its segments: a write
 
         def work():
             client = self._new_client()
@@ -120,6 +141,13 @@ class VectorStore:
         try:
             value = work()
         except Exception as exc:
+            damaged = [] if self.is_server else damaged_index_files(self.layout.path)
+            if damaged:
+                raise PalaceEtlError(
+                    f"open palace {self.layout.location}: the vector index file {damaged[0]} is empty or cut "
+                    "short (a write was stopped by a full disk or a crash); documents and metadata in "
+                    "chroma.sqlite3 are intact", hint=f"stop every process using the palace, then rebuild the "
+                    f"index from them: mempalace --palace {self.layout.location} repair rebuild-index") from exc
             if self.is_server and "Could not connect" in str(exc):
                 raise SourceMissing(f"open palace {self.layout.location}: no Chroma server answers there",
                                     hint="start it: chroma run --path DIR --host HOST --port PORT") from None
@@ -213,6 +241,7 @@ class VectorStore:
 
     def upsert(self, ids: Sequence[str], documents: Sequence[str], metadatas: Sequence[dict],
                embeddings: np.ndarray) -> None:
+        self._ensure_space(len(ids))
         with self.writing() as col:
             col.upsert(ids=list(ids), documents=list(documents), metadatas=list(metadatas),
                        embeddings=embeddings)

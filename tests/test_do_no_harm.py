@@ -633,3 +633,81 @@ def test_item20_every_stamp_format_becomes_the_same_instant():
     assert got == {dt.datetime(2026, 12, 1, 22, tzinfo=dt.timezone.utc).timestamp()}
     assert instant("2026-12-01 22:00:00", dt.timezone.utc) == got.pop()  # SQLite CURRENT_TIMESTAMP
     assert instant("not a time", la) is None
+
+
+# ------------------------------------------------------------------ item 9
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 28 MB filesystem (tmpfs), enlarged on request; needs root, as CI and this machine have."""
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=28m", "tmpfs", str(disk)],
+                                           capture_output=True).returncode:
+        pytest.skip("mounting a small filesystem needs root")
+
+    def grow(size: str) -> None:
+        subprocess.run(["mount", "-o", f"remount,size={size}", str(disk)], check=True)
+
+    try:
+        yield disk, grow
+    finally:
+        subprocess.run(["umount", "-l", str(disk)])
+
+
+def test_item09_a_full_disk_stops_the_import_cleanly_and_the_next_run_resumes(small_disk, tmp_path):
+    import random
+    import sqlite3
+
+    disk, grow = small_disk
+    rng = random.Random(9)
+    src = tmp_path / "rows.jsonl"
+    with open(src, "w") as f:
+        for i in range(3000):
+            words = " ".join(rng.choice(["alpha", "beta", "palace", "memory", "drawer"]) for _ in range(20))
+            f.write(json.dumps({"id": f"r{i}", "text": f"{i} {words}", "wing": "w", "room": "r"}) + "\n")
+    palace = disk / "p"
+    proc = run_cli("import", "jsonl", src, "--palace", palace, "--batch-size", "500", check=1)
+    assert "stopped before writing" in proc.stderr and "Traceback" not in proc.stderr
+    with sqlite3.connect(palace / ".palace-etl" / "ledger.sqlite3") as c:
+        assert c.execute("SELECT status FROM runs").fetchall() == [("interrupted",)]
+    grow("400m")
+    r = cli_json("import", "jsonl", src, "--palace", palace, "--batch-size", "500")
+    assert r["drawers_read"] == 3000 and r["drawers_written"] + r["drawers_unchanged"] == 3000
+    assert r["drawers_unchanged"] > 0  # the first run committed batches before it stopped
+    run_cli("verify", "--palace", palace, "--against", "jsonl", src)
+    assert cli_json("status", "--palace", palace, "--probes", "5")["drawers"] == 3000
+    run_cli("export", "--palace", palace, "--out", tmp_path / "b")
+
+
+def cut_short_palace(palace: Path) -> Path:
+    """A palace past Chroma's sync_threshold (1000 rows, so its index persisted a pickle) whose pickle a
+    write stopped by a full disk left empty."""
+    make_palace(palace, {f"d{i:04d}": (f"memory number {i} about topic {i % 17}", {"wing": "w", "room": "r"})
+                         for i in range(1200)})
+    write_sidecar(palace, EmbedderIdentity("minilm", 384))  # true after a repair: it re-embeds every text
+    (pickle,) = palace.glob("*/index_metadata.pickle")
+    pickle.write_bytes(b"")
+    return palace
+
+
+def test_item09_an_index_file_cut_short_is_named_with_a_non_destructive_remedy(tmp_path):
+    palace = cut_short_palace(tmp_path / "p")
+    for verb in (["status", "--palace", palace, "--probes", "3"], ["export", "--palace", palace, "--out", tmp_path / "b"]):
+        proc = run_cli(*verb, check=1)
+        assert "index_metadata.pickle is empty" in proc.stderr and "Traceback" not in proc.stderr
+        assert "repair rebuild-index" in proc.stderr and "--force" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_item09_the_advised_remedy_repairs_the_palace(tmp_path):
+    import subprocess
+
+    from .helpers import BIN
+
+    palace = cut_short_palace(tmp_path / "p")
+    fix = subprocess.run([str(BIN / "mempalace"), "--palace", str(palace), "repair", "rebuild-index"],
+                         capture_output=True, text=True, timeout=900, input="y\n")
+    assert fix.returncode == 0, fix.stdout + fix.stderr
+    assert cli_json("status", "--palace", palace, "--probes", "20")["drawers"] == 1200

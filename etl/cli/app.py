@@ -14,10 +14,12 @@ import typer
 
 from etl.errors import (
     EXIT_CODES_HELP,
+    DiskFull,
     EXIT_INTERRUPTED,
     EXIT_PARTIAL,
     EXIT_VERIFY_FAILED,
     PalaceEtlError,
+    is_disk_full,
 )
 
 from . import render
@@ -393,3 +395,8 @@ def main() -> None:
     except _USAGE_ERRORS as exc:
         exc.show()
         sys.exit(exc.exit_code)
+    except Exception as exc:
+        if not is_disk_full(exc) or DEBUG["on"]:
+            raise
+        typer.echo(f"palace-etl: the disk is full ({exc}); stopped\n  hint: {DiskFull.hint}", err=True)
+        sys.exit(DiskFull.exit_code)
