@@ -10,6 +10,15 @@ import shutil
 from pathlib import Path
 
 from .bundle import chain, list_bundles
+from .manifest import BundleError, Manifest
+
+
+def _readable(bundle: Path) -> bool:
+    try:
+        Manifest.load(bundle)
+        return True
+    except BundleError:
+        return False
 
 
 def _when(bundle: Path) -> dt.datetime:
@@ -31,7 +40,10 @@ def select(bundles: list[Path], keep: int | None = None, daily: int | None = Non
     if not (keep or daily or weekly):
         chosen = set(bundles)
     for b in list(chosen):
-        chosen |= set(chain(b))
+        try:
+            chosen |= set(chain(b))
+        except BundleError:  # its chain cannot be read: keep what it is, and delete nothing for it
+            pass
     return chosen
 
 
@@ -40,7 +52,7 @@ def apply_retention(out: Path, keep: int | None = None, daily: int | None = None
     """Delete the bundles not selected; return their names."""
     bundles = list_bundles(Path(out))
     kept = select(bundles, keep, daily, weekly)
-    removed = [b for b in bundles if b not in kept]
+    removed = [b for b in bundles if b not in kept and _readable(b)]  # an unreadable bundle is never removed
     if not dry_run:
         for b in removed:
             shutil.rmtree(b)

@@ -14,13 +14,46 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 SAMPLE = REPO / "sample_data" / "mcp-memory" / "memory.jsonl"
 
 
-def run_cli(*args: str, check: int | None = 0, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run ``palace-etl ARGS`` in a subprocess; assert its exit code when ``check`` is not None."""
-    proc = subprocess.run([sys.executable, "-m", "etl.cli", *map(str, args)], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=timeout)
+def run_cli(*args: str, check: int | None = 0, env: dict | None = None, timeout: float | None = None,
+            subprocess_: bool = False) -> subprocess.CompletedProcess:
+    """Run ``palace-etl ARGS``; assert its exit code when ``check`` is not None.
+
+    In this process (the CLI's own ``main``: same parsing, error mapping and exit codes, without an
+    interpreter start per call) unless the test is about processes: it sets ``env``, bounds a
+    possible hang with ``timeout``, asks for ``subprocess_``, or the whole run sets
+    ``PALACE_ETL_TEST_SUBPROCESS=1``."""
+    args = tuple(map(str, args))
+    if env is not None or timeout is not None or subprocess_ or os.environ.get("PALACE_ETL_TEST_SUBPROCESS") == "1":
+        proc = subprocess.run([sys.executable, "-m", "etl.cli", *args], capture_output=True, text=True,
+                              env={**os.environ, **(env or {})}, timeout=timeout or 600)
+    else:
+        proc = _in_process(args)
     if check is not None:
         assert proc.returncode == check, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     return proc
+
+
+def _in_process(args: tuple[str, ...]) -> subprocess.CompletedProcess:
+    import contextlib
+    import io
+    import signal
+
+    from etl.cli import app as cli
+
+    out, err = io.StringIO(), io.StringIO()
+    argv, sigterm, code = sys.argv, signal.getsignal(signal.SIGTERM), 0
+    sys.argv = ["palace-etl", *args]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                cli.main()
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        sys.argv = argv
+        signal.signal(signal.SIGTERM, sigterm)
+        cli.DEBUG["on"] = False
+    return subprocess.CompletedProcess(["palace-etl", *args], code, out.getvalue(), err.getvalue())
 
 
 def cli_json(*args: str, check: int | None = 0) -> dict:

@@ -97,11 +97,12 @@ def four_writers(palace: Path, env: dict | None = None) -> dict | None:
     return result(spawn("self_query", palace, ",".join(f"w{i}:{i}:2000" for i in range(4))), timeout=180)
 
 
-@pytest.mark.parametrize("lock", [True, False], ids=["with-lock", "lock-off"])
+@pytest.mark.parametrize("lock", [True, pytest.param(False, marks=pytest.mark.slow)], ids=["with-lock", "lock-off"])
 def test_the_lock_is_what_prevents_silent_loss(tmp_path, lock):
     """The same 4-writer run: with the palace lock nothing is lost; with it switched off (a test-only
     switch that makes our writers behave like plain PersistentClient writers) Chroma silently tears
-    the index -- the proof that the self-query check can fail."""
+    the index -- the proof that the self-query check can fail. That proof depends on a race, so it
+    runs with -m slow."""
     check = four_writers(tmp_path / "p", None if lock else {UNSAFE_NO_LOCK_ENV: "1"})
     if lock:
         assert check is not None and check["errors"] == 0 and check["misses"] <= 8, check
@@ -118,7 +119,13 @@ def test_server_mode_stress_loses_nothing(tmp_path, chroma_server):
     assert check["total"] == 4000 and check["misses"] <= 4 and check["errors"] == 0
 
 
-def test_reader_refreshes_at_most_once_per_window_and_never_for_own_writes(tmp_path):
+def test_own_writes_never_look_external(tmp_path):
+    assert result(spawn("own_writes", tmp_path / "own", 10))["client_creations"] == 1
+
+
+@pytest.mark.slow
+def test_reader_refreshes_at_most_once_per_window(tmp_path):
+    """Wall-clock windows (a 12 s reader, 5 s refresh interval), so it runs with -m slow."""
     palace = tmp_path / "p"
     assert result(spawn("drawers", palace, "seed", 200, 100, 1))["errors"] == 0
     reader = spawn("reader", palace, 12, 5)
@@ -131,7 +138,6 @@ def test_reader_refreshes_at_most_once_per_window_and_never_for_own_writes(tmp_p
     assert r is not None and r["reads"] > 20
     assert 2 <= r["client_creations"] <= 1 + 3, r
     assert r["distinct_counts"] >= 2  # it did see the writer's rows
-    assert result(spawn("own_writes", tmp_path / "own", 10))["client_creations"] == 1
     check = result(spawn("self_query", palace, "seed:1:200,b0:10:100,b1:11:100,b2:12:100,b3:13:100"))
     assert check["misses"] == 0 and check["total"] == 600
 
@@ -147,11 +153,9 @@ def test_open_behind_a_sqlite_lock_fails_in_time_and_exits(tmp_path):
     try:
         code = ("from palace.layout import layout_for\nfrom palace.vectors import VectorStore\n"
                 f"VectorStore(layout_for({str(palace)!r}), open_timeout=2).reading()")
-        started = time.monotonic()
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                              cwd=Path(__file__).resolve().parent.parent)
-        assert time.monotonic() - started < 30  # it gave up and the process exited; it did not wait for the lock
-        assert proc.returncode != 0 and "stayed locked for 2s" in proc.stderr
+                              cwd=Path(__file__).resolve().parent.parent)  # the timeout only guards a hang
+        assert proc.returncode != 0 and "stayed locked for 2s" in proc.stderr  # gave up after its own 2 s
     finally:
         blocker.execute("ROLLBACK")
         blocker.close()

@@ -257,7 +257,7 @@ metadata_values = st.one_of(st.text(max_size=20), st.integers(-10**9, 10**9), st
                             st.floats(allow_nan=False, allow_infinity=False, width=32))
 
 
-@settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=4, deadline=None, suppress_health_check=list(HealthCheck))
 @given(rows=st.dictionaries(st.text("abcdefghij_", min_size=1, max_size=12), st.tuples(
     st.text(min_size=0, max_size=80), st.dictionaries(st.sampled_from(["wing", "room", "k1", "k2", "n"]),
                                                       metadata_values, min_size=1, max_size=4)),
@@ -322,6 +322,7 @@ emit(diff)
 """
 
 
+@pytest.mark.slow
 def test_round_trip_of_a_20k_drawer_palace(tmp_path):
     from .helpers import run_python
 

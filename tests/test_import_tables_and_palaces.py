@@ -31,8 +31,9 @@ def test_csv_column_mapping_comes_from_flags_and_verify_reuses_it(tmp_path):
     assert sorted(v["metadata"]["origin_id"] for v in rows.values()) == ["k1", "k2"]
     assert {v["metadata"]["created_at"] for v in rows.values()} == {"2025-05-01T10:00:00+00:00"}  # ISO = epoch
     run_cli("verify", "--palace", palace, "--against", "csv", src, "--probes", "2")  # the ledger kept --map
-    unmapped = run_cli("import", "csv", src, "--palace", tmp_path / "q", check=3)  # no text column
-    assert "notes.csv:2: no text in column 'text'" in unmapped.stdout
+    # no text column: every row is unreadable, so it is not a csv of memories as given: said, nothing created
+    unmapped = run_cli("import", "csv", src, "--palace", tmp_path / "q", check=1)
+    assert "notes.csv:2: no text in column 'text'" in unmapped.stderr and not (tmp_path / "q").exists()
 
 
 def test_unknown_mapping_field_is_a_usage_error(tmp_path):
@@ -60,10 +61,10 @@ def test_parquet_vector_column_is_carried_when_declared(tmp_path, embedder):
     # undeclared: the vectors are not trusted, the rows are embedded and the skip is reported
     r = cli_json("import", "parquet", src, "--palace", tmp_path / "q", "--map", "embedding=vec")
     assert r["vectors_embedded"] == 3 and list(r["skipped"].values()) == [3]
-    # declared with the wrong dimension: every row is quarantined, nothing half-written
-    r = cli_json("import", "parquet", src, "--palace", tmp_path / "s", "--map", "embedding=vec",
-                 "--vector-model", "minilm", "--vector-dim", "768", check=3)
-    assert r["quarantined"] == 3 and r["drawers_written"] == 0
+    # declared with the wrong dimension: every row is unreadable, the run says why and creates nothing
+    proc = run_cli("import", "parquet", src, "--palace", tmp_path / "s", "--map", "embedding=vec",
+                   "--vector-model", "minilm", "--vector-dim", "768", check=1)
+    assert "3 unreadable record(s)" in proc.stderr and not (tmp_path / "s").exists()
     # another model's vectors are re-embedded, and the run says so
     r = cli_json("import", "parquet", src, "--palace", tmp_path / "t", "--map", "embedding=vec",
                  "--vector-model", "bge-small", "--vector-dim", "384")
@@ -73,8 +74,8 @@ def test_parquet_vector_column_is_carried_when_declared(tmp_path, embedder):
 def test_corrupt_parquet_is_quarantined_with_its_name(tmp_path):
     src = tmp_path / "broken.parquet"
     src.write_bytes(b"PAR1" + b"\x00" * 64 + b"PAR1")
-    r = cli_json("import", "parquet", src, "--palace", tmp_path / "p", check=3)
-    assert r["quarantined"] == 1 and str(src) in r["quarantine_first"][0]
+    proc = run_cli("import", "parquet", src, "--palace", tmp_path / "p", check=1)
+    assert f"{src}: unreadable Parquet" in proc.stderr and not (tmp_path / "p").exists()
 
 
 def test_mempalace_jsonl_round_trips_our_own_export(tmp_path):

@@ -83,10 +83,10 @@ def test_three_replicas_converge_and_nothing_is_re_embedded(tmp_path, chroma_ser
     def no_embedding(*a, **k):
         raise AssertionError("sync must never build an embedder")
 
-    monkeypatch.setattr(etl.embed.MiniLMEmbedder, "__init__", no_embedding)
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     c, kg_c = chroma_server, tmp_path / "c-kg" / "knowledge_graph.sqlite3"
-    cli_json("import", "mcp-memory", SAMPLE, "--palace", a)
+    cli_json("import", "mcp-memory", SAMPLE, "--palace", a)  # the one import that embeds; from here on none may
+    monkeypatch.setattr(etl.embed.MiniLMEmbedder, "__init__", no_embedding)
     reps = [(a, None), (b, None), (c, kg_c)]
     rng = random.Random(seed)
     first = run_sync(a, b)
@@ -102,6 +102,7 @@ def test_three_replicas_converge_and_nothing_is_re_embedded(tmp_path, chroma_ser
             assert r.converged, r.differences
         assert converged(*reps)
     assert deleted and resurrected(deleted, *reps) == {}  # no deleted drawer came back anywhere
+    monkeypatch.undo()  # verify's retrieval probes embed the documents: that is verify's work, not sync's
     for spec, kg in reps[:2]:
         run_cli("verify", "--palace", spec)
     # a second sync with no changes moves nothing
