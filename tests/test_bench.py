@@ -1,16 +1,13 @@
 """The benchmark harness runs end to end (tiny sizes: this checks the harness, not the speed).
-A minute and more: it runs with -m slow (and in .ci/run)."""
+It stays in the default run: it is what runs the README's bench command."""
 import json
 import re
 import subprocess
 import sys
 
-import pytest
-
 from .helpers import REPO
 
 
-@pytest.mark.slow
 def test_bench_command_from_its_readme(tmp_path):
     (command,) = re.findall(r"```text\n(python -m bench .*?)\n```", (REPO / "bench" / "README.md").read_text())
     args = command.split()[3:]

@@ -97,8 +97,8 @@ def test_item10_hostile_names_stay_inside_out_and_every_drawer_is_kept(hostile_p
     assert sorted(p.name for p in box.iterdir()) == ["md", "out"]
     text = "".join(f.read_text() for f in md.rglob("*.md") if f.name != "index.md")
     assert all(f"## {i}\n" in text for i in HOSTILE)  # no drawer dropped
-    from urllib.parse import unquote
     import re
+    from urllib.parse import unquote
 
     links = re.findall(r"\]\(([^)]+\.md)\)", (md / "index.md").read_text())
     assert links and all((md / unquote(link)).is_file() for link in links)  # no link to a missing file
