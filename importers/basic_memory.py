@@ -36,16 +36,33 @@ from .base import (
 )
 
 ORIGIN = "basic-memory"
-OBSERVATION = re.compile(r"^\s*[-*]\s+\[([^\[\]]+)\]\s+(.+?)\s*$")
-RELATION = re.compile(r"^\s*[-*]\s+([A-Za-z_][\w -]*?)\s+\[\[([^\]]+)\]\](?:\s*\(([^)]*)\))?\s*$")
+BULLET = r"^\s*(?:[-*+]|\d{1,4}[.)])\s+"  # "- ", "* ", "+ " or a numbered item "1. " / "2) "
+OBSERVATION = re.compile(BULLET + r"\[([^\[\]]+)\]\s+(.+?)\s*$")
+RELATION = re.compile(BULLET + r"([A-Za-z_][\w -]*?)\s+\[\[([^\]]+)\]\](?:\s*\(([^)]*)\))?\s*$")
+FENCE = re.compile(r"^\s*(```|~~~)")
 NOT_CATEGORY = re.compile(r"^(?:\s|[xX/>?-]|\d{1,2}:\d{2}(?::\d{2})?)$")
 TAG = re.compile(r"(?<![\w&])#([\w/-]+)")
 CONTEXT = re.compile(r"\s*\(([^()]*)\)\s*$")
 
 
+def prose_lines(body: str) -> list[str]:
+    """The body's lines outside fenced code blocks: a ``[[link]]`` or ``- [category]`` line in a code
+    example is an example, not a relation or an observation."""
+    out, fence = [], None
+    for line in body.splitlines():
+        m = FENCE.match(line)
+        if m and fence is None:
+            fence = m.group(1)
+        elif m and m.group(1) == fence:
+            fence = None
+        elif fence is None:
+            out.append(line)
+    return out
+
+
 def observations(body: str) -> Iterator[tuple[str, str, list[str], str | None]]:
     """(category, content, tags, context) of each observation line."""
-    for line in body.splitlines():
+    for line in prose_lines(body):
         m = OBSERVATION.match(line)
         if not m or NOT_CATEGORY.match(m.group(1)):
             continue
@@ -61,13 +78,13 @@ def observations(body: str) -> Iterator[tuple[str, str, list[str], str | None]]:
 
 def relations(body: str) -> Iterator[tuple[str, str]]:
     """(relation_type, target) of each relation line, then ``links_to`` for the other wiki-links."""
-    listed = set()
-    for line in body.splitlines():
+    listed, lines = set(), prose_lines(body)
+    for line in lines:
         if m := RELATION.match(line):
             target = WIKILINK.match(f"[[{m.group(2)}]]")
             listed.add(line)
             yield m.group(1).strip(), (target.group(1) if target else m.group(2)).strip()
-    for line in body.splitlines():
+    for line in lines:
         if line not in listed:
             for link in WIKILINK.finditer(line):
                 yield "links_to", link.group(1).strip()
@@ -114,6 +131,8 @@ class BasicMemoryImporter:
         mtime, source = os.stat(f).st_mtime, str(f.resolve())
         drawer = origin_drawer_id(wing, room, ORIGIN, key)
         tags = meta.get("tags")
+        if isinstance(tags, str):  # one comma-joined string, as some notes write it
+            tags = [t.strip() for t in tags.split(",") if t.strip()]
         buf.drawer(id=drawer, document=body.strip(), wing=wing, room=room, source_file=source,
                    chunk_index=0, origin_id=key, created_at=meta.get("created") or meta.get("date") or mtime,
                    updated_at=meta.get("modified") or meta.get("updated") or mtime,

@@ -34,11 +34,24 @@ ORIGIN = "chatgpt"
 TEXT_TYPES = ("text", "multimodal_text", "code")
 
 
+def _when(node: dict) -> float:
+    t = (node.get("message") or {}).get("create_time") if isinstance(node, dict) else None
+    return float(t) if isinstance(t, (int, float)) else 0.0
+
+
 def _thread(mapping: dict, current: str | None) -> list[dict]:
-    """The messages of the visible branch, oldest first."""
+    """The messages of the visible branch, oldest first. ``current_node`` is not always a leaf: from
+    it, the branch goes on down through the newest child to a leaf."""
     if current not in mapping:
         leaves = [n for n in mapping.values() if isinstance(n, dict) and not n.get("children")]
-        current = max(leaves, key=lambda n: ((n.get("message") or {}).get("create_time") or 0), default={}).get("id")
+        current = max(leaves, key=_when, default={}).get("id")
+    down = set()
+    while current in mapping and current not in down and (mapping[current].get("children") or []):
+        down.add(current)
+        kids = [mapping[c] for c in mapping[current]["children"] if isinstance(mapping.get(c), dict)]
+        if not kids:
+            break
+        current = max(kids, key=_when).get("id")
     out, seen = [], set()
     while current in mapping and current not in seen:
         seen.add(current)
@@ -86,9 +99,12 @@ class ChatGPTImporter:
             else:
                 convs = ((n, c) for _, n, c in json_records(f, (), quarantine))
             for n, conv in convs:
-                if not isinstance(conv, dict) or not isinstance(conv.get("mapping"), dict):
-                    quarantine.add(SourceFormatError(f, None, f"conversation {n}: no mapping tree"),
+                if not isinstance(conv, dict):
+                    quarantine.add(SourceFormatError(f, None, f"conversation {n}: not a JSON object"),
                                    orjson.dumps(conv, default=str)[:10000])
+                    continue
+                if not isinstance(conv.get("mapping"), dict):  # an empty conversation, not a broken record
+                    quarantine.skip("conversations without a mapping tree (empty)")
                     continue
                 self._conversation(conv, wing, source, buf, quarantine)
                 if buf.full():

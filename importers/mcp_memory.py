@@ -2,7 +2,11 @@
 
 Reads ``memory.jsonl`` (and the legacy ``memory.json``, which is the same
 line-delimited format) and the ``read_graph`` tool output
-``{"entities": [...], "relations": [...]}``.
+``{"entities": [...], "relations": [...]}``. Compatible servers write variants, all read here: no
+``type`` field (an entity has ``name``/``entityType``/``observations``, a relation
+``from``/``to``/``relationType``), ``_type`` instead of ``type``, ``createdAt``/``updatedAt`` as ISO
+text or Unix seconds (kept as the drawers' original timestamps), extra keys such as ``version`` or
+``createdBy`` (kept as metadata), relations nested in an entity, and a first line of plain text.
 
 Mapping: one drawer per observation, text ``"<name> (<entityType>): <observation>"``,
 wing ``mcp_memory`` (or ``--wing``), room = the entity type; one KG entity per
@@ -22,9 +26,39 @@ from etl import ids
 from etl.errors import SourceFormatError
 from etl.runs import Quarantine
 
-from .base import ImportOptions, RowBuffer, jsonl_lines, text_of
+from .base import ImportOptions, RowBuffer, jsonl_lines, text_of, to_utc
 
 DEFAULT_WING = "mcp_memory"
+
+
+ENTITY_KEYS = ("name", "entityType", "observations")
+RELATION_KEYS = ("from", "to", "relationType")
+KNOWN_KEYS = {"type", "_type", "name", "entityName", "id", "entityType", "observations", "relations", "createdAt",
+              "updatedAt", "from", "to", "relationType"}
+
+
+def record_kind(rec: dict) -> str | None:
+    """``entity``, ``relation`` or None: from ``type`` / ``_type``, else from the keys the record has."""
+    kind = rec.get("type", rec.get("_type"))
+    if kind in ("entity", "relation"):
+        return kind
+    if kind is None:
+        if sum(k in rec for k in RELATION_KEYS) >= 2 and "observations" not in rec:
+            return "relation"
+        if "name" in rec and ("observations" in rec or "entityType" in rec):
+            return "entity"
+    return None
+
+
+def _header_line(f, path: Path, quarantine: Quarantine) -> int:
+    """Skip a first line of plain text (a title some servers write before the JSON lines)."""
+    start = f.tell()
+    first = f.readline()
+    if first.strip() and not first.lstrip().startswith((b"{", b"[")):
+        quarantine.skip("header text lines")
+        return 1
+    f.seek(start)
+    return 0
 
 
 def _records(path: Path, quarantine: Quarantine) -> Iterator[tuple[int, dict]]:
@@ -33,7 +67,8 @@ def _records(path: Path, quarantine: Quarantine) -> Iterator[tuple[int, dict]]:
         yield from _read_graph(path)
         return
     with open(path, "rb") as f:
-        for lineno, raw, rec in jsonl_lines(f, path, quarantine):
+        offset = _header_line(f, path, quarantine)
+        for lineno, raw, rec in ((n + offset, r, v) for n, r, v in jsonl_lines(f, path, quarantine)):
             if not isinstance(rec, dict):
                 quarantine.add(SourceFormatError(path, lineno, "not a JSON object"), raw)
                 continue
@@ -46,7 +81,7 @@ def _is_read_graph(path: Path) -> bool:
         first = next((raw for raw in f if raw.strip()), b"")
     try:
         rec = orjson.loads(first)
-        return isinstance(rec, dict) and "type" not in rec and bool({"entities", "relations"} & rec.keys())
+        return isinstance(rec, dict) and record_kind(rec) is None and bool({"entities", "relations"} & rec.keys())
     except orjson.JSONDecodeError:
         pass
     if not first.lstrip().startswith(b"{"):
@@ -83,14 +118,17 @@ class McpMemoryImporter:
                 head = f.read(65536)
         except OSError:
             return False
-        first = head.lstrip().split(b"\n", 1)[0]
-        try:
-            rec = orjson.loads(first)
-            if isinstance(rec, dict) and rec.get("type") in ("entity", "relation") and (
-                    "entityType" in rec or "relationType" in rec):
-                return True
-        except orjson.JSONDecodeError:
-            pass
+        lines = [ln for ln in head.split(b"\n") if ln.strip()][:2]
+        if lines and not lines[0].lstrip().startswith((b"{", b"[")):
+            lines = lines[1:]  # a plain-text title line first
+        for first in lines[:1]:
+            try:
+                rec = orjson.loads(first)
+                if isinstance(rec, dict) and record_kind(rec) and ("entityType" in rec or "relationType" in rec
+                                                                   or "observations" in rec):
+                    return True
+            except orjson.JSONDecodeError:
+                pass
         return b'"entityType"' in head and b'"entities"' in head and b'"relations"' in head
 
     def batches(self, path: Path, options: ImportOptions, quarantine: Quarantine) -> Iterator[pa.RecordBatch]:
@@ -100,24 +138,33 @@ class McpMemoryImporter:
         buf = RowBuffer(self.name, options.batch_size)
         entities: dict[str, dict[str, Any]] = {}  # entity id -> {name, types}
         for lineno, rec in _records(path, quarantine):
-            kind = rec.get("type")
+            kind = record_kind(rec)
             if kind == "entity":
                 self._entity(path, lineno, rec, wing, source, buf, entities, quarantine)
+                name = text_of(rec, "name", "entityName", "id")
+                for rel in rec.get("relations") or [] if name and isinstance(rec.get("relations"), list) else []:
+                    if isinstance(rel, dict):  # nested in the entity: it is the "from" unless it says otherwise
+                        self._relation(path, lineno, {"from": name, **rel}, source, buf, quarantine)
             elif kind == "relation":
-                src, dst, rel = text_of(rec, "from"), text_of(rec, "to"), text_of(rec, "relationType")
-                if not (src and dst and rel):
-                    quarantine.add(SourceFormatError(path, lineno, "relation needs from, to and relationType"),
-                                   orjson.dumps(rec))
-                    continue
-                buf.triple(src, rel, dst, origin=self.name, source_file=source)
+                self._relation(path, lineno, rec, source, buf, quarantine)
             else:
-                quarantine.add(SourceFormatError(path, lineno, f"unknown record type {kind!r}"), orjson.dumps(rec))
+                quarantine.add(SourceFormatError(path, lineno, f"unknown record type {rec.get('type', rec.get('_type'))!r} "
+                                                 "(neither an entity nor a relation)"), orjson.dumps(rec))
             if buf.full():
                 yield from buf.flush()
         for info in entities.values():
             props = {"entityTypes": info["types"]} if len(info["types"]) > 1 else {}
             buf.entity(info["name"], info["types"][0], props)
         yield from buf.flush(final=True)
+
+    def _relation(self, path: Path, lineno: int, rec: dict, source: str, buf: RowBuffer,
+                  quarantine: Quarantine) -> None:
+        src, dst, rel = text_of(rec, "from"), text_of(rec, "to"), text_of(rec, "relationType")
+        if not (src and dst and rel):
+            quarantine.add(SourceFormatError(path, lineno, "relation needs from, to and relationType"),
+                           orjson.dumps(rec))
+            return
+        buf.triple(src, rel, dst, origin=self.name, source_file=source)
 
     def _entity(self, path: Path, lineno: int, rec: dict, wing: str, source: str, buf: RowBuffer,
                 entities: dict, quarantine: Quarantine) -> None:
@@ -132,6 +179,12 @@ class McpMemoryImporter:
         if etype not in info["types"]:
             info["types"].append(etype)
         room = ids.safe_name(etype, "unknown")
+        try:
+            created, updated = to_utc(rec.get("createdAt")), to_utc(rec.get("updatedAt"))
+        except ValueError as exc:
+            quarantine.add(SourceFormatError(path, lineno, f"entity {name!r}: {exc}"), orjson.dumps(rec))
+            return
+        extra = {k: v for k, v in rec.items() if k not in KNOWN_KEYS and isinstance(v, (str, int, float, bool))}
         for i, obs in enumerate(observations):
             if not isinstance(obs, str):
                 quarantine.add(SourceFormatError(path, lineno, f"observation {i} of {name!r} is not a string"),
@@ -142,4 +195,5 @@ class McpMemoryImporter:
             document = f"{name} ({etype}): {obs.strip()}"
             buf.drawer(id=ids.drawer_id_from_content(wing, room, document), document=document, wing=wing,
                        room=room, source_file=source, chunk_index=i, origin_id=f"line {lineno} observation {i}",
-                       added_by="palace-etl", extra={"entities": name, "entity_type": etype})
+                       added_by="palace-etl", created_at=created, updated_at=updated or created,
+                       extra={**extra, "entities": name, "entity_type": etype})
