@@ -103,8 +103,12 @@ class ChatGPTImporter:
                     quarantine.add(SourceFormatError(f, None, f"conversation {n}: not a JSON object"),
                                    orjson.dumps(conv, default=str)[:10000])
                     continue
-                if not isinstance(conv.get("mapping"), dict):  # an empty conversation, not a broken record
+                if conv.get("mapping") is None:  # an empty conversation, not a broken record
                     quarantine.skip("conversations without a mapping tree (empty)")
+                    continue
+                if not isinstance(conv["mapping"], dict):
+                    quarantine.add(SourceFormatError(f, None, f"conversation {n}: mapping is not an object"),
+                                   orjson.dumps(conv, default=str)[:10000])
                     continue
                 self._conversation(conv, wing, source, buf, quarantine)
                 if buf.full():

@@ -8,9 +8,13 @@ PATH is one file or a directory (e.g. ``~/.claude/projects``), walked for ``.md`
   ``instructions`` for CLAUDE.md, ``memory_index`` for MEMORY.md; ``[[links]]`` and MEMORY.md's
   ``[title](file.md)`` entries become ``links_to`` triples.
 - Transcripts: one drawer per exchange (a user prompt and the assistant text that answers it),
-  room ``conversations``, wing = the project directory (the ``cwd`` basename). Tool calls and
-  results, sidechains, summaries and repeated uuids are skipped and counted; ``<system-reminder>``
-  and other harness tags are stripped.
+  room ``conversations``, wing = the project directory (the ``cwd`` basename). Only the visible
+  branch is read: from the last message back through ``parentUuid`` (and across a compaction
+  boundary through ``logicalParentUuid``), so a rewound branch (Esc-Esc, then another try) is left
+  out and no prompt is lost where parallel tool calls fork the chain. Tool calls and results,
+  sidechains, summaries, compaction summaries, progress records and repeated uuids are skipped and
+  counted; ``<system-reminder>`` and other harness tags and ANSI escape codes are stripped; the
+  streamed lines of one assistant message are one reply.
 """
 from __future__ import annotations
 
@@ -44,6 +48,8 @@ TYPES = ("user", "feedback", "project", "reference")
 NOISE = re.compile(r"<(system-reminder|command-name|command-message|command-args|command-contents|local-command-stdout|"
                    r"local-command-stderr|user-prompt-submit-hook)>.*?</\1>", re.S)
 INDEX_LINK = re.compile(r"^\s*[-*]\s*\[([^\]]+)\]\(([^)]+\.md)\)", re.M)
+ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)")
+TRANSCRIPT_TYPES = ("user", "assistant", "summary", "system", "progress", "file-history-snapshot")
 
 
 def _is_transcript_line(raw: bytes) -> bool:
@@ -51,8 +57,63 @@ def _is_transcript_line(raw: bytes) -> bool:
         rec = orjson.loads(raw)
     except orjson.JSONDecodeError:
         return False
-    return isinstance(rec, dict) and "sessionId" in rec and rec.get("type") in ("user", "assistant", "summary",
-                                                                                  "system")
+    return isinstance(rec, dict) and rec.get("type") in TRANSCRIPT_TYPES and (
+        "sessionId" in rec or rec.get("type") in ("file-history-snapshot", "summary"))
+
+
+def _is_transcript(path: Path) -> bool:
+    """Some line among the first ones is a transcript message (a transcript may open with progress,
+    summary or file-history-snapshot records before any message)."""
+    lines = [ln for ln in head(path, 262144).split(b"\n")[:50] if ln.strip()]
+    kinds = []
+    for ln in lines:
+        try:
+            rec = orjson.loads(ln)
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and rec.get("type") in TRANSCRIPT_TYPES and (
+                "sessionId" in rec or rec.get("type") in ("file-history-snapshot", "summary")):
+            kinds.append(rec["type"])
+    return bool(kinds) and (any(k in ("user", "assistant") for k in kinds) or len(kinds) == len(lines))
+
+
+def visible_lines(path: Path) -> set[int] | None:
+    """Line numbers of the visible branch, or None when the file has no parent links to follow (then
+    every line is read, in order). First pass: a few fields per line, not the messages."""
+    parent: dict[str, str | None] = {}
+    line_of: dict[str, int] = {}
+    last_leaf_candidates: list[str] = []
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                rec = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                continue
+            if not isinstance(rec, dict) or not isinstance(rec.get("uuid"), str) or rec.get("type") not in (
+                    "user", "assistant", "system"):  # progress lines hang off messages: not part of the thread
+                continue
+            uuid = rec["uuid"]
+            up = rec.get("parentUuid") or rec.get("logicalParentUuid")  # across a compaction boundary
+            parent.setdefault(uuid, up if isinstance(up, str) else None)
+            line_of.setdefault(uuid, lineno)
+            if rec.get("type") in ("user", "assistant") and not rec.get("isSidechain"):
+                last_leaf_candidates.append(uuid)
+    parent = {u: (p if p in line_of else None) for u, p in parent.items()}  # a dangling parent: a root
+    if not any(parent.values()) or not last_leaf_candidates:
+        return None
+    has_child = {p for p in parent.values() if p}
+    leaves = [u for u in last_leaf_candidates if u not in has_child]  # in file order
+    node = leaves[-1] if leaves else last_leaf_candidates[-1]
+    path_lines, seen = set(), set()
+    while node in line_of and node not in seen:
+        seen.add(node)
+        path_lines.add(line_of[node])
+        up = parent.get(node)
+        if up is None:  # a root: a chain written before it (a resumed session) is part of the conversation
+            earlier = [u for u in leaves if line_of[u] < line_of[node] and u not in seen]
+            up = earlier[-1] if earlier else None
+        node = up
+    return path_lines
 
 
 class ClaudeCodeImporter:
@@ -63,9 +124,9 @@ class ClaudeCodeImporter:
         if path.is_dir():
             return (path / "CLAUDE.md").exists() or (path / "MEMORY.md").exists() or any(
                 path.glob("**/memory/MEMORY.md")) or any(
-                _is_transcript_line(head(p, 65536).split(b"\n", 1)[0]) for p in list(path.glob("*/*.jsonl"))[:5])
+                _is_transcript(p) for p in list(path.glob("*/*.jsonl"))[:5])
         if path.suffix == ".jsonl":
-            return _is_transcript_line(head(path).split(b"\n", 1)[0])
+            return _is_transcript(path)
         if path.suffix == ".md":
             h = head(path).decode("utf-8", "replace")
             meta, _ = frontmatter(h)
@@ -126,7 +187,9 @@ class ClaudeCodeImporter:
                     quarantine: Quarantine) -> Iterator[pa.RecordBatch]:
         source = str(path.resolve())
         seen: set[str] = set()
+        said: set[tuple[str, str]] = set()  # (message id, text) already taken from a streamed reply
         talk: Exchanges | None = None
+        visible = visible_lines(path)
         with open(path, "rb") as f:
             for lineno, raw, rec in jsonl_lines(f, path, quarantine):
                 if not isinstance(rec, dict) or not rec.get("type"):
@@ -135,6 +198,9 @@ class ClaudeCodeImporter:
                 kind, uuid = rec["type"], rec.get("uuid")
                 if kind not in ("user", "assistant"):
                     quarantine.skip(f"{kind} records")
+                    continue
+                if visible is not None and isinstance(uuid, str) and lineno not in visible:
+                    quarantine.skip("messages off the visible branch (rewound or forked)")
                     continue
                 if rec.get("isSidechain"):
                     quarantine.skip("sidechain messages")
@@ -154,6 +220,13 @@ class ClaudeCodeImporter:
                     quarantine.skip("repeated uuids")
                     continue
                 seen.add(uuid)
+                if kind == "user" and rec.get("isCompactSummary"):
+                    quarantine.skip("compaction summaries")
+                    continue
+                if kind == "assistant" and isinstance(msg.get("id"), str):
+                    if (msg["id"], text) in said:  # a streamed line repeating what was already taken
+                        continue
+                    said.add((msg["id"], text))
                 if kind == "user":
                     if not text:  # tool results and harness-only turns continue the exchange
                         quarantine.skip("tool results and harness output")
@@ -187,4 +260,4 @@ def _content(content) -> tuple[str, list[str]]:
         return "", []
     text = "\n".join(b.get("text") or "" for b in blocks if b.get("type") == "text")
     tools = [str(b.get("name")) for b in blocks if b.get("type") == "tool_use"]
-    return NOISE.sub("", text).strip(), tools
+    return ANSI.sub("", NOISE.sub("", text)).strip(), tools

@@ -12,7 +12,14 @@ import pyarrow as pa
 
 from etl.runs import Quarantine
 
-from .base import ImportOptions, files_under, head, json_depth_exceeds, json_records, jsonl_lines
+from .base import (
+    ImportOptions,
+    files_under,
+    head,
+    json_depth_exceeds,
+    json_records,
+    jsonl_lines,
+)
 from .tabular import looks_like_rows, table_batches
 
 SUFFIXES = (".jsonl", ".ndjson", ".json")

@@ -4,11 +4,15 @@ and files double-encoded as one JSON string.
 Mapping: wing = agent name (or ``--wing``); each core-memory block is a drawer, room = its label;
 messages become transcripts, one drawer per exchange (a user turn and the replies that follow it)
 in room ``conversations``. Letta wraps user turns in JSON (``user_message``) and replies in
-``send_message`` tool calls: both are unwrapped. Heartbeats, login and system alerts, tool
-results and tool definitions are skipped and counted. Archival passages are not in agent files.
+``send_message`` (or another ``send_message*`` messaging tool) calls: both are unwrapped.
+"User" messages that are harness text -- heartbeats, login and system alerts, ``<system-reminder>``
+wrappers, the transcripts a sleeptime agent is handed to review -- are skipped and counted by kind,
+as are tool results and tool definitions. Two agents may each hold a block with the same label:
+both are kept. Archival passages are not in agent files.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Iterator
 
@@ -23,6 +27,8 @@ from .base import Exchanges, ImportOptions, RowBuffer, head, origin_drawer_id, t
 
 ORIGIN = "letta"
 ROOM_CONVERSATIONS = "conversations"
+SYSTEM_REMINDER = re.compile(r"<system-reminder>.*?(?:</system-reminder>|\Z)", re.S | re.I)
+SLEEPTIME = re.compile(r"you are a sleep-?time (?:memory )?agent", re.I)
 
 
 def _load(path: Path) -> dict:
@@ -59,16 +65,23 @@ def _text(message: dict) -> str:
     return "\n".join(c.get("text", "") for c in content or [] if isinstance(c, dict) and c.get("type") == "text")
 
 
-def _user_turn(message: dict) -> str | None:
-    """The user's words, or None for heartbeats, logins and system alerts."""
+def _user_turn(message: dict) -> tuple[str | None, str | None]:
+    """(the user's words, None) or (None, the kind of harness text it is instead)."""
     text = _text(message).strip()
     try:
         wrapped = orjson.loads(text)
     except orjson.JSONDecodeError:
-        return text or None
+        wrapped = None
     if isinstance(wrapped, dict) and "type" in wrapped:
-        return wrapped.get("message") if wrapped.get("type") == "user_message" else None
-    return text or None
+        if wrapped.get("type") != "user_message":
+            return None, "heartbeats and system events"
+        text = str(wrapped.get("message") or "").strip()
+    if SLEEPTIME.search(text[:2000]):
+        return None, "sleeptime agent transcripts"
+    words = SYSTEM_REMINDER.sub("", text).strip()
+    if not words:
+        return None, "system-reminder harness messages" if text else "empty user messages"
+    return words, None
 
 
 def _replies(message: dict) -> list[str]:
@@ -76,7 +89,7 @@ def _replies(message: dict) -> list[str]:
     said = []
     for call in message.get("tool_calls") or []:
         fn = (call or {}).get("function") or {}
-        if fn.get("name") == "send_message":
+        if str(fn.get("name") or "").startswith("send_message"):  # send_message and the other messaging tools
             try:
                 said.append(orjson.loads(fn.get("arguments") or "{}").get("message", ""))
             except (orjson.JSONDecodeError, AttributeError):
@@ -103,6 +116,7 @@ class LettaImporter:
         doc = _load(path)
         buf = RowBuffer(self.name, options.batch_size)
         quarantine.skip("tool definitions", len(doc.get("tools") or []))
+        keys: dict[str, str] = {}  # block key -> its content (two agents may share a name and a label)
         for agent, blocks in _agents(doc):
             name = text_of(agent, "name") or "letta_agent"
             wing = ids.safe_name(options.wing or name, "letta")
@@ -115,10 +129,14 @@ class LettaImporter:
                 if not value.strip():
                     quarantine.skip("empty memory blocks")
                     continue
-                room = ids.safe_name(label, "core_memory")
-                buf.drawer(id=origin_drawer_id(wing, room, ORIGIN, f"{name}:block:{label}"), document=value,
+                room = ids.safe_name(label.strip("/"), "core_memory")
+                key = f"{name}:block:{label}"
+                if keys.get(key, value) != value:  # another agent's block under the same name and label
+                    key = f"{name}:block:{label}:{block.get('id') or agent.get('id') or k}"
+                keys.setdefault(key, value)
+                buf.drawer(id=origin_drawer_id(wing, room, ORIGIN, key), document=value,
                            wing=wing, room=room, source_file=source, chunk_index=k,
-                           origin_id=f"{name}:block:{label}", created_at=block.get("created_at"),
+                           origin_id=key, created_at=block.get("created_at"),
                            updated_at=block.get("updated_at"), extra={"agent": name, "block_label": label,
                                                                        "block_limit": block.get("limit")})
             self._exchanges(agent, name, wing, source, buf, quarantine)
@@ -134,9 +152,9 @@ class LettaImporter:
         for m in messages:
             role, at = m.get("role"), str(m.get("created_at") or "")
             if role == "user":
-                words = _user_turn(m)
+                words, harness = _user_turn(m)
                 if words is None:
-                    quarantine.skip("heartbeats and system events")
+                    quarantine.skip(harness)
                     continue
                 talk.user(words, f"{name}:exchange:{at}", at or None)
             elif role == "assistant" and talk.turn is not None:

@@ -78,7 +78,7 @@ BROKEN = {  # records quarantined in tests/fixtures/broken, counted by reading e
     "zep": (3, 1),  # e2 has no content; f1 ends before it starts; f2 names a missing node (f3: a triple only)
     "mcp-memory-service": (3, 1),  # empty content, a string record, "soon" as a timestamp
     "claude-code": (3, 1),  # "{not json", a bare array, "yesterday-ish"; x1/x2 is the good exchange
-    "chatgpt": (1, 1),  # the second conversation has no mapping
+    "chatgpt": (1, 1),  # the second conversation's mapping is not an object
     "claude-ai": (2, 1),  # an object that is none of the three kinds, and a number
     "basic-memory": (2, 1),  # latin1.md is not UTF-8; bad-date.md's created is "sometime in spring"
     "claude-mem": (3, 1),  # observation 2 has no text at all, 3 says "yesterday", and a bare string

@@ -85,3 +85,48 @@ def test_basic_memory_code_fences_numbered_observations_no_frontmatter_and_comma
     assert ("plain", "links_to", "backups") in triples  # titled by its file stem
     tags = {v["metadata"].get("tags") for v in palace_rows(tmp_path / "p").values()}
     assert "ops;nightly;restic" in tags
+
+
+# ------------------------------------------------------------------ Letta
+def test_letta_harness_text_is_skipped_messaging_tools_reply_and_same_label_blocks_are_kept(tmp_path):
+    r = import_json("letta", SHAPES / "letta-harness.af", tmp_path / "p")
+    assert r["quarantined"] == 0
+    assert r["skipped"]["system-reminder harness messages"] == 1
+    assert r["skipped"]["sleeptime agent transcripts"] == 1
+    assert r["skipped"]["heartbeats and system events"] == 1
+    docs = documents(tmp_path / "p")
+    assert "> Remember: backups run nightly.\nI will remember that the backups run nightly." in docs
+    assert "> What time is it in Tokyo?\nAsking the clock agent for you." in docs  # reminder stripped, tool reply
+    assert not any("sleeptime agent" in d or "has not said anything" in d for d in docs)
+    personas = [d for d in docs if d.startswith("I ")]
+    assert sorted(personas) == ["I am a helpful companion.", "I consolidate memories while the main agent rests."]
+    rooms = set(r["per_room"]["companion"])
+    assert rooms == {"persona", "memory_notes", "conversations"}, rooms
+    assert detect(SHAPES / "letta-harness.af") == ["letta"]
+
+
+# ------------------------------------------------------------------ Claude Code
+def test_claude_code_transcript_follows_the_visible_branch_across_compaction(tmp_path):
+    r = import_json("claude-code", SHAPES / "claude-code-branches.jsonl", tmp_path / "p")
+    assert r["quarantined"] == 0
+    assert documents(tmp_path / "p") == [
+        "> After the compaction, one more thing\nOK, done.",  # across the boundary; ANSI codes stripped
+        "> Explain the result\nPart one.\nPart two.",  # streamed lines of one message: one reply, no repeat
+        "> Hello, let us plan the migration\nSure, where is the palace?",
+        "> Run both checks\nBoth checks passed",  # parallel tool calls forked the chain: nothing lost
+        "> Second try at the question\nThe answer that stayed",  # the rewound try is gone
+    ]
+    assert r["skipped"]["messages off the visible branch (rewound or forked)"] == 3  # u1, a1 and a tool result
+    assert r["skipped"]["compaction summaries"] == 1 and r["skipped"]["progress records"] == 1
+
+
+def test_import_auto_recognises_a_transcript_that_opens_with_snapshots_and_summaries(tmp_path):
+    assert detect(SHAPES / "claude-code-branches.jsonl") == ["claude-code"]
+    lines = (SHAPES / "claude-code-branches.jsonl").read_text().splitlines()
+    progress_first = tmp_path / "t.jsonl"
+    progress_first.write_text("\n".join([lines[-1], *lines[:-1]]) + "\n")  # a progress record first
+    assert detect(progress_first) == ["claude-code"]
+
+
+def test_import_auto_recognises_the_basic_memory_folder_with_a_note_without_frontmatter():
+    assert detect(SHAPES / "basic-memory") == ["basic-memory"]
