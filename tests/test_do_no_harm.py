@@ -172,6 +172,8 @@ def test_item02_rows_deleted_during_an_export_are_recorded_not_counted(plain_pal
 
 @pytest.mark.parametrize("damage", ["truncate-state", "flip-drawers-byte"])
 def test_item03_incremental_never_chains_onto_a_damaged_bundle(plain_palace, tmp_path, damage):
+    import shutil
+
     full = bundle_of(plain_palace, tmp_path / "b")
     if damage == "truncate-state":
         data = (full / "state.parquet").read_bytes()
@@ -183,6 +185,11 @@ def test_item03_incremental_never_chains_onto_a_damaged_bundle(plain_palace, tmp
     r = cli_json("export", "--palace", plain_palace, "--out", tmp_path / "b", "--incremental")
     assert r["kind"] == "full" and full.name in r["full_because"] and "does not verify" in r["full_because"]
     run_cli("verify", "--bundle", r["bundle"])
+    quiet = run_cli("export", "--palace", plain_palace, "--out", tmp_path / "c", "--quiet")  # cron's form:
+    assert quiet.stderr == ""  # nothing to say about a clean run...
+    shutil.rmtree(Path(r["bundle"]))
+    noisy = run_cli("export", "--palace", plain_palace, "--out", tmp_path / "b", "--incremental", "--quiet")
+    assert "warning" in noisy.stderr and "does not verify" in noisy.stderr  # ...but a damaged parent is said
 
 
 def test_item05_sync_refuses_a_bundle_replica_that_does_not_verify(plain_palace, tmp_path):

@@ -266,8 +266,10 @@ def export(
                    dry_run, lock_timeout)
     if json_out:
         render.emit_json(r)
-    elif not quiet:
-        render.export_report(r)
+    else:
+        render.export_warnings(r)
+        if not quiet:
+            render.export_report(r)
 
 
 @app.command()

@@ -78,6 +78,14 @@ def export_report(r: dict) -> None:
     typer.echo(f"{r['kind']} bundle: {where} ({what or 'no changes'}; {r['deleted']} deletions)")
     for name in r["removed_by_retention"]:
         typer.echo(f"  retention: {'would remove' if r['dry_run'] else 'removed'} {name}")
+    for table, n in sorted((r.get("vanished") or {}).items()):
+        typer.echo(f"  {n} {table} were deleted by another writer during the export (recorded, not exported)")
+
+
+def export_warnings(r: dict) -> None:
+    """What a cron job must hear even with --quiet (on stderr, which cron mails)."""
+    if r.get("full_because"):
+        typer.echo(f"palace-etl: warning: {r['full_because']}", err=True)
 
 
 def sync_report(r: dict) -> None:
