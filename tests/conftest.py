@@ -2,7 +2,8 @@
 
 HOME is swapped before chromadb is imported anywhere (Chroma computes its model
 path at import time), so the tests never touch the user's ~/.mempalace locks,
-~/.cache or config, and never download anything.
+~/.cache or config, and never download anything. Under pytest-xdist every worker
+process imports this module, so each has a HOME (and lock directory) of its own.
 """
 from __future__ import annotations
 
