@@ -70,6 +70,8 @@ def restore_bundle(bundle: Path, layout: PalaceLayout, force: bool = False, dry_
         raise PalaceEtlError(f"restore into {layout.location}: it already holds a palace",
                              hint="restore into a new directory, or pass --force to replace it (kept aside)")
     if dry_run:
+        if not layout.is_server:
+            _check_target(layout)  # what the real run would refuse, the dry run refuses too
         for link in links:
             for table, n in Manifest.load(link).counts.items():
                 report.rows[table] = report.rows.get(table, 0) + n

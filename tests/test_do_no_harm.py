@@ -527,8 +527,9 @@ def test_item17_restore_onto_a_file_or_a_foreign_directory_builds_nothing(plain_
     foreign.mkdir()
     (foreign / "cat.jpg").write_bytes(b"\xff\xd8")
     for target in (tmp_path / "a-file", foreign):
-        proc = run_cli("restore", bundle, "--palace", target, "--force", check=1)
-        assert "nothing written" in proc.stderr and "Traceback" not in proc.stderr
+        for dry in ([], ["--dry-run"]):
+            proc = run_cli("restore", bundle, "--palace", target, "--force", *dry, check=1)
+            assert "nothing written" in proc.stderr and "Traceback" not in proc.stderr
     assert (tmp_path / "a-file").read_text() == "x" and tree(foreign) == {"cat.jpg": b"\xff\xd8"}
     assert not list(tmp_path.glob(".*restoring-*")) and not list(tmp_path.glob("*before-restore*"))
 
