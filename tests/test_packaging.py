@@ -59,9 +59,14 @@ def test_the_check_finds_a_planted_undeclared_import(tmp_path):
 def test_the_built_wheel_installs_and_runs_from_another_directory(tmp_path):
     """Not editable: a wheel built from the tree, installed into a fresh venv. Its dependencies come from
     this environment's site-packages (a .pth line), so nothing is downloaded."""
+    import shutil
+
+    tree = tmp_path / "tree"  # built from a copy: a build/ left in the checkout would feed stale files to wheels
+    shutil.copytree(REPO, tree, ignore=shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__",
+                                                               "demo-palace", ".pytest_cache"))
     dist = tmp_path / "dist"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist),
-                    str(REPO)], check=True, capture_output=True, timeout=300)
+                    str(tree)], check=True, capture_output=True, timeout=300)
     (wheel,) = dist.glob("palace_etl-*.whl")
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
