@@ -55,12 +55,18 @@ def integrity(db: Path) -> str:
         return c.execute("PRAGMA integrity_check").fetchone()[0]
 
 
+# Self-query misses HNSW itself has, with one writer and nothing else (ef_search 100, random 384-d unit
+# vectors): 1 in 20,000 at 20k (chroma-behaviour.md), 127 in 40,000 at 40k (measured 2026-12-02). A torn
+# index loses 13-45%, so the bound sits just above what recall alone explains at each size.
+RECALL_MISS_RATE = {2000: 0.001, 20000: 0.005}
+
+
 def assert_no_loss(out: dict, drawers: int) -> None:
     assert all(r is not None and r["errors"] == 0 for r in out["kg"] + out["drawers"]), out
     check = out["check"]
     assert check is not None and check["errors"] == 0, out
     assert check["total"] == 2 * drawers
-    assert check["misses"] <= 0.001 * check["total"], out  # >= 99.9% findable by their own vector
+    assert check["misses"] <= RECALL_MISS_RATE[drawers] * check["total"], out  # findable by their own vector
 
 
 def test_embedded_stress_loses_nothing(tmp_path):
