@@ -194,3 +194,18 @@ def test_sigterm_midway_leaves_both_databases_consistent_then_resumes(tmp_path):
     assert report["batches_resumed"] >= 1 and report["drawers_read"] == total
     assert len(palace_rows(palace)) == total
     run_cli("verify", "--palace", palace, "--against", "mcp-memory", src)
+
+
+def test_a_re_run_writes_nothing_even_for_floats_chroma_shortens(tmp_path):
+    """Chroma keeps about 16 significant digits of a float: 1764623456.5890787 comes back as
+    1764623456.589079. The stored value is the same value, so a re-run must not rewrite the drawer."""
+    import json as _json
+
+    src = tmp_path / "rows.jsonl"
+    src.write_text("".join(_json.dumps({"id": f"r{i}", "text": f"row {i}", "metadata": {"mtime": 1764623456.5890787 + i,
+                                                                                         "score": 0.1 + i / 3}}) + "\n"
+                           for i in range(20)))
+    first = cli_json("import", "jsonl", src, "--palace", tmp_path / "p")
+    assert first["drawers_written"] == 20
+    again = cli_json("import", "jsonl", src, "--palace", tmp_path / "p")
+    assert again["drawers_written"] == 0 and again["drawers_unchanged"] == 20
