@@ -49,7 +49,22 @@ STATE_SCHEMA = pa.schema([("table", pa.string()), ("id", pa.string()), ("hash", 
 TOMBSTONE_SCHEMA = pa.schema([("table", pa.string()), ("id", pa.string())])
 
 
+TINY_FLOAT = 1e-6  # below this, Chroma 1.5.9 moves a float's last digits on every write (measured)
+
+
+def _canonical(value):
+    """A float Chroma cannot store stably (0 < |x| < 1e-6: each write can move its last digits) is
+    hashed at 9 significant digits, so one row never hashes two ways across replicas. Every other value
+    hashes exactly as before."""
+    if isinstance(value, float) and 0 < abs(value) < TINY_FLOAT:
+        return float(f"{value:.9g}")
+    if isinstance(value, dict):
+        return {k: _canonical(v) for k, v in value.items()}
+    return value
+
+
 def row_hash(*parts) -> str:
+    parts = tuple(_canonical(p) for p in parts)
     return hashlib.sha256(orjson.dumps(parts, option=orjson.OPT_SORT_KEYS | orjson.OPT_SERIALIZE_NUMPY)).hexdigest()[:32]
 
 

@@ -308,3 +308,21 @@ def test_deletion_against_an_edit(tmp_path):
     assert {c["id"]: c["rule"] for c in plan.conflicts} == {"x": "deletion wins", "y": "written after the deletion"}
     assert run_sync(a, b, prefer="b").converged  # --prefer the editing side keeps both
     assert sorted(state(a)["drawers"]) == ["x", "y"]
+
+
+def test_a_row_with_a_float_chroma_cannot_store_stably_converges(tmp_path):
+    """Below 1e-6, each Chroma write can move a float's last digits; the row hash must not see that
+    as an edit, or such a row is copied on every sync and never converges."""
+    from exporters.bundle import row_hash
+
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    store = VectorStore(layout_for(a))
+    store.upsert(["x", "y"], ["tiny", "plain"], [{"wing": "w", "room": "r", "f": -7.652901957568894e-22},
+                                                 {"wing": "w", "room": "r", "f": 1764623456.589079}], unit(2, 1))
+    store.close()
+    write_sidecar(a, EmbedderIdentity("random-test-vectors", 384))
+    first = run_sync(a, b)
+    assert first.converged, first.differences
+    again = run_sync(a, b)
+    assert again.moved == 0 and again.converged
+    assert row_hash("d", {"f": 1764623456.589079}) != row_hash("d", {"f": 1764623456.58908})  # others exact
