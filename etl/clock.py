@@ -56,8 +56,8 @@ def zone(name: str | None) -> dt.tzinfo:
         return dt.timezone(delta if m.group(1) == "+" else -delta)
     try:
         return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError):
-        return zone(None) if name != local_zone_name() else UTC
+    except (ZoneInfoNotFoundError, ValueError):  # a zone this machine does not know: read it as ours
+        return zone(local_zone_name())  # always a known zone or a fixed offset
 
 
 def record_zone(state_dir: Path) -> None:

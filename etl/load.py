@@ -169,9 +169,9 @@ class Loader:
             return report  # empty input: not an error, and nothing to create
         quarantine.activate()
         stream = itertools.chain([first], stream)
-        with contextlib.ExitStack() as held:
-            if not self.dry_run and not self.layout.is_server:  # a restore never swaps the palace mid-run
-                held.enter_context(session_lock(self.layout.path, exclusive=False, timeout=self.lock_timeout))
+        held = contextlib.nullcontext() if self.dry_run or self.layout.is_server else \
+            session_lock(self.layout.path, exclusive=False, timeout=self.lock_timeout)
+        with held:  # a restore never swaps the palace mid-run
             return self._run(importer, source, options, stream, quarantine, report, run_id, fingerprint,
                              palace_exists, started)
 

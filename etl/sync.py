@@ -18,9 +18,9 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 
+from .clock import instant, now_utc, zone
 from .embed import check_identity
 from .errors import PalaceEtlError
-from .clock import instant, now_utc, zone
 from .replicas import TABLES, State, open_replica, replica_root, row_time
 
 KEEP_BOTH_SUFFIX = "__conflict_"

@@ -27,7 +27,6 @@ from palace.vectors import VectorStore
 from .bundle import COLLECTIONS, KG_TABLES, chain, verify_chain
 from .manifest import BundleError, Manifest
 
-
 COMPLETE = ".palace-etl-restore-complete"  # inside a build that finished and was checked
 CRASH_ENV = "PALACE_ETL_TEST_CRASH_AT"  # test-only: kill this process at a named point
 

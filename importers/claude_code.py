@@ -52,28 +52,23 @@ ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)")
 TRANSCRIPT_TYPES = ("user", "assistant", "summary", "system", "progress", "file-history-snapshot")
 
 
-def _is_transcript_line(raw: bytes) -> bool:
+def _transcript_kind(raw: bytes) -> str | None:
+    """The record type of a transcript line (``user``, ``progress``, ...), or None for any other line."""
     try:
         rec = orjson.loads(raw)
     except orjson.JSONDecodeError:
-        return False
-    return isinstance(rec, dict) and rec.get("type") in TRANSCRIPT_TYPES and (
-        "sessionId" in rec or rec.get("type") in ("file-history-snapshot", "summary"))
+        return None
+    if isinstance(rec, dict) and rec.get("type") in TRANSCRIPT_TYPES and (
+            "sessionId" in rec or rec.get("type") in ("file-history-snapshot", "summary")):
+        return rec["type"]
+    return None
 
 
 def _is_transcript(path: Path) -> bool:
     """Some line among the first ones is a transcript message (a transcript may open with progress,
     summary or file-history-snapshot records before any message)."""
     lines = [ln for ln in head(path, 262144).split(b"\n")[:50] if ln.strip()]
-    kinds = []
-    for ln in lines:
-        try:
-            rec = orjson.loads(ln)
-        except orjson.JSONDecodeError:
-            continue
-        if isinstance(rec, dict) and rec.get("type") in TRANSCRIPT_TYPES and (
-                "sessionId" in rec or rec.get("type") in ("file-history-snapshot", "summary")):
-            kinds.append(rec["type"])
+    kinds = [k for k in map(_transcript_kind, lines) if k]
     return bool(kinds) and (any(k in ("user", "assistant") for k in kinds) or len(kinds) == len(lines))
 
 

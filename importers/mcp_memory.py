@@ -50,7 +50,7 @@ def record_kind(rec: dict) -> str | None:
     return None
 
 
-def _header_line(f, path: Path, quarantine: Quarantine) -> int:
+def _header_line(f, quarantine: Quarantine) -> int:
     """Skip a first line of plain text (a title some servers write before the JSON lines)."""
     start = f.tell()
     first = f.readline()
@@ -67,7 +67,7 @@ def _records(path: Path, quarantine: Quarantine) -> Iterator[tuple[int, dict]]:
         yield from _read_graph(path)
         return
     with open(path, "rb") as f:
-        offset = _header_line(f, path, quarantine)
+        offset = _header_line(f, quarantine)
         for lineno, raw, rec in ((n + offset, r, v) for n, r, v in jsonl_lines(f, path, quarantine)):
             if not isinstance(rec, dict):
                 quarantine.add(SourceFormatError(path, lineno, "not a JSON object"), raw)

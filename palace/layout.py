@@ -169,17 +169,3 @@ def ensure_space(path: Path, need: int, what: str) -> None:
     if free < need + SPACE_MARGIN:
         raise DiskFull(f"{what}: {free >> 20} MB free on the disk holding {path}, need about "
                        f"{(need + SPACE_MARGIN) >> 20} MB; stopped before writing")
-
-
-def tree_bytes(path: Path) -> int:
-    """Bytes of the files directly in ``path`` and one level below (a palace's HNSW segment dirs)."""
-    total = 0
-    try:
-        for e in os.scandir(path):
-            if e.is_file(follow_symlinks=False):
-                total += e.stat().st_size
-            elif e.is_dir(follow_symlinks=False):
-                total += sum(f.stat().st_size for f in os.scandir(e.path) if f.is_file(follow_symlinks=False))
-    except OSError:
-        pass
-    return total

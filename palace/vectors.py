@@ -33,7 +33,13 @@ import numpy as np
 
 from etl.errors import PalaceEtlError, PalaceLocked, SourceMissing
 
-from .layout import CHROMA_DB, DRAWERS_COLLECTION, HNSW_METADATA, PalaceLayout, ensure_space, tree_bytes
+from .layout import (
+    CHROMA_DB,
+    DRAWERS_COLLECTION,
+    HNSW_METADATA,
+    PalaceLayout,
+    ensure_space,
+)
 from .lock import UNSAFE_NO_LOCK_ENV, palace_lock
 
 Stamp = tuple[int, int, int] | None
@@ -46,14 +52,15 @@ def _settings():
     return Settings(anonymized_telemetry=False, allow_reset=False)
 
 
+def segment_dirs(palace: Path) -> list[Path]:
+    """The HNSW segment directories of a palace (named by their segment's UUID)."""
+    return sorted(d for d in Path(palace).glob("*-*-*-*-*") if d.is_dir() and len(d.name) == 36)
+
+
 def damaged_index_files(palace: Path) -> list[Path]:
     """HNSW segment files a cut-off write left empty (Chroma then fails every open of the palace)."""
-    out = []
-    for seg in sorted(Path(palace).glob("*-*-*-*-*")):
-        if seg.is_dir() and len(seg.name) == 36:
-            out += [f for f in (seg / "index_metadata.pickle", seg / "header.bin") if f.is_file()
-                    and f.stat().st_size == 0]
-    return out
+    return [f for seg in segment_dirs(palace) for f in (seg / "index_metadata.pickle", seg / "header.bin")
+            if f.is_file() and f.stat().st_size == 0]
 
 
 def db_stamp(path: Path) -> Stamp:
@@ -111,8 +118,7 @@ class VectorStore:
         return chromadb.PersistentClient(path=str(self.layout.path), settings=_settings())
 
     def _hnsw_bytes(self) -> int:
-        return sum(tree_bytes(self.layout.path / d) for d in os.listdir(self.layout.path)
-                   if (self.layout.path / d).is_dir() and len(d) == 36) if self.layout.path.is_dir() else 0
+        return sum(f.stat().st_size for seg in segment_dirs(self.layout.path) for f in seg.iterdir() if f.is_file())
 
     def _ensure_space(self, rows: int) -> None:
         """Room for ``rows`` more rows and for Chroma to re-persist its index (which rewrites it)."""

@@ -14,10 +14,10 @@ import typer
 
 from etl.errors import (
     EXIT_CODES_HELP,
-    DiskFull,
     EXIT_INTERRUPTED,
     EXIT_PARTIAL,
     EXIT_VERIFY_FAILED,
+    DiskFull,
     PalaceEtlError,
     is_disk_full,
 )
