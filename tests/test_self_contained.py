@@ -6,9 +6,14 @@ from pathlib import Path
 
 from .helpers import REPO
 
-# Ways a file could point at a folder beside the clone (the steering side's ../shared, a sibling
-# checkout): a relative path climbing out of the repository, or code walking above its root.
-OUTSIDE = re.compile(r"\.\./shared|\.\./\.library|REPO\.parent|parent\.parent\.parent|/work/shared")
+# Ways a file could point at a folder beside the clone (the steering side's shared folder, the tool
+# library, a sibling checkout): a relative path climbing out of the repository, or code walking above
+# its root. The names are joined at run time so that this file does not itself read as such a path.
+UP = "." + "./"
+SIBLINGS = ("shared", ".library")
+BESIDE = "/work/"  # where this project's checkout and its shared folder sit side by side
+OUTSIDE = re.compile("|".join([*(re.escape(UP + s) for s in SIBLINGS), re.escape(BESIDE + SIBLINGS[0]),
+                               r"REPO\.parent", r"parent\.parent\.parent"]))
 SKIP_DIRS = {".git", ".venv", "__pycache__", ".pytest_cache", "build", "demo-palace", "fixtures"}
 
 
@@ -42,7 +47,7 @@ def test_no_file_refers_to_a_folder_outside_the_repository():
 
 def test_the_check_finds_a_planted_reference(tmp_path):
     (tmp_path / "tests").mkdir()
-    (tmp_path / "tests" / "helpers.py").write_text('CORPUS = REPO.parent / "shared" / "corpus"\n')
+    (tmp_path / "tests" / "helpers.py").write_text("CORPUS = REPO.parent / 'corpus'\n")
     (tmp_path / ".ci").mkdir()
-    (tmp_path / ".ci" / "run").write_text("cp -r ../shared/corpus tests/\n")
+    (tmp_path / ".ci" / "run").write_text(f"cp -r {UP}{SIBLINGS[0]}/corpus tests/\n")
     assert len(references_outside(tmp_path)) == 2
