@@ -14,22 +14,14 @@ from __future__ import annotations
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
+from palace.identity import EmbedderIdentity  # noqa: F401  (re-exported: etl.embed.EmbedderIdentity)
+
 from .errors import EmbedderMismatch, ModelNotInstalled, PalaceEtlError
-
-
-@dataclass(frozen=True)
-class EmbedderIdentity:
-    model_name: str
-    dimension: int
-
-    def __str__(self) -> str:
-        return f"{self.model_name}/{self.dimension}"
 
 
 class Embedder(Protocol):

@@ -16,8 +16,7 @@ from pathlib import Path
 from typing import Iterator
 from urllib.parse import quote
 
-from etl.errors import PalaceLocked, SourceMissing
-
+from .errors import PalaceLocked, SourceMissing
 from .layout import CHROMA_DB, DRAWERS_COLLECTION
 
 

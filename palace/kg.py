@@ -22,8 +22,8 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from etl.errors import PalaceLocked
-from etl.ids import entity_id
+from .errors import PalaceLocked
+from .ids import entity_id
 
 BUSY_TIMEOUT_MS = 60_000
 

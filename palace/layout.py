@@ -16,8 +16,8 @@ from urllib.parse import urlparse
 
 import orjson
 
-from etl.embed import EmbedderIdentity
-from etl.errors import DiskFull, PalaceEtlError
+from .errors import DiskFull, PalaceEtlError
+from .identity import EmbedderIdentity
 
 DRAWERS_COLLECTION = "mempalace_drawers"
 CLOSETS_COLLECTION = "mempalace_closets"

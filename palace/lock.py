@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from etl.errors import PalaceLocked
+from .errors import PalaceLocked
 
 _held: dict[str, int] = {}
 _guard = threading.RLock()

@@ -31,8 +31,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from etl.errors import PalaceEtlError, PalaceLocked, SourceMissing
-
+from .errors import PalaceEtlError, PalaceLocked, SourceMissing
 from .layout import (
     CHROMA_DB,
     DRAWERS_COLLECTION,
