@@ -27,10 +27,10 @@ def _docs(path: str) -> list[str]:
 
 def documents(workload: str, out: str) -> dict:
     """Parse the workload through the importer (no palace): the exact documents a migration embeds."""
-    from etl.runs import Quarantine
-    from etl.schema import DRAWERS, batch_kind
     from importers.base import ImportOptions
     from importers.mcp_memory import McpMemoryImporter
+    from importers.quarantine import Quarantine
+    from importers.schema import DRAWERS, batch_kind
 
     t = time.perf_counter()
     docs = []

@@ -19,9 +19,8 @@ from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
+from palace.errors import EmbedderMismatch, ModelNotInstalled, PalaceEtlError
 from palace.identity import EmbedderIdentity  # noqa: F401  (re-exported: etl.embed.EmbedderIdentity)
-
-from .errors import EmbedderMismatch, ModelNotInstalled, PalaceEtlError
 
 
 class Embedder(Protocol):

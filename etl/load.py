@@ -30,17 +30,18 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from importers.base import Importer, ImportOptions
+from importers.quarantine import Quarantine
+from importers.schema import DRAWERS, ENTITIES, embedding_identity, validate_batch
+from palace.clock import record_zone
+from palace.errors import PalaceEtlError, SourceFormatError, SourceMissing
 from palace.kg import KnowledgeGraph
 from palace.layout import CHROMA_DB, PalaceLayout, read_sidecar, write_sidecar
 from palace.lock import session_lock
 from palace.vectors import VectorStore
 
-from .clock import record_zone
 from .embed import Embedder, EmbedderIdentity, check_identity
-from .errors import PalaceEtlError, SourceFormatError, SourceMissing
 from .ids import ID_RECIPE
-from .runs import Ledger, Quarantine, make_run_id, source_fingerprint
-from .schema import DRAWERS, ENTITIES, embedding_identity, validate_batch
+from .runs import Ledger, make_run_id, source_fingerprint
 
 NORMALIZE_VERSION = 2  # mempalace.palace.NORMALIZE_VERSION
 # metadata keys whose change alone does not make a drawer "changed"

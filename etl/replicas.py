@@ -33,6 +33,8 @@ from exporters.bundle import (
     write_tables,
 )
 from exporters.manifest import MANIFEST, BundleError, Manifest
+from palace.clock import instant, recorded_zone
+from palace.errors import PalaceEtlError
 from palace.kg import KnowledgeGraph
 from palace.layout import (
     CHROMA_DB,
@@ -45,9 +47,7 @@ from palace.layout import (
 )
 from palace.vectors import VectorStore
 
-from .clock import instant, recorded_zone
 from .embed import EmbedderIdentity
-from .errors import PalaceEtlError
 
 TABLES = (*COLLECTIONS, *KG_TABLES)
 SYNC_PAGE = 5000  # rows moved per page: near Chroma's max upsert batch (5461 with 6 metadata keys)

@@ -18,9 +18,10 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 
-from .clock import instant, now_utc, zone
+from palace.clock import instant, now_utc, zone
+from palace.errors import PalaceEtlError, VerificationFailed
+
 from .embed import check_identity
-from .errors import PalaceEtlError
 from .replicas import TABLES, State, open_replica, replica_root, row_time
 
 KEEP_BOTH_SUFFIX = "__conflict_"
@@ -60,6 +61,15 @@ class SyncReport:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def check_converged(report: dict) -> None:
+    """Raise ``VerificationFailed`` when a sync ran (``SyncReport.to_dict()``) but the sides still differ."""
+    if report["converged"] is False:
+        tables = ", ".join(f"{n['count']} {t}" for t, n in report["differences"].items())
+        raise VerificationFailed(f"sync {report['a']} {report['b']}: the replicas still differ ({tables})",
+                                 hint="re-run the same sync; if it stays, compare with palace-etl verify "
+                                      f"--palace {report['a']} --palace {report['b']}")
 
 
 def local_deletions(known: State | None, current: State, tombstones: dict, now: str) -> dict:

@@ -17,17 +17,23 @@ from typing import Sequence
 import numpy as np
 
 from importers.base import ImportOptions
+from importers.quarantine import Quarantine
 from importers.registry import get_importer
+from importers.schema import DRAWERS, TRIPLES, batch_kind
 from palace import chroma_sqlite
+from palace.errors import (
+    ModelNotInstalled,
+    PalaceEtlError,
+    SourceMissing,
+    VerificationFailed,
+)
 from palace.kg import KnowledgeGraph
 from palace.layout import PalaceLayout, read_sidecar
 from palace.vectors import VectorStore
 
 from .embed import MINILM, Embedder, EmbedderIdentity, MiniLMEmbedder
-from .errors import ModelNotInstalled, PalaceEtlError, SourceMissing
 from .ids import content_sha256
-from .runs import Ledger, Quarantine
-from .schema import DRAWERS, TRIPLES, batch_kind
+from .runs import Ledger
 
 REPORT_SCHEMA_VERSION = 1
 SELF_HIT_THRESHOLD = 0.999
@@ -59,6 +65,15 @@ class VerifyReport:
 
     def to_dict(self) -> dict:
         return {"schema_version": REPORT_SCHEMA_VERSION, **asdict(self), "ok": self.ok}
+
+
+def check_verified(report: dict) -> None:
+    """Raise ``VerificationFailed`` when a verify report (``VerifyReport.to_dict()``) has findings."""
+    findings = report["findings"]
+    if findings:
+        first = findings[0]
+        raise VerificationFailed(f"verify {report['palace']}: {len(findings)} problem(s), first: {first['code']}",
+                                 hint=first.get("remedy"))
 
 
 def parse_sample(spec: str | None) -> tuple[int, int, float]:

@@ -28,8 +28,8 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from etl.errors import PalaceEtlError, PalaceLocked, SourceMissing
 from palace import chroma_sqlite
+from palace.errors import PalaceEtlError, PalaceLocked, SourceMissing
 from palace.kg import KnowledgeGraph
 from palace.layout import (
     CLOSETS_COLLECTION,

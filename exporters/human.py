@@ -22,8 +22,8 @@ from urllib.parse import quote
 
 import orjson
 
-from etl.errors import PalaceEtlError, SourceMissing
 from palace import chroma_sqlite
+from palace.errors import PalaceEtlError, SourceMissing
 from palace.layout import DRAWERS_COLLECTION, PalaceLayout
 from palace.vectors import VectorStore
 

@@ -15,8 +15,8 @@ from pathlib import Path, PurePosixPath
 import orjson
 import pyarrow.parquet as pq
 
-from etl.errors import PalaceEtlError
-from etl.ids import sha256_file
+from palace.errors import PalaceEtlError
+from palace.ids import sha256_file
 
 BUNDLE_SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"

@@ -17,8 +17,8 @@ from pathlib import Path
 import orjson
 import pyarrow.parquet as pq
 
-from etl.errors import PalaceEtlError
 from palace import chroma_sqlite
+from palace.errors import PalaceEtlError
 from palace.kg import KnowledgeGraph
 from palace.layout import CHROMA_DB, SIDECAR, PalaceLayout, layout_for
 from palace.lock import palace_lock, session_lock

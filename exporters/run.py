@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
-from etl.errors import PalaceEtlError
+from palace.errors import PalaceEtlError
 from palace.layout import PalaceLayout
 
 from .bundle import export_bundle

@@ -14,11 +14,11 @@ import orjson
 import pyarrow as pa
 import yaml
 
-from etl import ids
-from etl.errors import SourceFormatError
-from etl.runs import Quarantine
-from etl.schema import ENTITY_SCHEMA, TRIPLE_SCHEMA, drawer_schema, extra_json
+from importers.quarantine import Quarantine
+from importers.schema import ENTITY_SCHEMA, TRIPLE_SCHEMA, drawer_schema, extra_json
+from palace import ids
 from palace.chroma_sqlite import ro_uri
+from palace.errors import SourceFormatError
 
 
 @dataclass(frozen=True)

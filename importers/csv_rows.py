@@ -9,8 +9,8 @@ from typing import Iterator
 
 import pyarrow as pa
 
-from etl.errors import SourceFormatError
-from etl.runs import Quarantine
+from importers.quarantine import Quarantine
+from palace.errors import SourceFormatError
 
 from .base import ImportOptions, files_under, head
 from .tabular import looks_like_rows, table_batches

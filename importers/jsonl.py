@@ -10,7 +10,7 @@ import ijson
 import orjson
 import pyarrow as pa
 
-from etl.runs import Quarantine
+from importers.quarantine import Quarantine
 
 from .base import (
     ImportOptions,

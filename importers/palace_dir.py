@@ -24,9 +24,9 @@ from typing import Iterator
 import orjson
 import pyarrow as pa
 
-from etl.errors import SourceFormatError
-from etl.runs import Quarantine
+from importers.quarantine import Quarantine
 from palace import chroma_sqlite
+from palace.errors import SourceFormatError
 from palace.layout import (
     CLOSETS_COLLECTION,
     DRAWERS_COLLECTION,

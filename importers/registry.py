@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from etl.errors import PalaceEtlError, SourceMissing
+from palace.errors import PalaceEtlError, SourceMissing
 
 if TYPE_CHECKING:
     from .base import Importer

@@ -22,9 +22,9 @@ from typing import Any, Iterable, Iterator
 import orjson
 import pyarrow as pa
 
-from etl import ids
-from etl.errors import PalaceEtlError, SourceFormatError
-from etl.runs import Quarantine
+from importers.quarantine import Quarantine
+from palace import ids
+from palace.errors import PalaceEtlError, SourceFormatError
 
 from .base import ImportOptions, RowBuffer, files_under, iso, origin_drawer_id
 

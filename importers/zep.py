@@ -16,9 +16,9 @@ from typing import Iterator
 import orjson
 import pyarrow as pa
 
-from etl import ids
-from etl.errors import SourceFormatError
-from etl.runs import Quarantine
+from importers.quarantine import Quarantine
+from palace import ids
+from palace.errors import SourceFormatError
 
 from .base import (
     ImportOptions,

@@ -1,31 +1,16 @@
-"""Exception hierarchy and the exit codes the CLI maps them to.
+"""The exception hierarchy: every error palace-etl raises on purpose names its situation.
 
-Domain code raises these; exactly one place (``etl.cli.app``) turns them into a
-message and an exit code.
+Domain code raises these; exactly one place (``etl.cli.app``) turns them into a message and an
+exit code, by the mapping in ``etl.errors``.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_USAGE = 2
-EXIT_PARTIAL = 3  # run committed, some records quarantined
-EXIT_VERIFY_FAILED = 4
-EXIT_MISSING = 10  # source or target missing
-EXIT_LOCKED = 11
-EXIT_INTERRUPTED = 130
-
-EXIT_CODES_HELP = (
-    "Exit codes: 0 ok, 1 error, 2 usage, 3 partial (records quarantined, run committed), "
-    "4 verification found problems, 10 source/target missing, 11 palace locked, 130 interrupted."
-)
-
 
 class PalaceEtlError(Exception):
     """Base of every error palace-etl raises on purpose."""
 
-    exit_code = EXIT_ERROR
     hint: str | None = None
 
     def __init__(self, message: str, hint: str | None = None):
@@ -35,7 +20,7 @@ class PalaceEtlError(Exception):
 
 
 class SourceMissing(PalaceEtlError):
-    exit_code = EXIT_MISSING
+    """A source or target that should exist does not."""
 
 
 class SourceFormatError(PalaceEtlError):
@@ -54,7 +39,7 @@ class SchemaError(PalaceEtlError):
 
 
 class PalaceLocked(PalaceEtlError):
-    exit_code = EXIT_LOCKED
+    """Another process holds the palace (or backup directory) lock."""
 
 
 class EmbedderMismatch(PalaceEtlError):
@@ -82,4 +67,4 @@ def is_disk_full(exc: BaseException) -> bool:
 
 
 class VerificationFailed(PalaceEtlError):
-    exit_code = EXIT_VERIFY_FAILED
+    """A check found problems (verify findings, a sync that did not converge)."""

@@ -612,7 +612,7 @@ def test_item20_last_writer_wins_compares_instants_across_time_zones(tmp_path):
     make_palace(a, base)
     make_palace(b, base)
     for palace, tz in ((a, "America/Los_Angeles"), (b, "Asia/Tokyo")):  # each machine records its zone
-        subprocess.run([sys.executable, "-c", f"from etl.clock import record_zone; record_zone({str(palace / '.palace-etl')!r})"],
+        subprocess.run([sys.executable, "-c", f"from palace.clock import record_zone; record_zone({str(palace / '.palace-etl')!r})"],
                        check=True, env={**os.environ, "TZ": tz})
     cli_json("sync", a, b)
 
@@ -633,7 +633,7 @@ def test_item20_every_stamp_format_becomes_the_same_instant():
     import datetime as dt
     from zoneinfo import ZoneInfo
 
-    from etl.clock import instant
+    from palace.clock import instant
 
     la = ZoneInfo("America/Los_Angeles")
     same = ["2026-12-01T22:00:00+00:00", "2026-12-01T22:00:00Z", "2026-12-01T14:00:00-08:00",

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from etl.embed import MINILM, EmbedderIdentity, MiniLMEmbedder, check_identity
-from etl.errors import EmbedderMismatch, ModelNotInstalled
+from palace.errors import EmbedderMismatch, ModelNotInstalled
 
 from .helpers import CORPUS, FIXTURES, run_cli
 

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from etl.runs import Quarantine
-from etl.schema import DRAWERS, TRIPLES, batch_kind, validate_batch
 from importers.base import ImportOptions
+from importers.quarantine import Quarantine
 from importers.registry import CATALOGUE, choose, get_importer
+from importers.schema import DRAWERS, TRIPLES, batch_kind, validate_batch
 
 from .helpers import CORPUS, FIXTURES, REPO, cli_json, run_cli
 

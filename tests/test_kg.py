@@ -5,7 +5,7 @@ import threading
 import pytest
 from mempalace.knowledge_graph import KnowledgeGraph as MpKG
 
-from etl.errors import PalaceLocked
+from palace.errors import PalaceLocked
 from palace.kg import KnowledgeGraph
 
 

@@ -12,11 +12,11 @@ import pyarrow as pa
 import pytest
 
 from etl.embed import MINILM, EmbedderIdentity
-from etl.errors import EmbedderMismatch
 from etl.load import run_import
-from etl.schema import drawer_schema
 from importers.base import ImportOptions, RowBuffer
 from importers.registry import get_importer
+from importers.schema import drawer_schema
+from palace.errors import EmbedderMismatch
 from palace.layout import layout_for, read_sidecar, write_sidecar
 
 from .helpers import CORPUS, cli_json, palace_rows, run_cli

@@ -4,10 +4,10 @@ from pathlib import Path
 
 import orjson
 
-from etl.runs import Quarantine
-from etl.schema import DRAWERS, ENTITIES, TRIPLES, validate_batch
 from importers.base import ImportOptions
 from importers.mcp_memory import McpMemoryImporter
+from importers.quarantine import Quarantine
+from importers.schema import DRAWERS, ENTITIES, TRIPLES, validate_batch
 
 from .helpers import CORPUS, FIXTURES, REPO, kg_rows, palace_rows, run_cli
 

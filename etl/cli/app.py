@@ -14,13 +14,12 @@ import typer
 
 from etl.errors import (
     EXIT_CODES_HELP,
+    EXIT_ERROR,
     EXIT_INTERRUPTED,
     EXIT_PARTIAL,
-    EXIT_VERIFY_FAILED,
-    DiskFull,
-    PalaceEtlError,
-    is_disk_full,
+    exit_code,
 )
+from palace.errors import DiskFull, PalaceEtlError, is_disk_full
 
 from . import render
 
@@ -220,7 +219,12 @@ def verify(
     lock_timeout: float = LOCK_TIMEOUT,
 ) -> None:
     """Check a palace's health, and its parity with a source."""
-    from etl.verify import verify_bundle_report, verify_palace, verify_parity
+    from etl.verify import (
+        check_verified,
+        verify_bundle_report,
+        verify_palace,
+        verify_parity,
+    )
     from palace.layout import layout_for
 
     palace = palace or []
@@ -241,8 +245,7 @@ def verify(
     if json_out:
         render.emit_json(report)
     render.verify_report(report)
-    if report["findings"]:
-        raise typer.Exit(EXIT_VERIFY_FAILED)
+    check_verified(report)
 
 
 @app.command()
@@ -310,7 +313,7 @@ def sync(
     json_out: bool = JSON, lock_timeout: float = typer.Option(30.0, "--lock-timeout"),
 ) -> None:
     """Bring two replicas to the same content, deletes included, without re-embedding."""
-    from etl.sync import run_sync
+    from etl.sync import check_converged, run_sync
 
     if prefer is not None and prefer.lower() not in ("a", "b"):
         raise typer.BadParameter("--prefer takes A or B")
@@ -320,8 +323,7 @@ def sync(
         render.emit_json(r)
     else:
         render.sync_report(r)
-    if r["converged"] is False:
-        raise typer.Exit(EXIT_VERIFY_FAILED)
+    check_converged(r)
 
 
 @app.command()
@@ -390,7 +392,7 @@ def main() -> None:
         if exc.hint:
             msg += f"\n  hint: {exc.hint}"
         typer.echo(msg, err=True)
-        sys.exit(exc.exit_code)
+        sys.exit(exit_code(exc))
     except (KeyboardInterrupt, *_ABORTS):  # click turns KeyboardInterrupt into Abort
         typer.echo("palace-etl: interrupted; re-run the same command to resume", err=True)
         sys.exit(EXIT_INTERRUPTED)
@@ -401,4 +403,4 @@ def main() -> None:
         if not is_disk_full(exc) or DEBUG["on"]:
             raise
         typer.echo(f"palace-etl: the disk is full ({exc}); stopped\n  hint: {DiskFull.hint}", err=True)
-        sys.exit(DiskFull.exit_code)
+        sys.exit(EXIT_ERROR)

@@ -13,7 +13,7 @@ import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .errors import SchemaError
+from palace.errors import SchemaError
 
 SCHEMA_VERSION = 1
 KIND_KEY = b"palace_etl.kind"

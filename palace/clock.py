@@ -19,7 +19,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import orjson
 
-from palace.layout import atomic_write
+from .layout import atomic_write
 
 REPLICA_FILE = "replica.json"
 UTC = dt.timezone.utc
