@@ -100,7 +100,7 @@ def migrate(workload: str, palace: str, source: str = "mcp-memory") -> dict:
     from etl.load import run_import
     from importers.base import ImportOptions
     from importers.registry import get_importer
-    from palace.layout import layout_for
+    from palace.stores import open_store
 
     emb = {}
 
@@ -111,7 +111,7 @@ def migrate(workload: str, palace: str, source: str = "mcp-memory") -> dict:
     runs = ([(f, ImportOptions(wing=f.stem[4:])) for f in sorted(Path(workload).glob("mcp-*.jsonl"))]
             if source == "mcp-memory" else [(Path(workload) / "mem0.json", ImportOptions())])
     for f, options in runs:
-        r = run_import(get_importer(source), f, layout_for(palace), options, factory, MINILM, progress=False)
+        r = run_import(get_importer(source), f, open_store(palace), options, factory, MINILM, progress=False)
         for k in totals:
             totals[k] += getattr(r, k)
     return {"seconds": time.perf_counter() - t, "rows": totals["drawers_written"] + totals["drawers_unchanged"],
@@ -120,10 +120,10 @@ def migrate(workload: str, palace: str, source: str = "mcp-memory") -> dict:
 
 def export_palace(palace: str, out: str) -> dict:
     from exporters.bundle import export_bundle
-    from palace.layout import layout_for
+    from palace.stores import open_store
 
     t = time.perf_counter()
-    r = export_bundle(layout_for(palace), Path(out))
+    r = export_bundle(open_store(palace), Path(out))
     return {"seconds": time.perf_counter() - t, "rows": r.counts["drawers"]}
 
 
@@ -164,21 +164,21 @@ def get_paging_raw(palace: str) -> dict:
 
 def restore_palace(bundle: str, palace: str) -> dict:
     from exporters.restore import restore_bundle
-    from palace.layout import layout_for
+    from palace.stores import open_store
 
     t = time.perf_counter()
-    r = restore_bundle(Path(bundle), layout_for(palace))
+    r = restore_bundle(Path(bundle), open_store(palace))
     return {"seconds": time.perf_counter() - t, "rows": r.rows.get("drawers", 0)}
 
 
 def verify_against(workload: str, palace: str) -> dict:
     """verify --against every source file of the workload in one run (parity only: no retrieval probes)."""
     from etl.verify import verify_palace
-    from palace.layout import layout_for
+    from palace.stores import open_store
 
     t = time.perf_counter()
     sources = [("mcp-memory", f) for f in sorted(Path(workload).glob("mcp-*.jsonl"))]
-    problems = len(verify_palace(layout_for(palace), against=sources, probes=0).findings)
+    problems = len(verify_palace(open_store(palace), against=sources, probes=0).findings)
     return {"seconds": time.perf_counter() - t, "rows": 0, "problems": problems}
 
 

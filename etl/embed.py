@@ -20,7 +20,7 @@ from typing import Callable, Protocol, Sequence
 import numpy as np
 
 from palace.errors import EmbedderMismatch, ModelNotInstalled, PalaceEtlError
-from palace.identity import EmbedderIdentity  # noqa: F401  (re-exported: etl.embed.EmbedderIdentity)
+from palace.identity import EmbedderIdentity, check_identity  # noqa: F401  (re-exported here)
 
 
 class Embedder(Protocol):
@@ -184,15 +184,3 @@ def make_embedder(name: str = "minilm", **options) -> Embedder:
     except KeyError:
         raise PalaceEtlError(f"select embedder {name!r}: unknown; choose one of {', '.join(EMBEDDERS)}") from None
     return factory(**options)
-
-
-def check_identity(palace: EmbedderIdentity | None, vectors: EmbedderIdentity) -> None:
-    """Refuse vectors whose model or dimension differ from the palace's recorded identity."""
-    if palace is None:
-        return
-    if palace.model_name != vectors.model_name or (palace.dimension and vectors.dimension
-                                                   and palace.dimension != vectors.dimension):
-        raise EmbedderMismatch(
-            f"write vectors: palace was built with embedder {palace}, these vectors are {vectors}",
-            hint="re-embed with the palace's embedder (`--embedder`), or import into a new palace",
-        )

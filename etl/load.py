@@ -5,8 +5,8 @@ Per importer batch, in order:
   holds with the same content and metadata (skipped: a re-run writes nothing);
   take carried vectors when their embedder identity matches the palace's, embed
   the rest; upsert in chunks of the client's ``max_batch_size`` under the palace
-  lock (the vector store refreshes its stamp of ``chroma.sqlite3`` after each
-  own write, so own writes never look external).
+  lock, through the palace store (which refreshes its stamp of ``chroma.sqlite3``
+  after each own write, so own writes never look external).
 - entities and triples: one ``BEGIN IMMEDIATE`` transaction per batch.
 - then the ledger records the batch as committed, so a re-run after a crash
   resumes after it.
@@ -35,11 +35,9 @@ from importers.schema import DRAWERS, ENTITIES, embedding_identity, validate_bat
 from palace.clock import record_zone
 from palace.errors import PalaceEtlError, SourceFormatError, SourceMissing
 from palace.kg import KnowledgeGraph
-from palace.layout import CHROMA_DB, PalaceLayout, read_sidecar, write_sidecar
-from palace.lock import session_lock
-from palace.vectors import VectorStore
+from palace.stores import PalaceStore
 
-from .embed import Embedder, EmbedderIdentity, check_identity
+from .embed import Embedder, EmbedderIdentity
 from .ids import ID_RECIPE
 from .runs import Ledger, make_run_id, source_fingerprint
 
@@ -122,17 +120,20 @@ def _same(existing: dict | None, new: dict) -> bool:
 
 
 class Loader:
-    def __init__(self, layout: PalaceLayout, embedder_factory: Callable[[], Embedder],
+    def __init__(self, store: PalaceStore, embedder_factory: Callable[[], Embedder],
                  embedder_identity: EmbedderIdentity, lock_timeout: float = 5.0, dry_run: bool = False,
                  progress: bool = True):
-        self.layout = layout
+        if store.state_dir is None:
+            raise PalaceEtlError(f"import into {store.name}: not a palace (a bundle directory cannot be "
+                                 "imported into)", hint="import into a palace directory, then export or sync it")
+        self.store = store
         self._embedder_factory = embedder_factory
         self._embedder: Embedder | None = None
         self.identity = embedder_identity
         self.lock_timeout = lock_timeout
         self.dry_run = dry_run
         self.progress = progress
-        self.store: VectorStore | None = None
+        self.palace_exists = False
         self.kg: KnowledgeGraph | None = None
 
     @property
@@ -148,10 +149,10 @@ class Loader:
         started = time.monotonic()
         fingerprint = source_fingerprint(source)
         run_id = make_run_id(importer.name, source, fingerprint, options.to_dict())
-        report = ImportReport(run_id, importer.name, str(source.resolve()), self.layout.location, self.dry_run,
+        report = ImportReport(run_id, importer.name, str(source.resolve()), self.store.name, self.dry_run,
                               str(self.identity))
-        palace_exists = self.layout.is_server or (Path(self.layout.location) / CHROMA_DB).exists()
-        quarantine = Quarantine(None if self.dry_run else self.layout.state_dir / "quarantine" / f"{run_id}.jsonl")
+        palace_exists = self.store.exists()
+        quarantine = Quarantine(None if self.dry_run else self.store.state_dir / "quarantine" / f"{run_id}.jsonl")
         # may refuse its options before anything is written
         stream = read_source(importer.name, source, importer.batches(source, options, quarantine))
         try:
@@ -170,15 +171,15 @@ class Loader:
             return report  # empty input: not an error, and nothing to create
         quarantine.activate()
         stream = itertools.chain([first], stream)
-        held = contextlib.nullcontext() if self.dry_run or self.layout.is_server else \
-            session_lock(self.layout.path, exclusive=False, timeout=self.lock_timeout)
+        held = contextlib.nullcontext() if self.dry_run else \
+            self.store.session(exclusive=False, timeout=self.lock_timeout)
         with held:  # a restore never swaps the palace mid-run
             return self._run(importer, source, options, stream, quarantine, report, run_id, fingerprint,
                              palace_exists, started)
 
     def _run(self, importer, source, options, stream, quarantine, report, run_id, fingerprint, palace_exists,
              started) -> ImportReport:
-        ledger = None if self.dry_run else Ledger(self.layout.state_dir)
+        ledger = None if self.dry_run else Ledger(self.store.state_dir)
         resume_after, started_run = -1, False
         try:
             if not self.dry_run or palace_exists:
@@ -212,25 +213,19 @@ class Loader:
             self.close()
 
     def _open(self, create: bool) -> None:
-        self.store = VectorStore(self.layout, lock_timeout=self.lock_timeout)
+        self.palace_exists = True
         if create:
-            record_zone(self.layout.state_dir)  # the zone of the naive filed_at stamps written here
-            with self.store.writing(create=True) as col:
-                recorded = read_sidecar(self.layout.sidecar_dir)
-                check_identity(recorded, self.identity)
-                if recorded is None and col.count() == 0:
-                    write_sidecar(self.layout.sidecar_dir, self.identity)
-            self.kg = KnowledgeGraph(self.layout.kg_path)
-        else:
-            self.store.reading()
-            if self.layout.kg_path.exists():
-                self.kg = KnowledgeGraph(self.layout.kg_path)
+            record_zone(self.store.state_dir)  # the zone of the naive filed_at stamps written here
+            self.store.claim_identity(self.identity)
+            self.kg = self.store.knowledge_graph()
+        elif self.store.kg_path.exists():
+            self.kg = self.store.knowledge_graph()
 
     def close(self) -> None:
-        if self.store is not None:
-            self.store.close()
+        self.store.close()
         if self.kg is not None:
             self.kg.close()
+            self.kg = None
 
     # -------------------------------------------------------------- batches
     def _resume_skip(self, batch: pa.RecordBatch, kind: str, seen: set[str], report: ImportReport) -> None:
@@ -300,10 +295,9 @@ class Loader:
         written = 0
         if not self.dry_run and job:
             if kind == DRAWERS:
-                step = self._max_batch
-                for s in range(0, len(job["ids"]), step):
-                    self.store.upsert(job["ids"][s:s + step], job["documents"][s:s + step],
-                                      job["metadatas"][s:s + step], job["vectors"][s:s + step])
+                self.store.write("drawers", [
+                    {"id": i, "document": d, "metadata": m, "embedding": v}
+                    for i, d, m, v in zip(job["ids"], job["documents"], job["metadatas"], job["vectors"])])
                 written = len(job["ids"])
             else:
                 e, t = self.kg.write_batch(job["entities"], job["triples"])
@@ -344,17 +338,10 @@ class Loader:
         return {"batch": batch, "rows": rows, "todo": todo, "ids": [rows[i]["id"] for i in todo],
                 "documents": [rows[i]["document"] for i in todo], "metadatas": metas}
 
-    @property
-    def _max_batch(self) -> int:
-        if not hasattr(self, "_max_batch_cache"):
-            self._max_batch_cache = self.store.max_batch_size()
-        return self._max_batch_cache
-
     def _existing(self, ids: list[str]) -> dict[str, dict]:
-        if self.store is None:
+        if not self.palace_exists:
             return {}
-        got = self.store.get(ids, include=("metadatas",))
-        return {i: (m or {}) for i, m in zip(got["ids"], got["metadatas"])}
+        return {r["id"]: r["metadata"] for page in self.store.fetch("drawers", ids, vectors=False) for r in page}
 
     def _vectors(self, job: dict, report: ImportReport) -> np.ndarray:
         batch, todo = job["batch"], job["todo"]
@@ -405,9 +392,9 @@ def _count_room(report: ImportReport, row: dict) -> None:
     report.per_room[row["wing"]][row["room"]] += 1
 
 
-def run_import(importer: Importer, source: Path, layout: PalaceLayout, options: ImportOptions,
+def run_import(importer: Importer, source: Path, store: PalaceStore, options: ImportOptions,
                embedder_factory: Callable[[], Embedder], embedder_identity: EmbedderIdentity,
                dry_run: bool = False, lock_timeout: float = 5.0, progress: bool = True) -> ImportReport:
-    loader = Loader(layout, embedder_factory, embedder_identity, lock_timeout=lock_timeout, dry_run=dry_run,
+    loader = Loader(store, embedder_factory, embedder_identity, lock_timeout=lock_timeout, dry_run=dry_run,
                     progress=progress)
     return loader.run(importer, source, options)

@@ -15,18 +15,31 @@ equal, so an interrupted sync re-runs to the same result.
 """
 from __future__ import annotations
 
+import datetime as dt
 import time
 from dataclasses import asdict, dataclass, field
 
 from palace.clock import instant, now_utc, zone
 from palace.errors import PalaceEtlError, VerificationFailed
+from palace.rows import COLLECTIONS, TABLES, State
+from palace.stores import PalaceStore, SyncState, open_store, store_root
 
 from .embed import check_identity
-from .replicas import TABLES, State, open_replica, replica_root, row_time
 
 KEEP_BOTH_SUFFIX = "__conflict_"
 HISTORY_KEEP = 32  # superseded versions remembered per row
-History = dict[str, dict[str, list[str]]]
+History = dict[str, dict[str, list[str]]]  # table -> {id: [row hashes this side saw superseded]}
+Tombstones = dict[str, dict[str, str]]  # table -> {id: when it was deleted (UTC ISO)}
+
+
+@dataclass
+class Side:
+    """One replica of a sync: its store, what it holds now, and the versions it saw superseded."""
+
+    store: PalaceStore
+    label: str  # "a" or "b"
+    state: State
+    history: History
 
 
 @dataclass
@@ -45,6 +58,12 @@ class SyncPlan:
     def moves(self) -> int:
         return sum(len(v) for k in ("to_a", "to_b", "delete_a", "delete_b", "keep_both")
                    for v in getattr(self, k).values())
+
+    def copy_to(self, side: str) -> dict[str, list[str]]:
+        return self.to_a if side == "a" else self.to_b
+
+    def delete_on(self, side: str) -> dict[str, list[str]]:
+        return self.delete_a if side == "a" else self.delete_b
 
 
 @dataclass
@@ -72,9 +91,25 @@ def check_converged(report: dict) -> None:
                                       f"--palace {report['a']} --palace {report['b']}")
 
 
-def local_deletions(known: State | None, current: State, tombstones: dict, now: str) -> dict:
-    """(``now`` is UTC ISO; tombstones stored by older versions are naive local time of the sync host.)"""
-    """Tombstones plus the ids this replica held at its last sync and no longer holds."""
+def row_time(table: str, row: dict, naive_zone: dt.tzinfo) -> float:
+    """When a row was last written, as far as the row itself says, as a UTC instant (for
+    last-writer-wins); -inf when it says nothing usable. Naive drawer stamps are local time of the
+    replica holding the row (``naive_zone``); naive KG stamps are SQLite's UTC."""
+    if table in COLLECTIONS:
+        m = row.get("metadata") or {}
+        stamps, zone_ = (m.get("last_modified"), m.get("updated_at"), m.get("filed_at")), naive_zone
+    else:
+        stamps, zone_ = (row.get("extracted_at"), row.get("created_at")), dt.timezone.utc
+    for s in stamps:
+        when = instant(s, zone_)
+        if when is not None:
+            return when
+    return float("-inf")
+
+
+def local_deletions(known: State | None, current: State, tombstones: Tombstones, now: str) -> Tombstones:
+    """Tombstones plus the ids this replica held at its last sync and no longer holds (deleted at
+    ``now``, UTC ISO; tombstones stored by older versions are naive local time of the sync host)."""
     out = {t: dict(v) for t, v in tombstones.items()}
     for t, rows in (known or {}).items():
         for i in rows.keys() - current.get(t, {}).keys():
@@ -87,7 +122,7 @@ def tombstone_time(when: str) -> float:
     return float("-inf") if t is None else t
 
 
-def merge_tombstones(x: dict, y: dict) -> dict:
+def merge_tombstones(x: Tombstones, y: Tombstones) -> Tombstones:
     """Both sides' tombstones; an id deleted on both keeps the later deletion (compared as instants)."""
     out = {t: dict(v) for t, v in x.items()}
     for t, rows in y.items():
@@ -108,13 +143,15 @@ def local_history(known: State | None, current: State, history: History) -> Hist
     return out
 
 
-def merged_history(ha: History, hb: History, sa: State, sb: State, final: State) -> History:
+def merged_history(a: Side, b: Side, final: State) -> History:
     """After a sync both sides hold ``final``: every version either side saw, minus the one now held."""
     out: History = {}
     for t, rows in final.items():
-        A, B, XA, XB = sa.get(t, {}), sb.get(t, {}), ha.get(t, {}), hb.get(t, {})
+        held_a, held_b = a.state.get(t, {}), b.state.get(t, {})
+        seen_a, seen_b = a.history.get(t, {}), b.history.get(t, {})
         for i, h in rows.items():
-            seen = [v for v in _union(XA.get(i, []), XB.get(i, []), [A.get(i), B.get(i)]) if v and v != h]
+            seen = [v for v in _union(seen_a.get(i, []), seen_b.get(i, []), [held_a.get(i), held_b.get(i)])
+                    if v and v != h]
             if seen:
                 out.setdefault(t, {})[i] = seen[-HISTORY_KEEP:]
     return out
@@ -124,106 +161,106 @@ def _union(*lists: list) -> list:
     return list(dict.fromkeys(v for vs in lists for v in vs))
 
 
-def plan_sync(a, b, sa: State, sb: State, ha: History, hb: History, tombs: dict, prefer: str | None,
-              keep_both: bool) -> SyncPlan:
-    """What moves where. ``ha``/``hb`` are the sides' histories, ``tombs`` the ids deleted anywhere
-    (with when), merged from both sides."""
+def plan_sync(a: Side, b: Side, tombs: Tombstones, prefer: str | None, keep_both: bool) -> SyncPlan:
+    """What moves where; ``tombs`` are the ids deleted anywhere (with when), merged from both sides."""
     plan = SyncPlan()
     undecided, revived = [], []
     for t in TABLES:
-        A, B, T = sa.get(t, {}), sb.get(t, {}), tombs.get(t, {})
-        XA, XB = ha.get(t, {}), hb.get(t, {})
-        for i in sorted(A.keys() | B.keys()):
-            va, vb = A.get(i), B.get(i)
-            if va == vb:
+        held_a, held_b, deleted = a.state.get(t, {}), b.state.get(t, {}), tombs.get(t, {})
+        seen_a, seen_b = a.history.get(t, {}), b.history.get(t, {})
+        for i in sorted(held_a.keys() | held_b.keys()):
+            version_a, version_b = held_a.get(i), held_b.get(i)
+            if version_a == version_b:
                 continue
-            if va is None or vb is None:
-                if i in T:
-                    revived.append((t, i, "a" if vb is None else "b"))  # deleted somewhere: unless re-created since
+            if version_a is None or version_b is None:
+                holder = "a" if version_b is None else "b"
+                if i in deleted:
+                    revived.append((t, i, holder))  # deleted somewhere: unless re-created since
                 else:
-                    (plan.to_a if va is None else plan.to_b)[t].append(i)
+                    plan.copy_to("b" if holder == "a" else "a")[t].append(i)
                 continue
-            a_saw_b, b_saw_a = vb in XA.get(i, ()), va in XB.get(i, ())
+            a_saw_b, b_saw_a = version_b in seen_a.get(i, ()), version_a in seen_b.get(i, ())
             if a_saw_b and not b_saw_a:
                 plan.to_b[t].append(i)
             elif b_saw_a and not a_saw_b:
                 plan.to_a[t].append(i)
             else:
-                undecided.append((t, i, va, vb))
+                undecided.append((t, i))
     _deletions(a, b, revived, tombs, plan, prefer)
     _resolve(a, b, undecided, plan, prefer, keep_both)
     return plan
 
 
-def _deletions(a, b, items: list, tombs: dict, plan: SyncPlan, prefer: str | None) -> None:
+def _deletions(a: Side, b: Side, items: list, tombs: Tombstones, plan: SyncPlan, prefer: str | None) -> None:
     """A row one side holds and a replica deleted goes, unless it was written after the deletion
     (a re-creation) or ``--prefer`` names the side that holds it. Either way it is a listed conflict."""
     for t in TABLES:
-        for side in ("a", "b"):
-            ids = [i for tt, i, s in items if tt == t and s == side]
+        for holder in (a, b):
+            other = "b" if holder.label == "a" else "a"
+            ids = [i for tt, i, s in items if tt == t and s == holder.label]
             if not ids:
                 continue
-            rows = _rows_by_id(a if side == "a" else b, t, ids)
+            rows = _rows_by_id(holder.store, t, ids)
             for i in ids:
-                holder = a if side == "a" else b
-                newer = i in rows and row_time(t, rows[i], holder.zone) > tombstone_time(tombs[t][i])
-                if prefer == side or (prefer is None and newer):
+                newer = i in rows and row_time(t, rows[i], holder.store.zone) > tombstone_time(tombs[t][i])
+                if prefer == holder.label or (prefer is None and newer):
                     tombs[t].pop(i)  # it lives, everywhere
-                    (plan.to_b if side == "a" else plan.to_a)[t].append(i)
-                    winner, rule = side, "prefer" if prefer else "written after the deletion"
+                    plan.copy_to(other)[t].append(i)
+                    winner, rule = holder.label, "prefer" if prefer else "written after the deletion"
                 else:
-                    (plan.delete_a if side == "a" else plan.delete_b)[t].append(i)
-                    winner, rule = ("b" if side == "a" else "a"), "prefer" if prefer else "deletion wins"
+                    plan.delete_on(holder.label)[t].append(i)
+                    winner, rule = other, "prefer" if prefer else "deletion wins"
                 plan.conflicts.append({"table": t, "id": i, "winner": winner, "rule": rule})
 
 
-def _rows_by_id(replica, table: str, ids: list[str]) -> dict[str, dict]:
-    return {r["id"]: r for page in replica.fetch(table, ids) for r in page}
+def _rows_by_id(store: PalaceStore, table: str, ids: list[str]) -> dict[str, dict]:
+    return {r["id"]: r for page in store.fetch(table, ids) for r in page}
 
 
-def _resolve(a, b, undecided: list, plan: SyncPlan, prefer: str | None, keep_both: bool) -> None:
+def _resolve(a: Side, b: Side, undecided: list, plan: SyncPlan, prefer: str | None, keep_both: bool) -> None:
     """Both sides changed the same id since the last sync: pick a winner per conflict."""
     for t in TABLES:
-        items = [(i, ha, hb) for tt, i, ha, hb in undecided if tt == t]
-        if not items:
+        ids = [i for tt, i in undecided if tt == t]
+        if not ids:
             continue
-        ra = _rows_by_id(a, t, [i for i, ha, _ in items if ha])
-        rb = _rows_by_id(b, t, [i for i, _, hb in items if hb])
-        for i, ha, hb in items:  # both sides hold the row, both changed it
+        rows_a, rows_b = _rows_by_id(a.store, t, ids), _rows_by_id(b.store, t, ids)
+        for i in ids:  # both sides hold the row, both changed it
+            ra, rb = rows_a[i], rows_b[i]
             if prefer:
                 winner, why = prefer, "prefer"
-            elif t == "triples" and bool(ra[i].get("valid_to")) != bool(rb[i].get("valid_to")):
-                winner, why = ("a" if ra[i].get("valid_to") else "b"), "invalidation beats open triple"
+            elif t == "triples" and bool(ra.get("valid_to")) != bool(rb.get("valid_to")):
+                winner, why = ("a" if ra.get("valid_to") else "b"), "invalidation beats open triple"
             else:
-                ka, kb = (row_time(t, ra[i], a.zone), ha), (row_time(t, rb[i], b.zone), hb)
-                winner, why = ("a" if ka > kb else "b"), "last writer wins"
+                key_a = (row_time(t, ra, a.store.zone), a.state[t][i])
+                key_b = (row_time(t, rb, b.store.zone), b.state[t][i])
+                winner, why = ("a" if key_a > key_b else "b"), "last writer wins"
             plan.conflicts.append({"table": t, "id": i, "winner": winner, "rule": why})
-            (plan.to_b if winner == "a" else plan.to_a)[t].append(i)
-            if keep_both and t in ("drawers", "closets"):
+            plan.copy_to("b" if winner == "a" else "a")[t].append(i)
+            if keep_both and t in COLLECTIONS:
                 plan.keep_both[t].append((i, "b" if winner == "a" else "a"))
 
 
-def _apply(a, b, plan: SyncPlan) -> int:
+def _apply(a: PalaceStore, b: PalaceStore, plan: SyncPlan) -> int:
     # capture the losing versions kept under new ids before the winners overwrite them (conflicts are few)
     kept: dict[str, list[dict]] = {}
     for t, items in plan.keep_both.items():
-        for side, replica in (("a", a), ("b", b)):
+        for side, store in (("a", a), ("b", b)):
             ids = [i for i, s in items if s == side]
             kept.setdefault(t, []).extend(dict(r, id=f"{r['id']}{KEEP_BOTH_SUFFIX}{side}")
-                                          for page in replica.fetch(t, ids) for r in page)
+                                          for page in store.fetch(t, ids) for r in page)
     moved = 0
     for src, dst, ids, deletes in ((a, b, plan.to_b, plan.delete_b), (b, a, plan.to_a, plan.delete_a)):
         for t in TABLES:
             if deletes[t]:
-                dst.apply(t, [], deletes[t])
+                dst.delete(t, deletes[t])
                 moved += len(deletes[t])
             for page in src.fetch(t, ids[t]):  # streamed: vectors travel a page at a time
-                dst.apply(t, page, [])
+                dst.write(t, page)
                 moved += len(page)
     for t, rows in kept.items():
         if rows:
-            a.apply(t, rows, [])
-            b.apply(t, rows, [])
+            a.write(t, rows)
+            b.write(t, rows)
             moved += 2 * len(rows)
     a.commit()
     b.commit()
@@ -233,61 +270,66 @@ def _apply(a, b, plan: SyncPlan) -> int:
 def _differences(sa: State, sb: State) -> dict:
     out = {}
     for t in TABLES:
-        A, B = sa.get(t, {}), sb.get(t, {})
-        diff = sorted(i for i in A.keys() | B.keys() if A.get(i) != B.get(i))
+        held_a, held_b = sa.get(t, {}), sb.get(t, {})
+        diff = sorted(i for i in held_a.keys() | held_b.keys() if held_a.get(i) != held_b.get(i))
         if diff:
             out[t] = {"count": len(diff), "first": diff[:10]}
     return out
 
 
+def _side(store: PalaceStore, label: str, saved: SyncState) -> Side:
+    state = store.snapshot()
+    return Side(store, label, state, local_history(saved.known, state, saved.history))
+
+
 def run_sync(spec_a: str, spec_b: str, kg_a=None, kg_b=None, dry_run: bool = False, prefer: str | None = None,
              keep_both: bool = False, max_delete: int | None = None, lock_timeout: float = 30.0) -> SyncReport:
     started = time.monotonic()
-    if replica_root(spec_a) == replica_root(spec_b):
+    if store_root(spec_a) == store_root(spec_b):
         raise PalaceEtlError(f"sync {spec_a} {spec_b}: both name the same directory; give two different replicas")
-    a, b = open_replica(spec_a, kg_a, lock_timeout), open_replica(spec_b, kg_b, lock_timeout)
+    store_a, store_b = open_store(spec_a, kg_a, lock_timeout), open_store(spec_b, kg_b, lock_timeout)
     try:
-        a.verified()
-        b.verified()
-        ia, ib = a.identity(), b.identity()
+        store_a.verified()
+        store_b.verified()
+        ia, ib = store_a.identity(), store_b.identity()
         if ia and ib:
             check_identity(ia, ib)  # vectors of another model never travel
-        sa, sb = a.snapshot(), b.snapshot()
-        ssa, ssb = a.sync_state(), b.sync_state()
+        saved_a, saved_b = store_a.sync_state(), store_b.sync_state()
+        a, b = _side(store_a, "a", saved_a), _side(store_b, "b", saved_b)
         now = now_utc()
-        tombs = merge_tombstones(local_deletions(ssa["known"], sa, ssa["tombstones"], now),
-                                 local_deletions(ssb["known"], sb, ssb["tombstones"], now))
-        ha, hb = local_history(ssa["known"], sa, ssa["history"]), local_history(ssb["known"], sb, ssb["history"])
-        plan = plan_sync(a, b, sa, sb, ha, hb, tombs, prefer, keep_both)
-        deletes = sum(len(plan.delete_a[t]) + len(plan.delete_b[t]) for t in ("drawers", "closets"))
-        limit = max_delete if max_delete is not None else max(10, len(sa["drawers"]) // 20, len(sb["drawers"]) // 20)
+        tombs = merge_tombstones(local_deletions(saved_a.known, a.state, saved_a.tombstones, now),
+                                 local_deletions(saved_b.known, b.state, saved_b.tombstones, now))
+        plan = plan_sync(a, b, tombs, prefer, keep_both)
+        deletes = sum(len(plan.delete_a[t]) + len(plan.delete_b[t]) for t in COLLECTIONS)
+        limit = max_delete if max_delete is not None else \
+            max(10, len(a.state["drawers"]) // 20, len(b.state["drawers"]) // 20)
         if deletes > limit:
-            raise PalaceEtlError(f"sync {a.name} {b.name}: the plan deletes {deletes} drawers/closets, more than "
-                                 f"--max-delete {limit}; nothing written",
+            raise PalaceEtlError(f"sync {store_a.name} {store_b.name}: the plan deletes {deletes} drawers/closets, "
+                                 f"more than --max-delete {limit}; nothing written",
                                  hint="check with --dry-run, then raise --max-delete if it is meant")
-        report = SyncReport(a.name, b.name, dry_run, plan.counts(), plan.conflicts)
+        report = SyncReport(store_a.name, store_b.name, dry_run, plan.counts(), plan.conflicts)
         if dry_run:
             report.seconds = round(time.monotonic() - started, 3)
             return report
-        before_a, before_b = sa, sb
+        final_a, final_b = a.state, b.state
         if plan.moves():
             if ia and not ib:
-                b.set_identity(ia)
+                store_b.set_identity(ia)
             elif ib and not ia:
-                a.set_identity(ib)
-            report.moved = _apply(a, b, plan)
-            sa, sb = a.snapshot(), b.snapshot()
-        report.differences = _differences(sa, sb)
+                store_a.set_identity(ib)
+            report.moved = _apply(store_a, store_b, plan)
+            final_a, final_b = store_a.snapshot(), store_b.snapshot()
+        report.differences = _differences(final_a, final_b)
         report.converged = not report.differences
         if report.converged:
             for t, rows in tombs.items():  # a tombstone for a row both sides hold again is spent
-                for i in [i for i in rows if i in sa.get(t, {})]:
+                for i in [i for i in rows if i in final_a.get(t, {})]:
                     rows.pop(i)
-            history = merged_history(ha, hb, before_a, before_b, sa)
-            a.save_sync_state(sa, history, tombs)
-            b.save_sync_state(sb, history, tombs)
+            history = merged_history(a, b, final_a)
+            store_a.save_sync_state(SyncState(final_a, history, tombs))
+            store_b.save_sync_state(SyncState(final_b, history, tombs))
         report.seconds = round(time.monotonic() - started, 3)
         return report
     finally:
-        a.close()
-        b.close()
+        store_a.close()
+        store_b.close()

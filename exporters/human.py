@@ -1,7 +1,7 @@
 """Exports for people rather than machines: ``<wing>/<room>.jsonl`` and a browsable markdown tree.
 
-Both read documents and metadata straight from ``chroma.sqlite3`` (read-only, rowid
-pages; no vectors, no Chroma client). Output is deterministic: rows sorted by id,
+Both read documents and metadata through the store's ``rows`` (for a palace directory:
+``chroma.sqlite3`` read-only in rowid pages; no vectors, no Chroma client). Output is deterministic: rows sorted by id,
 keys sorted.
 
 The export is built in a fresh temp directory beside ``--out`` and renamed into place.
@@ -22,33 +22,13 @@ from urllib.parse import quote
 
 import orjson
 
-from palace import chroma_sqlite
 from palace.errors import PalaceEtlError, SourceMissing
-from palace.layout import DRAWERS_COLLECTION, PalaceLayout
-from palace.vectors import VectorStore
-
-from .bundle import PAGE, _safe_dir
+from palace.layout import safe_dir
+from palace.stores import PalaceStore
 
 MARKER = ".palace-etl-export.json"  # what tells a directory is an earlier human export of ours
 NAME_MAX = 96  # characters of a wing or room kept in a file name (a hash keeps long names distinct)
 _UNSAFE = re.compile(r"[^\w .,+=@-]", re.UNICODE)
-
-
-def _rows(layout: PalaceLayout):
-    if layout.is_server:  # no SQLite file to read: page the server's API
-        store = VectorStore(layout)
-        try:
-            for pos, i, d, m in store.scan():
-                yield pos, i, d, m or {}
-        finally:
-            store.close()
-        return
-    with chroma_sqlite.open_ro(chroma_sqlite.palace_db(layout.path)) as conn:
-        seg = chroma_sqlite.segments(conn, DRAWERS_COLLECTION).get("METADATA")
-        after = 0
-        while seg is not None and (page := chroma_sqlite.page_rows(conn, seg, after, PAGE)):
-            yield from page
-            after = page[-1][0]
 
 
 def safe_component(name: str, empty: str) -> str:
@@ -68,14 +48,14 @@ def _room_file(root: Path, wing: str, room: str, suffix: str) -> Path:
     return d / f"{safe_component(room, '_no_room')}{suffix}"
 
 
-def _check_out(layout: PalaceLayout, out: Path, fmt: str) -> Path:
+def _check_out(store: PalaceStore, out: Path, fmt: str) -> Path:
     """The resolved export directory; refuses anything that is not ours to replace."""
     if out.is_symlink():
         raise PalaceEtlError(f"export --out {out}: it is a symlink; refusing to write through it")
     out = out.resolve()
-    if not layout.is_server and (out == layout.path or out.is_relative_to(layout.path)
-                                 or layout.path.is_relative_to(out)):
-        raise PalaceEtlError(f"export --out {out}: it overlaps the palace {layout.path}",
+    root = store.root
+    if root is not None and (out == root or out.is_relative_to(root) or root.is_relative_to(out)):
+        raise PalaceEtlError(f"export --out {out}: it overlaps the palace {root}",
                              hint="export to a directory outside the palace")
     if out.exists() and not out.is_dir():
         raise PalaceEtlError(f"export --out {out}: it is not a directory")
@@ -89,18 +69,18 @@ def _check_out(layout: PalaceLayout, out: Path, fmt: str) -> Path:
             raise PalaceEtlError(f"export --out {out}: the directory is not empty and is not an earlier "
                                  f"palace-etl {fmt} export; nothing written",
                                  hint="give a new or empty directory (bundles go to --format parquet)")
-    _safe_dir(out.parent)
+    safe_dir(out.parent)
     return out
 
 
-def export_human(layout: PalaceLayout, out: Path, fmt: str) -> dict:
-    if not layout.is_server and not chroma_sqlite.palace_db(layout.path).exists():
-        raise SourceMissing(f"export palace {layout.path}: no chroma.sqlite3 there")
-    out = _check_out(layout, Path(out), fmt)
+def export_human(store: PalaceStore, out: Path, fmt: str) -> dict:
+    if not store.exists():
+        raise SourceMissing(f"export palace {store.name}: no palace there")
+    out = _check_out(store, Path(out), fmt)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))  # ours alone, 0700
     counts: dict[str, dict[str, int]] = {}
     try:
-        for _, eid, doc, meta in _rows(layout):  # append, then sort each file: memory stays flat
+        for eid, doc, meta in (row for page in store.rows("drawers") for row in page):  # append, then sort
             wing, room = str(meta.get("wing", "")), str(meta.get("room", ""))
             counts.setdefault(wing, {}).setdefault(room, 0)
             counts[wing][room] += 1
@@ -116,7 +96,7 @@ def export_human(layout: PalaceLayout, out: Path, fmt: str) -> dict:
                 path.unlink()
         if fmt == "markdown":
             (tmp / "index.md").write_text(_index(counts))
-        (tmp / MARKER).write_bytes(orjson.dumps({"format": fmt, "palace": layout.location}))
+        (tmp / MARKER).write_bytes(orjson.dumps({"format": fmt, "palace": store.name}))
         for p in tmp.rglob("*"):
             os.chmod(p, 0o600 if p.is_file() else 0o700)
         _swap_in(tmp, out)

@@ -9,8 +9,8 @@ import datetime as dt
 import shutil
 from pathlib import Path
 
-from .bundle import chain, list_bundles
-from .manifest import BundleError, Manifest
+from palace.bundles import chain, list_bundles
+from palace.manifest import BundleError, Manifest, bundle_time
 
 
 def _readable(bundle: Path) -> bool:
@@ -22,8 +22,7 @@ def _readable(bundle: Path) -> bool:
 
 
 def _when(bundle: Path) -> dt.datetime:
-    stamp = bundle.name.split("-")[1]
-    return dt.datetime.strptime(stamp, "%Y%m%dT%H%M%S%fZ")
+    return bundle_time(bundle.name)
 
 
 def select(bundles: list[Path], keep: int | None = None, daily: int | None = None,

@@ -5,7 +5,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from palace.errors import PalaceEtlError
-from palace.layout import PalaceLayout
+from palace.stores import PalaceStore
 
 from .bundle import export_bundle
 from .human import export_human
@@ -14,9 +14,9 @@ from .retention import apply_retention
 FORMATS = ("parquet", "jsonl", "markdown")
 
 
-def run_export(layout: PalaceLayout, out: Path, fmt: str = "parquet", incremental: bool = False,
+def run_export(store: PalaceStore, out: Path, fmt: str = "parquet", incremental: bool = False,
                full_every: int = 7, keep: int | None = None, keep_daily: int | None = None,
-               keep_weekly: int | None = None, dry_run: bool = False, lock_timeout: float = 30.0) -> dict:
+               keep_weekly: int | None = None, dry_run: bool = False) -> dict:
     if fmt not in FORMATS:
         raise PalaceEtlError(f"export --format {fmt}: choose one of {', '.join(FORMATS)}")
     if fmt != "parquet":
@@ -24,8 +24,8 @@ def run_export(layout: PalaceLayout, out: Path, fmt: str = "parquet", incrementa
             raise PalaceEtlError(f"export --format {fmt}: --incremental and retention apply to bundles only")
         if dry_run:
             return {"format": fmt, "out": str(out), "dry_run": True}
-        return export_human(layout, out, fmt)
-    report = asdict(export_bundle(layout, out, incremental, full_every, dry_run, lock_timeout))
+        return export_human(store, out, fmt)
+    report = asdict(export_bundle(store, out, incremental, full_every, dry_run))
     report["deleted"] = len(report["deleted"])
     report["removed_by_retention"] = apply_retention(out, keep, keep_daily, keep_weekly, dry_run) \
         if (keep or keep_daily or keep_weekly) else []

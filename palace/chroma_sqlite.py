@@ -170,6 +170,13 @@ def page_rows(conn: sqlite3.Connection, segment: str, after: int, limit: int) ->
     return out
 
 
+def page_ids(conn: sqlite3.Connection, segment: str, after: int, limit: int) -> list[tuple[int, str, dict]]:
+    """Only the ids: (rowid, id, {}) of up to ``limit`` rows with rowid > ``after``."""
+    rows = conn.execute("SELECT id, embedding_id FROM embeddings WHERE segment_id = ? AND id > ? ORDER BY id LIMIT ?",
+                        (segment, after, limit)).fetchall()
+    return [(rowid, eid, {}) for rowid, eid in rows]
+
+
 def page_fields(conn: sqlite3.Connection, segment: str, after: int, limit: int,
                 keys: tuple[str, ...]) -> list[tuple[int, str, dict]]:
     """Like ``page_rows`` but only the metadata ``keys`` (``chroma:document`` for the text): (rowid,

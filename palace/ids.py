@@ -87,9 +87,6 @@ def content_sha256(text: str) -> str:
 
 
 def sha256_file(path) -> str:
-    """sha256 of a file's bytes, read in 1 MiB blocks."""
-    h = hashlib.sha256()
+    """sha256 of a file's bytes (streamed by ``hashlib.file_digest``)."""
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()

@@ -98,6 +98,25 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
         raise
 
 
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries (a rename into it, a new file) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def safe_dir(out: Path) -> Path:
+    """Create (or accept) a directory to write into, refusing one reached through a symlink."""
+    out = Path(out)
+    for p in [out, *out.parents]:
+        if p.is_symlink():
+            raise PalaceEtlError(f"write to {out}: {p} is a symlink; refusing to write through it")
+    out.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return out
+
+
 def read_sidecar(palace: Path, collection: str = DRAWERS_COLLECTION) -> EmbedderIdentity | None:
     """The embedder identity MemPalace 3.11 recorded for ``collection``, or None."""
     path = Path(palace) / SIDECAR

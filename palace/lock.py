@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from .errors import PalaceLocked
+from .errors import PalaceEtlError, PalaceLocked
 
 _held: dict[str, int] = {}
 _guard = threading.RLock()
@@ -133,3 +133,28 @@ def session_lock(palace: str | os.PathLike, exclusive: bool, timeout: float = 5.
         yield
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def dir_lock(path: Path, what: str) -> Iterator[None]:
+    """A non-blocking "already running" lock on ``path`` (a backup directory's ``.export.lock``):
+    a second holder fails at once with ``PalaceLocked`` naming the first."""
+    try:  # never through a symlink: a planted link would have us truncate its target
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o600)
+    except OSError as exc:
+        raise PalaceEtlError(f"{what}: cannot use {Path(path).name} ({exc.strerror}; a symlink there is refused)") \
+            from None
+    with os.fdopen(fd, "r+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = f.read().strip() or "another export"
+            raise PalaceLocked(f"{what}: already running ({holder})",
+                               hint="overlapping cron runs: let the first finish") from None
+        f.truncate()
+        f.write(f"pid {os.getpid()}")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

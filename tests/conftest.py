@@ -7,6 +7,7 @@ process imports this module, so each has a HOME (and lock directory) of its own.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -51,17 +52,33 @@ def palace_dir(tmp_path) -> Path:
     return tmp_path / "palace"
 
 
-@pytest.fixture
-def chroma_server(tmp_path):
-    """A real ``chroma run`` server on 127.0.0.1, stopped after the test."""
+@contextlib.contextmanager
+def running_chroma(data: Path):
+    """A real ``chroma run`` server on 127.0.0.1 over ``data``, stopped on exit."""
     from .helpers import free_port, wait_for_chroma
 
     port = free_port()
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "chroma"), "run", "--path", str(tmp_path / "server-data"),
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "chroma"), "run", "--path", str(data),
                              "--host", "127.0.0.1", "--port", str(port)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
-    wait_for_chroma(url, proc)
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
+    try:
+        wait_for_chroma(url, proc)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.fixture
+def chroma_server(tmp_path):
+    """A real ``chroma run`` server on 127.0.0.1, stopped after the test."""
+    with running_chroma(tmp_path / "server-data") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def shared_chroma_server(tmp_path_factory):
+    """One real ``chroma run`` server for a module; tests empty it after use."""
+    with running_chroma(tmp_path_factory.mktemp("chroma") / "server-data") as url:
+        yield url

@@ -145,22 +145,22 @@ def test_item02_rows_deleted_during_an_export_are_recorded_not_counted(plain_pal
     exact by deleting right after the real snapshot is taken)."""
     import shutil
 
-    import exporters.bundle as bundle_mod
     from exporters.bundle import export_bundle
+    from palace.stores import ChromaDirStore, open_store
 
     palace = tmp_path / "palace"
     shutil.copytree(plain_palace, palace)
-    real_state = bundle_mod.palace_state
+    real_snapshot = ChromaDirStore.snapshot
 
-    def snapshot_then_delete(layout):
-        state = real_state(layout)
+    def snapshot_then_delete(self):
+        state = real_snapshot(self)
         store = VectorStore(layout_for(palace))  # the other writer
         store.delete([f"d{i:04d}" for i in range(0, 400, 2)])
         store.close()
         return state
 
-    monkeypatch.setattr(bundle_mod, "palace_state", snapshot_then_delete)
-    report = export_bundle(layout_for(palace), tmp_path / "b")
+    monkeypatch.setattr(ChromaDirStore, "snapshot", snapshot_then_delete)
+    report = export_bundle(open_store(palace), tmp_path / "b")
     monkeypatch.undo()
     m = json.loads((Path(report.bundle) / "manifest.json").read_text())
     assert m["counts"]["drawers"] == 200 and m["totals"]["drawers"] == 200 and report.vanished == {"drawers": 200}

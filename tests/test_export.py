@@ -13,11 +13,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from etl.embed import EmbedderIdentity
-from exporters.bundle import list_bundles
-from exporters.manifest import Manifest
 from exporters.retention import select
+from palace.bundles import list_bundles
 from palace.kg import KnowledgeGraph
 from palace.layout import layout_for, write_sidecar
+from palace.manifest import Manifest
 from palace.vectors import VectorStore
 
 from .helpers import SAMPLE, cli_json, kg_rows, palace_rows, run_cli

@@ -145,4 +145,4 @@ def test_palace_drawer_without_a_document_is_quarantined(tmp_path):
         c.execute("DELETE FROM embedding_metadata WHERE id = ? AND key = 'chroma:document'", (victim,))
     r = cli_json("import", "palace", src, "--palace", tmp_path / "p", check=3)
     assert (r["quarantined"], r["drawers_written"]) == (1, 6)
-    assert "rowid" in r["quarantine_first"][0]
+    assert "chroma.sqlite3: drawer drawer_" in r["quarantine_first"][0]  # the file and the drawer it names

@@ -17,7 +17,8 @@ from importers.base import ImportOptions, RowBuffer
 from importers.registry import get_importer
 from importers.schema import drawer_schema
 from palace.errors import EmbedderMismatch
-from palace.layout import layout_for, read_sidecar, write_sidecar
+from palace.layout import read_sidecar, write_sidecar
+from palace.stores import open_store
 
 from .helpers import CORPUS, cli_json, palace_rows, run_cli
 
@@ -142,16 +143,16 @@ class VectorImporter:
 def test_carried_vectors_are_not_re_embedded(tmp_path, embedder):
     texts = [f"carried memory number {i} about the palace" for i in range(30)]
     vecs = embedder.embed(texts)
-    layout = layout_for(tmp_path / "p")
+    store = open_store(tmp_path / "p")
     before = embedder.calls
-    report = run_import(VectorImporter(texts, vecs, MINILM), tmp_path, layout, ImportOptions(),
+    report = run_import(VectorImporter(texts, vecs, MINILM), tmp_path, store, ImportOptions(),
                         lambda: embedder, MINILM, progress=False)
     assert report.vectors_carried == 30 and report.vectors_embedded == 0
     assert embedder.calls == before
     assert report.vector_decision.startswith("carry")
     # vectors of another model are re-embedded, and the decision says so
     other = run_import(VectorImporter([t + " (v2)" for t in texts], vecs, EmbedderIdentity("openai-compat", 384)),
-                       tmp_path, layout, ImportOptions(), lambda: embedder, MINILM, progress=False)
+                       tmp_path, store, ImportOptions(), lambda: embedder, MINILM, progress=False)
     assert other.vectors_embedded == 30 and other.vectors_carried == 0
     assert embedder.calls == before + 30
     assert "re-embed" in other.vector_decision
@@ -165,7 +166,7 @@ def test_palace_of_another_embedder_is_refused(tmp_path):
     proc = run_cli("import", "mcp-memory", MEMORY, "--palace", palace, "--wing", "again", check=1)
     assert "openai-compat/768" in proc.stderr and "minilm/384" in proc.stderr
     with pytest.raises(EmbedderMismatch):
-        run_import(get_importer("mcp-memory"), MEMORY, layout_for(palace), ImportOptions(wing="again"),
+        run_import(get_importer("mcp-memory"), MEMORY, open_store(palace), ImportOptions(wing="again"),
                    lambda: None, MINILM, progress=False)
     assert cli_json("status", "--palace", palace)["drawers"] == 47
 

@@ -32,7 +32,7 @@ def test_unreachable_server_exits_10(tmp_path):
 
 
 def test_export_from_and_restore_into_a_server(tmp_path, chroma_server):
-    from etl.replicas import open_replica
+    from palace.stores import open_store
 
     kg = tmp_path / "kg" / "knowledge_graph.sqlite3"
     cli_json("import", "mcp-memory", SAMPLE, "--palace", chroma_server, "--kg", kg)
@@ -40,8 +40,8 @@ def test_export_from_and_restore_into_a_server(tmp_path, chroma_server):
     assert r["counts"]["drawers"] == 363 and r["counts"]["triples"] == 223
     local = tmp_path / "restored"
     cli_json("restore", r["bundle"], "--palace", local)
-    server_state = open_replica(chroma_server, kg).snapshot()
-    assert open_replica(str(local)).snapshot() == server_state
+    server_state = open_store(chroma_server, kg).snapshot()
+    assert open_store(str(local)).snapshot() == server_state
     run_cli("verify", "--palace", local, "--against", "mcp-memory", SAMPLE)
     # restoring over a server that holds a palace is refused (it cannot be set aside like a directory)
     proc = run_cli("restore", r["bundle"], "--palace", chroma_server, "--kg", kg, check=1)
@@ -51,12 +51,12 @@ def test_export_from_and_restore_into_a_server(tmp_path, chroma_server):
 
 
 def test_restore_into_an_empty_server(tmp_path, chroma_server):
-    from etl.replicas import open_replica
+    from palace.stores import open_store
 
     local = tmp_path / "local"
     cli_json("import", "mcp-memory", SAMPLE, "--palace", local)
     bundle = cli_json("export", "--palace", local, "--out", tmp_path / "b")["bundle"]
     kg = tmp_path / "server-kg" / "knowledge_graph.sqlite3"
     assert cli_json("restore", bundle, "--palace", chroma_server, "--kg", kg)["rows"]["drawers"] == 363
-    assert open_replica(chroma_server, kg).snapshot() == open_replica(str(local)).snapshot()
+    assert open_store(chroma_server, kg).snapshot() == open_store(str(local)).snapshot()
     assert cli_json("status", "--palace", chroma_server, "--kg", kg)["embedder"] == "minilm/384"

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 
 from etl.embed import EmbedderIdentity
-from etl.replicas import open_replica
 from etl.sync import run_sync
 from palace.kg import KnowledgeGraph
 from palace.layout import layout_for, write_sidecar
+from palace.stores import open_store
 from palace.vectors import VectorStore
 
 from .helpers import SAMPLE, cli_json, run_cli
@@ -29,7 +29,7 @@ def unit(n: int, seed: int) -> np.ndarray:
 
 
 def state(spec: str, kg: Path | None = None) -> dict:
-    r = open_replica(spec, kg)
+    r = open_store(spec, kg)
     try:
         return r.snapshot()
     finally:
@@ -313,7 +313,7 @@ def test_deletion_against_an_edit(tmp_path):
 def test_a_row_with_a_float_chroma_cannot_store_stably_converges(tmp_path):
     """Below 1e-6, each Chroma write can move a float's last digits; the row hash must not see that
     as an edit, or such a row is copied on every sync and never converges."""
-    from exporters.bundle import row_hash
+    from palace.rows import row_hash
 
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     store = VectorStore(layout_for(a))

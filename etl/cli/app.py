@@ -171,10 +171,10 @@ _register_importers()
 def _run_import(name, path, palace, kg, dry_run, json_out, quiet, embedder, lock_timeout, options):
     from etl.load import run_import
     from importers.registry import get_importer
-    from palace.layout import layout_for
+    from palace.stores import open_store
 
     factory, identity = embedder
-    report = run_import(get_importer(name), path, layout_for(palace, kg), options,
+    report = run_import(get_importer(name), path, open_store(palace, kg, lock_timeout), options,
                         factory, identity, dry_run=dry_run, lock_timeout=lock_timeout,
                         progress=_progress(json_out, quiet)).to_dict()
     if json_out:
@@ -192,9 +192,9 @@ def status(palace: str = PALACE, kg: Optional[Path] = KG, json_out: bool = JSON,
            lock_timeout: float = LOCK_TIMEOUT) -> None:
     """Drawers per wing and room, knowledge graph counts, unfinished runs."""
     from etl.status import palace_status
-    from palace.layout import layout_for
+    from palace.stores import open_store
 
-    s = palace_status(layout_for(palace, kg), probes, lock_timeout)
+    s = palace_status(open_store(palace, kg, lock_timeout), probes)
     render.emit_json(s) if json_out else render.status_report(s)
 
 
@@ -225,7 +225,7 @@ def verify(
         verify_palace,
         verify_parity,
     )
-    from palace.layout import layout_for
+    from palace.stores import open_store
 
     palace = palace or []
     if more and not against:
@@ -240,8 +240,12 @@ def verify(
         palace = palace[0]
         identity = _embedder(embedder)[1] if embedder else None
         sources = [(against[0], p) for p in (against[1], *(more or []))] if against else []
-        report = verify_palace(layout_for(palace, kg), identity, lock_timeout, against=sources, sample=sample,
-                               probes=probes, full=full, wing=wing).to_dict()
+        store = open_store(palace, kg, lock_timeout)
+        try:
+            report = verify_palace(store, identity, against=sources, sample=sample, probes=probes, full=full,
+                                   wing=wing).to_dict()
+        finally:
+            store.close()
     if json_out:
         render.emit_json(report)
     render.verify_report(report)
@@ -263,10 +267,13 @@ def export(
 ) -> None:
     """Write a verified backup bundle of the whole palace (cron-friendly)."""
     from exporters.run import run_export
-    from palace.layout import layout_for
+    from palace.stores import open_store
 
-    r = run_export(layout_for(palace, kg), out, fmt, incremental, full_every, keep, keep_daily, keep_weekly,
-                   dry_run, lock_timeout)
+    store = open_store(palace, kg, lock_timeout)
+    try:
+        r = run_export(store, out, fmt, incremental, full_every, keep, keep_daily, keep_weekly, dry_run)
+    finally:
+        store.close()
     if json_out:
         render.emit_json(r)
     else:
@@ -287,10 +294,13 @@ def restore(
     from dataclasses import asdict
 
     from exporters.restore import restore_bundle
-    from palace.layout import layout_for
+    from palace.stores import open_store
 
-    r = asdict(restore_bundle(bundle, layout_for(palace, kg), force=force, dry_run=dry_run,
-                              lock_timeout=lock_timeout))
+    store = open_store(palace, kg, lock_timeout)
+    try:
+        r = asdict(restore_bundle(bundle, store, force=force, dry_run=dry_run, lock_timeout=lock_timeout))
+    finally:
+        store.close()
     if json_out:
         render.emit_json(r)
     else:

@@ -48,8 +48,7 @@ def status_report(s: dict) -> None:
     typer.echo(f"knowledge graph {kg['path']}: {kg.get('entities', 0)} entities, {kg.get('triples', 0)} triples "
                f"({kg.get('current_triples', 0)} current)")
     if s.get("probes"):
-        typer.echo(f"self-query: {s['self_hit_rate']:.4f} of {s['probes']} drawers rank themselves first "
-                   f"({s['client_creations']} client creation(s))")
+        typer.echo(f"self-query: {s['self_hit_rate']:.4f} of {s['probes']} drawers rank themselves first")
     for run in s["runs"]:
         if run["status"] != "complete":
             typer.echo(f"  run {run['run_id']} ({run['importer']} {run['source']}) is {run['status']}: "

@@ -8,6 +8,7 @@ that is missing or differs from its sha256, and row counts that differ from the 
 """
 from __future__ import annotations
 
+import datetime as dt
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
@@ -15,8 +16,8 @@ from pathlib import Path, PurePosixPath
 import orjson
 import pyarrow.parquet as pq
 
-from palace.errors import PalaceEtlError
-from palace.ids import sha256_file
+from .errors import PalaceEtlError
+from .ids import sha256_file
 
 BUNDLE_SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -30,6 +31,19 @@ REQUIRED_FILES = ("state.parquet", "tombstones.parquet")
 COLLECTION_KEYS = {"hnsw:space": ("cosine",), "hnsw:num_threads": range(1, 65),
                    "hnsw:batch_size": range(1, 1_000_001), "hnsw:sync_threshold": range(1, 1_000_001)}
 MAX_MANIFEST_BYTES = 16 << 20
+
+
+def bundle_name(when: dt.datetime, incremental: bool) -> str:
+    """The one spelling of a bundle directory's name: ``palace-<UTC stamp>-<full|incr>``."""
+    return f"palace-{when.astimezone(dt.timezone.utc):%Y%m%dT%H%M%S%fZ}-{'incr' if incremental else 'full'}"
+
+
+def bundle_time(name: str) -> dt.datetime:
+    """When a bundle was written, read from its name (naive UTC)."""
+    m = NAME_RE.fullmatch(name)
+    if not m:
+        raise BundleError(f"read bundle {name}: not a bundle name")
+    return dt.datetime.strptime(m.group(1), "%Y%m%dT%H%M%S%fZ")
 
 
 class BundleError(PalaceEtlError):
@@ -169,7 +183,7 @@ def check_files(bundle: Path, manifest: Manifest) -> list[str]:
         elif not path.is_file():
             problems.append(f"{path}: missing")
         elif sha256_file(path) != digest:
-            problems.append(f"{path}: sha256 mismatch (corrupt or changed)")
+            problems.append(f"{path}: sha256 mismatch with {MANIFEST} (the file or the manifest is corrupt or changed)")
     if problems:
         return problems
     try:

@@ -1,0 +1,76 @@
+"""The rows every store holds and hands out, and how a row is hashed.
+
+Four tables: the ``drawers`` and ``closets`` collections (rows ``{id, document, metadata,
+embedding}``) and the knowledge graph's ``entities`` and ``triples`` (rows ``{column: value}``).
+A row hash says whether two stores hold the same version of a row; it covers what MemPalace
+reads (text and metadata, or every KG column by name), not the vector, which travels with it.
+"""
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import orjson
+import pyarrow as pa
+
+from .layout import CLOSETS_COLLECTION, DRAWERS_COLLECTION
+
+COLLECTIONS = {"drawers": DRAWERS_COLLECTION, "closets": CLOSETS_COLLECTION}
+KG_TABLES = ("entities", "triples")
+TABLES = (*COLLECTIONS, *KG_TABLES)
+State = dict[str, dict[str, str]]  # table -> {id: row hash}, in the store's own order
+
+TINY_FLOAT = 1e-6  # below this, Chroma 1.5.9 moves a float's last digits on every write (measured)
+
+
+def _canonical(value):
+    """A float Chroma cannot store stably (0 < |x| < 1e-6: each write can move its last digits) is
+    hashed at 9 significant digits, so one row never hashes two ways across replicas. Every other value
+    hashes exactly as before."""
+    if isinstance(value, float) and 0 < abs(value) < TINY_FLOAT:
+        return float(f"{value:.9g}")
+    if isinstance(value, dict):
+        return {k: _canonical(v) for k, v in value.items()}
+    return value
+
+
+def row_hash(*parts) -> str:
+    parts = tuple(_canonical(p) for p in parts)
+    return hashlib.sha256(orjson.dumps(parts, option=orjson.OPT_SORT_KEYS | orjson.OPT_SERIALIZE_NUMPY)).hexdigest()[:32]
+
+
+def collection_row_hash(document: str | None, metadata: dict | None) -> str:
+    return row_hash(document, metadata or {})
+
+
+def kg_row_hash(row: dict) -> str:
+    """Hash of a KG row by column name: a migrated KG has its columns in another order."""
+    return row_hash(row)
+
+
+def table_row_hash(table: str, row: dict) -> str:
+    return collection_row_hash(row["document"], row["metadata"]) if table in COLLECTIONS else kg_row_hash(row)
+
+
+def record_schema(dim: int) -> pa.Schema:
+    return pa.schema([("id", pa.string()), ("document", pa.string()), ("metadata", pa.string()),
+                      ("embedding", pa.list_(pa.float32(), dim))])
+
+
+def records_batch(rows: list[dict], dim: int) -> pa.RecordBatch:
+    """Collection rows ``{id, document, metadata, embedding}`` as a bundle record batch."""
+    vecs = np.asarray([r["embedding"] for r in rows], dtype=np.float32).reshape(-1, dim)
+    return pa.RecordBatch.from_arrays([
+        pa.array([r["id"] for r in rows], pa.string()), pa.array([r["document"] for r in rows], pa.string()),
+        pa.array([orjson.dumps(r["metadata"] or {}, option=orjson.OPT_SORT_KEYS).decode() for r in rows],
+                 pa.string()),
+        pa.FixedSizeListArray.from_arrays(pa.array(vecs.ravel(), pa.float32()), dim)], schema=record_schema(dim))
+
+
+def rows_of_batch(batch: pa.RecordBatch) -> list[dict]:
+    """A bundle record batch back as collection rows (vectors as a float32 array per row)."""
+    n = batch.num_rows
+    vecs = batch.column("embedding").values.to_numpy(zero_copy_only=False).reshape(n, -1) if n else []
+    return [{"id": i, "document": d, "metadata": orjson.loads(m) if m else {}, "embedding": vecs[k]}
+            for k, (i, d, m) in enumerate(zip(batch.column("id").to_pylist(), batch.column("document").to_pylist(),
+                                              batch.column("metadata").to_pylist()))]

@@ -1,0 +1,156 @@
+"""``PalaceStore``: the one interface every verb reads and writes a palace through.
+
+A store holds the four tables of ``palace.rows`` (drawers and closets with their vectors, KG
+entities and triples), the embedder identity with its sidecar, and the per-peer sync state. Every
+implementation passes ``tests/test_store_contract.py``; a new backend is one module here plus a
+green contract suite.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, ContextManager, Iterator, Protocol
+
+import numpy as np
+import orjson
+
+from ..identity import EmbedderIdentity
+from ..kg import KnowledgeGraph
+from ..layout import atomic_write
+from ..rows import State
+
+READ_PAGE = 1000  # rows per read transaction: a long read never blocks writers for longer than a page
+Page = list[tuple[str, "str | None", dict]]  # (id, document, metadata) rows of a collection
+
+
+@dataclass(frozen=True)
+class CollectionInfo:
+    count: int
+    dimension: int | None
+    settings: dict  # collection metadata (hnsw:*), what a restore re-creates
+    log: dict | None = None  # the vector index against SQLite's bookkeeping, where the store can tell
+
+
+@dataclass
+class SyncState:
+    """What a replica remembers between syncs with its peers."""
+
+    known: State | None  # what it held at the end of its last sync
+    history: dict  # {table: {id: [superseded row hashes]}}
+    tombstones: dict  # {table: {id: when deleted}}
+
+
+class PalaceStore(Protocol):
+    name: str  # how reports and errors name it
+    zone: dt.tzinfo  # the zone its naive drawer stamps are in
+    kg_path: Path | None  # the knowledge-graph file, for a store that has one
+    state_dir: Path | None  # palace-etl's own bookkeeping (ledger, quarantine), for a store that has it
+    root: Path | None  # the local directory it occupies (None for a server)
+
+    def exists(self) -> bool:
+        """Whether it holds a palace yet (a new directory does not)."""
+
+    def verified(self) -> None:
+        """Raise when it cannot be trusted as it stands (a bundle chain that does not verify)."""
+
+    def snapshot(self) -> State:
+        """{table: {id: row hash}} of every table, in the store's own order; no vectors read."""
+
+    def rows(self, table: str, fields: tuple[str, ...] | None = None) -> Iterator[Page]:
+        """Pages of a collection's ``(id, document, metadata)``, no vectors. With ``fields`` only those
+        metadata keys are read, and the document only when ``"document"`` is among them. A KG table
+        gives ``(id, None, {column: value})``."""
+
+    def fetch(self, table: str, ids: list[str], vectors: bool = True) -> Iterator[list[dict]]:
+        """Pages of full rows of ``ids`` (``{id, document, metadata, embedding}`` for a collection,
+        ``{column: value}`` for a KG table). An id the store does not hold is simply absent."""
+
+    def info(self, table: str) -> CollectionInfo | None:
+        """Size, vector dimension and settings of a collection; None when it does not exist."""
+
+    def counts(self) -> dict[str, int]:
+        """Rows per table."""
+
+    def nearest(self, table: str, vectors: np.ndarray, k: int) -> list[tuple[list[str], list[float]]]:
+        """For each query vector, the ``k`` nearest ids with their cosine distances (a damaged index
+        answers ``([], [])`` for the queries it fails on)."""
+
+    def write(self, table: str, rows: list[dict]) -> None:
+        """Insert or replace rows, chunked by the store's own batch limit."""
+
+    def delete(self, table: str, ids: list[str]) -> None:
+        """Remove rows by id (ids it does not hold are ignored)."""
+
+    def commit(self) -> None:
+        """Make the writes since the last commit durable and visible (a bundle store writes its bundle)."""
+
+    def identity(self) -> EmbedderIdentity | None:
+        """The embedder its vectors were made with, as recorded."""
+
+    def set_identity(self, ident: EmbedderIdentity) -> None:
+        """Record ``ident`` (the sidecar MemPalace reads)."""
+
+    def claim_identity(self, ident: EmbedderIdentity) -> None:
+        """Refuse (``EmbedderMismatch``) when another embedder is recorded; record ``ident`` when the
+        store records none and holds no drawers yet. Creates the palace when it does not exist."""
+
+    def sidecar(self) -> bytes | None:
+        """The embedder sidecar's bytes, as MemPalace wrote them."""
+
+    def put_sidecar(self, data: bytes) -> None:
+        ...
+
+    def knowledge_graph(self) -> KnowledgeGraph:
+        """The knowledge graph, opened for reading and writing (the caller closes it)."""
+
+    def session(self, exclusive: bool, timeout: float) -> ContextManager:
+        """Held for a whole run: shared by imports, exclusive by a restore replacing the palace."""
+
+    def is_empty(self) -> bool:
+        """Holds no palace at all (no collections, no knowledge graph)."""
+
+    def check_target(self) -> None:
+        """Refuse, before anything is built, a target a restore must not replace."""
+
+    def replacing(self, force: bool, timeout: float, check: Callable[["PalaceStore"], None],
+                  settings: dict | None = None) -> ContextManager:
+        """A whole new palace in place of this one: ``with ... as swap`` yields ``swap.target`` to write
+        into; ``check(target)`` runs before the new palace takes this one's place, and ``swap.replaced``
+        names where an old palace was kept aside."""
+
+    def integrity(self, full: bool) -> list[tuple[Path, list[str]]] | None:
+        """SQLite integrity problems per file ([] when sound); None when the store cannot check here."""
+
+    def sync_state(self) -> SyncState:
+        ...
+
+    def save_sync_state(self, state: SyncState) -> None:
+        ...
+
+    def close(self) -> None:
+        ...
+
+
+class SyncStateFile:
+    """The sync state kept as one JSON file (``_sync_file``), written atomically."""
+
+    _sync_file: Path
+
+    def sync_state(self) -> SyncState:
+        try:
+            data = orjson.loads(self._sync_file.read_bytes())
+        except (FileNotFoundError, orjson.JSONDecodeError):
+            data = {}
+        if not isinstance(data, dict):
+            data = {}
+        return SyncState(data.get("known"), data.get("history", {}), data.get("tombstones", {}))
+
+    def save_sync_state(self, state: SyncState) -> None:
+        atomic_write(self._sync_file, orjson.dumps({"known": state.known, "history": state.history,
+                                                    "tombstones": state.tombstones}))
+
+
+def no_session(exclusive: bool = False, timeout: float = 0.0) -> ContextManager:
+    return contextlib.nullcontext()

@@ -1,0 +1,271 @@
+"""A directory of bundles (on a shared disk) as a sync replica.
+
+It reads the newest bundle's chain: the snapshot is its ``state.parquet``, a row is read from the
+newest bundle in the chain that holds it. Writes are staged and ``commit`` writes them as one new
+bundle chained to the newest (full when there is none), through the one bundle writer. Nothing is
+read from a chain that does not verify.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import orjson
+import pyarrow.parquet as pq
+
+from ..bundles import (
+    BundleContent,
+    bundle_dir_lock,
+    bundle_state,
+    chain,
+    list_bundles,
+    verify_chain,
+    write_bundle,
+)
+from ..clock import recorded_zone
+from ..errors import PalaceEtlError
+from ..identity import EmbedderIdentity, check_identity
+from ..kg import KnowledgeGraph
+from ..layout import CLOSETS_COLLECTION, DRAWERS_COLLECTION, HNSW_METADATA, SIDECAR
+from ..manifest import BundleError, Manifest
+from ..rows import (
+    COLLECTIONS,
+    KG_TABLES,
+    TABLES,
+    State,
+    records_batch,
+    rows_of_batch,
+    table_row_hash,
+)
+from .base import CollectionInfo, Page, SyncStateFile
+
+FETCH_PAGE = 5000
+
+
+class BundleDirStore(SyncStateFile):
+    kind = "bundle"
+    kg_path = None
+    state_dir = None
+
+    def __init__(self, out: Path):
+        self.out = Path(out)
+        self.root = self.out
+        self.name = f"bundle:{self.out.resolve()}"
+        self.zone = recorded_zone(None)
+        self._sync_file = self.out / ".sync-state.json"
+        self._rows: dict[str, dict[str, dict]] = {t: {} for t in TABLES}
+        self._deletes: dict[str, set[str]] = {t: set() for t in TABLES}
+        self._identity: EmbedderIdentity | None = None
+
+    def __repr__(self) -> str:
+        return f"BundleDirStore({str(self.out)!r})"
+
+    def _latest(self) -> Path | None:
+        bundles = list_bundles(self.out)
+        return bundles[-1] if bundles else None
+
+    def _manifest(self) -> Manifest | None:
+        latest = self._latest()
+        return Manifest.load(latest) if latest else None
+
+    def exists(self) -> bool:
+        return self._latest() is not None
+
+    def verified(self) -> None:
+        """Refuse a damaged chain before anything is planned from it: a state file short of rows
+        would otherwise make sync delete those drawers everywhere."""
+        latest = self._latest()
+        if latest is None:
+            return
+        problems = verify_chain(latest)
+        if problems:
+            raise BundleError(f"sync replica {self.name}: the newest bundle does not verify, nothing "
+                              f"written: {problems[0]}", hint=f"palace-etl verify --bundle {latest}")
+
+    # ----------------------------------------------------------------- reading
+    def snapshot(self) -> State:
+        latest = self._latest()
+        return {t: {} for t in TABLES} | (bundle_state(latest) if latest else {})
+
+    def _newest_rows(self, table: str, wanted: set[str] | None) -> Iterator[dict]:
+        """Each wanted row (all rows when None) from the newest bundle of the chain holding it."""
+        latest = self._latest()
+        if latest is None:
+            return
+        live = bundle_state(latest).get(table, {})
+        wanted = set(live) if wanted is None else wanted & set(live)
+        for link in reversed(chain(latest)):
+            path = link / f"{table}.parquet"
+            if not wanted:
+                return
+            if not path.exists():
+                continue
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=FETCH_PAGE):
+                ids = batch.column("id").to_pylist()
+                keep = [k for k, i in enumerate(ids) if i in wanted]
+                if not keep:
+                    continue
+                batch = batch.take(keep)
+                rows = rows_of_batch(batch) if table in COLLECTIONS else batch.to_pylist()
+                for r in rows:
+                    wanted.discard(r["id"])
+                    yield r
+
+    def rows(self, table: str, fields: tuple[str, ...] | None = None) -> Iterator[Page]:
+        page: Page = []
+        for r in self._newest_rows(table, None):
+            if table in KG_TABLES:
+                page.append((r["id"], None, r))
+                if len(page) == FETCH_PAGE:
+                    yield page
+                    page = []
+                continue
+            m = r["metadata"]
+            if fields is not None:
+                m = {k: v for k, v in m.items() if k in fields}
+            page.append((r["id"], r["document"] if fields is None or "document" in fields else None, m))
+            if len(page) == FETCH_PAGE:
+                yield page
+                page = []
+        if page:
+            yield page
+
+    def fetch(self, table: str, ids: list[str], vectors: bool = True) -> Iterator[list[dict]]:
+        page = []
+        for r in self._newest_rows(table, set(ids)):
+            if not vectors:
+                r.pop("embedding", None)
+            page.append(r)
+            if len(page) == FETCH_PAGE:
+                yield page
+                page = []
+        if page:
+            yield page
+
+    def info(self, table: str) -> CollectionInfo | None:
+        m = self._manifest()
+        if m is None or table not in m.totals:
+            return None
+        dim = m.embedder["dimension"] if m.embedder else None
+        return CollectionInfo(m.totals[table], dim or None, dict(m.collections.get(table) or {}))
+
+    def counts(self) -> dict[str, int]:
+        m = self._manifest()
+        return {t: (m.totals.get(t, 0) if m else 0) for t in TABLES}
+
+    def nearest(self, table: str, vectors: np.ndarray, k: int) -> list[tuple[list[str], list[float]]]:
+        """Exact cosine neighbours over every vector the bundle holds (a bundle has no index)."""
+        ids, mat = [], []
+        for r in self._newest_rows(table, None):
+            ids.append(r["id"])
+            mat.append(r["embedding"])
+        if not ids:
+            return [([], []) for _ in vectors]
+        m = np.asarray(mat, dtype=np.float32)
+        m /= np.maximum(np.linalg.norm(m, axis=1, keepdims=True), 1e-12)
+        q = np.asarray(vectors, dtype=np.float32)
+        q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
+        dist = 1.0 - q @ m.T
+        out = []
+        for row in dist:
+            top = np.argsort(row, kind="stable")[:k]
+            out.append(([ids[j] for j in top], [float(row[j]) for j in top]))
+        return out
+
+    def integrity(self, full: bool) -> None:
+        return None  # a bundle's integrity is its sha256s: verify --bundle
+
+    def knowledge_graph(self) -> KnowledgeGraph:
+        raise PalaceEtlError(f"open {self.name}: a bundle directory has no live knowledge graph",
+                             hint="restore it first: palace-etl restore BUNDLE --palace NEW_DIR")
+
+    def is_empty(self) -> bool:
+        return not self.exists()
+
+    def check_target(self) -> None:
+        pass
+
+    def replacing(self, force: bool, timeout: float, check, settings: dict | None = None):
+        raise PalaceEtlError(f"restore into {self.name}: a bundle directory is not a palace",
+                             hint="restore into a palace directory; to copy bundles, sync the palace into it")
+
+    def session(self, exclusive: bool, timeout: float):
+        return contextlib.nullcontext()
+
+    # ----------------------------------------------------------------- identity
+    def identity(self) -> EmbedderIdentity | None:
+        m = self._manifest()
+        e = m.embedder if m else None
+        return EmbedderIdentity(e["model_name"], e["dimension"]) if e else self._identity
+
+    def set_identity(self, ident: EmbedderIdentity) -> None:
+        self._identity = ident
+
+    def claim_identity(self, ident: EmbedderIdentity) -> None:
+        recorded = self.identity()
+        check_identity(recorded, ident)
+        if recorded is None:
+            self._identity = ident
+
+    def sidecar(self) -> bytes | None:
+        latest = self._latest()
+        path = latest / "sidecars" / SIDECAR if latest else None
+        if path is not None and path.is_file():
+            return path.read_bytes()
+        ident = self.identity()
+        if ident is None:
+            return None
+        return orjson.dumps({c: {"model_name": ident.model_name, "dimension": ident.dimension}
+                             for c in (DRAWERS_COLLECTION, CLOSETS_COLLECTION)})
+
+    def put_sidecar(self, data: bytes) -> None:
+        pass  # a bundle's sidecar is written with its next bundle (from the identity)
+
+    # ----------------------------------------------------------------- writing
+    def write(self, table: str, rows: list[dict]) -> None:
+        for r in rows:
+            self._deletes[table].discard(r["id"])
+            self._rows[table][r["id"]] = r
+
+    def delete(self, table: str, ids: list[str]) -> None:
+        for i in ids:
+            self._rows[table].pop(i, None)
+            self._deletes[table].add(i)
+
+    def commit(self) -> None:
+        """Write everything staged as one new bundle chained to the newest (full if there is none)."""
+        if not any(self._rows.values()) and not any(self._deletes.values()):
+            return
+        with bundle_dir_lock(self.out):
+            prev = self._latest()
+            state = self.snapshot()
+            for table, rows in self._rows.items():
+                for i, r in rows.items():
+                    state[table][i] = table_row_hash(table, r)
+            gone = [(t, i) for t, ids in self._deletes.items() for i in sorted(ids) if i in state[t]]
+            for t, i in gone:
+                state[t].pop(i)
+            collections = {}
+            for t in COLLECTIONS:
+                rows = list(self._rows[t].values())
+                if rows:
+                    dim = len(rows[0]["embedding"])
+                    collections[t] = (dim, [records_batch(rows[s:s + FETCH_PAGE], dim)
+                                            for s in range(0, len(rows), FETCH_PAGE)])
+            ident = self.identity()
+            prev_m = Manifest.load(prev) if prev else None
+            write_bundle(self.out, prev, BundleContent(
+                palace=self.name, state=state, collections=collections,
+                kg={t: list(self._rows[t].values()) for t in KG_TABLES}, tombstones=gone if prev else [],
+                sidecar=self.sidecar(), settings=prev_m.collections if prev_m else
+                {t: dict(HNSW_METADATA) for t in COLLECTIONS},
+                embedder={"model_name": ident.model_name, "dimension": ident.dimension} if ident else None),
+                now=dt.datetime.now(dt.timezone.utc))
+        self._rows = {t: {} for t in TABLES}
+        self._deletes = {t: set() for t in TABLES}
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,219 @@
+"""What the two Chroma stores share: the collections through ``palace.vectors.VectorStore`` (the
+palace lock for every write of a directory palace, one client per collection), the knowledge-graph
+SQLite file, the embedder sidecar and palace-etl's own state directory."""
+from __future__ import annotations
+
+import sqlite3
+from typing import Iterator
+
+import numpy as np
+
+from .. import chroma_sqlite
+from ..clock import recorded_zone
+from ..errors import PalaceEtlError
+from ..identity import EmbedderIdentity, check_identity
+from ..kg import KnowledgeGraph
+from ..layout import SIDECAR, PalaceLayout, atomic_write, read_sidecar, write_sidecar
+from ..rows import COLLECTIONS, KG_TABLES, State, kg_row_hash
+from ..vectors import VectorStore
+from .base import READ_PAGE, SyncStateFile
+
+FETCH_PAGE = 5000  # rows per Chroma get/upsert: near its max batch (5461 with a dozen metadata keys)
+
+
+def kg_rows(conn: sqlite3.Connection, table: str, ids: set[str] | None = None) -> Iterator[tuple[int, dict]]:
+    """(rowid, {column: value}) of a KG table in rowid pages (each its own short read), optionally only ``ids``."""
+    cols = [r[1] for r in conn.execute(f"PRAGMA table_info({table})")]
+    after = 0
+    while rows := conn.execute(f"SELECT rowid, * FROM {table} WHERE rowid > ? ORDER BY rowid LIMIT ?",
+                               (after, READ_PAGE)).fetchall():
+        for r in rows:
+            if ids is None or r[1] in ids:
+                yield r[0], dict(zip(cols, r[1:]))
+        after = rows[-1][0]
+
+
+class ChromaStore(SyncStateFile):
+    def __init__(self, layout: PalaceLayout, lock_timeout: float = 30.0, settings: dict | None = None):
+        self.layout = layout
+        self.name = layout.location
+        self.kg_path = layout.kg_path
+        self.state_dir = layout.state_dir
+        self.lock_timeout = lock_timeout
+        self.settings = settings or {}  # table -> collection metadata for collections this store creates
+        self.zone = recorded_zone(layout.state_dir)
+        self._sync_file = layout.state_dir / "sync-state.json"
+        self._vectors: dict[str, VectorStore] = {}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r})"
+
+    # ------------------------------------------------------------- the collections
+    def _collection(self, table: str) -> VectorStore:
+        if table not in COLLECTIONS:
+            raise ValueError(f"not a collection: {table!r}")
+        if table not in self._vectors:
+            self._vectors[table] = VectorStore(self.layout, lock_timeout=self.lock_timeout,
+                                               collection=COLLECTIONS[table], metadata=self.settings.get(table))
+        return self._vectors[table]
+
+    def _existing(self, table: str) -> VectorStore | None:
+        """The collection's client, or None when the palace has no such collection (yet)."""
+        if self.root is not None and not self.exists():
+            return None  # opening a client on a directory would create a palace there
+        store = self._collection(table)
+        try:
+            store.reading()
+        except PalaceEtlError as exc:
+            if "no collection" in str(exc):
+                return None
+            raise
+        return store
+
+    def fetch(self, table: str, ids: list[str], vectors: bool = True) -> Iterator[list[dict]]:
+        if not ids:
+            return
+        if table in KG_TABLES:
+            if self.kg_path.exists():
+                with self._kg_read() as conn:
+                    rows = [row for _, row in kg_rows(conn, table, set(ids))]
+                for s in range(0, len(rows), FETCH_PAGE):
+                    yield rows[s:s + FETCH_PAGE]
+            return
+        store = self._existing(table)
+        if store is None:
+            return
+        include = ["documents", "metadatas", *(["embeddings"] if vectors else [])]
+        for s in range(0, len(ids), FETCH_PAGE):
+            with store.writing(create=False) as col:  # one lock hold per page: writers get in between
+                got = col.get(ids=ids[s:s + FETCH_PAGE], include=include)
+            if not got["ids"]:
+                continue
+            embs = got["embeddings"] if vectors else [None] * len(got["ids"])
+            yield [{"id": i, "document": d, "metadata": m or {}, **({"embedding": e} if vectors else {})}
+                   for i, d, m, e in zip(got["ids"], got["documents"], got["metadatas"], embs)]
+
+    def nearest(self, table: str, vectors: np.ndarray, k: int) -> list[tuple[list[str], list[float]]]:
+        col = self._collection(table).reading()
+        try:
+            res = col.query(query_embeddings=vectors, n_results=k, include=["distances"])
+            return list(zip(res["ids"], res["distances"]))
+        except Exception:  # a damaged index raises ("Error finding id"): find which queries it fails on
+            return [self._nearest_one(col, v, k) for v in vectors]
+
+    @staticmethod
+    def _nearest_one(col, vector: np.ndarray, k: int) -> tuple[list, list]:
+        try:
+            res = col.query(query_embeddings=vector[None, :], n_results=k, include=["distances"])
+            return res["ids"][0], res["distances"][0]
+        except Exception:
+            return [], []
+
+    def write(self, table: str, rows: list[dict]) -> None:
+        if not rows:
+            return
+        if table in KG_TABLES:
+            with KnowledgeGraph(self.kg_path) as kg:
+                kg.replace_rows(table, rows)
+            return
+        store = self._collection(table)
+        step = self.batch_limit(table)
+        for s in range(0, len(rows), step):
+            chunk = rows[s:s + step]
+            store.upsert([r["id"] for r in chunk], [r["document"] for r in chunk],
+                         [r["metadata"] or None for r in chunk],
+                         np.asarray([r["embedding"] for r in chunk], dtype=np.float32))
+
+    def batch_limit(self, table: str) -> int:
+        """The most rows one Chroma write may carry (the client's own ``max_batch_size``)."""
+        store = self._collection(table)
+        if not hasattr(store, "batch_limit"):
+            store.batch_limit = store.max_batch_size()
+        return store.batch_limit
+
+    def delete(self, table: str, ids: list[str]) -> None:
+        if not ids:
+            return
+        if table in KG_TABLES:
+            if self.kg_path.exists():
+                with KnowledgeGraph(self.kg_path) as kg:
+                    kg.delete_rows(table, ids)
+            return
+        store = self._existing(table)
+        if store is None:
+            return
+        step = self.batch_limit(table)
+        for s in range(0, len(ids), step):
+            store.delete(ids[s:s + step])
+
+    def commit(self) -> None:
+        self.close()  # every write is durable already; let go of the clients
+
+    def close(self) -> None:
+        for store in self._vectors.values():
+            store.close()
+        self._vectors = {}
+
+    # ----------------------------------------------------------- identity, sidecars
+    def identity(self) -> EmbedderIdentity | None:
+        return read_sidecar(self.layout.sidecar_dir)
+
+    def set_identity(self, ident: EmbedderIdentity) -> None:
+        write_sidecar(self.layout.sidecar_dir, ident)
+
+    def claim_identity(self, ident: EmbedderIdentity) -> None:
+        with self._collection("drawers").writing(create=True) as col:
+            recorded = self.identity()
+            check_identity(recorded, ident)
+            if recorded is None and col.count() == 0:
+                self.set_identity(ident)
+
+    def sidecar(self) -> bytes | None:
+        path = self.layout.sidecar_dir / SIDECAR
+        return path.read_bytes() if path.is_file() and not path.is_symlink() else None
+
+    def put_sidecar(self, data: bytes) -> None:
+        atomic_write(self.layout.sidecar_dir / SIDECAR, data)
+
+    def knowledge_graph(self) -> KnowledgeGraph:
+        return KnowledgeGraph(self.kg_path)
+
+    # ------------------------------------------------------------------ the KG side
+    def _kg_read(self):
+        """A read-only connection to the KG: reading never creates, migrates or re-stamps it."""
+        return chroma_sqlite.open_ro(self.kg_path)
+
+    def _kg_pages(self, table: str) -> Iterator[list]:
+        """``rows`` of a KG table: pages of (id, None, {column: value})."""
+        if not self.kg_path.exists():
+            return
+        with self._kg_read() as conn:
+            page = []
+            for _, row in kg_rows(conn, table):
+                page.append((row["id"], None, row))
+                if len(page) == READ_PAGE:
+                    yield page
+                    page = []
+            if page:
+                yield page
+
+    def _kg_state(self) -> State:
+        state: State = {t: {} for t in KG_TABLES}
+        if self.kg_path.exists():
+            with self._kg_read() as conn:
+                for table in KG_TABLES:
+                    if _has_table(conn, table):
+                        for _, row in kg_rows(conn, table):
+                            state[table][row["id"]] = kg_row_hash(row)
+        return state
+
+    def _kg_counts(self) -> dict[str, int]:
+        if not self.kg_path.exists():
+            return {t: 0 for t in KG_TABLES}
+        with self._kg_read() as conn:
+            return {t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] if _has_table(conn, t) else 0
+                    for t in KG_TABLES}
+
+
+def _has_table(conn: sqlite3.Connection, table: str) -> bool:
+    return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)).fetchone() is not None

@@ -1,0 +1,268 @@
+"""A palace directory: embedded Chroma (``chroma.sqlite3`` + HNSW segment directories), the KG
+file, the sidecar, ``.palace-etl/``.
+
+Reads that need no vectors (snapshot, rows, info, counts) go to ``chroma.sqlite3`` read-only in
+short rowid pages, with no Chroma client and no lock, so live writers are never disturbed; this
+store lets go of its own Chroma clients first (in one process, closing a SQLite connection to a
+file a Chroma client also has open drops that client's POSIX locks). Vectors and every write go
+through a Chroma client under MemPalace's palace lock, one page per lock hold.
+
+``replacing`` builds a whole new palace beside this one and swaps it in with two renames; a swap
+cut off between them is finished by the next ``replacing``.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import os
+import shutil
+import signal
+import sqlite3
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterator
+
+from .. import chroma_sqlite
+from ..errors import PalaceEtlError
+from ..layout import CHROMA_DB, SIDECAR, STATE_DIRNAME, layout_for
+from ..lock import palace_lock, session_lock
+from ..rows import COLLECTIONS, KG_TABLES, State, collection_row_hash
+from .base import READ_PAGE, CollectionInfo, Page
+from .chroma import ChromaStore
+
+COMPLETE = ".palace-etl-restore-complete"  # inside a build that finished and was checked
+CRASH_ENV = "PALACE_ETL_TEST_CRASH_AT"  # test-only: kill this process at a named point
+
+
+class ChromaDirStore(ChromaStore):
+    kind = "chroma"
+
+    @property
+    def root(self) -> Path:
+        """The directory the palace occupies (an export must stay out of it)."""
+        return self.layout.path
+
+    @property
+    def path(self) -> Path:
+        return self.layout.path
+
+    @property
+    def db(self) -> Path:
+        return self.layout.path / CHROMA_DB
+
+    def exists(self) -> bool:
+        return self.db.exists()
+
+    def verified(self) -> None:
+        pass
+
+    @contextlib.contextmanager
+    def _sqlite(self):
+        self.close()  # no Chroma client of ours on the file while a plain connection is open on it
+        with chroma_sqlite.open_ro(self.db) as conn:
+            yield conn
+
+    def snapshot(self) -> State:
+        state: State = {t: {} for t in COLLECTIONS}
+        if self.exists():
+            for table in COLLECTIONS:
+                for page in self.rows(table):
+                    state[table].update((i, collection_row_hash(d, m)) for i, d, m in page)
+        return state | self._kg_state()
+
+    def rows(self, table: str, fields: tuple[str, ...] | None = None) -> Iterator[Page]:
+        if table in KG_TABLES:
+            yield from self._kg_pages(table)
+            return
+        if not self.exists():
+            return
+        keys = None if fields is None else tuple("chroma:document" if f == "document" else f for f in fields)
+        with self._sqlite() as conn:
+            seg = chroma_sqlite.segments(conn, COLLECTIONS[table]).get("METADATA")
+            after = 0
+            while seg is not None:
+                if keys is None:
+                    page = chroma_sqlite.page_rows(conn, seg, after, READ_PAGE)
+                    out = [(i, d, m) for _, i, d, m in page]
+                else:
+                    page = chroma_sqlite.page_fields(conn, seg, after, READ_PAGE, keys) if keys else \
+                        chroma_sqlite.page_ids(conn, seg, after, READ_PAGE)
+                    out = [(i, m.pop("chroma:document", None), m) for _, i, m in page]
+                if not page:
+                    break
+                after = page[-1][0]
+                yield out
+
+    def info(self, table: str) -> CollectionInfo | None:
+        if not self.exists():
+            return None
+        name = COLLECTIONS[table]
+        with self._sqlite() as conn:
+            row = conn.execute("SELECT dimension FROM collections WHERE name = ?", (name,)).fetchone()
+            if row is None or "METADATA" not in chroma_sqlite.segments(conn, name):
+                return None
+            return CollectionInfo(chroma_sqlite.count(conn, name), row[0],
+                                  chroma_sqlite.collection_metadata(conn, name), chroma_sqlite.log_coverage(conn, name))
+
+    def counts(self) -> dict[str, int]:
+        got = {t: 0 for t in COLLECTIONS}
+        if self.exists():
+            with self._sqlite() as conn:
+                got = {t: chroma_sqlite.count(conn, name) for t, name in COLLECTIONS.items()}
+        return got | self._kg_counts()
+
+    def integrity(self, full: bool) -> list[tuple[Path, list[str]]]:
+        return [(self.db, chroma_sqlite.quick_check(self.db, full))]
+
+    def session(self, exclusive: bool, timeout: float):
+        return session_lock(self.path, exclusive=exclusive, timeout=timeout)
+
+    @contextlib.contextmanager
+    def frozen(self) -> Iterator["ChromaDirStore"]:
+        """A private, consistent copy of this palace to read from: under the palace lock, its
+        ``chroma.sqlite3`` through SQLite's online backup and its HNSW segment directories; a Chroma
+        client may then open the copy (an open writes, so it never opens the palace itself). The KG
+        is read in place (SQLite WAL readers never block its writers)."""
+        tmp = Path(tempfile.mkdtemp(prefix="palace-etl-snapshot-"))
+        try:
+            with palace_lock(self.path, timeout=self.lock_timeout):
+                src = sqlite3.connect(chroma_sqlite.ro_uri(self.db), uri=True, timeout=60)
+                dst = sqlite3.connect(str(tmp / CHROMA_DB))
+                try:
+                    src.backup(dst)
+                    segs = [r[0] for r in dst.execute("SELECT id FROM segments WHERE scope = 'VECTOR'")]
+                finally:
+                    dst.close()
+                    src.close()
+                for seg in segs:
+                    if (self.path / seg).is_dir():
+                        shutil.copytree(self.path / seg, tmp / seg)
+            copy = ChromaDirStore(layout_for(tmp, self.kg_path, tmp / STATE_DIRNAME), self.lock_timeout)
+            try:
+                yield copy
+            finally:
+                copy.close()
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    # ----------------------------------------------------------------- replacing
+    def replacing(self, force: bool, timeout: float, check: Callable[["ChromaDirStore"], None],
+                  settings: dict | None = None) -> "Replacement":
+        return Replacement(self, force, timeout, check, settings)
+
+    def is_empty(self) -> bool:
+        return not self.kg_path.exists() and not self.exists()
+
+    def check_target(self) -> None:
+        """Refuse, before building anything, a target that is a file or a directory holding something
+        other than a palace (a restore replaces palaces, nothing else)."""
+        path = self.path
+        if path.is_symlink() or (path.exists() and not path.is_dir()):
+            raise PalaceEtlError(f"restore into {path}: it is not a directory; nothing written")
+        ours = {CHROMA_DB, self.kg_path.name, self.state_dir.name, SIDECAR}
+        if path.is_dir() and any(path.iterdir()) and not ours & {p.name for p in path.iterdir()}:
+            raise PalaceEtlError(f"restore into {path}: the directory holds files but no palace; nothing written",
+                                 hint="restore into a new or empty directory")
+
+
+class Replacement:
+    """``with store.replacing(force, timeout, check, settings) as swap:`` -- write the new palace into
+    ``swap.target`` (a store on a sibling work directory, creating collections with ``settings``); on
+    a clean exit ``check(target)`` runs, then the old palace (if any) is renamed aside to
+    ``<name>.before-restore-<stamp>`` (``swap.replaced``) and the new one takes its place. Held under
+    the session lock (exclusive) and the palace lock for the whole build."""
+
+    def __init__(self, store: ChromaDirStore, force: bool, timeout: float, check: Callable, settings: dict | None):
+        self.store, self.force, self.timeout, self.check, self.settings = store, force, timeout, check, settings
+        self.recovered: str | None = None
+        self.replaced: str | None = None
+        self._stack = contextlib.ExitStack()
+
+    def __enter__(self) -> "Replacement":
+        store = self.store
+        self._stack.enter_context(session_lock(store.path, exclusive=True, timeout=self.timeout))
+        self._stack.enter_context(palace_lock(store.path, timeout=self.timeout))
+        try:
+            self.recovered = self._recover_killed()
+            store.check_target()
+            if not store.is_empty() and not self.force:
+                raise PalaceEtlError(f"restore into {store.name}: it already holds a palace",
+                                     hint="restore into a new directory, or pass --force to replace it (kept aside)")
+            self.stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+            self.work = store.path.with_name(f".{store.path.name}.restoring-{self.stamp}")
+            self.kg_inside = store.kg_path.is_relative_to(store.path)
+            self.work_kg = self.work / store.kg_path.relative_to(store.path) if self.kg_inside else \
+                self.work.with_name(self.work.name + ".kg")
+            self.target = ChromaDirStore(layout_for(self.work, self.work_kg), store.lock_timeout, self.settings)
+        except BaseException:
+            self._stack.close()
+            raise
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            self.target.close()
+            if exc_type is None:
+                self.check(self.target)
+                self.target.close()
+                _private(self.work)
+                (self.work / COMPLETE).touch(mode=0o600)
+                self._swap()
+        except BaseException:
+            self._discard()
+            raise
+        finally:
+            self._stack.close()
+        if exc_type is not None:
+            self._discard()
+
+    def _discard(self) -> None:
+        shutil.rmtree(self.work, ignore_errors=True)
+        if not self.kg_inside and self.work_kg.exists():
+            self.work_kg.unlink()
+
+    def _swap(self) -> None:
+        store = self.store
+        if not store.is_empty():
+            aside = store.path.with_name(f"{store.path.name}.before-restore-{self.stamp}")
+            os.rename(store.path, aside)
+            self.replaced = str(aside)
+            if not self.kg_inside and store.kg_path.exists():
+                os.rename(store.kg_path, aside / store.kg_path.name)
+        if os.environ.get(CRASH_ENV) == "restore-swap":  # test-only: a kill between the two renames
+            os.kill(os.getpid(), signal.SIGKILL)
+        if store.path.exists():
+            store.path.rmdir()  # an empty directory given as the target
+        os.rename(self.work, store.path)
+        (store.path / COMPLETE).unlink()
+        if not self.kg_inside:
+            store.kg_path.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(self.work_kg, store.kg_path)
+
+    def _work_dirs(self) -> list[Path]:
+        parent, prefix = self.store.path.parent, f".{self.store.path.name}.restoring-"
+        return sorted(p for p in parent.iterdir() if p.name.startswith(prefix) and p.is_dir()
+                      and not p.is_symlink()) if parent.is_dir() else []
+
+    def _recover_killed(self) -> str | None:
+        """Clean up after killed restores (called under both locks, so none is running): a complete
+        build whose swap was cut off between its two renames is put in place; partial builds are
+        removed. Returns the recovered build's name, if any."""
+        recovered = None
+        for work in self._work_dirs():
+            if recovered is None and not self.store.path.exists() and (work / COMPLETE).exists():
+                (work / COMPLETE).unlink()
+                os.rename(work, self.store.path)
+                recovered = work.name
+            else:
+                shutil.rmtree(work, ignore_errors=True)
+        return recovered
+
+
+def _private(root: Path) -> None:
+    """A bundle's modes on the restored palace: directories 0700, files 0600."""
+    os.chmod(root, 0o700)
+    for p in root.rglob("*"):
+        if not p.is_symlink():
+            os.chmod(p, 0o700 if p.is_dir() else 0o600)
+
