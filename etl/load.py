@@ -77,6 +77,31 @@ class ImportReport:
         return asdict(self)
 
 
+@dataclass
+class DrawerJob:
+    """The drawers of one batch that need writing: their rows in ``batch`` (``todo``), what is
+    written, and the vectors once carried or embedded."""
+
+    batch: pa.RecordBatch
+    todo: list[int]
+    ids: list[str]
+    documents: list[str]
+    metadatas: list[dict]
+    vectors: np.ndarray | None = None
+
+    def rows(self) -> list[dict]:
+        return [{"id": i, "document": d, "metadata": m, "embedding": v}
+                for i, d, m, v in zip(self.ids, self.documents, self.metadatas, self.vectors)]
+
+
+@dataclass
+class KgJob:
+    """Entity rows ``(id, name, type, properties)`` and triple rows for ``KnowledgeGraph.write_batch``."""
+
+    entities: list[tuple] = field(default_factory=list)
+    triples: list[tuple] = field(default_factory=list)
+
+
 def now_filed_at() -> str:
     """MemPalace's ``filed_at``: ``datetime.now().isoformat()``, local time, no zone, microseconds."""
     return dt.datetime.now().isoformat(timespec="microseconds")
@@ -266,7 +291,7 @@ class Loader:
             while cur is not None:
                 seq, kind, rows, job = cur
                 if kind == DRAWERS and job and not self.dry_run:
-                    job["vectors"] = self._vectors(job, report)
+                    job.vectors = self._vectors(job, report)
                 nxt = plan_next()  # ids differ from cur's, so planning need not wait for its write
                 if pending is not None:
                     pending.result()
@@ -284,29 +309,27 @@ class Loader:
             return self._plan_drawers(batch, seen, report)
         if kind == ENTITIES:
             report.entities_read += batch.num_rows
-            return {"entities": [(r["id"], r["name"], r["type"], r["properties"]) for r in batch.to_pylist()],
-                    "triples": []}
+            return KgJob(entities=[(r["id"], r["name"], r["type"], r["properties"]) for r in batch.to_pylist()])
         report.triples_read += batch.num_rows
         cols = ["id", "subject", "predicate", "object", "valid_from", "valid_to", "confidence", "source_file",
                 "source_drawer_id", "adapter_name"]
-        return {"entities": [], "triples": [tuple(r[c] for c in cols) for r in batch.to_pylist()]}
+        return KgJob(triples=[tuple(r[c] for c in cols) for r in batch.to_pylist()])
 
-    def _commit(self, seq: int, kind: str, rows: int, job, report: ImportReport, ledger, run_id) -> None:
+    def _commit(self, seq: int, kind: str, rows: int, job: DrawerJob | KgJob | None, report: ImportReport, ledger,
+                run_id) -> None:
         written = 0
         if not self.dry_run and job:
             if kind == DRAWERS:
-                self.store.write("drawers", [
-                    {"id": i, "document": d, "metadata": m, "embedding": v}
-                    for i, d, m, v in zip(job["ids"], job["documents"], job["metadatas"], job["vectors"])])
-                written = len(job["ids"])
+                self.store.write("drawers", job.rows())
+                written = len(job.ids)
             else:
-                e, t = self.kg.write_batch(job["entities"], job["triples"])
+                e, t = self.kg.write_batch(job.entities, job.triples)
                 report.kg_rows_written += e + t
                 written = e + t
         if ledger is not None:
             ledger.committed(run_id, seq, kind, rows, written)
 
-    def _plan_drawers(self, batch: pa.RecordBatch, seen: set[str], report: ImportReport) -> dict | None:
+    def _plan_drawers(self, batch: pa.RecordBatch, seen: set[str], report: ImportReport) -> DrawerJob | None:
         """Which rows of a drawer batch need writing, with their metadata; None when none do."""
         rows = batch.to_pylist()
         fresh = []
@@ -335,16 +358,15 @@ class Loader:
         report.drawers_written += len(todo)
         if not todo:
             return None
-        return {"batch": batch, "rows": rows, "todo": todo, "ids": [rows[i]["id"] for i in todo],
-                "documents": [rows[i]["document"] for i in todo], "metadatas": metas}
+        return DrawerJob(batch, todo, [rows[i]["id"] for i in todo], [rows[i]["document"] for i in todo], metas)
 
     def _existing(self, ids: list[str]) -> dict[str, dict]:
         if not self.palace_exists:
             return {}
         return {r["id"]: r["metadata"] for page in self.store.fetch("drawers", ids, vectors=False) for r in page}
 
-    def _vectors(self, job: dict, report: ImportReport) -> np.ndarray:
-        batch, todo = job["batch"], job["todo"]
+    def _vectors(self, job: DrawerJob, report: ImportReport) -> np.ndarray:
+        batch, todo = job.batch, job.todo
         carried = embedding_identity(batch.schema)
         if carried is not None:
             ident = EmbedderIdentity(*carried)
@@ -356,7 +378,7 @@ class Loader:
                 return flat[todo].astype(np.float32)
             report.vector_decision = f"re-embed (source vectors are {ident}, palace uses {self.identity})"
         report.vectors_embedded += len(todo)
-        return self.embedder.embed(job["documents"])
+        return self.embedder.embed(job.documents)
 
 
 def check_source(name: str, source: Path) -> None:

@@ -77,10 +77,6 @@ class Ledger:
         self._conn.execute("INSERT OR REPLACE INTO batches VALUES (?,?,?,?,?,?)",
                            (run_id, seq, kind, rows, written, time.time()))
 
-    def committed_rows(self, run_id: str, upto: int) -> dict[str, int]:
-        return {k: n for k, n in self._conn.execute(
-            "SELECT kind, sum(rows) FROM batches WHERE run_id=? AND seq<=? GROUP BY kind", (run_id, upto))}
-
     def finish(self, run_id: str, status: str, report: dict) -> None:
         self._conn.execute("UPDATE runs SET status=?, finished_at=?, report=? WHERE run_id=?",
                            (status, time.time(), orjson.dumps(report).decode(), run_id))

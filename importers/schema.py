@@ -7,7 +7,7 @@ loader accepts.
 """
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any
 
 import orjson
 import pyarrow as pa
@@ -125,10 +125,6 @@ def validate_batch(batch: pa.RecordBatch) -> str:
         if len(pc.unique(ids)) != len(ids):
             raise SchemaError("drawer batch repeats an id")
     return batch_kind(batch)
-
-
-def to_batch(kind_schema: pa.Schema, rows: Iterable[dict[str, Any]]) -> pa.RecordBatch:
-    return pa.RecordBatch.from_pylist(list(rows), schema=kind_schema)
 
 
 def extra_json(values: dict[str, Any] | None) -> str | None:

@@ -34,6 +34,10 @@ class SourceFormatError(PalaceEtlError):
         self.cause = cause
 
 
+class CollectionMissing(PalaceEtlError):
+    """The palace has no such collection (yet)."""
+
+
 class SchemaError(PalaceEtlError):
     """A batch does not conform to the canonical Arrow schema."""
 

@@ -53,10 +53,6 @@ class PalaceLayout:
         return Path(self.location)
 
     @property
-    def chroma_db(self) -> Path:
-        return self.path / CHROMA_DB
-
-    @property
     def sidecar_dir(self) -> Path:
         """Where ``mempalace_embedder.json`` lives: the palace, or beside the KG of a server palace."""
         return self.kg_path.parent if self.is_server else self.path

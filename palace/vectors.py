@@ -31,7 +31,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from .errors import PalaceEtlError, PalaceLocked, SourceMissing
+from .errors import CollectionMissing, PalaceEtlError, PalaceLocked, SourceMissing
 from .layout import (
     CHROMA_DB,
     DRAWERS_COLLECTION,
@@ -60,6 +60,18 @@ def damaged_index_files(palace: Path) -> list[Path]:
     """HNSW segment files a cut-off write left empty (Chroma then fails every open of the palace)."""
     return [f for seg in segment_dirs(palace) for f in (seg / "index_metadata.pickle", seg / "header.bin")
             if f.is_file() and f.stat().st_size == 0]
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """A Chroma HttpClient that could not reach its server (it wraps httpx's transport error)."""
+    import httpx
+
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, httpx.TransportError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def db_stamp(path: Path) -> Stamp:
@@ -146,6 +158,8 @@ class VectorStore:
         try:
             value = work()
         except Exception as exc:
+            from chromadb.errors import NotFoundError
+
             damaged = [] if self.is_server else damaged_index_files(self.layout.path)
             if damaged:
                 raise PalaceEtlError(
@@ -153,12 +167,12 @@ class VectorStore:
                     "short (a write was stopped by a full disk or a crash); documents and metadata in "
                     "chroma.sqlite3 are intact", hint=f"stop every process using the palace, then rebuild the "
                     f"index from them: mempalace --palace {self.layout.location} repair rebuild-index") from exc
-            if self.is_server and "Could not connect" in str(exc):
+            if self.is_server and _unreachable(exc):
                 raise SourceMissing(f"open palace {self.layout.location}: no Chroma server answers there",
                                     hint="start it: chroma run --path DIR --host HOST --port PORT") from None
-            if type(exc).__name__ in ("NotFoundError", "InvalidCollectionException") or "does not exist" in str(exc):
-                raise PalaceEtlError(f"open palace {self.layout.location}: no collection "
-                                     f"{self.collection_name!r}") from None
+            if isinstance(exc, NotFoundError):
+                raise CollectionMissing(f"open palace {self.layout.location}: no collection "
+                                        f"{self.collection_name!r}") from None
             raise
         self._client, self._collections = value
         self.client_creations += 1

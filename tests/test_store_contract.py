@@ -16,7 +16,13 @@ import pytest
 from palace.errors import EmbedderMismatch
 from palace.identity import EmbedderIdentity
 from palace.rows import TABLES, table_row_hash
-from palace.stores import BundleDirStore, ChromaDirStore, ChromaServerStore, SyncState, open_store
+from palace.stores import (
+    BundleDirStore,
+    ChromaDirStore,
+    ChromaServerStore,
+    SyncState,
+    open_store,
+)
 
 MINILM = EmbedderIdentity("minilm", 384)
 ROOT = Path(__file__).resolve().parent.parent

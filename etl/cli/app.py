@@ -88,10 +88,8 @@ WING = typer.Option(None, "--wing", help="Wing for all drawers.")
 BATCH = typer.Option(1000, "--batch-size", help="Drawers per batch.")
 
 
-MAP = typer.Option(None, "--map", metavar="FIELD=COLUMN", help="Read canonical FIELD (text, id, wing, room, "
-                   "created_at, tags, metadata, embedding, subject, ...) from COLUMN; repeatable.")
-VECTOR_MODEL = typer.Option(None, "--vector-model", help="Model identity of the embedding column (e.g. minilm).")
-VECTOR_DIM = typer.Option(None, "--vector-dim", help="Dimension of the embedding column (e.g. 384).")
+MAP_HELP = ("Read canonical FIELD (text, id, wing, room, created_at, tags, metadata, embedding, subject, ...) "
+            "from COLUMN; repeatable.")
 
 
 def _columns(pairs: Optional[list[str]]) -> dict[str, str]:
@@ -105,62 +103,47 @@ def _columns(pairs: Optional[list[str]]) -> dict[str, str]:
 
 
 def _import_command(name: str, description: str, tables: bool) -> None:
-    """Register ``palace-etl import NAME``: every importer takes the same options; the generic
-    tables also take a column mapping and a vector declaration."""
+    """Register ``palace-etl import NAME`` (``auto``: sniff the format first). Every importer takes the
+    same options, defined once here; only the generic tables show and accept a column mapping and a
+    vector declaration."""
+    hidden = not tables
+
     def command(path: Path = typer.Argument(..., help=description), palace: str = PALACE,
+                columns: Optional[list[str]] = typer.Option(None, "--map", metavar="FIELD=COLUMN", hidden=hidden,
+                                                            help=MAP_HELP),
+                vector_model: Optional[str] = typer.Option(None, "--vector-model", hidden=hidden,
+                                                           help="Model identity of the embedding column (e.g. minilm)."),
+                vector_dim: Optional[int] = typer.Option(None, "--vector-dim", hidden=hidden,
+                                                         help="Dimension of the embedding column (e.g. 384)."),
                 wing: Optional[str] = WING, kg: Optional[Path] = KG, dry_run: bool = DRY_RUN,
                 json_out: bool = JSON, quiet: bool = QUIET, embedder: str = EMBEDDER,
                 embedder_url: Optional[str] = EMBEDDER_URL, embedder_model: Optional[str] = EMBEDDER_MODEL,
                 embedder_dim: Optional[int] = EMBEDDER_DIM, lock_timeout: float = LOCK_TIMEOUT,
                 batch_size: int = BATCH) -> None:
         from importers.base import ImportOptions
+        from importers.registry import choose
 
-        _run_import(name, path, palace, kg, dry_run, json_out, quiet,
-                    _embedder(embedder, embedder_url, embedder_model, embedder_dim), lock_timeout,
-                    ImportOptions(wing, batch_size))
-
-    def table_command(path: Path = typer.Argument(..., help=description), palace: str = PALACE,
-                      columns: Optional[list[str]] = MAP, vector_model: Optional[str] = VECTOR_MODEL,
-                      vector_dim: Optional[int] = VECTOR_DIM,
-                      wing: Optional[str] = WING, kg: Optional[Path] = KG, dry_run: bool = DRY_RUN,
-                      json_out: bool = JSON, quiet: bool = QUIET, embedder: str = EMBEDDER,
-                      embedder_url: Optional[str] = EMBEDDER_URL, embedder_model: Optional[str] = EMBEDDER_MODEL,
-                      embedder_dim: Optional[int] = EMBEDDER_DIM, lock_timeout: float = LOCK_TIMEOUT,
-                      batch_size: int = BATCH) -> None:
-        from importers.base import ImportOptions
-
-        _run_import(name, path, palace, kg, dry_run, json_out, quiet,
+        chosen = name
+        if name == "auto":
+            chosen = choose(path)
+            if not quiet:
+                print(f"import auto: {path} looks like {chosen}", file=sys.stderr)
+        elif not tables and (columns or vector_model or vector_dim):
+            raise typer.BadParameter(f"--map, --vector-model and --vector-dim apply to the generic tables "
+                                     f"(jsonl, csv, parquet), not to {name}")
+        _run_import(chosen, path, palace, kg, dry_run, json_out, quiet,
                     _embedder(embedder, embedder_url, embedder_model, embedder_dim), lock_timeout,
                     ImportOptions(wing, batch_size, _columns(columns), vector_model, vector_dim))
 
-    chosen = table_command if tables else command
-    chosen.__doc__ = f"Import {description}."
-    import_app.command(name)(chosen)
-
-
-@import_app.command("auto")
-def import_auto(
-    path: Path = typer.Argument(..., help="A file or directory in any supported format."),
-    palace: str = PALACE, wing: Optional[str] = WING, kg: Optional[Path] = KG, dry_run: bool = DRY_RUN,
-    json_out: bool = JSON, quiet: bool = QUIET, embedder: str = EMBEDDER,
-    embedder_url: Optional[str] = EMBEDDER_URL, embedder_model: Optional[str] = EMBEDDER_MODEL,
-    embedder_dim: Optional[int] = EMBEDDER_DIM, lock_timeout: float = LOCK_TIMEOUT, batch_size: int = BATCH,
-) -> None:
-    """Sniff the format with every importer's detect; import if exactly one matches."""
-    from importers.base import ImportOptions
-    from importers.registry import choose
-
-    name = choose(path)
-    if not quiet:
-        print(f"import auto: {path} looks like {name}", file=sys.stderr)
-    _run_import(name, path, palace, kg, dry_run, json_out, quiet,
-                _embedder(embedder, embedder_url, embedder_model, embedder_dim), lock_timeout,
-                ImportOptions(wing, batch_size))
+    command.__doc__ = ("Sniff the format with every importer's detect; import if exactly one matches."
+                       if name == "auto" else f"Import {description}.")
+    import_app.command(name)(command)
 
 
 def _register_importers() -> None:
     from importers.registry import CATALOGUE
 
+    _import_command("auto", "A file or directory in any supported format.", tables=False)
     for name, entry in CATALOGUE.items():
         _import_command(name, entry.description, entry.tables)
 

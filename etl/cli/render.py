@@ -11,10 +11,6 @@ def emit_json(obj: dict) -> None:
     sys.stdout.write(orjson.dumps(obj, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS).decode() + "\n")
 
 
-def info(msg: str) -> None:
-    typer.echo(msg, err=True)
-
-
 def import_report(r: dict) -> None:
     verb = "would write" if r["dry_run"] else "wrote"
     typer.echo(f"{r['importer']} {r['source']} -> {r['palace']}")

@@ -10,7 +10,7 @@ import numpy as np
 
 from .. import chroma_sqlite
 from ..clock import recorded_zone
-from ..errors import PalaceEtlError
+from ..errors import CollectionMissing
 from ..identity import EmbedderIdentity, check_identity
 from ..kg import KnowledgeGraph
 from ..layout import SIDECAR, PalaceLayout, atomic_write, read_sidecar, write_sidecar
@@ -64,10 +64,8 @@ class ChromaStore(SyncStateFile):
         store = self._collection(table)
         try:
             store.reading()
-        except PalaceEtlError as exc:
-            if "no collection" in str(exc):
-                return None
-            raise
+        except CollectionMissing:
+            return None
         return store
 
     def fetch(self, table: str, ids: list[str], vectors: bool = True) -> Iterator[list[dict]]:
