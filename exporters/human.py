@@ -15,15 +15,13 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from urllib.parse import quote
 
 import orjson
 
 from palace.errors import PalaceEtlError, SourceMissing
-from palace.layout import safe_dir
+from palace.layout import atomic_dir, safe_dir
 from palace.stores import PalaceStore
 
 MARKER = ".palace-etl-export.json"  # what tells a directory is an earlier human export of ours
@@ -77,9 +75,8 @@ def export_human(store: PalaceStore, out: Path, fmt: str) -> dict:
     if not store.exists():
         raise SourceMissing(f"export palace {store.name}: no palace there")
     out = _check_out(store, Path(out), fmt)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))  # ours alone, 0700
     counts: dict[str, dict[str, int]] = {}
-    try:
+    with atomic_dir(out, f".tmp-{out.name}-", replace=True) as tmp:  # an earlier export of ours is replaced
         for eid, doc, meta in (row for page in store.rows("drawers") for row in page):  # append, then sort
             wing, room = str(meta.get("wing", "")), str(meta.get("room", ""))
             counts.setdefault(wing, {}).setdefault(room, 0)
@@ -99,25 +96,7 @@ def export_human(store: PalaceStore, out: Path, fmt: str) -> dict:
         (tmp / MARKER).write_bytes(orjson.dumps({"format": fmt, "palace": store.name}))
         for p in tmp.rglob("*"):
             os.chmod(p, 0o600 if p.is_file() else 0o700)
-        _swap_in(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {"out": str(out), "format": fmt, "wings": counts, "drawers": sum(sum(r.values()) for r in counts.values())}
-
-
-def _swap_in(tmp: Path, out: Path) -> None:
-    """Put the new export at ``out``. An earlier export there (checked by ``_check_out``) is renamed
-    aside first and removed only after the new one is in place; an empty directory is just replaced."""
-    old = None
-    if out.is_dir() and any(out.iterdir()):
-        old = out.with_name(f".old-{out.name}-{os.getpid()}")
-        os.rename(out, old)
-    elif out.is_dir():
-        out.rmdir()
-    os.rename(tmp, out)
-    if old is not None:
-        shutil.rmtree(old)
 
 
 def _md_text(s: str) -> str:

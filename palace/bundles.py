@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .ids import sha256_file
-from .layout import SIDECAR, fsync_dir, safe_dir
+from .layout import SIDECAR, atomic_dir, safe_dir
 from .lock import dir_lock
 from .manifest import MANIFEST, NAME_RE, BundleError, Manifest, bundle_name, check_files
 from .rows import State, record_schema
@@ -131,9 +131,7 @@ def write_bundle(out: Path, previous: Path | None, content: BundleContent,
     renamed into place."""
     now = now or dt.datetime.now(dt.timezone.utc)
     name = bundle_name(now, previous is not None)
-    tmp = Path(out) / f".tmp-{name}"  # starts with TEMP_PREFIX
-    tmp.mkdir(mode=0o700)
-    try:
+    with atomic_dir(Path(out) / name, f".tmp-{name}-") as tmp:  # starts with TEMP_PREFIX
         written = _write_tables(tmp, content)
         files = {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         m = Manifest(name=name, kind="incremental" if previous else "full", created_at=now.isoformat(),
@@ -145,20 +143,10 @@ def write_bundle(out: Path, previous: Path | None, content: BundleContent,
                                 **(content.watermark() if callable(content.watermark) else content.watermark)})
         (tmp / MANIFEST).write_bytes(m.to_json())
         os.chmod(tmp / MANIFEST, 0o600)
-        for p in tmp.rglob("*"):
-            if p.is_file():
-                with open(p, "rb") as f:
-                    os.fsync(f.fileno())
-        fsync_dir(tmp)
         problems = check_files(tmp, Manifest.load(tmp, name))
         if problems:  # never put a bundle in place that does not verify
             raise BundleError(f"write bundle {Path(out) / name}: the bundle written does not verify: {problems[0]}")
-        os.rename(tmp, Path(out) / name)
-        fsync_dir(Path(out))
-        return m
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return m
 
 
 def _write_tables(tmp: Path, content: BundleContent) -> dict[str, int]:

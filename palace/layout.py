@@ -7,11 +7,13 @@ bookkeeping (run ledger, quarantine) lives in ``<palace>/.palace-etl/``.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 from urllib.parse import urlparse
 
 import orjson
@@ -91,6 +93,37 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path, tmp_prefix: str, replace: bool = False) -> Iterator[Path]:
+    """A directory that appears at ``final`` whole or not at all. Yields a fresh private (0700) temp
+    directory beside it to fill; on a clean exit every file in it and the directory itself are
+    fsynced and it is renamed to ``final`` (with ``replace``, a directory already there is renamed
+    aside first and removed only once the new one is in place; the caller checked it is ours). On
+    any error the temp directory is removed and ``final`` is untouched."""
+    final = Path(final)
+    tmp = Path(tempfile.mkdtemp(prefix=tmp_prefix, dir=final.parent))
+    try:
+        yield tmp
+        for p in tmp.rglob("*"):
+            if p.is_file() and not p.is_symlink():
+                with open(p, "rb") as f:
+                    os.fsync(f.fileno())
+        fsync_dir(tmp)
+        old = None
+        if replace and final.is_dir() and any(final.iterdir()):
+            old = final.with_name(f".old-{final.name}-{os.getpid()}")
+            os.rename(final, old)
+        elif replace and final.is_dir():
+            final.rmdir()
+        os.rename(tmp, final)
+        fsync_dir(final.parent)
+        if old is not None:
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

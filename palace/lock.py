@@ -47,6 +47,21 @@ def _holder(f) -> str:
     return f"PID {parts[0]} ({parts[1]})" if len(parts) > 1 else f"PID {parts[0]}"
 
 
+def _flock(fd, exclusive: bool, timeout: float, poll: float = 0.05) -> bool:
+    """The one flock loop: take the lock on ``fd`` (exclusive or shared), trying until ``timeout``
+    seconds have passed (0: once); False when it stayed held by someone else."""
+    op = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(fd, op)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(poll)
+
+
 @contextlib.contextmanager
 def palace_lock(palace: str | os.PathLike, timeout: float = 5.0, poll: float = 0.05) -> Iterator[None]:
     """Hold the palace writer lock; wait up to ``timeout`` seconds for it."""
@@ -72,19 +87,10 @@ def palace_lock(palace: str | os.PathLike, timeout: float = 5.0, poll: float = 0
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
     f = os.fdopen(fd, "r+b")
-    deadline = time.monotonic() + timeout
     try:
-        while True:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise PalaceLocked(
-                        f"lock palace {palace}: held by {_holder(f)} (waited {timeout:g}s)",
-                        hint="wait for it to finish, stop it, or raise --lock-timeout",
-                    ) from None
-                time.sleep(poll)
+        if not _flock(f, True, timeout, poll):
+            raise PalaceLocked(f"lock palace {palace}: held by {_holder(f)} (waited {timeout:g}s)",
+                               hint="wait for it to finish, stop it, or raise --lock-timeout")
         ident = f"{os.getpid()} {' '.join(sys.argv[:3])}".strip().encode()
         f.seek(1)
         f.truncate(1 + len(ident))
@@ -118,18 +124,11 @@ def session_lock(palace: str | os.PathLike, exclusive: bool, timeout: float = 5.
     path = session_lock_path(palace)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW, 0o600)
-    deadline = time.monotonic() + timeout
     try:
-        while True:
-            try:
-                fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    what = "an import is running on it" if exclusive else "a restore is replacing it"
-                    raise PalaceLocked(f"lock palace {palace}: {what} (waited {timeout:g}s)",
-                                       hint="wait for it to finish, or raise --lock-timeout") from None
-                time.sleep(poll)
+        if not _flock(fd, exclusive, timeout, poll):
+            what = "an import is running on it" if exclusive else "a restore is replacing it"
+            raise PalaceLocked(f"lock palace {palace}: {what} (waited {timeout:g}s)",
+                               hint="wait for it to finish, or raise --lock-timeout")
         yield
     finally:
         os.close(fd)
@@ -145,12 +144,9 @@ def dir_lock(path: Path, what: str) -> Iterator[None]:
         raise PalaceEtlError(f"{what}: cannot use {Path(path).name} ({exc.strerror}; a symlink there is refused)") \
             from None
     with os.fdopen(fd, "r+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not _flock(f, True, 0):
             holder = f.read().strip() or "another export"
-            raise PalaceLocked(f"{what}: already running ({holder})",
-                               hint="overlapping cron runs: let the first finish") from None
+            raise PalaceLocked(f"{what}: already running ({holder})", hint="overlapping cron runs: let the first finish")
         f.truncate()
         f.write(f"pid {os.getpid()}")
         f.flush()
