@@ -14,9 +14,9 @@ from ..errors import CollectionMissing
 from ..identity import EmbedderIdentity, check_identity
 from ..kg import KnowledgeGraph
 from ..layout import SIDECAR, PalaceLayout, atomic_write, read_sidecar, write_sidecar
-from ..rows import COLLECTIONS, KG_TABLES, State, kg_row_hash
+from ..rows import COLLECTIONS, KG_TABLES, State, collection_row_hash, kg_row_hash
 from ..vectors import VectorStore
-from .base import READ_PAGE, SyncStateFile
+from .base import READ_PAGE, Page, SyncStateFile
 
 FETCH_PAGE = 5000  # rows per Chroma get/upsert: near its max batch (5461 with a dozen metadata keys)
 
@@ -67,6 +67,21 @@ class ChromaStore(SyncStateFile):
         except CollectionMissing:
             return None
         return store
+
+    def snapshot(self) -> State:
+        state: State = {t: {} for t in COLLECTIONS}
+        for table in COLLECTIONS:
+            for page in self.rows(table):
+                state[table].update((i, collection_row_hash(d, m)) for i, d, m in page)
+        return state | self._kg_state()
+
+    def rows(self, table: str, fields: tuple[str, ...] | None = None) -> Iterator[Page]:
+        if table in KG_TABLES:
+            return self._kg_pages(table)
+        return self._collection_rows(table, fields)
+
+    def _collection_rows(self, table: str, fields: tuple[str, ...] | None) -> Iterator[Page]:
+        raise NotImplementedError
 
     def fetch(self, table: str, ids: list[str], vectors: bool = True) -> Iterator[list[dict]]:
         if not ids:

@@ -26,7 +26,7 @@ from .. import chroma_sqlite
 from ..errors import PalaceEtlError
 from ..layout import CHROMA_DB, SIDECAR, STATE_DIRNAME, layout_for
 from ..lock import palace_lock, session_lock
-from ..rows import COLLECTIONS, KG_TABLES, State, collection_row_hash
+from ..rows import COLLECTIONS
 from .base import READ_PAGE, CollectionInfo, Page
 from .chroma import ChromaStore
 
@@ -62,18 +62,7 @@ class ChromaDirStore(ChromaStore):
         with chroma_sqlite.open_ro(self.db) as conn:
             yield conn
 
-    def snapshot(self) -> State:
-        state: State = {t: {} for t in COLLECTIONS}
-        if self.exists():
-            for table in COLLECTIONS:
-                for page in self.rows(table):
-                    state[table].update((i, collection_row_hash(d, m)) for i, d, m in page)
-        return state | self._kg_state()
-
-    def rows(self, table: str, fields: tuple[str, ...] | None = None) -> Iterator[Page]:
-        if table in KG_TABLES:
-            yield from self._kg_pages(table)
-            return
+    def _collection_rows(self, table: str, fields: tuple[str, ...] | None) -> Iterator[Page]:
         if not self.exists():
             return
         keys = None if fields is None else tuple("chroma:document" if f == "document" else f for f in fields)

@@ -11,7 +11,7 @@ import contextlib
 from typing import Iterator
 
 from ..errors import PalaceEtlError
-from ..rows import COLLECTIONS, KG_TABLES, State, collection_row_hash
+from ..rows import COLLECTIONS
 from .base import READ_PAGE, CollectionInfo, Page
 from .chroma import ChromaStore
 
@@ -31,18 +31,7 @@ class ChromaServerStore(ChromaStore):
         store = self._existing(table)
         return None if store is None else store.reading()
 
-    def snapshot(self) -> State:
-        state: State = {}
-        for table in COLLECTIONS:
-            state[table] = {}
-            for page in self.rows(table):
-                state[table].update((i, collection_row_hash(d, m)) for i, d, m in page)
-        return state | self._kg_state()
-
-    def rows(self, table: str, fields: tuple[str, ...] | None = None) -> Iterator[Page]:
-        if table in KG_TABLES:
-            yield from self._kg_pages(table)
-            return
+    def _collection_rows(self, table: str, fields: tuple[str, ...] | None) -> Iterator[Page]:
         if self._open(table) is None:
             return
         include = ["documents", "metadatas"] if fields is None else \
