@@ -10,13 +10,16 @@ Records an importer could not parse go to the quarantine (``importers.quarantine
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import sqlite3
 import time
 from pathlib import Path
+from typing import Iterator
 
 import orjson
 
+from palace.chroma_sqlite import ro_uri
 from palace.layout import open_private, private_dir
 
 _LEDGER_SQL = """
@@ -48,14 +51,32 @@ def make_run_id(importer: str, source: Path, fingerprint: str, options: dict) ->
 
 
 class Ledger:
-    def __init__(self, state_dir: Path):
-        private_dir(state_dir)
+    def __init__(self, state_dir: Path, read_only: bool = False):
+        """The ledger of ``state_dir``; ``read_only`` (for status and verify) opens an existing one
+        without creating, migrating or re-stamping anything."""
         self.path = state_dir / "ledger.sqlite3"
+        if read_only:
+            self._conn = sqlite3.connect(ro_uri(self.path), uri=True, timeout=60, isolation_level=None)
+            return
+        private_dir(state_dir)
         open_private(self.path).close()  # 0600 and not a symlink; SQLite gives its -wal/-shm the same mode
         self._conn = sqlite3.connect(str(self.path), timeout=60, isolation_level=None,
                                      check_same_thread=False)  # the loader commits from its writer thread
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.executescript(_LEDGER_SQL)
+
+    @classmethod
+    @contextlib.contextmanager
+    def reading(cls, state_dir: Path | None) -> Iterator["Ledger | None"]:
+        """The ledger opened read-only, or None when there is none."""
+        if state_dir is None or not (state_dir / "ledger.sqlite3").is_file():
+            yield None
+            return
+        ledger = cls(state_dir, read_only=True)
+        try:
+            yield ledger
+        finally:
+            ledger.close()
 
     def start(self, run_id: str, importer: str, source: Path, fingerprint: str, options: dict) -> int:
         """Begin (or resume) a run; return the last committed batch seq (-1 for none)."""

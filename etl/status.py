@@ -27,13 +27,8 @@ def palace_status(store: PalaceStore, probes: int = 0) -> dict:
     if store.kg_path is not None and store.kg_path.exists():
         with store.knowledge_graph() as g:
             kg.update(g.counts())
-    runs = []
-    if store.state_dir is not None and (store.state_dir / "ledger.sqlite3").exists():
-        ledger = Ledger(store.state_dir)
-        try:
-            runs = ledger.runs()
-        finally:
-            ledger.close()
+    with Ledger.reading(store.state_dir) as ledger:
+        runs = ledger.runs() if ledger else []
     out = {"palace": store.name, "drawers": counts["drawers"], "wings": wing_room_counts(store),
            "embedder": str(ident) if ident else None, "kg": kg, "runs": runs}
     if probes:

@@ -200,28 +200,18 @@ def _check_kg(store: PalaceStore, report: VerifyReport, full: bool) -> None:
 
 
 def _check_ledger(store: PalaceStore, report: VerifyReport) -> None:
-    if store.state_dir is None or not (store.state_dir / "ledger.sqlite3").exists():
-        return
-    ledger = Ledger(store.state_dir)
-    try:
-        for run in ledger.runs():
+    with Ledger.reading(store.state_dir) as ledger:
+        for run in ledger.runs() if ledger else []:
             if run["status"] != "complete":
                 report.add("error", "run_incomplete", f"import run {run['run_id']} ({run['importer']} "
                            f"{run['source']}) is {run['status']}",
                            f"palace-etl import {run['importer']} {run['source']} --palace {store.name}")
-    finally:
-        ledger.close()
 
 
 def _import_options(store: PalaceStore, kind: str, path: Path, wing: str | None) -> ImportOptions:
     """Re-read a source with the options it was imported with (the ledger has them); ``--wing`` overrides."""
-    used: dict = {}
-    if store.state_dir is not None and (store.state_dir / "ledger.sqlite3").exists():
-        ledger = Ledger(store.state_dir)
-        try:
-            used = ledger.options_for(kind, path) or {}
-        finally:
-            ledger.close()
+    with Ledger.reading(store.state_dir) as ledger:
+        used = (ledger.options_for(kind, path) if ledger else None) or {}
     if wing is not None:
         used["wing"] = wing
     return ImportOptions(**used)

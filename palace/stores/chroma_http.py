@@ -68,7 +68,7 @@ class ChromaServerStore(ChromaStore):
         if force:
             raise PalaceEtlError(f"restore into {self.name}: --force cannot replace a server's palace",
                                  hint="start an empty chroma server (and an empty --kg) and restore into it")
-        if self.is_empty() is False:
+        if not self.is_empty():
             raise PalaceEtlError(f"restore into {self.name}: it already holds a palace",
                                  hint="start an empty chroma server (and an empty --kg) and restore into it")
         self.settings = settings or {}
