@@ -1,13 +1,17 @@
 """The benchmark harness runs end to end (tiny sizes: this checks the harness, not the speed).
-It stays in the default run: it is what runs the README's bench command."""
+It is what runs the bench README's command: ``slow`` (about 80 s), so ``.ci/run`` runs it after
+the default suite."""
 import json
 import re
 import subprocess
 import sys
 
+import pytest
+
 from .helpers import REPO
 
 
+@pytest.mark.slow
 def test_bench_command_from_its_readme(tmp_path):
     (command,) = re.findall(r"```text\n(python -m bench .*?)\n```", (REPO / "bench" / "README.md").read_text())
     args = command.split()[3:]

@@ -74,7 +74,7 @@ def converged(*replicas: tuple[str, Path | None]) -> bool:
     return all(st == states[0] for st in states[1:])
 
 
-@pytest.mark.parametrize("seed", [7, 11])
+@pytest.mark.parametrize("seed", [7, pytest.param(11, marks=pytest.mark.slow)])
 def test_three_replicas_converge_and_nothing_is_re_embedded(tmp_path, chroma_server, monkeypatch, embedder, seed):
     import etl.embed
 
