@@ -244,7 +244,7 @@ class Loader:
             self.store.claim_identity(self.identity)
             self.kg = self.store.knowledge_graph()
         elif self.store.kg_path.exists():
-            self.kg = self.store.knowledge_graph()
+            self.kg = self.store.knowledge_graph(read_only=True)
 
     def close(self) -> None:
         self.store.close()

@@ -25,7 +25,7 @@ def palace_status(store: PalaceStore, probes: int = 0) -> dict:
     ident = store.identity()
     kg: dict = {"path": str(store.kg_path) if store.kg_path else None}
     if store.kg_path is not None and store.kg_path.exists():
-        with store.knowledge_graph() as g:
+        with store.knowledge_graph(read_only=True) as g:
             kg.update(g.counts())
     with Ledger.reading(store.state_dir) as ledger:
         runs = ledger.runs() if ledger else []

@@ -20,7 +20,6 @@ from importers.base import ImportOptions
 from importers.quarantine import Quarantine
 from importers.registry import get_importer
 from importers.schema import DRAWERS, TRIPLES, batch_kind
-from palace import chroma_sqlite
 from palace.bundles import verify_chain
 from palace.errors import (
     ModelNotInstalled,
@@ -110,11 +109,12 @@ def verify_palace(store: PalaceStore, embedder: EmbedderIdentity | None = None,
         if not Path(path).exists():
             raise SourceMissing(f"verify against {kind} {path}: no such file or directory")
     store.verified()
-    if not _check_integrity(store, report, full):
+    chroma_sound, kg_sound = _check_integrity(store, report, full)
+    if kg_sound:
+        _check_kg(store, report)
+    if not chroma_sound:
         report.not_checked.append("everything that reads chroma.sqlite3 (it is damaged)")
-        _check_kg(store, report, full)
         return report
-    _check_kg(store, report, full)
     _check_ledger(store, report)
     info = store.info("drawers")
     if info is None:
@@ -133,21 +133,25 @@ def verify_palace(store: PalaceStore, embedder: EmbedderIdentity | None = None,
     return report
 
 
-def _check_integrity(store: PalaceStore, report: VerifyReport, full: bool) -> bool:
-    checked = store.integrity(full)
-    if checked is None:
-        report.not_checked.append(f"SQLite integrity of chroma.sqlite3 ({store.name} is a server palace or a bundle: "
-                                  "verify its files where they live)")
-        return True
-    sound = True
-    for db, problems in checked:
-        if problems:
-            sound = False
-            report.add("error", "sqlite_corrupt", f"{db}: {'; '.join(problems[:5])}",
+def _check_integrity(store: PalaceStore, report: VerifyReport, full: bool) -> tuple[bool, bool]:
+    """SQLite integrity of the palace's files; (chroma.sqlite3 sound, KG sound)."""
+    chroma_sound = kg_sound = True
+    for path, problems in store.integrity(full):
+        is_kg = path == store.kg_path
+        if problems is None:
+            report.not_checked.append(f"SQLite integrity of {path} ({store.name} is a server palace or a bundle: "
+                                      "verify its files where they live)")
+        elif problems and is_kg:
+            kg_sound = False
+            report.add("error", "kg_corrupt", f"{path}: {'; '.join(problems[:5])}",
+                       f"restore the knowledge graph from a bundle: palace-etl restore BUNDLE --palace {store.name}")
+        elif problems:
+            chroma_sound = False
+            report.add("error", "sqlite_corrupt", f"{path}: {'; '.join(problems[:5])}",
                        f"keep the palace as it is; run `palace-etl verify --palace {store.name} --full`, then "
                        f"restore the newest bundle into a new directory and compare: palace-etl restore BUNDLE "
                        f"--palace NEW_DIR && palace-etl verify --palace {store.name} --palace NEW_DIR")
-    return sound
+    return chroma_sound, kg_sound
 
 
 def _check_structure(store: PalaceStore, embedder: EmbedderIdentity | None, info: CollectionInfo,
@@ -180,17 +184,12 @@ def _check_structure(store: PalaceStore, embedder: EmbedderIdentity | None, info
                    f"{recorded.dimension}", f"mempalace --palace {where} repair rebuild-index")
 
 
-def _check_kg(store: PalaceStore, report: VerifyReport, full: bool) -> None:
+def _check_kg(store: PalaceStore, report: VerifyReport) -> None:
     path = store.kg_path
     if path is None or not path.exists():
         report.not_checked.append(f"knowledge graph ({path or 'the store has no KG file'} does not exist)")
         return
-    problems = chroma_sqlite.quick_check(path, full)
-    if problems:
-        report.add("error", "kg_corrupt", f"{path}: {'; '.join(problems[:5])}",
-                   f"restore the knowledge graph from a bundle: palace-etl restore BUNDLE --palace {store.name}")
-        return
-    with store.knowledge_graph() as kg:
+    with store.knowledge_graph(read_only=True) as kg:
         report.totals["triples"] = kg.counts()["triples"]
         dangling = kg.query("SELECT t.id FROM triples t WHERE t.subject NOT IN (SELECT id FROM entities) "
                             "OR t.object NOT IN (SELECT id FROM entities)")
@@ -237,7 +236,7 @@ def _check_parity(store: PalaceStore, held: Held, against: tuple[str, Path], spe
     importer = get_importer(kind)
     options = _import_options(store, kind, Path(path), wing)
     missing, changed, triples_missing, checked = [], [], [], 0
-    kg = store.knowledge_graph() if store.kg_path is not None and store.kg_path.exists() else None
+    kg = store.knowledge_graph(read_only=True) if store.kg_path is not None and store.kg_path.exists() else None
     try:
         for batch in importer.batches(Path(path), options, Quarantine()):
             kind_ = batch_kind(batch)
@@ -348,7 +347,7 @@ def verify_bundle_report(bundle: Path) -> VerifyReport:
 def verify_parity(spec_a: str, spec_b: str, kg_a: Path | None = None, kg_b: Path | None = None,
                   sample: str | None = None, probes: int = 200) -> VerifyReport:
     """Two replicas (palace, server, or bundle directory) hold the same rows, and the same vectors."""
-    a, b = open_store(spec_a, kg_a), open_store(spec_b, kg_b)
+    a, b = open_store(spec_a, kg_a, read_only=True), open_store(spec_b, kg_b, read_only=True)
     report = VerifyReport(f"{a.name} <-> {b.name}")
     spec = parse_sample(sample)
     try:

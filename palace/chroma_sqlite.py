@@ -9,6 +9,7 @@ process, and closing this connection would drop Chroma's.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import sqlite3
 import tempfile
@@ -85,6 +86,29 @@ def open_ro(db: Path, timeout: float = 30.0) -> Iterator[sqlite3.Connection]:
         conn.close()
         if private is not None:
             shutil.rmtree(private, ignore_errors=True)
+
+
+def private_copy(db: Path, dest: Path, tries: int = 5) -> None:
+    """A consistent copy of a SQLite database at ``dest`` that leaves the original untouched where it
+    can: a WAL database with no ``-wal`` (no writer has it open) is copied as a file, checked
+    unchanged across the copy; otherwise (a writer is in it) SQLite's online backup reads it through
+    a read-only connection, the way any reader would."""
+    db, dest = Path(db), Path(dest)
+    for _ in range(tries):
+        if Path(f"{db}-wal").exists() or Path(f"{db}-journal").exists():
+            break
+        before = os.stat(db)
+        shutil.copyfile(db, dest)
+        after = os.stat(db)
+        if (before.st_size, before.st_mtime_ns) == (after.st_size, after.st_mtime_ns) and \
+                not Path(f"{db}-wal").exists():
+            return
+    with open_ro(db) as src:
+        dst = sqlite3.connect(str(dest))
+        try:
+            src.backup(dst)
+        finally:
+            dst.close()
 
 
 def palace_db(palace: Path) -> Path:

@@ -22,7 +22,7 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from .errors import PalaceLocked
+from .errors import PalaceEtlError, PalaceLocked
 from .ids import entity_id
 
 BUSY_TIMEOUT_MS = 60_000
@@ -109,12 +109,22 @@ def _close_all() -> None:
 class KnowledgeGraph:
     """A connection to one KG file; thread-safe; writes in explicit IMMEDIATE transactions."""
 
-    def __init__(self, path: str | Path, busy_timeout_ms: int = BUSY_TIMEOUT_MS):
+    def __init__(self, path: str | Path, busy_timeout_ms: int = BUSY_TIMEOUT_MS, read_only: bool = False):
+        """``read_only`` (status, verify): an existing KG through a read-only connection; nothing is
+        created, migrated or checkpointed, and every write raises."""
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.read_only = read_only
         self._lock = threading.Lock()
         self._retry = _retry_busy(busy_timeout_ms / 1000)
         self._timeout_s = busy_timeout_ms / 1000
+        if read_only:
+            from .chroma_sqlite import ro_uri
+
+            self._conn = sqlite3.connect(ro_uri(self.path), uri=True, timeout=busy_timeout_ms / 1000,
+                                         isolation_level=None, check_same_thread=False)
+            _open_graphs.add(self)
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._conn: sqlite3.Connection | None = sqlite3.connect(
             str(self.path), timeout=busy_timeout_ms / 1000, isolation_level=None, check_same_thread=False)
         c = self._conn
@@ -138,6 +148,8 @@ class KnowledgeGraph:
 
     def _write(self, fn, *args) -> Any:
         """Run ``fn(conn, *args)`` in one BEGIN IMMEDIATE transaction, retrying on busy."""
+        if self.read_only:
+            raise PalaceEtlError(f"write knowledge graph {self.path}: it was opened read-only")
 
         @self._retry
         def attempt():
@@ -228,7 +240,8 @@ class KnowledgeGraph:
             if self._conn is None:
                 return
             try:
-                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                if not self.read_only:
+                    self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             except sqlite3.OperationalError:
                 pass  # a reader holds the WAL; it will be checkpointed by the next writer
             self._conn.close()

@@ -177,7 +177,11 @@ def status(palace: str = PALACE, kg: Optional[Path] = KG, json_out: bool = JSON,
     from etl.status import palace_status
     from palace.stores import open_store
 
-    s = palace_status(open_store(palace, kg, lock_timeout), probes)
+    store = open_store(palace, kg, lock_timeout, read_only=True)
+    try:
+        s = palace_status(store, probes)
+    finally:
+        store.close()
     render.emit_json(s) if json_out else render.status_report(s)
 
 
@@ -223,7 +227,7 @@ def verify(
         palace = palace[0]
         identity = _embedder(embedder)[1] if embedder else None
         sources = [(against[0], p) for p in (against[1], *(more or []))] if against else []
-        store = open_store(palace, kg, lock_timeout)
+        store = open_store(palace, kg, lock_timeout, read_only=True)
         try:
             report = verify_palace(store, identity, against=sources, sample=sample, probes=probes, full=full,
                                    wing=wing).to_dict()
@@ -252,7 +256,7 @@ def export(
     from exporters.run import run_export
     from palace.stores import open_store
 
-    store = open_store(palace, kg, lock_timeout)
+    store = open_store(palace, kg, lock_timeout, read_only=True)
     try:
         r = run_export(store, out, fmt, incremental, full_every, keep, keep_daily, keep_weekly, dry_run)
     finally:

@@ -16,10 +16,10 @@ from ..errors import PalaceEtlError
 from ..layout import CHROMA_DB, PalaceLayout, layout_for
 from .base import CollectionInfo, PalaceStore, SyncState
 from .bundle_dir import BundleDirStore
-from .chroma_dir import ChromaDirStore
+from .chroma_dir import ChromaDirReader, ChromaDirStore
 from .chroma_http import ChromaServerStore
 
-__all__ = ["BundleDirStore", "ChromaDirStore", "ChromaServerStore", "CollectionInfo", "PalaceStore", "SyncState",
+__all__ = ["BundleDirStore", "ChromaDirReader", "ChromaDirStore", "ChromaServerStore", "CollectionInfo", "PalaceStore", "SyncState",
            "open_store", "store_for", "store_kind", "store_root"]
 
 
@@ -53,13 +53,18 @@ def store_root(spec: str) -> str:
     return str(Path(spec.removeprefix("bundle:")).expanduser().resolve())
 
 
-def store_for(layout: PalaceLayout, lock_timeout: float = 30.0, settings: dict | None = None) -> PalaceStore:
-    """The Chroma store of a palace layout (a directory, or a server with its KG file)."""
-    cls = ChromaServerStore if layout.is_server else ChromaDirStore
-    return cls(layout, lock_timeout, settings)
+def store_for(layout: PalaceLayout, lock_timeout: float = 30.0, settings: dict | None = None,
+              read_only: bool = False) -> PalaceStore:
+    """The Chroma store of a palace layout (a directory, or a server with its KG file). ``read_only``
+    gives a directory's lock-free reader (``ChromaDirReader``): what export, verify and status use,
+    so they work beside a MemPalace server holding the palace's lease."""
+    if layout.is_server:
+        return ChromaServerStore(layout, lock_timeout, settings)
+    return (ChromaDirReader if read_only else ChromaDirStore)(layout, lock_timeout, settings)
 
 
-def open_store(spec: str, kg: str | Path | None = None, lock_timeout: float = 30.0) -> PalaceStore:
+def open_store(spec: str, kg: str | Path | None = None, lock_timeout: float = 30.0,
+               read_only: bool = False) -> PalaceStore:
     if store_kind(spec) == "bundle":
         return BundleDirStore(Path(str(spec).removeprefix("bundle:")).expanduser())
-    return store_for(layout_for(spec, kg), lock_timeout)
+    return store_for(layout_for(spec, kg), lock_timeout, read_only=read_only)

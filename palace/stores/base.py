@@ -102,8 +102,8 @@ class PalaceStore(Protocol):
     def put_sidecar(self, data: bytes) -> None:
         ...
 
-    def knowledge_graph(self) -> KnowledgeGraph:
-        """The knowledge graph, opened for reading and writing (the caller closes it)."""
+    def knowledge_graph(self, read_only: bool = False) -> KnowledgeGraph:
+        """The knowledge graph, opened for writing or read-only (the caller closes it)."""
 
     def session(self, exclusive: bool, timeout: float) -> ContextManager:
         """Held for a whole run: shared by imports, exclusive by a restore replacing the palace."""
@@ -120,8 +120,9 @@ class PalaceStore(Protocol):
         into; ``check(target)`` runs before the new palace takes this one's place, and ``swap.replaced``
         names where an old palace was kept aside."""
 
-    def integrity(self, full: bool) -> list[tuple[Path, list[str]]] | None:
-        """SQLite integrity problems per file ([] when sound); None when the store cannot check here."""
+    def integrity(self, full: bool) -> list[tuple[Path | str, list[str] | None]]:
+        """SQLite integrity problems per file ([] when sound, None when it cannot be checked here),
+        the KG file among them."""
 
     def sync_state(self) -> SyncState:
         ...

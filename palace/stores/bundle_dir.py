@@ -175,10 +175,10 @@ class BundleDirStore(SyncStateFile):
             out.append(([ids[j] for j in top], [float(row[j]) for j in top]))
         return out
 
-    def integrity(self, full: bool) -> None:
-        return None  # a bundle's integrity is its sha256s: verify --bundle
+    def integrity(self, full: bool) -> list:
+        return [(self.name, None)]  # a bundle's integrity is its sha256s: verify --bundle
 
-    def knowledge_graph(self) -> KnowledgeGraph:
+    def knowledge_graph(self, read_only: bool = False) -> KnowledgeGraph:
         raise PalaceEtlError(f"open {self.name}: a bundle directory has no live knowledge graph",
                              hint="restore it first: palace-etl restore BUNDLE --palace NEW_DIR")
 

@@ -4,6 +4,7 @@ SQLite file, the embedder sidecar and palace-etl's own state directory."""
 from __future__ import annotations
 
 import sqlite3
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -188,10 +189,14 @@ class ChromaStore(SyncStateFile):
     def put_sidecar(self, data: bytes) -> None:
         atomic_write(self.layout.sidecar_dir / SIDECAR, data)
 
-    def knowledge_graph(self) -> KnowledgeGraph:
-        return KnowledgeGraph(self.kg_path)
+    def knowledge_graph(self, read_only: bool = False) -> KnowledgeGraph:
+        return KnowledgeGraph(self.kg_path, read_only=read_only)
 
     # ------------------------------------------------------------------ the KG side
+    @staticmethod
+    def _kg_integrity(path: Path, full: bool) -> list[tuple[Path, list[str]]]:
+        return [(path, chroma_sqlite.quick_check(path, full))] if path.exists() else []
+
     def _kg_read(self):
         """A read-only connection to the KG: reading never creates, migrates or re-stamps it."""
         return chroma_sqlite.open_ro(self.kg_path)

@@ -19,14 +19,17 @@ import shutil
 import signal
 import sqlite3
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable, Iterator
 
 from .. import chroma_sqlite
-from ..errors import PalaceEtlError
-from ..layout import CHROMA_DB, SIDECAR, STATE_DIRNAME, layout_for
+from ..errors import PalaceEtlError, PalaceLocked, SourceMissing
+from ..kg import KnowledgeGraph
+from ..layout import CHROMA_DB, SIDECAR, STATE_DIRNAME, PalaceLayout, layout_for
 from ..lock import palace_lock, session_lock
 from ..rows import COLLECTIONS
+from ..vectors import segment_dirs
 from .base import READ_PAGE, CollectionInfo, Page
 from .chroma import ChromaStore
 
@@ -101,37 +104,23 @@ class ChromaDirStore(ChromaStore):
         return got | self._kg_counts()
 
     def integrity(self, full: bool) -> list[tuple[Path, list[str]]]:
-        return [(self.db, chroma_sqlite.quick_check(self.db, full))]
+        if not self.exists():
+            raise SourceMissing(f"verify palace {self.path}: no chroma.sqlite3 there")
+        return [(self.db, chroma_sqlite.quick_check(self.db, full))] + self._kg_integrity(self.kg_path, full)
 
     def session(self, exclusive: bool, timeout: float):
         return session_lock(self.path, exclusive=exclusive, timeout=timeout)
 
     @contextlib.contextmanager
     def frozen(self) -> Iterator["ChromaDirStore"]:
-        """A private, consistent copy of this palace to read from: under the palace lock, its
-        ``chroma.sqlite3`` through SQLite's online backup and its HNSW segment directories; a Chroma
-        client may then open the copy (an open writes, so it never opens the palace itself). The KG
-        is read in place (SQLite WAL readers never block its writers)."""
-        tmp = Path(tempfile.mkdtemp(prefix="palace-etl-snapshot-"))
+        """A private, consistent copy of this palace to read from, taken without the palace lock
+        (``take_copy``); a Chroma client may open the copy, never the palace itself."""
+        tmp = take_copy(self.path)
+        copy = ChromaDirStore(layout_for(tmp, self.kg_path, tmp / STATE_DIRNAME), self.lock_timeout)
         try:
-            with palace_lock(self.path, timeout=self.lock_timeout):
-                src = sqlite3.connect(chroma_sqlite.ro_uri(self.db), uri=True, timeout=60)
-                dst = sqlite3.connect(str(tmp / CHROMA_DB))
-                try:
-                    src.backup(dst)
-                    segs = [r[0] for r in dst.execute("SELECT id FROM segments WHERE scope = 'VECTOR'")]
-                finally:
-                    dst.close()
-                    src.close()
-                for seg in segs:
-                    if (self.path / seg).is_dir():
-                        shutil.copytree(self.path / seg, tmp / seg)
-            copy = ChromaDirStore(layout_for(tmp, self.kg_path, tmp / STATE_DIRNAME), self.lock_timeout)
-            try:
-                yield copy
-            finally:
-                copy.close()
+            yield copy
         finally:
+            copy.close()
             shutil.rmtree(tmp, ignore_errors=True)
 
     # ----------------------------------------------------------------- replacing
@@ -255,3 +244,124 @@ def _private(root: Path) -> None:
         if not p.is_symlink():
             os.chmod(p, 0o700 if p.is_dir() else 0o600)
 
+
+
+COPY_TRIES = 5
+
+
+def _segment_stamps(palace: Path) -> dict[str, tuple[int, int]]:
+    return {str(f.relative_to(palace)): (f.stat().st_size, f.stat().st_mtime_ns)
+            for seg in segment_dirs(palace) for f in seg.iterdir() if f.is_file()}
+
+
+def take_copy(palace: Path) -> Path:
+    """A private copy of a palace's Chroma files that a Chroma client may open, taken beside live
+    writers without their lock: the HNSW segment files are copied, then ``chroma.sqlite3`` through
+    SQLite's online backup (one read transaction; writers are not held up). Chroma persists its index
+    between its SQLite commits and records how far it got in SQLite, so the pair is consistent when no
+    segment file changed from before the copy to after the backup (then every log entry past the
+    persisted index is in the copied log, and Chroma replays it when it opens the copy); otherwise it
+    is retaken. Raises when it stays torn. A palace damaged before the copy is copied as it is, for
+    verify to report."""
+    palace = Path(palace)
+    for _ in range(COPY_TRIES):
+        tmp = Path(tempfile.mkdtemp(prefix="palace-etl-snapshot-"))
+        try:
+            before = _segment_stamps(palace)
+            for seg in segment_dirs(palace):
+                shutil.copytree(seg, tmp / seg.name)
+            with chroma_sqlite.open_ro(palace / CHROMA_DB) as src:
+                dst = sqlite3.connect(str(tmp / CHROMA_DB))
+                try:
+                    src.backup(dst)
+                finally:
+                    dst.close()
+            if _segment_stamps(palace) == before:
+                return tmp
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        time.sleep(0.2)
+    raise PalaceLocked(f"read palace {palace}: its vector index kept changing while it was copied "
+                       f"({COPY_TRIES} tries)", hint="retry when the writers are less busy")
+
+
+class ChromaDirReader(ChromaDirStore):
+    """A palace directory read beside live writers (a MemPalace server holding its lease): every read
+    comes from one consistent private copy taken on first use -- the Chroma files (``take_copy``),
+    the knowledge graph and the run ledger (``chroma_sqlite.private_copy``) -- so the palace is never
+    locked, written, renamed or re-stamped, and no Chroma client is opened on it. Reports still name
+    the live files. Writes are refused."""
+
+    kind = "chroma"
+
+    def __init__(self, layout: PalaceLayout, lock_timeout: float = 30.0, settings: dict | None = None):
+        super().__init__(layout, lock_timeout, settings)
+        self._view: ChromaDirStore | None = None
+        self.live_state_dir = layout.state_dir
+
+    def _copy(self) -> ChromaDirStore:
+        if self._view is None:
+            tmp = take_copy(self.path)
+            kg, state = tmp / ".knowledge_graph.sqlite3", tmp / STATE_DIRNAME
+            state.mkdir(mode=0o700)
+            if self.kg_path.exists():
+                chroma_sqlite.private_copy(self.kg_path, kg)
+            ledger = self.live_state_dir / "ledger.sqlite3"
+            if ledger.is_file():
+                chroma_sqlite.private_copy(ledger, state / ledger.name)
+            self._view = ChromaDirStore(layout_for(tmp, kg, state), self.lock_timeout)
+        return self._view
+
+    @property
+    def state_dir(self) -> Path:
+        return self._copy().state_dir if self.exists() else self.live_state_dir
+
+    @state_dir.setter
+    def state_dir(self, value: Path) -> None:
+        pass  # set by the base class; the live one is kept in live_state_dir
+
+    def snapshot(self):
+        return self._copy().snapshot() if self.exists() else super().snapshot()
+
+    def rows(self, table, fields=None):
+        return self._copy().rows(table, fields) if self.exists() else iter(())
+
+    def fetch(self, table, ids, vectors=True):
+        return self._copy().fetch(table, ids, vectors) if self.exists() else iter(())
+
+    def info(self, table):
+        return self._copy().info(table) if self.exists() else None
+
+    def counts(self):
+        return self._copy().counts() if self.exists() else super().counts()
+
+    def nearest(self, table, vectors, k):
+        return self._copy().nearest(table, vectors, k)
+
+    def integrity(self, full: bool) -> list[tuple[Path, list[str]]]:
+        """Checked on the copies (an exact image of the files), reported by the live files' names."""
+        if not self.exists():
+            raise SourceMissing(f"verify palace {self.path}: no chroma.sqlite3 there")
+        view = self._copy()
+        return [(self.db, chroma_sqlite.quick_check(view.db, full))] + [
+            (self.kg_path, problems) for _, problems in self._kg_integrity(view.kg_path, full)]
+
+    def knowledge_graph(self, read_only: bool = True) -> KnowledgeGraph:
+        return KnowledgeGraph(self._copy().kg_path, read_only=True)
+
+    def _refuse(self, *args, **kwargs):
+        raise PalaceEtlError(f"write palace {self.name}: it was opened for reading only")
+
+    write = delete = set_identity = claim_identity = put_sidecar = replacing = _refuse
+
+    def session(self, exclusive: bool, timeout: float):
+        return contextlib.nullcontext()
+
+    def close(self) -> None:
+        super().close()
+        if self._view is not None:
+            self._view.close()
+            shutil.rmtree(self._view.path, ignore_errors=True)
+            self._view = None

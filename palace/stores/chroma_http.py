@@ -57,8 +57,9 @@ class ChromaServerStore(ChromaStore):
     def counts(self) -> dict[str, int]:
         return {t: (info.count if (info := self.info(t)) else 0) for t in COLLECTIONS} | self._kg_counts()
 
-    def integrity(self, full: bool) -> None:
-        return None  # the server's files are on the server's host
+    def integrity(self, full: bool) -> list:
+        """The KG file here; the server's own files are on the server's host (not checked)."""
+        return [(self.name, None)] + self._kg_integrity(self.kg_path, full)
 
     def session(self, exclusive: bool, timeout: float):
         return contextlib.nullcontext()
