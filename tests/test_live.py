@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import httpx
+import numpy as np
 import pytest
 
 from palace.lock import lock_path
@@ -40,20 +43,38 @@ def fingerprint(palace: Path) -> dict[str, tuple[str, int]]:
             for p in sorted(palace.rglob("*")) if p.is_file()}
 
 
+def add_drawer_call(n: int, text: str) -> dict:
+    return {"jsonrpc": "2.0", "id": n, "method": "tools/call",
+            "params": {"name": "mempalace_add_drawer",
+                       "arguments": {"wing": "live", "room": "server", "content": text}}}
+
+
+def drawer_id_of(answer: dict) -> str:
+    """The drawer id a MemPalace add_drawer answer names."""
+    text = answer["result"]["content"][0]["text"]
+    assert '"success": true' in text.replace("'", '"').lower() or "drawer_" in text, text
+    return json.loads(text)["drawer_id"]
+
+
 @pytest.fixture
 def served_palace(tmp_path):
-    palace = tmp_path / "palace"
+    """A palace served by a real ``mempalace serve`` hub that has written one drawer through its own
+    ``tools/call``: (palace, the hub's URL, that drawer's id)."""
+    palace, port = tmp_path / "palace", free_port()
     cli_json("import", "mcp-memory", SAMPLE, "--palace", palace)
     hub = subprocess.Popen([str(BIN / "mempalace"), "serve", "--palace", str(palace), "--host", "127.0.0.1",
-                            "--port", str(free_port())], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                            env={**os.environ, "MEMPALACE_SYNC_INTERVAL": "3600"})
+    url = f"http://127.0.0.1:{port}/mcp"
     try:
         deadline = time.monotonic() + 120
         while not lease_held(palace):
             assert hub.poll() is None, hub.stderr.read().decode()[-2000:]
             assert time.monotonic() < deadline, "the hub never took the palace lease"
             time.sleep(0.2)
-        yield palace
+        answer = httpx.post(url, json=add_drawer_call(1, "the hub filed this memory before the backup"),
+                            timeout=120).json()
+        yield palace, url, drawer_id_of(answer)
     finally:
         hub.terminate()
         try:
@@ -64,22 +85,71 @@ def served_palace(tmp_path):
 
 
 def test_export_verify_status_beside_a_live_hub_leave_the_palace_untouched(served_palace, tmp_path):
-    palace = served_palace
-    time.sleep(1.0)  # whatever the hub writes when it starts, it has written
+    palace, url, theirs = served_palace
+    time.sleep(1.0)  # whatever the hub writes after its write, it has written
     before = fingerprint(palace)
     r = cli_json("export", "--palace", palace, "--out", tmp_path / "b", "--lock-timeout", "1")
-    assert r["totals"]["drawers"] == 363 and r["totals"]["triples"] == 223
+    assert r["totals"]["drawers"] == 364 and r["totals"]["triples"] == 223
     incr = cli_json("export", "--palace", palace, "--out", tmp_path / "b", "--incremental", "--lock-timeout", "1")
     assert incr["kind"] == "incremental" and sum(incr["counts"].values()) == 0
     run_cli("verify", "--palace", palace, "--against", "mcp-memory", SAMPLE, "--lock-timeout", "1")
-    status = cli_json("status", "--palace", palace, "--probes", "20", "--lock-timeout", "1")
-    assert status["drawers"] == 363 and status["self_hit_rate"] == 1.0
+    status = cli_json("status", "--palace", palace, "--probes", "400", "--lock-timeout", "1")
+    assert status["drawers"] == 364 and status["self_hit_rate"] == 1.0
     assert lease_held(palace)  # the hub held its lease the whole time
     after = fingerprint(palace)
     changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
     assert not changed, changed  # nothing locked, written, renamed or re-stamped
+    later = httpx.post(url, json=add_drawer_call(2, "the hub still writes after the backup"), timeout=120).json()
+    assert drawer_id_of(later) != theirs  # and it keeps answering and writing
+    restored = tmp_path / "restored"
+    cli_json("restore", r["bundle"], "--palace", restored)
+    run_cli("verify", "--palace", restored, "--against", "mcp-memory", SAMPLE)
+    assert_finds_itself(restored, theirs)
+
+
+def assert_finds_itself(palace: Path, drawer: str) -> None:
+    """The drawer is in the palace, and its own vector finds it first."""
+    from palace.stores import open_store
+
+    store = open_store(palace, read_only=True)
+    try:
+        (row,) = [r for page in store.fetch("drawers", [drawer]) for r in page]
+        (ids, _), = store.nearest("drawers", np.asarray([row["embedding"]], dtype=np.float32), 1)
+        assert ids == [drawer]
+    finally:
+        store.close()
+
+
+def test_export_verify_status_beside_a_stdio_mcp_server_that_wrote(tmp_path):
+    """A stdio ``mempalace-mcp`` that answered one ``mempalace_add_drawer`` holds the lease until it
+    exits (and registers nowhere); the backup still works beside it and carries its drawer."""
+    palace = tmp_path / "palace"
+    cli_json("import", "mcp-memory", SAMPLE, "--palace", palace)
+    server = subprocess.Popen([str(BIN / "mempalace-mcp"), "--palace", str(palace)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+
+    def call(message: dict) -> dict:
+        server.stdin.write(json.dumps(message) + "\n")
+        server.stdin.flush()
+        return json.loads(server.stdout.readline())
+
+    try:
+        call({"jsonrpc": "2.0", "id": 0, "method": "initialize",
+              "params": {"protocolVersion": "2024-11-05", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}})
+        theirs = drawer_id_of(call(add_drawer_call(1, "the stdio server filed this memory")))
+        assert lease_held(palace)
+        before = fingerprint(palace)
+        r = cli_json("export", "--palace", palace, "--out", tmp_path / "b", "--lock-timeout", "1")
+        run_cli("verify", "--palace", palace, "--lock-timeout", "1")
+        assert cli_json("status", "--palace", palace, "--lock-timeout", "1")["drawers"] == 364
+        after = fingerprint(palace)
+        assert not sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+        assert drawer_id_of(call(add_drawer_call(2, "the stdio server still writes"))) != theirs
+    finally:
+        server.stdin.close()
+        server.wait(timeout=60)
     cli_json("restore", r["bundle"], "--palace", tmp_path / "restored")
-    run_cli("verify", "--palace", tmp_path / "restored", "--against", "mcp-memory", SAMPLE)
+    assert_finds_itself(tmp_path / "restored", theirs)
 
 
 def test_a_copy_torn_by_a_writer_is_retaken(tmp_path, monkeypatch):
