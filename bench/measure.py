@@ -123,7 +123,11 @@ def export_palace(palace: str, out: str) -> dict:
     from palace.stores import open_store
 
     t = time.perf_counter()
-    r = export_bundle(open_store(palace), Path(out))
+    store = open_store(palace, read_only=True)  # what `palace-etl export` opens
+    try:
+        r = export_bundle(store, Path(out))
+    finally:
+        store.close()
     return {"seconds": time.perf_counter() - t, "rows": r.counts["drawers"]}
 
 
