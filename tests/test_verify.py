@@ -105,15 +105,26 @@ def test_collection_problems(tmp_path):
     assert "collection_missing" in findings(empty)
 
 
-def test_corrupt_chroma_sqlite_is_reported(migrated):
-    db = migrated / "chroma.sqlite3"
+def scribble(db: Path) -> None:
     data = bytearray(db.read_bytes())
     page = 4096
     for off in range(page * 2, len(data) - page, page * 3):  # scribble over a third of the pages
         data[off + 100:off + 400] = b"\xde\xad" * 150
     db.write_bytes(bytes(data))
+
+
+def test_corrupt_chroma_sqlite_is_reported(migrated):
+    scribble(migrated / "chroma.sqlite3")
     f = findings(migrated)
     assert "sqlite_corrupt" in f and "restore" in f["sqlite_corrupt"]["remedy"]
+
+
+def test_a_damaged_palace_is_never_exported_as_an_empty_bundle(migrated, tmp_path):
+    """A bundle that looks complete but holds nothing would let retention drop the good ones."""
+    scribble(migrated / "chroma.sqlite3")
+    proc = run_cli("export", "--palace", migrated, "--out", tmp_path / "b", check=1)
+    assert "damaged" in proc.stderr and "verify" in proc.stderr and "Traceback" not in proc.stderr
+    assert not [p for p in (tmp_path / "b").iterdir() if p.name.startswith("palace-")]
 
 
 def test_vector_index_behind_sqlite_is_reported(tmp_path):

@@ -26,7 +26,14 @@ from typing import Callable, Iterator
 from .. import chroma_sqlite
 from ..errors import PalaceEtlError, PalaceLocked, SourceMissing
 from ..kg import KnowledgeGraph
-from ..layout import CHROMA_DB, SIDECAR, STATE_DIRNAME, PalaceLayout, layout_for
+from ..layout import (
+    CHROMA_DB,
+    KG_FILENAME,
+    SIDECAR,
+    STATE_DIRNAME,
+    PalaceLayout,
+    layout_for,
+)
 from ..lock import palace_lock, session_lock
 from ..rows import COLLECTIONS
 from ..vectors import segment_dirs
@@ -299,24 +306,35 @@ class ChromaDirReader(ChromaDirStore):
     def __init__(self, layout: PalaceLayout, lock_timeout: float = 30.0, settings: dict | None = None):
         super().__init__(layout, lock_timeout, settings)
         self._view: ChromaDirStore | None = None
+        self._aux: Path | None = None  # the copies of the KG and the ledger
         self.live_state_dir = layout.state_dir
+
+    def _side_files(self) -> Path:
+        """Private copies of the KG and the run ledger (taken once, beside the Chroma copy)."""
+        if self._aux is None:
+            self._aux = Path(tempfile.mkdtemp(prefix="palace-etl-snapshot-"))
+            (self._aux / STATE_DIRNAME).mkdir(mode=0o700)
+            if self.kg_path.exists():
+                chroma_sqlite.private_copy(self.kg_path, self._aux / KG_FILENAME)
+            ledger = self.live_state_dir / "ledger.sqlite3"
+            if ledger.is_file():
+                chroma_sqlite.private_copy(ledger, self._aux / STATE_DIRNAME / ledger.name)
+        return self._aux
 
     def _copy(self) -> ChromaDirStore:
         if self._view is None:
-            tmp = take_copy(self.path)
-            kg, state = tmp / ".knowledge_graph.sqlite3", tmp / STATE_DIRNAME
-            state.mkdir(mode=0o700)
-            if self.kg_path.exists():
-                chroma_sqlite.private_copy(self.kg_path, kg)
-            ledger = self.live_state_dir / "ledger.sqlite3"
-            if ledger.is_file():
-                chroma_sqlite.private_copy(ledger, state / ledger.name)
-            self._view = ChromaDirStore(layout_for(tmp, kg, state), self.lock_timeout)
+            aux = self._side_files()
+            try:
+                tmp = take_copy(self.path)
+            except sqlite3.DatabaseError as exc:
+                raise PalaceEtlError(f"read palace {self.path}: chroma.sqlite3 is damaged ({exc}); nothing read",
+                                     hint=f"palace-etl verify --palace {self.path} --full") from None
+            self._view = ChromaDirStore(layout_for(tmp, aux / KG_FILENAME, aux / STATE_DIRNAME), self.lock_timeout)
         return self._view
 
     @property
     def state_dir(self) -> Path:
-        return self._copy().state_dir if self.exists() else self.live_state_dir
+        return self._side_files() / STATE_DIRNAME
 
     @state_dir.setter
     def state_dir(self, value: Path) -> None:
@@ -344,12 +362,15 @@ class ChromaDirReader(ChromaDirStore):
         """Checked on the copies (an exact image of the files), reported by the live files' names."""
         if not self.exists():
             raise SourceMissing(f"verify palace {self.path}: no chroma.sqlite3 there")
-        view = self._copy()
-        return [(self.db, chroma_sqlite.quick_check(view.db, full))] + [
-            (self.kg_path, problems) for _, problems in self._kg_integrity(view.kg_path, full)]
+        kg = [(self.kg_path, problems) for _, problems in self._kg_integrity(self._side_files() / KG_FILENAME, full)]
+        try:
+            db = self._copy().db
+        except PalaceEtlError:  # too damaged to copy through SQLite: check it in place
+            db = self.db
+        return [(self.db, chroma_sqlite.quick_check(db, full))] + kg
 
     def knowledge_graph(self, read_only: bool = True) -> KnowledgeGraph:
-        return KnowledgeGraph(self._copy().kg_path, read_only=True)
+        return KnowledgeGraph(self._side_files() / KG_FILENAME, read_only=True)
 
     def _refuse(self, *args, **kwargs):
         raise PalaceEtlError(f"write palace {self.name}: it was opened for reading only")
@@ -365,3 +386,6 @@ class ChromaDirReader(ChromaDirStore):
             self._view.close()
             shutil.rmtree(self._view.path, ignore_errors=True)
             self._view = None
+        if self._aux is not None:
+            shutil.rmtree(self._aux, ignore_errors=True)
+            self._aux = None
