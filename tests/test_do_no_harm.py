@@ -254,8 +254,10 @@ def test_item08_a_tampered_manifest_is_refused_and_nothing_is_restored(plain_pal
     rewrite_manifest(incr, MANIFEST_TAMPERING[case])
     proc = run_cli("verify", "--bundle", incr, check=None)
     assert proc.returncode in (1, 4) and "Traceback" not in proc.stderr, proc.stderr
+    assert "is not a valid manifest" in proc.stdout + proc.stderr  # refused for what it is, not by luck
     proc = run_cli("restore", incr, "--palace", tmp_path / "r", check=1)
     assert "Traceback" not in proc.stderr and not (tmp_path / "r").exists()
+    assert "is not a valid manifest" in proc.stderr
 
 
 def test_item08_unlisted_and_replaced_files_are_refused(plain_palace, tmp_path):
