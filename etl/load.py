@@ -17,7 +17,6 @@ import contextlib
 import datetime as dt
 import itertools
 import math
-import stat
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -29,11 +28,11 @@ import orjson
 import pyarrow as pa
 from tqdm import tqdm
 
-from importers.base import Importer, ImportOptions
+from importers.base import Importer, ImportOptions, check_source
 from importers.quarantine import Quarantine
 from importers.schema import DRAWERS, ENTITIES, embedding_identity, validate_batch
 from palace.clock import record_zone
-from palace.errors import PalaceEtlError, SourceFormatError, SourceMissing
+from palace.errors import PalaceEtlError, SourceFormatError
 from palace.kg import KnowledgeGraph
 from palace.stores import PalaceStore
 
@@ -379,19 +378,6 @@ class Loader:
             report.vector_decision = f"re-embed (source vectors are {ident}, palace uses {self.identity})"
         report.vectors_embedded += len(todo)
         return self.embedder.embed(job.documents)
-
-
-def check_source(name: str, source: Path) -> None:
-    """A source is a regular file or a directory: a FIFO, socket or device would hang or read nothing."""
-    try:
-        st = source.stat()
-    except FileNotFoundError:
-        raise SourceMissing(f"import {name} {source}: no such file or directory") from None
-    except OSError as exc:
-        raise SourceFormatError(source, None, f"cannot read it ({exc.strerror})") from None
-    if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
-        raise SourceFormatError(source, None, "not a regular file or directory (a FIFO, socket or device is "
-                                "never read)", hint="copy the export to a regular file first")
 
 
 def read_source(name: str, source: Path, stream):

@@ -18,7 +18,7 @@ from importers.quarantine import Quarantine
 from importers.schema import ENTITY_SCHEMA, TRIPLE_SCHEMA, drawer_schema, extra_json
 from palace import ids
 from palace.chroma_sqlite import ro_uri
-from palace.errors import SourceFormatError
+from palace.errors import SourceFormatError, SourceMissing
 
 
 @dataclass(frozen=True)
@@ -412,3 +412,16 @@ class Exchanges:
                         source_file=self.source, chunk_index=self.chunk, origin_id=t["key"], created_at=t["at"],
                         updated_at=t["last"], extra={**self.extra, "turns": len(t["lines"])})
         self.chunk += 1
+
+
+def check_source(name: str, source: Path) -> None:
+    """A source is a regular file or a directory: a FIFO, socket or device would hang or read nothing."""
+    try:
+        st = source.stat()
+    except FileNotFoundError:
+        raise SourceMissing(f"import {name} {source}: no such file or directory") from None
+    except OSError as exc:
+        raise SourceFormatError(source, None, f"cannot read it ({exc.strerror})") from None
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+        raise SourceFormatError(source, None, "not a regular file or directory (a FIFO, socket or device is "
+                                "never read)", hint="copy the export to a regular file first")

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from palace.errors import PalaceEtlError, SourceMissing
+from palace.errors import PalaceEtlError
 
 if TYPE_CHECKING:
     from .base import Importer
@@ -79,8 +79,11 @@ def detect(path: Path) -> list[str]:
 
 def choose(path: Path) -> str:
     """The one importer that recognises ``path``; otherwise an error listing the candidates."""
-    if not Path(path).exists():
-        raise SourceMissing(f"import auto {path}: no such file or directory")
+    from .base import (
+        check_source,  # (not at import: the CLI starts without loading any importer)
+    )
+
+    check_source("auto", Path(path))  # a FIFO or device is refused before any importer sniffs it
     found = detect(path)
     if len(found) == 1:
         return found[0]

@@ -451,6 +451,7 @@ def test_item15_a_fifo_is_refused_not_read(tmp_path, name):
     os.mkfifo(fifo)
     proc = run_bounded("import", name, fifo, "--palace", tmp_path / "p")
     assert proc.returncode in (1, 10) and "Traceback" not in proc.stderr, proc.stderr
+    assert "FIFO" in proc.stderr  # refused for what it is (auto used to say only "no importer recognises")
     assert not (tmp_path / "p").exists()
 
 
