@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 
 from palace.bundles import chain, tombstones, verify_chain
 from palace.errors import PalaceEtlError
-from palace.manifest import BundleError, Manifest
+from palace.manifest import SIDECAR_FILE, BundleError, Manifest
 from palace.rows import COLLECTIONS, KG_TABLES, rows_of_batch
 from palace.stores import PalaceStore
 
@@ -88,7 +88,7 @@ def _build(links: list[Path], store: PalaceStore, report: RestoreReport) -> None
             if table in (*COLLECTIONS, *KG_TABLES):
                 report.deleted += len(ids)
                 store.delete(table, ids)
-    sidecar = links[-1] / "sidecars" / "mempalace_embedder.json"
+    sidecar = links[-1] / SIDECAR_FILE
     if sidecar.is_file():
         store.put_sidecar(sidecar.read_bytes())
     store.commit()

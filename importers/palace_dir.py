@@ -8,13 +8,12 @@ rebuilds on mining) and KG attributes are counted as skipped.
 Vectors are carried when the source's embedder identity is known -- its
 ``mempalace_embedder.json`` (3.11), else Chroma's persisted ``"default"`` function (3.3.6 MiniLM)
 -- and the loader finds it equal to the palace's. They are read from the store's private copy
-(``ChromaDirStore.frozen``: under the source's writer lock, SQLite's backup of ``chroma.sqlite3`` and
-its HNSW segment directories), which a Chroma client then opens. The source is never opened by
-Chroma (an open writes).
+(``ChromaDirReader``: the HNSW segment directories and SQLite's backup of ``chroma.sqlite3``, taken
+without the source's lock and retaken if torn), which a Chroma client then opens; the source itself
+is never opened by Chroma (an open writes).
 """
 from __future__ import annotations
 
-import contextlib
 import sqlite3
 from pathlib import Path
 from typing import Iterator
@@ -26,7 +25,7 @@ from importers.quarantine import Quarantine
 from palace import chroma_sqlite
 from palace.errors import SourceFormatError
 from palace.layout import CHROMA_DB, DRAWERS_COLLECTION, layout_for, read_sidecar
-from palace.stores import ChromaDirStore
+from palace.stores import ChromaDirReader
 
 from .base import ImportOptions, RowBuffer, sqlite_ro, sqlite_tables
 from .mempalace_jsonl import drawer_from_export
@@ -61,19 +60,19 @@ class PalaceImporter:
     def batches(self, path: Path, options: ImportOptions, quarantine: Quarantine) -> Iterator[pa.RecordBatch]:
         path = Path(path).resolve()
         buf = RowBuffer(self.name, options.batch_size)
-        source = ChromaDirStore(layout_for(path), lock_timeout=LOCK_TIMEOUT)
+        source = ChromaDirReader(layout_for(path), lock_timeout=LOCK_TIMEOUT)  # a private copy, no lock
         if not source.exists():
             return
         model = source_model(path)
-        quarantine.skip("closets (a search layer MemPalace rebuilds)", source.counts()["closets"])
-        with contextlib.ExitStack() as stack:
-            if model is not None:  # vectors come from a private copy a Chroma client may open
-                source = stack.enter_context(source.frozen())
+        try:
+            quarantine.skip("closets (a search layer MemPalace rebuilds)", source.counts()["closets"])
             yield from self._drawers(path, source, model, options, buf, quarantine)
             yield from self._kg(source, buf, quarantine)
+        finally:
+            source.close()
         yield from buf.flush(final=True)
 
-    def _drawers(self, path: Path, source: ChromaDirStore, model, options, buf, quarantine):
+    def _drawers(self, path: Path, source: ChromaDirReader, model, options, buf, quarantine):
         if model is None:
             pages = source.rows("drawers")
         else:
@@ -92,7 +91,7 @@ class PalaceImporter:
                 if buf.full():
                     yield from buf.flush()
 
-    def _kg(self, source: ChromaDirStore, buf: RowBuffer, quarantine: Quarantine):
+    def _kg(self, source: ChromaDirReader, buf: RowBuffer, quarantine: Quarantine):
         kg = source.kg_path
         if not (kg.exists() and {"entities", "triples"} <= sqlite_tables(kg)):
             return

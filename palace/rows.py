@@ -8,6 +8,8 @@ reads (text and metadata, or every KG column by name), not the vector, which tra
 from __future__ import annotations
 
 import hashlib
+import itertools
+from typing import Iterable, Iterator, TypeVar
 
 import numpy as np
 import orjson
@@ -19,6 +21,8 @@ COLLECTIONS = {"drawers": DRAWERS_COLLECTION, "closets": CLOSETS_COLLECTION}
 KG_TABLES = ("entities", "triples")
 TABLES = (*COLLECTIONS, *KG_TABLES)
 State = dict[str, dict[str, str]]  # table -> {id: row hash}, in the store's own order
+
+T = TypeVar("T")
 
 TINY_FLOAT = 1e-6  # below this, Chroma 1.5.9 moves a float's last digits on every write (measured)
 
@@ -50,6 +54,13 @@ def kg_row_hash(row: dict) -> str:
 
 def table_row_hash(table: str, row: dict) -> str:
     return collection_row_hash(row["document"], row["metadata"]) if table in COLLECTIONS else kg_row_hash(row)
+
+
+def paged(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """``items`` in lists of ``size`` (the last one shorter; none when ``items`` is empty)."""
+    it = iter(items)
+    while page := list(itertools.islice(it, size)):
+        yield page
 
 
 def record_schema(dim: int) -> pa.Schema:

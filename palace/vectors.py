@@ -95,6 +95,7 @@ class VectorStore:
         self.client_creations = 0
         self._client = None
         self._collections: dict[str, object] = {}
+        self._max_batch: int | None = None
         self._stamp: Stamp = None
         self._last_check = 0.0
         # One thread at a time uses the client: the loader writes from a worker thread while
@@ -255,8 +256,11 @@ class VectorStore:
                 yield off + k, i, d, m
 
     def max_batch_size(self) -> int:
-        with self.writing():
-            return int(self._client.get_max_batch_size())
+        """The client's ``get_max_batch_size``, asked once per store."""
+        if self._max_batch is None:
+            with self.writing():
+                self._max_batch = int(self._client.get_max_batch_size())
+        return self._max_batch
 
     def upsert(self, ids: Sequence[str], documents: Sequence[str], metadatas: Sequence[dict],
                embeddings: np.ndarray) -> None:

@@ -36,6 +36,7 @@ from ..rows import (
     KG_TABLES,
     TABLES,
     State,
+    paged,
     records_batch,
     rows_of_batch,
     table_row_hash,
@@ -115,35 +116,21 @@ class BundleDirStore(SyncStateFile):
                     yield r
 
     def rows(self, table: str, fields: tuple[str, ...] | None = None) -> Iterator[Page]:
-        page: Page = []
-        for r in self._newest_rows(table, None):
+        def row(r: dict) -> tuple:
             if table in KG_TABLES:
-                page.append((r["id"], None, r))
-                if len(page) == FETCH_PAGE:
-                    yield page
-                    page = []
-                continue
-            m = r["metadata"]
-            if fields is not None:
-                m = {k: v for k, v in m.items() if k in fields}
-            page.append((r["id"], r["document"] if fields is None or "document" in fields else None, m))
-            if len(page) == FETCH_PAGE:
-                yield page
-                page = []
-        if page:
-            yield page
+                return r["id"], None, r
+            m = r["metadata"] if fields is None else {k: v for k, v in r["metadata"].items() if k in fields}
+            return r["id"], r["document"] if fields is None or "document" in fields else None, m
+
+        return paged(map(row, self._newest_rows(table, None)), FETCH_PAGE)
 
     def fetch(self, table: str, ids: list[str], vectors: bool = True) -> Iterator[list[dict]]:
-        page = []
-        for r in self._newest_rows(table, set(ids)):
+        def row(r: dict) -> dict:
             if not vectors:
                 r.pop("embedding", None)
-            page.append(r)
-            if len(page) == FETCH_PAGE:
-                yield page
-                page = []
-        if page:
-            yield page
+            return r
+
+        return paged(map(row, self._newest_rows(table, set(ids))), FETCH_PAGE)
 
     def info(self, table: str) -> CollectionInfo | None:
         m = self._manifest()

@@ -15,7 +15,14 @@ from ..errors import CollectionMissing
 from ..identity import EmbedderIdentity, check_identity
 from ..kg import KnowledgeGraph
 from ..layout import SIDECAR, PalaceLayout, atomic_write, read_sidecar, write_sidecar
-from ..rows import COLLECTIONS, KG_TABLES, State, collection_row_hash, kg_row_hash
+from ..rows import (
+    COLLECTIONS,
+    KG_TABLES,
+    State,
+    collection_row_hash,
+    kg_row_hash,
+    paged,
+)
 from ..vectors import VectorStore
 from .base import READ_PAGE, Page, SyncStateFile
 
@@ -91,8 +98,7 @@ class ChromaStore(SyncStateFile):
             if self.kg_path.exists():
                 with self._kg_read() as conn:
                     rows = [row for _, row in kg_rows(conn, table, set(ids))]
-                for s in range(0, len(rows), FETCH_PAGE):
-                    yield rows[s:s + FETCH_PAGE]
+                yield from paged(rows, FETCH_PAGE)
             return
         store = self._existing(table)
         if store is None:
@@ -140,10 +146,7 @@ class ChromaStore(SyncStateFile):
 
     def batch_limit(self, table: str) -> int:
         """The most rows one Chroma write may carry (the client's own ``max_batch_size``)."""
-        store = self._collection(table)
-        if not hasattr(store, "batch_limit"):
-            store.batch_limit = store.max_batch_size()
-        return store.batch_limit
+        return self._collection(table).max_batch_size()
 
     def delete(self, table: str, ids: list[str]) -> None:
         if not ids:
@@ -206,14 +209,7 @@ class ChromaStore(SyncStateFile):
         if not self.kg_path.exists():
             return
         with self._kg_read() as conn:
-            page = []
-            for _, row in kg_rows(conn, table):
-                page.append((row["id"], None, row))
-                if len(page) == READ_PAGE:
-                    yield page
-                    page = []
-            if page:
-                yield page
+            yield from paged(((row["id"], None, row) for _, row in kg_rows(conn, table)), READ_PAGE)
 
     def _kg_state(self) -> State:
         state: State = {t: {} for t in KG_TABLES}

@@ -118,18 +118,6 @@ class ChromaDirStore(ChromaStore):
     def session(self, exclusive: bool, timeout: float):
         return session_lock(self.path, exclusive=exclusive, timeout=timeout)
 
-    @contextlib.contextmanager
-    def frozen(self) -> Iterator["ChromaDirStore"]:
-        """A private, consistent copy of this palace to read from, taken without the palace lock
-        (``take_copy``); a Chroma client may open the copy, never the palace itself."""
-        tmp = take_copy(self.path)
-        copy = ChromaDirStore(layout_for(tmp, self.kg_path, tmp / STATE_DIRNAME), self.lock_timeout)
-        try:
-            yield copy
-        finally:
-            copy.close()
-            shutil.rmtree(tmp, ignore_errors=True)
-
     # ----------------------------------------------------------------- replacing
     def replacing(self, force: bool, timeout: float, check: Callable[["ChromaDirStore"], None],
                   settings: dict | None = None) -> "Replacement":

@@ -11,7 +11,7 @@ import contextlib
 from typing import Iterator
 
 from ..errors import PalaceEtlError
-from ..rows import COLLECTIONS
+from ..rows import COLLECTIONS, paged
 from .base import READ_PAGE, CollectionInfo, Page
 from .chroma import ChromaStore
 
@@ -37,15 +37,9 @@ class ChromaServerStore(ChromaStore):
         include = ["documents", "metadatas"] if fields is None else \
             [*(["documents"] if "document" in fields else []), *(["metadatas"] if set(fields) - {"document"} else [])]
         keep = None if fields is None else set(fields) - {"document"}
-        page: Page = []
-        for _, i, d, m in self._collection(table).scan(include, READ_PAGE):
-            m = m or {}
-            page.append((i, d, m if keep is None else {k: v for k, v in m.items() if k in keep}))
-            if len(page) == READ_PAGE:
-                yield page
-                page = []
-        if page:
-            yield page
+        rows = ((i, d, (m or {}) if keep is None else {k: v for k, v in (m or {}).items() if k in keep})
+                for _, i, d, m in self._collection(table).scan(include, READ_PAGE))
+        yield from paged(rows, READ_PAGE)
 
     def info(self, table: str) -> CollectionInfo | None:
         col = self._open(table)
