@@ -60,6 +60,9 @@ class ImportReport:
     vectors_embedded: int = 0
     vectors_carried: int = 0
     vector_decision: str = "embed"
+    route: str = "direct"  # direct (our ids, metadata, vectors) or hub (through a live MemPalace hub)
+    route_drops: list[str] = field(default_factory=list)  # what the route could not carry
+    drawers_refused: int = 0  # drawers the hub would not file (quarantined with its reason)
     entities_read: int = 0
     triples_read: int = 0
     kg_rows_written: int = 0
@@ -175,6 +178,9 @@ class Loader:
         run_id = make_run_id(importer.name, source, fingerprint, options.to_dict())
         report = ImportReport(run_id, importer.name, str(source.resolve()), self.store.name, self.dry_run,
                               str(self.identity))
+        report.route, report.route_drops = self.store.route, list(self.store.dropped)
+        if report.route != "direct":
+            report.vector_decision = "the hub embeds every text itself (this route cannot carry vectors)"
         palace_exists = self.store.exists()
         quarantine = Quarantine(None if self.dry_run else self.store.state_dir / "quarantine" / f"{run_id}.jsonl")
         # may refuse its options before anything is written
@@ -218,6 +224,7 @@ class Loader:
             self._pipeline(enumerate(stream), resume_after, seen, report,
                            ledger, run_id, bar)
             bar.close()
+            self._refused(source, quarantine, report)
             report.quarantined = quarantine.count
             report.quarantine_first = quarantine.first
             report.skipped = quarantine.skipped
@@ -235,6 +242,13 @@ class Loader:
             if ledger is not None:
                 ledger.close()
             self.close()
+
+    def _refused(self, source: Path, quarantine: Quarantine, report: ImportReport) -> None:
+        """Drawers a hub would not file go to the quarantine with its reason (the run still commits)."""
+        for drawer_id, reason in self.store.refused:
+            quarantine.add(SourceFormatError(source, None, f"{self.store.name} ({report.route}) refused drawer {drawer_id}: {reason}"))
+            report.drawers_refused += 1
+            report.drawers_written -= 1
 
     def _open(self, create: bool) -> None:
         self.palace_exists = True
@@ -290,7 +304,7 @@ class Loader:
             while cur is not None:
                 seq, kind, rows, job = cur
                 if kind == DRAWERS and job and not self.dry_run:
-                    job.vectors = self._vectors(job, report)
+                    job.vectors = self._vectors(job, report) if report.route == "direct" else [None] * len(job.ids)
                 nxt = plan_next()  # ids differ from cur's, so planning need not wait for its write
                 if pending is not None:
                     pending.result()

@@ -20,9 +20,9 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from palace.clock import instant, now_utc, zone
-from palace.errors import PalaceEtlError, VerificationFailed
+from palace.errors import PalaceEtlError, PalaceLocked, VerificationFailed
 from palace.rows import COLLECTIONS, TABLES, State
-from palace.stores import PalaceStore, SyncState, open_store, store_root
+from palace.stores import PalaceStore, SyncState, open_store, open_writer, store_root
 
 from .embed import check_identity
 
@@ -282,12 +282,36 @@ def _side(store: PalaceStore, label: str, saved: SyncState) -> Side:
     return Side(store, label, state, local_history(saved.known, state, saved.history))
 
 
+def _open_side(spec: str, kg, lock_timeout: float, dry_run: bool, wait: bool, notify) -> tuple[PalaceStore, PalaceLocked | None]:
+    """A replica opened for the sync: its writer, or -- when a MemPalace server holds it that a sync
+    cannot write through -- its lock-free reader, with the refusal to raise if the plan writes into it."""
+    if dry_run:
+        return open_store(spec, kg, lock_timeout, read_only=True), None
+    try:
+        return open_writer(spec, kg, lock_timeout, wait=wait, what="sync", routable=False, notify=notify), None
+    except PalaceLocked as live:
+        return open_store(spec, kg, lock_timeout, read_only=True), live
+
+
+def _writes_into(plan: SyncPlan, side: str) -> bool:
+    return any(plan.copy_to(side).values()) or any(plan.delete_on(side).values()) or any(plan.keep_both.values())
+
+
 def run_sync(spec_a: str, spec_b: str, kg_a=None, kg_b=None, dry_run: bool = False, prefer: str | None = None,
-             keep_both: bool = False, max_delete: int | None = None, lock_timeout: float = 30.0) -> SyncReport:
+             keep_both: bool = False, max_delete: int | None = None, lock_timeout: float = 30.0,
+             wait: bool = False, notify=None) -> SyncReport:
+    """Sync two replicas. A replica a live MemPalace server holds is read from a private copy; the
+    sync goes ahead when the plan writes only into the other one, and is refused (``PalaceLocked``,
+    nothing written) when it would write into the live one. ``wait`` waits for its lease first."""
     started = time.monotonic()
     if store_root(spec_a) == store_root(spec_b):
         raise PalaceEtlError(f"sync {spec_a} {spec_b}: both name the same directory; give two different replicas")
-    store_a, store_b = open_store(spec_a, kg_a, lock_timeout), open_store(spec_b, kg_b, lock_timeout)
+    store_a, live_a = _open_side(spec_a, kg_a, lock_timeout, dry_run, wait, notify)
+    try:
+        store_b, live_b = _open_side(spec_b, kg_b, lock_timeout, dry_run, wait, notify)
+    except BaseException:
+        store_a.close()
+        raise
     try:
         store_a.verified()
         store_b.verified()
@@ -307,6 +331,10 @@ def run_sync(spec_a: str, spec_b: str, kg_a=None, kg_b=None, dry_run: bool = Fal
             raise PalaceEtlError(f"sync {store_a.name} {store_b.name}: the plan deletes {deletes} drawers/closets, "
                                  f"more than --max-delete {limit}; nothing written",
                                  hint="check with --dry-run, then raise --max-delete if it is meant")
+        for side, live in (("a", live_a), ("b", live_b)):
+            if live is not None and (_writes_into(plan, side) or (side == "a" and ib and not ia)
+                                     or (side == "b" and ia and not ib)):
+                raise PalaceLocked(f"{live} (the plan writes into it; nothing written)", hint=live.hint)
         report = SyncReport(store_a.name, store_b.name, dry_run, plan.counts(), plan.conflicts)
         if dry_run:
             report.seconds = round(time.monotonic() - started, 3)

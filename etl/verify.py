@@ -30,7 +30,7 @@ from palace.errors import (
 from palace.ids import content_sha256
 from palace.manifest import BundleError
 from palace.rows import TABLES
-from palace.stores import CollectionInfo, PalaceStore, open_store
+from palace.stores import CollectionInfo, PalaceStore, RoutedIds, open_store
 
 from .embed import MINILM, Embedder, EmbedderIdentity, MiniLMEmbedder
 from .runs import Ledger
@@ -221,12 +221,21 @@ Held = dict[str, tuple[str, str | None, str | None]]  # id -> (content sha256, w
 
 def _held_rows(store: PalaceStore, spec) -> Held:
     """Every sampled drawer's content hash, wing and room, read once (for a palace directory straight
-    from chroma.sqlite3, before this process opens a Chroma client on it)."""
+    from chroma.sqlite3, before this process opens a Chroma client on it). A drawer filed through a
+    hub is also held under our id: its chunks' text, joined (``routed.sqlite3`` maps them)."""
     held: Held = {}
+    routed = {i: r for i, r in RoutedIds.read(store.state_dir).items() if in_sample(i, spec)}
+    chunks = {c for _, ids, _ in routed.values() for c in ids}
+    parts: dict[str, tuple[str, str | None, str | None]] = {}
     for page in store.rows("drawers", ("document", "wing", "room")):
         for i, d, m in page:
             if in_sample(i, spec):
                 held[i] = (content_sha256(d or ""), m.get("wing"), m.get("room"))
+            if i in chunks:
+                parts[i] = (d or "", m.get("wing"), m.get("room"))
+    for i, (_, ids, _) in routed.items():  # filed through a hub under its own ids: held under ours too
+        if i not in held and all(c in parts for c in ids):
+            held[i] = (content_sha256("".join(parts[c][0] for c in ids)), *parts[ids[0]][1:])
     return held
 
 

@@ -27,6 +27,7 @@ KG_FILENAME = "knowledge_graph.sqlite3"
 CHROMA_DB = "chroma.sqlite3"
 SIDECAR = "mempalace_embedder.json"
 STATE_DIRNAME = ".palace-etl"
+ROUTED_FILE = "routed.sqlite3"  # in STATE_DIRNAME: drawers written through a hub (palace.stores.hub)
 
 # MemPalace 3.11 `_hnsw_creation_metadata`: cosine space, one HNSW thread,
 # batch/sync thresholds 100/1000.

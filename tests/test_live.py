@@ -56,32 +56,66 @@ def drawer_id_of(answer: dict) -> str:
     return json.loads(text)["drawer_id"]
 
 
+class LiveHub:
+    """A real ``mempalace serve`` hub on 127.0.0.1 over ``palace``, started by the test."""
+
+    def __init__(self, palace: Path):
+        self.palace, self.port = palace, free_port()
+        self.url = f"http://127.0.0.1:{self.port}/mcp"
+        self.proc: subprocess.Popen | None = None
+        self._calls = 0
+
+    def start(self) -> "LiveHub":
+        self.proc = subprocess.Popen([str(BIN / "mempalace"), "serve", "--palace", str(self.palace), "--host",
+                                      "127.0.0.1", "--port", str(self.port)], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, env={**os.environ, "MEMPALACE_SYNC_INTERVAL": "3600"})
+        deadline = time.monotonic() + 120
+        while not (lease_held(self.palace) and self._answers()):
+            assert self.proc.poll() is None, self.proc.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "the hub never took the palace lease"
+            time.sleep(0.2)
+        return self
+
+    def _answers(self) -> bool:
+        try:
+            return httpx.get(f"http://127.0.0.1:{self.port}/healthz", timeout=5).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def tool(self, name: str, **arguments) -> dict:
+        self._calls += 1
+        answer = httpx.post(self.url, json={"jsonrpc": "2.0", "id": self._calls, "method": "tools/call",
+                                            "params": {"name": name, "arguments": arguments}}, timeout=120).json()
+        return json.loads(answer["result"]["content"][0]["text"])
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+
 @pytest.fixture
 def served_palace(tmp_path):
     """A palace served by a real ``mempalace serve`` hub that has written one drawer through its own
     ``tools/call``: (palace, the hub's URL, that drawer's id)."""
-    palace, port = tmp_path / "palace", free_port()
+    palace = tmp_path / "palace"
     cli_json("import", "mcp-memory", SAMPLE, "--palace", palace)
-    hub = subprocess.Popen([str(BIN / "mempalace"), "serve", "--palace", str(palace), "--host", "127.0.0.1",
-                            "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                           env={**os.environ, "MEMPALACE_SYNC_INTERVAL": "3600"})
-    url = f"http://127.0.0.1:{port}/mcp"
+    hub = LiveHub(palace)
     try:
-        deadline = time.monotonic() + 120
-        while not lease_held(palace):
-            assert hub.poll() is None, hub.stderr.read().decode()[-2000:]
-            assert time.monotonic() < deadline, "the hub never took the palace lease"
-            time.sleep(0.2)
-        answer = httpx.post(url, json=add_drawer_call(1, "the hub filed this memory before the backup"),
+        hub.start()
+        answer = httpx.post(hub.url, json=add_drawer_call(1, "the hub filed this memory before the backup"),
                             timeout=120).json()
-        yield palace, url, drawer_id_of(answer)
+        yield palace, hub.url, drawer_id_of(answer)
     finally:
-        hub.terminate()
-        try:
-            hub.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            hub.kill()
-            hub.wait()
+        hub.stop()
 
 
 def test_export_verify_status_beside_a_live_hub_leave_the_palace_untouched(served_palace, tmp_path):

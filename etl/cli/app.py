@@ -58,6 +58,10 @@ JSON = typer.Option(False, "--json", help="Print one JSON object on stdout.")
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress output.")
 EMBEDDER = typer.Option("minilm", "--embedder", help="Embedder: minilm (default) or openai-compat.")
 LOCK_TIMEOUT = typer.Option(5.0, "--lock-timeout", help="Seconds to wait for the palace writer lock.")
+WAIT = typer.Option(False, "--wait", help="When a MemPalace server holds the palace's writer lease, wait until "
+                    "it lets go (however long), then write directly.")
+VIA = typer.Option("auto", "--via", help="auto (default): direct, or through a live MemPalace hub holding the "
+                   "palace; hub or direct forces one route.")
 DEBUG = {"on": False}
 
 
@@ -74,6 +78,10 @@ def _embedder(name: str, url: Optional[str] = None, model: Optional[str] = None,
         return (lambda: make_embedder(name, url=url, model=model, dimension=dim, api_key=key)), \
             EmbedderIdentity("openai-compat", dim)
     return (lambda: make_embedder(name)), None
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def _progress(json_out: bool, quiet: bool) -> bool:
@@ -119,7 +127,7 @@ def _import_command(name: str, description: str, tables: bool) -> None:
                 json_out: bool = JSON, quiet: bool = QUIET, embedder: str = EMBEDDER,
                 embedder_url: Optional[str] = EMBEDDER_URL, embedder_model: Optional[str] = EMBEDDER_MODEL,
                 embedder_dim: Optional[int] = EMBEDDER_DIM, lock_timeout: float = LOCK_TIMEOUT,
-                batch_size: int = BATCH) -> None:
+                batch_size: int = BATCH, via: str = VIA, wait: bool = WAIT) -> None:
         from importers.base import ImportOptions
         from importers.registry import choose
 
@@ -133,7 +141,7 @@ def _import_command(name: str, description: str, tables: bool) -> None:
                                      f"(jsonl, csv, parquet), not to {name}")
         _run_import(chosen, path, palace, kg, dry_run, json_out, quiet,
                     _embedder(embedder, embedder_url, embedder_model, embedder_dim), lock_timeout,
-                    ImportOptions(wing, batch_size, _columns(columns), vector_model, vector_dim))
+                    ImportOptions(wing, batch_size, _columns(columns), vector_model, vector_dim), via, wait)
 
     command.__doc__ = ("Sniff the format with every importer's detect; import if exactly one matches."
                        if name == "auto" else f"Import {description}.")
@@ -151,13 +159,15 @@ def _register_importers() -> None:
 _register_importers()
 
 
-def _run_import(name, path, palace, kg, dry_run, json_out, quiet, embedder, lock_timeout, options):
+def _run_import(name, path, palace, kg, dry_run, json_out, quiet, embedder, lock_timeout, options, via, wait):
     from etl.load import run_import
     from importers.registry import get_importer
-    from palace.stores import open_store
+    from palace.stores import open_store, open_writer
 
     factory, identity = embedder
-    report = run_import(get_importer(name), path, open_store(palace, kg, lock_timeout), options,
+    store = open_store(palace, kg, lock_timeout, read_only=True) if dry_run else \
+        open_writer(palace, kg, lock_timeout, via, wait, notify=None if quiet else _say)
+    report = run_import(get_importer(name), path, store, options,
                         factory, identity, dry_run=dry_run, lock_timeout=lock_timeout,
                         progress=_progress(json_out, quiet)).to_dict()
     if json_out:
@@ -275,15 +285,15 @@ def restore(
     palace: str = PALACE, kg: Optional[Path] = KG,
     force: bool = typer.Option(False, "--force", help="Replace an existing palace (it is kept aside)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Check the bundle and show the plan; write nothing."),
-    json_out: bool = JSON, lock_timeout: float = typer.Option(30.0, "--lock-timeout"),
+    json_out: bool = JSON, lock_timeout: float = typer.Option(30.0, "--lock-timeout"), wait: bool = WAIT,
 ) -> None:
     """Rebuild a palace from a bundle without re-embedding; checks every file first."""
     from dataclasses import asdict
 
     from exporters.restore import restore_bundle
-    from palace.stores import open_store
+    from palace.stores import open_writer
 
-    store = open_store(palace, kg, lock_timeout)
+    store = open_writer(palace, kg, lock_timeout, wait=wait, what="restore", routable=False, notify=_say)
     try:
         r = asdict(restore_bundle(bundle, store, force=force, dry_run=dry_run, lock_timeout=lock_timeout))
     finally:
@@ -307,7 +317,7 @@ def sync(
     keep_both: bool = typer.Option(False, "--keep-both", help="Keep a conflict's loser under a new id."),
     max_delete: Optional[int] = typer.Option(None, "--max-delete", help="Refuse plans deleting more "
                                              "(default: 5% of the larger side, at least 10)."),
-    json_out: bool = JSON, lock_timeout: float = typer.Option(30.0, "--lock-timeout"),
+    json_out: bool = JSON, lock_timeout: float = typer.Option(30.0, "--lock-timeout"), wait: bool = WAIT,
 ) -> None:
     """Bring two replicas to the same content, deletes included, without re-embedding."""
     from etl.sync import check_converged, run_sync
@@ -315,7 +325,7 @@ def sync(
     if prefer is not None and prefer.lower() not in ("a", "b"):
         raise typer.BadParameter("--prefer takes A or B")
     r = run_sync(a, b, kg_a, kg_b, dry_run, prefer.lower() if prefer else None, keep_both, max_delete,
-                 lock_timeout).to_dict()
+                 lock_timeout, wait, _say).to_dict()
     if json_out:
         render.emit_json(r)
     else:

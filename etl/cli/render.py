@@ -14,6 +14,9 @@ def emit_json(obj: dict) -> None:
 def import_report(r: dict) -> None:
     verb = "would write" if r["dry_run"] else "wrote"
     typer.echo(f"{r['importer']} {r['source']} -> {r['palace']}")
+    if r["route"] != "direct":
+        typer.echo(f"  route: {r['route']} (a live MemPalace holds the palace); it cannot carry: "
+                   + "; ".join(r["route_drops"]))
     typer.echo(f"  drawers: {r['drawers_read']} read, {verb} {r['drawers_written']}, "
                f"{r['drawers_unchanged']} unchanged, {r['drawers_duplicate']} duplicate in source")
     typer.echo(f"  vectors: {r['vectors_embedded']} embedded, {r['vectors_carried']} carried "

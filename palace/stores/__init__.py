@@ -6,21 +6,34 @@
 
 A new backend is one module here, one branch in ``store_kind``, and a green
 ``tests/test_store_contract.py``.
+
+Writers open through ``open_writer``, which looks first at who holds a palace directory's writer
+lease (``palace.live``) and picks the route: direct (our ids, metadata and vectors, under the lock),
+through a live MemPalace hub (``HubStore``), or none at once when the holder is a MemPalace server
+that cannot be reached.
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
+from typing import Callable
 
 from ..bundles import list_bundles
-from ..errors import PalaceEtlError
+from ..errors import PalaceEtlError, PalaceLocked
 from ..layout import CHROMA_DB, PalaceLayout, layout_for
+from ..live import lease_holder, live_daemon, live_hub
 from .base import CollectionInfo, PalaceStore, SyncState
 from .bundle_dir import BundleDirStore
 from .chroma_dir import ChromaDirReader, ChromaDirStore
 from .chroma_http import ChromaServerStore
+from .hub import HubStore, RoutedIds
 
-__all__ = ["BundleDirStore", "ChromaDirReader", "ChromaDirStore", "ChromaServerStore", "CollectionInfo", "PalaceStore", "SyncState",
-           "open_store", "store_for", "store_kind", "store_root"]
+__all__ = ["VIA", "BundleDirStore", "ChromaDirReader", "ChromaDirStore", "ChromaServerStore", "CollectionInfo",
+           "HubStore", "PalaceStore", "RoutedIds", "SyncState", "open_store", "open_writer", "store_for",
+           "store_kind", "store_root"]
+
+VIA = ("auto", "hub", "direct")
+WAIT_POLL = 1.0  # seconds between looks at the lease while --wait waits
 
 
 def store_kind(spec: str) -> str:
@@ -68,3 +81,59 @@ def open_store(spec: str, kg: str | Path | None = None, lock_timeout: float = 30
     if store_kind(spec) == "bundle":
         return BundleDirStore(Path(str(spec).removeprefix("bundle:")).expanduser())
     return store_for(layout_for(spec, kg), lock_timeout, read_only=read_only)
+
+
+def open_writer(spec: str, kg: str | Path | None = None, lock_timeout: float = 30.0, via: str = "auto",
+                wait: bool = False, what: str = "import", routable: bool = True,
+                notify: Callable[[str], None] | None = None) -> PalaceStore:
+    """The store to write ``spec`` through, beside whatever MemPalace process holds its lease.
+
+    - nobody holds it (or ``via="direct"``): the direct store, our ids, metadata and vectors;
+    - ``wait``: first wait (``notify`` is told whom for) until nobody holds it, then direct;
+    - a live, writable MemPalace hub holds it and the verb can go through one (``routable``):
+      ``HubStore``; ``via="hub"`` insists on that route;
+    - a MemPalace server that cannot be reached (a stdio ``mempalace-mcp``, the daemon) or a hub the
+      verb cannot use: ``PalaceLocked`` at once, naming it and the ways out;
+    - any other holder (``mempalace mine``, another palace-etl): the direct store, whose writes wait
+      up to ``lock_timeout`` for it, as before.
+    """
+    if via not in VIA:
+        raise PalaceEtlError(f"--via {via!r}: expected one of {', '.join(VIA)}")
+    if store_kind(spec) != "chroma":
+        if via == "hub":
+            raise PalaceEtlError(f"{what} {spec}: --via hub is for a palace directory a MemPalace hub serves")
+        return open_store(spec, kg, lock_timeout)
+    layout = layout_for(spec, kg)
+    palace = layout.path
+    holder = lease_holder(palace)
+    if wait and holder is not None:
+        if notify is not None:
+            notify(f"{what} {palace}: waiting for {holder} to release the palace's writer lease")
+        while (holder := lease_holder(palace)) is not None:
+            time.sleep(WAIT_POLL)
+    if via == "direct" or (holder is None and via == "auto"):
+        return ChromaDirStore(layout, lock_timeout)
+    hub = live_hub(palace)
+    if hub is not None and not hub.read_only and routable:
+        return HubStore(layout, hub, lock_timeout)
+    if via == "hub":
+        raise PalaceEtlError(f"{what} {palace}: --via hub, but no writable MemPalace hub serves this palace",
+                             hint=f"start one (mempalace serve --palace {palace}), or leave out --via")
+    if holder is None:
+        return ChromaDirStore(layout, lock_timeout)
+    if hub is not None and not routable:
+        raise PalaceLocked(f"{what} {palace}: {hub} holds the palace's writer lease, and a {what} carries "
+                           "ids and vectors that a hub cannot take",
+                           hint=f"stop the hub for the {what} window (re-run with --wait to start the moment it "
+                                "stops), or serve the palace from PostgreSQL (MemPalace's pgvector backend takes "
+                                "no lease)")
+    if holder.is_server or hub is not None:
+        daemon = live_daemon(palace)
+        who = daemon if daemon and "daemon" in holder.argv else f"the MemPalace server {holder}"
+        raise PalaceLocked(f"{what} {palace}: {who} holds the palace's writer lease and palace-etl cannot "
+                           "reach it to write through it",
+                           hint=f"serve the palace with `mempalace serve --palace {palace}` instead (palace-etl "
+                                "then writes through the hub), or stop that server for the window (re-run with "
+                                "--wait to start the moment it exits), or serve the palace from PostgreSQL "
+                                "(MemPalace's pgvector backend takes no lease)")
+    return ChromaDirStore(layout, lock_timeout)

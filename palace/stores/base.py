@@ -48,6 +48,9 @@ class PalaceStore(Protocol):
     kg_path: Path | None  # the knowledge-graph file, for a store that has one
     state_dir: Path | None  # palace-etl's own bookkeeping (ledger, quarantine), for a store that has it
     root: Path | None  # the local directory it occupies (None for a server)
+    route: str  # "direct": rows land as given (ids, metadata, vectors); "hub": through MemPalace's own tools
+    dropped: tuple[str, ...]  # what its route cannot carry (nothing, for a direct one)
+    refused: list[tuple[str, str]]  # (id, reason) of rows written that it would not take
 
     def exists(self) -> bool:
         """Whether it holds a palace yet (a new directory does not)."""
@@ -135,9 +138,13 @@ class PalaceStore(Protocol):
 
 
 class SyncStateFile:
-    """The sync state kept as one JSON file (``_sync_file``), written atomically."""
+    """The sync state kept as one JSON file (``_sync_file``), written atomically; and the route of a
+    store that writes rows as given."""
 
     _sync_file: Path
+    route = "direct"
+    dropped: tuple[str, ...] = ()
+    refused: tuple = ()  # a direct store takes every row or raises
 
     def sync_state(self) -> SyncState:
         try:

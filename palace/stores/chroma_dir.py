@@ -29,6 +29,7 @@ from ..kg import KnowledgeGraph
 from ..layout import (
     CHROMA_DB,
     KG_FILENAME,
+    ROUTED_FILE,
     SIDECAR,
     STATE_DIRNAME,
     PalaceLayout,
@@ -298,15 +299,15 @@ class ChromaDirReader(ChromaDirStore):
         self.live_state_dir = layout.state_dir
 
     def _side_files(self) -> Path:
-        """Private copies of the KG and the run ledger (taken once, beside the Chroma copy)."""
+        """Private copies of the KG, the run ledger and the hub id map (taken once, beside the Chroma copy)."""
         if self._aux is None:
             self._aux = Path(tempfile.mkdtemp(prefix="palace-etl-snapshot-"))
             (self._aux / STATE_DIRNAME).mkdir(mode=0o700)
             if self.kg_path.exists():
                 chroma_sqlite.private_copy(self.kg_path, self._aux / KG_FILENAME)
-            ledger = self.live_state_dir / "ledger.sqlite3"
-            if ledger.is_file():
-                chroma_sqlite.private_copy(ledger, self._aux / STATE_DIRNAME / ledger.name)
+            for name in ("ledger.sqlite3", ROUTED_FILE):
+                if (self.live_state_dir / name).is_file():
+                    chroma_sqlite.private_copy(self.live_state_dir / name, self._aux / STATE_DIRNAME / name)
         return self._aux
 
     def _copy(self) -> ChromaDirStore:

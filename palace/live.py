@@ -1,0 +1,193 @@
+"""A live MemPalace beside us: who holds the palace's writer lease, and the hub we can write through.
+
+Found the way MemPalace 3.11's own CLI finds them (``server_registry.py``):
+
+- the lease is ``mine_palace_lock`` (``palace.lock.lock_path``); its holder writes ``<pid> <argv>``
+  into the file from byte 1. A probe takes it non-blocking and lets go at once, and never creates it.
+- a hub (``mempalace serve``) records itself in
+  ``~/.mempalace/server/<sha256(normcase(realpath))[:24]>/serverinfo.json``; the record counts only
+  while its pid is alive. The bearer token is the ``token`` file beside it, then
+  ``MEMPALACE_MCP_HTTP_TOKEN``; the second is tried only after a 401.
+- a stdio ``mempalace-mcp`` registers nothing: it can be named (from the lock file) but not reached.
+
+``HubClient.call`` sends one JSON-RPC ``tools/call`` to the hub's ``POST /mcp`` and returns the
+tool's own JSON answer.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import itertools
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import orjson
+
+from .errors import PalaceEtlError
+from .lock import lock_path
+
+TOKEN_ENV = "MEMPALACE_MCP_HTTP_TOKEN"
+_WILDCARD = {"0.0.0.0", "::", "[::]", ""}
+# argv fragments of MemPalace processes that hold the lease for their whole life: the hub and
+# ``python -m mempalace.mcp_server`` (``.../mcp_server/__main__.py``), the stdio ``mempalace-mcp``,
+# the daemon (``.../mempalace/daemon.py serve``)
+_SERVERS = ("mcp_server", "mempalace-mcp", "mempalace/daemon.py")
+
+
+class HubError(PalaceEtlError):
+    """The hub did not answer, or answered with an error for the whole call."""
+
+
+@dataclass(frozen=True)
+class LeaseHolder:
+    pid: int | None
+    argv: str
+
+    @property
+    def is_server(self) -> bool:
+        """A MemPalace server (stdio MCP, hub, daemon): it keeps the lease until it exits."""
+        return any(s in self.argv for s in _SERVERS)
+
+    def __str__(self) -> str:
+        if self.pid is None:
+            return "another writer (identity not recorded)"
+        return f"PID {self.pid} ({self.argv})" if self.argv else f"PID {self.pid}"
+
+
+def lease_holder(palace: str | os.PathLike) -> LeaseHolder | None:
+    """Who holds the palace's writer lease right now, or None when it is free (nothing is created)."""
+    path = lock_path(palace)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return None  # no lock file: nobody ever held it
+    with os.fdopen(fd, "rb") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            body = f.read(4096).lstrip(b"\0").decode("utf-8", "replace").strip()
+            pid, _, argv = body.partition(" ")
+            return LeaseHolder(int(pid) if pid.isdigit() else None, argv.strip())
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return None
+
+
+def _pid_alive(pid) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _key(palace: str | os.PathLike) -> str:
+    canonical = os.path.abspath(os.path.realpath(os.path.expanduser(str(palace))))
+    return hashlib.sha256(os.path.normcase(canonical).encode("utf-8")).hexdigest()[:24]
+
+
+def server_dir(palace: str | os.PathLike) -> Path:
+    return Path.home() / ".mempalace" / "server" / _key(palace)
+
+
+def _live_record(path: Path) -> dict | None:
+    """A MemPalace registration file, while the pid it names is alive."""
+    try:
+        info = orjson.loads(path.read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return None
+    if not isinstance(info, dict) or not _pid_alive(info.get("pid")) or not isinstance(info.get("port"), int):
+        return None
+    return info
+
+
+def live_daemon(palace: str | os.PathLike) -> str | None:
+    """How to name the MemPalace daemon serving ``palace`` (its ``endpoint.json``), while it runs."""
+    root = Path(os.environ.get("MEMPALACE_DAEMON_STATE_ROOT") or Path.home() / ".mempalace" / "daemon")
+    info = _live_record(root / _key(palace) / "endpoint.json")
+    return None if info is None else f"the MemPalace daemon at {info.get('host')}:{info['port']} (PID {info['pid']})"
+
+
+@dataclass(frozen=True)
+class Hub:
+    url: str  # the hub's base URL (dialled on loopback for a wildcard bind)
+    pid: int
+    read_only: bool
+    tokens: tuple[str, ...]
+
+    def __str__(self) -> str:
+        return f"the MemPalace hub at {self.url} (PID {self.pid})"
+
+
+def live_hub(palace: str | os.PathLike) -> Hub | None:
+    """The hub serving ``palace``, from its ``serverinfo.json``, while its pid is alive."""
+    where = server_dir(palace)
+    info = _live_record(where / "serverinfo.json")
+    if info is None:
+        return None
+    host = str(info.get("host") or "").strip()
+    host = "127.0.0.1" if host.lower() in _WILDCARD else host
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    tokens = []
+    try:
+        tokens.append((where / "token").read_text(encoding="utf-8").strip())
+    except OSError:
+        pass
+    tokens.append(os.environ.get(TOKEN_ENV, "").strip())
+    unique = tuple(t for t in dict.fromkeys(tokens) if t)
+    return Hub(f"{info.get('scheme') or 'http'}://{host}:{info['port']}", info["pid"], bool(info.get("read_only")),
+               unique)
+
+
+class HubClient:
+    """JSON-RPC ``tools/call`` to one hub over one keep-alive connection."""
+
+    def __init__(self, hub: Hub, timeout: float = 300.0):
+        self.hub = hub
+        self._http = httpx.Client(timeout=timeout)
+        self._ids = itertools.count(1)
+        self._token = hub.tokens[0] if hub.tokens else None
+
+    def call(self, tool: str, arguments: dict) -> dict:
+        """The tool's answer (its JSON text, parsed). A transport failure or a JSON-RPC error raises
+        ``HubError``; a tool that answers ``{"success": false, ...}`` is returned for the caller to judge."""
+        message = {"jsonrpc": "2.0", "id": next(self._ids), "method": "tools/call",
+                   "params": {"name": tool, "arguments": arguments}}
+        answer = self._post(orjson.dumps(message))
+        if "error" in answer:
+            raise HubError(f"{self.hub}: {tool} failed: {answer['error'].get('message', answer['error'])}")
+        try:
+            return orjson.loads(answer["result"]["content"][0]["text"])
+        except (KeyError, IndexError, TypeError, orjson.JSONDecodeError):
+            raise HubError(f"{self.hub}: {tool} gave an answer that is not a MemPalace tool result: "
+                           f"{str(answer)[:200]}") from None
+
+    def _post(self, body: bytes) -> dict:
+        candidates = [self._token] + [t for t in self.hub.tokens if t != self._token]
+        for n, token in enumerate(candidates):
+            headers = {"content-type": "application/json"}
+            if token:
+                headers["authorization"] = f"Bearer {token}"
+            try:
+                r = self._http.post(f"{self.hub.url}/mcp", content=body, headers=headers)
+            except httpx.HTTPError as exc:
+                raise HubError(f"{self.hub} stopped answering ({type(exc).__name__}: {exc})",
+                               hint="start it again and re-run the same command: what it acknowledged is "
+                                    "recorded, nothing is written twice") from None
+            if r.status_code == 401 and n + 1 < len(candidates):
+                continue  # the other candidate, as MemPalace's own CLI does: a 401 was refused before dispatch
+            if r.status_code != 200:
+                raise HubError(f"{self.hub} answered HTTP {r.status_code}: {r.text[:200]}",
+                               hint=f"set {TOKEN_ENV} to the hub's token" if r.status_code == 401 else None)
+            self._token = token
+            return orjson.loads(r.content)
+        raise HubError(f"{self.hub}: no token was accepted")  # pragma: no cover - the loop always returns
+
+    def close(self) -> None:
+        self._http.close()

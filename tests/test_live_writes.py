@@ -1,0 +1,213 @@
+"""Writes beside a live MemPalace 3.11: through a real ``mempalace serve`` hub when one holds the
+palace's lease (its own ``mempalace_add_drawer``), refused at once -- naming the holder -- beside a
+stdio ``mempalace-mcp`` that cannot be reached, and ``--wait`` for the lease to come free."""
+from __future__ import annotations
+
+import collections
+import json
+import math
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from palace.stores import open_store
+
+from .helpers import cli_json, run_cli
+from .test_live import SAMPLE, BIN, LiveHub, add_drawer_call, drawer_id_of, fingerprint, lease_held
+
+ANIMALS = ["heron", "otter", "badger", "lynx", "marmot", "ibis", "gecko", "walrus", "okapi", "tapir"]
+THINGS = ["lantern", "compass", "kettle", "ledger", "violin", "anchor", "telescope", "quilt", "abacus"]
+LONG = " ".join(f"paragraph {n} of the long design note explains the backup window and its retention." for n in
+                range(40))  # ~3,000 characters: the hub files it as chunk drawers
+
+
+def memories(path: Path, n: int, tag: str, long_one: bool = False) -> list[dict]:
+    rows = [{"id": f"{tag}-{i:04d}", "wing": "notes", "room": "hub",
+             "text": f"{tag} note {i}: the {ANIMALS[i % 10]} keeps a {THINGS[i % 9]} numbered {i * 7919 % 10007}"}
+            for i in range(n)]
+    if long_one:
+        rows.append({"id": f"{tag}-long", "wing": "notes", "room": "design", "text": LONG})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+def documents(palace: Path) -> list[str]:
+    store = open_store(palace, read_only=True)
+    try:
+        return [d for page in store.rows("drawers", ("document",)) for _, d, _ in page]
+    finally:
+        store.close()
+
+
+def routed_count(palace: Path) -> int:
+    path = palace / ".palace-etl" / "routed.sqlite3"
+    if not path.exists():
+        return 0
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
+            return conn.execute("SELECT count(*) FROM routed").fetchone()[0]
+    except sqlite3.OperationalError:
+        return 0  # not created yet
+
+
+def test_an_import_beside_a_live_hub_goes_through_it_once(tmp_path):
+    palace = tmp_path / "palace"
+    cli_json("import", "mcp-memory", SAMPLE, "--palace", palace)
+    src = tmp_path / "notes.jsonl"
+    rows = memories(src, 150, "hubbed", long_one=True)
+    hub = LiveHub(palace).start()
+    try:
+        r = cli_json("import", "jsonl", src, "--palace", palace, "--lock-timeout", "1")
+        assert r["route"] == "hub" and r["drawers_written"] == 151 and r["vectors_embedded"] == 0
+        assert any("vectors" in d for d in r["route_drops"]) and r["kg_rows_written"] == 0
+        for row in rows[:3]:  # the hub's own search finds what went through it
+            found = hub.tool("mempalace_search", query=row["text"], limit=3)["results"]
+            assert found[0]["text"] == row["text"]
+        again = cli_json("import", "jsonl", src, "--palace", palace, "--lock-timeout", "1")
+        assert again["drawers_written"] == 0 and again["drawers_unchanged"] == 151
+        # drawers imported directly earlier, under our ids: still themselves, nothing written
+        direct = cli_json("import", "mcp-memory", SAMPLE, "--palace", palace, "--lock-timeout", "1")
+        assert (direct["route"], direct["drawers_written"], direct["kg_rows_written"]) == ("hub", 0, 0)
+        run_cli("verify", "--palace", palace, "--against", "jsonl", src, "--against", "mcp-memory", SAMPLE)
+        docs = documents(palace)
+        assert len(docs) == 363 + 150 + math.ceil(len(LONG) / 800)  # the hub files the long note as chunks
+        assert all(collections.Counter(docs)[row["text"]] == 1 for row in rows[:-1])
+        status = cli_json("status", "--palace", palace, "--probes", "1000")
+        assert status["self_hit_rate"] == 1.0
+
+        # a changed memory is filed anew and its old drawer goes
+        old_text, rows[0]["text"] = rows[0]["text"], "hubbed note 0, corrected: the heron keeps two lanterns"
+        src.write_text("".join(json.dumps(x) + "\n" for x in rows))
+        edit = cli_json("import", "jsonl", src, "--palace", palace, "--lock-timeout", "1")
+        assert edit["drawers_written"] == 1 and edit["drawers_unchanged"] == 150
+        docs = documents(palace)
+        assert rows[0]["text"] in docs and old_text not in docs
+        run_cli("verify", "--palace", palace, "--against", "jsonl", src)
+
+        # the other routes, asked for by name
+        forced = run_cli("import", "jsonl", src, "--palace", palace, "--via", "direct", "--lock-timeout", "1",
+                         check=11)
+        assert "held by PID" in forced.stderr
+        assert drawer_id_of(httpx_post(hub.url, add_drawer_call(9, "the hub still writes after the imports")))
+    finally:
+        hub.stop()
+    nohub = run_cli("import", "jsonl", src, "--palace", palace, "--via", "hub", check=1)
+    assert "no writable MemPalace hub" in nohub.stderr and "mempalace serve" in nohub.stderr
+
+
+def httpx_post(url: str, message: dict) -> dict:
+    import httpx
+
+    return httpx.post(url, json=message, timeout=120).json()
+
+
+def test_a_hub_killed_mid_import_loses_and_duplicates_nothing(tmp_path):
+    palace = tmp_path / "palace"
+    palace.mkdir()
+    src = tmp_path / "notes.jsonl"
+    rows = memories(src, 300, "killed")
+    hub = LiveHub(palace).start()
+    try:
+        job = subprocess.Popen([sys.executable, "-m", "etl.cli", "import", "jsonl", str(src), "--palace", str(palace),
+                                "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 300
+        while routed_count(palace) < 30:
+            assert job.poll() is None, job.stderr.read()
+            assert time.monotonic() < deadline, "the routed import never got going"
+            time.sleep(0.1)
+        hub.kill()
+        _, err = job.communicate(timeout=300)
+        assert job.returncode == 1 and "stopped answering" in err, err
+        assert 30 <= routed_count(palace) < 300
+    finally:
+        hub.stop()
+    hub = LiveHub(palace).start()  # the same palace served again, on another port
+    try:
+        r = cli_json("import", "jsonl", src, "--palace", palace)
+        assert r["route"] == "hub" and r["drawers_written"] + r["drawers_unchanged"] == 300
+        assert r["drawers_unchanged"] >= 30
+    finally:
+        hub.stop()
+    counts = collections.Counter(documents(palace))
+    assert sorted(counts) == sorted(row["text"] for row in rows) and set(counts.values()) == {1}
+    run_cli("verify", "--palace", palace, "--against", "jsonl", src)
+
+
+def test_beside_a_stdio_server_writes_are_refused_at_once_and_wait_waits(tmp_path):
+    palace, other = tmp_path / "palace", tmp_path / "other"
+    cli_json("import", "mcp-memory", SAMPLE, "--palace", palace)
+    src = tmp_path / "notes.jsonl"
+    memories(src, 20, "waited")
+    server = subprocess.Popen([str(BIN / "mempalace-mcp"), "--palace", str(palace)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+
+    def call(message: dict) -> dict:
+        server.stdin.write(json.dumps(message) + "\n")
+        server.stdin.flush()
+        return json.loads(server.stdout.readline())
+
+    try:
+        call({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+            "protocolVersion": "2024-11-05", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}})
+        drawer_id_of(call(add_drawer_call(1, "the stdio server filed this memory")))
+        assert lease_held(palace)
+        # an hour's --lock-timeout is not waited: the holder is named at once, with the ways out
+        refused = run_cli("import", "jsonl", src, "--palace", palace, "--lock-timeout", "3600", check=11, timeout=120)
+        assert f"PID {server.pid}" in refused.stderr and "mempalace-mcp" in refused.stderr
+        assert "mempalace serve" in refused.stderr and "--wait" in refused.stderr
+        restore = run_cli("restore", tmp_path / "nothing", "--palace", palace, "--force", "--lock-timeout", "3600",
+                          check=11, timeout=120)
+        assert f"PID {server.pid}" in restore.stderr
+        # a sync reads the live side from a private copy: fine while it writes only into the other side
+        first = cli_json("sync", palace, other, "--lock-timeout", "3600")
+        assert first["converged"] and first["plan"]["to_b"]["drawers"] == 364
+        cli_json("import", "jsonl", src, "--palace", other)
+        before = fingerprint(palace)
+        back = run_cli("sync", palace, other, "--lock-timeout", "3600", check=11, timeout=120)
+        assert f"PID {server.pid}" in back.stderr and "nothing written" in back.stderr
+        assert {k: v for k, v in fingerprint(palace).items() if not k.startswith(".palace-etl")} == \
+            {k: v for k, v in before.items() if not k.startswith(".palace-etl")}
+
+        waiting = subprocess.Popen([sys.executable, "-m", "etl.cli", "import", "jsonl", str(src), "--palace",
+                                    str(palace), "--wait", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True, env={**os.environ})
+        assert "waiting for PID" in waiting.stderr.readline()
+        assert waiting.poll() is None
+    finally:
+        server.stdin.close()
+        server.wait(timeout=60)
+    out, err = waiting.communicate(timeout=300)
+    assert waiting.returncode == 0, err
+    r = json.loads(out)
+    assert (r["route"], r["drawers_written"], r["vectors_embedded"]) == ("direct", 20, 20)
+    run_cli("verify", "--palace", palace, "--against", "jsonl", src, "--against", "mcp-memory", SAMPLE)
+    done = cli_json("sync", palace, other)
+    assert done["converged"]
+
+
+def test_the_ways_out_are_named_for_a_hub_a_sync_cannot_use(tmp_path):
+    """A sync carries ids and vectors, which a hub cannot take: beside one it reads, and refuses to write."""
+    palace, mirror = tmp_path / "palace", tmp_path / "mirror"
+    cli_json("import", "mcp-memory", SAMPLE, "--palace", palace)
+    hub = LiveHub(palace).start()
+    try:
+        out = cli_json("sync", palace, f"bundle:{mirror}")
+        assert out["converged"] and out["plan"]["to_b"]["drawers"] == 363
+        src = tmp_path / "notes.jsonl"
+        memories(src, 5, "mirror")
+        side = tmp_path / "side"
+        cli_json("import", "jsonl", src, "--palace", side)
+        back = run_cli("sync", side, palace, check=11)
+        assert "MemPalace hub" in back.stderr and "ids and vectors" in back.stderr
+        assert "--wait" in back.stderr
+    finally:
+        hub.stop()
+
+
+def test_wait_is_spelled_the_same_on_every_verb_that_writes_a_palace():
+    for verb in (("import", "jsonl"), ("restore",), ("sync",)):
+        assert "--wait" in run_cli(*verb, "--help").stdout
+    assert "--via" in run_cli("import", "auto", "--help").stdout
