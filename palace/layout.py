@@ -27,7 +27,7 @@ KG_FILENAME = "knowledge_graph.sqlite3"
 CHROMA_DB = "chroma.sqlite3"
 SIDECAR = "mempalace_embedder.json"
 STATE_DIRNAME = ".palace-etl"
-ROUTED_FILE = "routed.sqlite3"  # in STATE_DIRNAME: drawers written through a hub (palace.stores.hub)
+ROUTED_FILE = "routed.sqlite3"  # in STATE_DIRNAME: drawers written through MemPalace (palace.stores.routed)
 
 # MemPalace 3.11 `_hnsw_creation_metadata`: cosine space, one HNSW thread,
 # batch/sync thresholds 100/1000.
@@ -44,6 +44,7 @@ class PalaceLayout:
     location: str  # directory path or server URL
     kg_path: Path
     state_dir: Path
+    private: bool = False  # a copy or build directory only this process knows: no writer lock for it
 
     @property
     def is_server(self) -> bool:
@@ -66,7 +67,7 @@ def is_server_url(location: str) -> bool:
 
 
 def layout_for(location: str | os.PathLike, kg: str | os.PathLike | None = None,
-               state_dir: str | os.PathLike | None = None) -> PalaceLayout:
+               state_dir: str | os.PathLike | None = None, private: bool = False) -> PalaceLayout:
     loc = str(location)
     if is_server_url(loc):
         if kg is None:
@@ -77,7 +78,7 @@ def layout_for(location: str | os.PathLike, kg: str | os.PathLike | None = None,
         return PalaceLayout(loc, kg_path, Path(state_dir) if state_dir else kg_path.parent / STATE_DIRNAME)
     path = Path(loc).expanduser().resolve()
     kg_path = Path(kg).expanduser().resolve() if kg else path / KG_FILENAME
-    return PalaceLayout(str(path), kg_path, Path(state_dir) if state_dir else path / STATE_DIRNAME)
+    return PalaceLayout(str(path), kg_path, Path(state_dir) if state_dir else path / STATE_DIRNAME, private)
 
 
 def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:

@@ -108,7 +108,7 @@ class VectorStore:
         return self.layout.is_server
 
     def _locked(self):
-        if self.is_server:
+        if self.is_server or self.layout.private:  # a private copy: nobody else can write it, no lock file for it
             return contextlib.nullcontext()
         return palace_lock(self.layout.path, timeout=self.lock_timeout)
 

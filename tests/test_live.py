@@ -122,6 +122,7 @@ def test_export_verify_status_beside_a_live_hub_leave_the_palace_untouched(serve
     palace, url, theirs = served_palace
     time.sleep(1.0)  # whatever the hub writes after its write, it has written
     before = fingerprint(palace)
+    locks = sorted(os.listdir(lock_path(palace).parent))
     r = cli_json("export", "--palace", palace, "--out", tmp_path / "b", "--lock-timeout", "1")
     assert r["totals"]["drawers"] == 364 and r["totals"]["triples"] == 223
     incr = cli_json("export", "--palace", palace, "--out", tmp_path / "b", "--incremental", "--lock-timeout", "1")
@@ -133,6 +134,7 @@ def test_export_verify_status_beside_a_live_hub_leave_the_palace_untouched(serve
     after = fingerprint(palace)
     changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
     assert not changed, changed  # nothing locked, written, renamed or re-stamped
+    assert sorted(os.listdir(lock_path(palace).parent)) == locks  # no lock files left for private copies
     later = httpx.post(url, json=add_drawer_call(2, "the hub still writes after the backup"), timeout=120).json()
     assert drawer_id_of(later) != theirs  # and it keeps answering and writing
     restored = tmp_path / "restored"

@@ -167,7 +167,8 @@ class Replacement:
             self.kg_inside = store.kg_path.is_relative_to(store.path)
             self.work_kg = self.work / store.kg_path.relative_to(store.path) if self.kg_inside else \
                 self.work.with_name(self.work.name + ".kg")
-            self.target = ChromaDirStore(layout_for(self.work, self.work_kg), store.lock_timeout, self.settings)
+            self.target = ChromaDirStore(layout_for(self.work, self.work_kg, private=True), store.lock_timeout,
+                                         self.settings)
         except BaseException:
             self._stack.close()
             raise
@@ -318,7 +319,8 @@ class ChromaDirReader(ChromaDirStore):
             except sqlite3.DatabaseError as exc:
                 raise PalaceEtlError(f"read palace {self.path}: chroma.sqlite3 is damaged ({exc}); nothing read",
                                      hint=f"palace-etl verify --palace {self.path} --full") from None
-            self._view = ChromaDirStore(layout_for(tmp, aux / KG_FILENAME, aux / STATE_DIRNAME), self.lock_timeout)
+            self._view = ChromaDirStore(layout_for(tmp, aux / KG_FILENAME, aux / STATE_DIRNAME, private=True),
+                                        self.lock_timeout)
         return self._view
 
     @property

@@ -1,0 +1,243 @@
+"""``RoutedStore``: a palace directory whose writer lease a live MemPalace hub or daemon holds,
+written through it.
+
+MemPalace 3.11 sanctions one way to write drawers beside its hub or daemon: its own tools (over the
+hub's ``POST /mcp``, or as the daemon's ``mcp_tool`` jobs). ``mempalace_add_drawer`` files
+``wing, room, content, source_file, added_by``; MemPalace makes the id (from wing, room and content), stamps ``filed_at`` now, embeds the text itself and splits text over
+its ``chunk_size`` into chunk drawers. So this route cannot carry our ids, the rest of the metadata
+or the vectors (``DROPPED``), and says so in the import report.
+
+What it can keep is the mapping: ``routed.sqlite3`` in palace-etl's state directory records, per
+drawer of ours, the drawer id and chunk ids MemPalace answered with and the metadata we meant to
+write. ``fetch`` reads through that mapping, so the loader sees a routed drawer as itself (a re-run
+writes nothing) and ``verify --against`` finds it. A drawer whose content changed is filed anew and
+its old hub drawer deleted (``mempalace_delete_drawers``), after the new one is acknowledged.
+
+Reads (``rows``, ``snapshot``, ``fetch`` of what is already there, ``nearest``) come from a private
+copy (``ChromaDirReader``), never from a Chroma client on the live directory. Knowledge-graph rows go
+straight to ``knowledge_graph.sqlite3`` (MemPalace exempts its KG tools from the lease too). Nothing
+here takes the palace lock.
+"""
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Iterator
+
+import orjson
+
+from ..chroma_sqlite import ro_uri
+from ..errors import PalaceEtlError
+from ..identity import EmbedderIdentity
+from ..ids import content_sha256
+from ..kg import KnowledgeGraph
+from ..layout import ROUTED_FILE, PalaceLayout, open_private, private_dir
+from ..live import Daemon, DaemonClient, Hub, HubClient, HubError
+from ..rows import KG_TABLES
+from .chroma_dir import ChromaDirReader, ChromaDirStore
+
+DROPPED = ("our drawer ids (the hub makes its own; routed.sqlite3 maps them)",
+           "metadata beyond wing, room, source_file and added_by", "original filed_at", "carried vectors")
+_DELETE_MAX = 500  # mempalace_delete_drawers' limit
+_SQL = """CREATE TABLE IF NOT EXISTS routed (
+    id TEXT PRIMARY KEY, hub_id TEXT NOT NULL, chunk_ids TEXT NOT NULL, metadata TEXT NOT NULL)"""
+
+
+class RoutedIds:
+    """Our drawer id -> (the hub's drawer id, its chunk ids, the metadata we meant)."""
+
+    def __init__(self, state_dir: Path, read_only: bool = False):
+        path = state_dir / ROUTED_FILE
+        if read_only:
+            self._conn = sqlite3.connect(ro_uri(path), uri=True, timeout=60, isolation_level=None)
+            return
+        private_dir(state_dir)
+        open_private(path).close()
+        self._conn = sqlite3.connect(str(path), timeout=60, isolation_level=None, check_same_thread=False)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute(_SQL)
+
+    @classmethod
+    def read(cls, state_dir: Path | None) -> dict[str, tuple[str, list[str], dict]]:
+        """The whole mapping of a state directory (empty when nothing was ever routed)."""
+        if state_dir is None or not (state_dir / ROUTED_FILE).is_file():
+            return {}
+        routed = cls(state_dir, read_only=True)
+        try:
+            return routed.get(None)
+        finally:
+            routed.close()
+
+    def get(self, ids: list[str] | None) -> dict[str, tuple[str, list[str], dict]]:
+        if ids is None:
+            rows = self._conn.execute("SELECT * FROM routed").fetchall()
+        else:
+            rows = []
+            for s in range(0, len(ids), 900):
+                part = ids[s:s + 900]
+                rows += self._conn.execute(f"SELECT * FROM routed WHERE id IN ({','.join('?' * len(part))})",
+                                           part).fetchall()
+        return {i: (h, orjson.loads(c), orjson.loads(m)) for i, h, c, m in rows}
+
+    def shared(self, hub_id: str) -> int:
+        """How many of our drawers map to ``hub_id`` (two records with the same text share one)."""
+        return self._conn.execute("SELECT count(*) FROM routed WHERE hub_id = ?", (hub_id,)).fetchone()[0]
+
+    def put(self, our_id: str, hub_id: str, chunk_ids: list[str], metadata: dict) -> None:
+        self._conn.execute("INSERT OR REPLACE INTO routed VALUES (?,?,?,?)",
+                           (our_id, hub_id, orjson.dumps(chunk_ids).decode(), orjson.dumps(metadata).decode()))
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+class RoutedStore:
+    """Writes drawers through a live hub or daemon (``server``); see the module docstring."""
+
+    kind = "chroma"
+    dropped = DROPPED
+
+    def __init__(self, layout: PalaceLayout, server: Hub | Daemon, lock_timeout: float = 30.0):
+        self.server = server
+        self.route = server.kind
+        self._live = ChromaDirStore(layout, lock_timeout)
+        self._reader = ChromaDirReader(layout, lock_timeout)
+        self._client = HubClient(server) if server.kind == "hub" else DaemonClient(server)
+        self._routed: RoutedIds | None = None
+        self._own: set[str] = set()  # our ids found under themselves (imported before, directly)
+        self.refused: list[tuple[str, str]] = []  # (our id, MemPalace's reason) of drawers it would not file
+        self.name, self.zone, self.kg_path = self._live.name, self._live.zone, self._live.kg_path
+        self.state_dir, self.root = self._live.state_dir, self._live.root
+
+    def __repr__(self) -> str:
+        return f"RoutedStore({self.name!r} via {self.server.url})"
+
+    def _map(self) -> RoutedIds:
+        if self._routed is None:
+            self._routed = RoutedIds(self.state_dir)
+        return self._routed
+
+    # ------------------------------------------------------------------ reads
+    def exists(self) -> bool:
+        return self._live.exists()
+
+    def verified(self) -> None:
+        self._live.verified()
+
+    def snapshot(self):
+        return self._reader.snapshot()
+
+    def rows(self, table, fields=None):
+        return self._reader.rows(table, fields)
+
+    def info(self, table):
+        return self._reader.info(table)
+
+    def counts(self):
+        return self._reader.counts()
+
+    def nearest(self, table, vectors, k):
+        return self._reader.nearest(table, vectors, k)
+
+    def integrity(self, full: bool):
+        return self._reader.integrity(full)
+
+    def fetch(self, table: str, ids: list[str], vectors: bool = True) -> Iterator[list[dict]]:
+        """Rows of ``ids`` as the loader and verify know them: a routed drawer under our id, with the
+        metadata we meant, while the hub's copy still holds the text we sent."""
+        if table in KG_TABLES or table != "drawers":
+            yield from self._reader.fetch(table, ids, vectors)
+            return
+        mapped = self._map().get(ids)
+        wanted = [i for i in ids if i not in mapped] + [c for _, chunks, _ in mapped.values() for c in chunks]
+        held = {r["id"]: r for page in self._reader.fetch(table, wanted, vectors=False) for r in page}
+        out = []
+        for i in ids:
+            if i in mapped:
+                _, chunks, meta = mapped[i]
+                if all(c in held for c in chunks):
+                    text = "".join(held[c]["document"] or "" for c in chunks)
+                    if content_sha256(text) == meta.get("content_sha256"):
+                        out.append({"id": i, "document": text, "metadata": meta})
+            elif i in held:
+                self._own.add(i)
+                out.append(held[i])
+        yield out
+
+    # ----------------------------------------------------------------- writes
+    def write(self, table: str, rows: list[dict]) -> None:
+        if table in KG_TABLES:
+            self._live.write(table, rows)
+            return
+        if table != "drawers":
+            raise PalaceEtlError(f"write {table} into {self.name}: {self.server} files drawers only",
+                                 hint="stop it for the migration window (--wait), or serve the palace from PostgreSQL")
+        routed = self._map()
+        before = routed.get([r["id"] for r in rows])
+        calls = []
+        for row in rows:
+            meta = row["metadata"]
+            args = {"wing": meta["wing"], "room": meta["room"], "content": row["document"],
+                    "added_by": meta.get("added_by") or "palace-etl"}
+            if meta.get("source_file"):
+                args["source_file"] = meta["source_file"]
+            calls.append(args)
+        stale: list[str] = []
+        for row, answer in zip(rows, self._client.calls("mempalace_add_drawer", calls)):
+            if not answer.get("success"):
+                self.refused.append((row["id"], str(answer.get("error") or answer)))
+                continue
+            hub_id = answer["drawer_id"]
+            old = before[row["id"]][0] if row["id"] in before else (row["id"] if row["id"] in self._own else None)
+            routed.put(row["id"], hub_id, answer.get("chunk_ids") or [hub_id], row["metadata"])
+            if old is not None and old != hub_id and routed.shared(old) == 0:
+                stale.append(old)  # the text changed: its old drawer goes once the new one is filed
+        for s in range(0, len(stale), _DELETE_MAX):
+            answer = self._client.call("mempalace_delete_drawers", {"drawer_ids": stale[s:s + _DELETE_MAX]})
+            if "error" in answer and "results" not in answer:
+                raise HubError(f"{self.server}: deleting {len(stale)} replaced drawer(s) failed: {answer['error']}")
+
+    def delete(self, table: str, ids: list[str]) -> None:
+        if table in KG_TABLES:
+            self._live.delete(table, ids)
+            return
+        raise PalaceEtlError(f"delete from {self.name}: the {self.route} route does not delete drawers "
+                             "palace-etl did not write through it", hint="stop it for the window, or use --wait")
+
+    def commit(self) -> None:
+        pass  # every acknowledged call is durable in MemPalace; the mapping commits per row
+
+    def batch_limit(self, table: str) -> int:
+        return 500
+
+    # ------------------------------------------------------- identity, KG, state
+    def identity(self) -> EmbedderIdentity | None:
+        return self._live.identity()
+
+    def claim_identity(self, ident: EmbedderIdentity) -> None:
+        pass  # MemPalace embeds every text with the palace's own model (and creates the palace if need be)
+
+    def sidecar(self) -> bytes | None:
+        return self._live.sidecar()
+
+    def knowledge_graph(self, read_only: bool = False) -> KnowledgeGraph:
+        return KnowledgeGraph(self.kg_path, read_only=read_only)
+
+    def session(self, exclusive: bool, timeout: float):
+        return self._live.session(exclusive, timeout)
+
+    def is_empty(self) -> bool:
+        return self._reader.is_empty()
+
+    def _refuse(self, *args, **kwargs):
+        raise PalaceEtlError(f"write {self.name}: {self.server} holds it; only drawers and KG rows go through")
+
+    set_identity = put_sidecar = replacing = check_target = sync_state = save_sync_state = _refuse
+
+    def close(self) -> None:
+        self._reader.close()
+        self._live.close()
+        self._client.close()
+        if self._routed is not None:
+            self._routed.close()
+            self._routed = None
