@@ -180,7 +180,7 @@ class Loader:
                               str(self.identity))
         report.route, report.route_drops = self.store.route, list(self.store.dropped)
         if report.route != "direct":
-            report.vector_decision = "the hub embeds every text itself (this route cannot carry vectors)"
+            report.vector_decision = f"the {report.route} embeds every text itself (this route cannot carry vectors)"
         palace_exists = self.store.exists()
         quarantine = Quarantine(None if self.dry_run else self.store.state_dir / "quarantine" / f"{run_id}.jsonl")
         # may refuse its options before anything is written

@@ -8,10 +8,14 @@ Found the way MemPalace 3.11's own CLI finds them (``server_registry.py``):
   ``~/.mempalace/server/<sha256(normcase(realpath))[:24]>/serverinfo.json``; the record counts only
   while its pid is alive. The bearer token is the ``token`` file beside it, then
   ``MEMPALACE_MCP_HTTP_TOKEN``; the second is tried only after a 401.
+- a daemon (``mempalace daemon start``) records ``~/.mempalace/daemon/<same key>/endpoint.json``
+  (or under ``MEMPALACE_DAEMON_STATE_ROOT``) with its bearer ``token`` beside it.
 - a stdio ``mempalace-mcp`` registers nothing: it can be named (from the lock file) but not reached.
 
-``HubClient.call`` sends one JSON-RPC ``tools/call`` to the hub's ``POST /mcp`` and returns the
-tool's own JSON answer.
+Both reachable writers run MemPalace's own write tools: ``HubClient.calls`` sends JSON-RPC
+``tools/call`` to the hub's ``POST /mcp`` one after another (the hub serialises writes: in parallel
+they ran no faster here); ``DaemonClient.calls`` queues ``mcp_tool`` jobs (``POST /jobs``) and
+collects their results. Either yields each tool's own JSON answer, in order, as it arrives.
 """
 from __future__ import annotations
 
@@ -19,8 +23,10 @@ import fcntl
 import hashlib
 import itertools
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import httpx
 import orjson
@@ -37,7 +43,11 @@ _SERVERS = ("mcp_server", "mempalace-mcp", "mempalace/daemon.py")
 
 
 class HubError(PalaceEtlError):
-    """The hub did not answer, or answered with an error for the whole call."""
+    """The hub or daemon did not answer, or answered with an error for the whole call."""
+
+
+_RERUN = ("start it again and re-run the same command: what it acknowledged is recorded, nothing is "
+          "written twice")
 
 
 @dataclass(frozen=True)
@@ -106,11 +116,8 @@ def _live_record(path: Path) -> dict | None:
     return info
 
 
-def live_daemon(palace: str | os.PathLike) -> str | None:
-    """How to name the MemPalace daemon serving ``palace`` (its ``endpoint.json``), while it runs."""
-    root = Path(os.environ.get("MEMPALACE_DAEMON_STATE_ROOT") or Path.home() / ".mempalace" / "daemon")
-    info = _live_record(root / _key(palace) / "endpoint.json")
-    return None if info is None else f"the MemPalace daemon at {info.get('host')}:{info['port']} (PID {info['pid']})"
+def _daemon_dir(palace: str | os.PathLike) -> Path:
+    return Path(os.environ.get("MEMPALACE_DAEMON_STATE_ROOT") or Path.home() / ".mempalace" / "daemon") / _key(palace)
 
 
 @dataclass(frozen=True)
@@ -119,9 +126,37 @@ class Hub:
     pid: int
     read_only: bool
     tokens: tuple[str, ...]
+    kind = "hub"
 
     def __str__(self) -> str:
         return f"the MemPalace hub at {self.url} (PID {self.pid})"
+
+
+@dataclass(frozen=True)
+class Daemon:
+    url: str
+    pid: int
+    token: str
+    palace: str
+    kind = "daemon"
+    read_only = False
+
+    def __str__(self) -> str:
+        return f"the MemPalace daemon at {self.url} (PID {self.pid})"
+
+
+def live_daemon(palace: str | os.PathLike) -> Daemon | None:
+    """The daemon serving ``palace``, from its ``endpoint.json``, while its pid is alive."""
+    where = _daemon_dir(palace)
+    info = _live_record(where / "endpoint.json")
+    if info is None:
+        return None
+    try:
+        token = (where / "token").read_text(encoding="utf-8").strip()
+    except OSError:
+        token = ""
+    return Daemon(f"http://{info.get('host') or '127.0.0.1'}:{info['port']}", info["pid"], token,
+                  str(info.get("palace_path") or palace))
 
 
 def live_hub(palace: str | os.PathLike) -> Hub | None:
@@ -149,10 +184,15 @@ class HubClient:
     """JSON-RPC ``tools/call`` to one hub over one keep-alive connection."""
 
     def __init__(self, hub: Hub, timeout: float = 300.0):
-        self.hub = hub
+        self.server = hub
         self._http = httpx.Client(timeout=timeout)
         self._ids = itertools.count(1)
         self._token = hub.tokens[0] if hub.tokens else None
+
+    def calls(self, tool: str, arguments: list[dict]) -> Iterator[dict]:
+        """The answers to ``tool`` called with each of ``arguments``, one call after another."""
+        for args in arguments:
+            yield self.call(tool, args)
 
     def call(self, tool: str, arguments: dict) -> dict:
         """The tool's answer (its JSON text, parsed). A transport failure or a JSON-RPC error raises
@@ -161,33 +201,77 @@ class HubClient:
                    "params": {"name": tool, "arguments": arguments}}
         answer = self._post(orjson.dumps(message))
         if "error" in answer:
-            raise HubError(f"{self.hub}: {tool} failed: {answer['error'].get('message', answer['error'])}")
+            raise HubError(f"{self.server}: {tool} failed: {answer['error'].get('message', answer['error'])}")
         try:
             return orjson.loads(answer["result"]["content"][0]["text"])
         except (KeyError, IndexError, TypeError, orjson.JSONDecodeError):
-            raise HubError(f"{self.hub}: {tool} gave an answer that is not a MemPalace tool result: "
+            raise HubError(f"{self.server}: {tool} gave an answer that is not a MemPalace tool result: "
                            f"{str(answer)[:200]}") from None
 
     def _post(self, body: bytes) -> dict:
-        candidates = [self._token] + [t for t in self.hub.tokens if t != self._token]
+        candidates = [self._token] + [t for t in self.server.tokens if t != self._token]
         for n, token in enumerate(candidates):
             headers = {"content-type": "application/json"}
             if token:
                 headers["authorization"] = f"Bearer {token}"
             try:
-                r = self._http.post(f"{self.hub.url}/mcp", content=body, headers=headers)
+                r = self._http.post(f"{self.server.url}/mcp", content=body, headers=headers)
             except httpx.HTTPError as exc:
-                raise HubError(f"{self.hub} stopped answering ({type(exc).__name__}: {exc})",
-                               hint="start it again and re-run the same command: what it acknowledged is "
-                                    "recorded, nothing is written twice") from None
+                raise HubError(f"{self.server} stopped answering ({type(exc).__name__}: {exc})", hint=_RERUN) from None
             if r.status_code == 401 and n + 1 < len(candidates):
                 continue  # the other candidate, as MemPalace's own CLI does: a 401 was refused before dispatch
             if r.status_code != 200:
-                raise HubError(f"{self.hub} answered HTTP {r.status_code}: {r.text[:200]}",
+                raise HubError(f"{self.server} answered HTTP {r.status_code}: {r.text[:200]}",
                                hint=f"set {TOKEN_ENV} to the hub's token" if r.status_code == 401 else None)
             self._token = token
             return orjson.loads(r.content)
-        raise HubError(f"{self.hub}: no token was accepted")  # pragma: no cover - the loop always returns
+        raise HubError(f"{self.server}: no token was accepted")  # pragma: no cover - the loop always returns
+
+    def close(self) -> None:
+        self._http.close()
+
+
+class DaemonClient:
+    """``mcp_tool`` jobs on one daemon's queue (durable there, retried by it, deduplicated by key)."""
+
+    POLL = 0.05
+
+    def __init__(self, daemon: Daemon, timeout: float = 300.0):
+        self.server = daemon
+        self._timeout = timeout
+        self._http = httpx.Client(timeout=timeout, headers={"authorization": f"Bearer {daemon.token}"})
+
+    def _request(self, method: str, path: str, body: dict | None = None) -> dict:
+        try:
+            r = self._http.request(method, f"{self.server.url}{path}", content=None if body is None else orjson.dumps(body),
+                                   headers={"content-type": "application/json"})
+        except httpx.HTTPError as exc:
+            raise HubError(f"{self.server} stopped answering ({type(exc).__name__}: {exc})", hint=_RERUN) from None
+        if r.status_code not in (200, 202):
+            raise HubError(f"{self.server} answered HTTP {r.status_code}: {r.text[:200]}")
+        return orjson.loads(r.content)
+
+    def calls(self, tool: str, arguments: list[dict]) -> Iterator[dict]:
+        """Queue one job per call, then yield each job's result in order as it finishes."""
+        jobs = []
+        for args in arguments:
+            key = hashlib.sha256(orjson.dumps([tool, args], option=orjson.OPT_SORT_KEYS)).hexdigest()[:32]
+            payload = {"name": tool, "arguments": args, "palace_path": self.server.palace}
+            jobs.append(self._request("POST", "/jobs", {"kind": "mcp_tool", "payload": payload,
+                                                        "dedupe_key": f"palace-etl:{key}"})["job"]["id"])
+        for job_id in jobs:
+            deadline = time.monotonic() + self._timeout
+            while (job := self._request("GET", f"/jobs/{job_id}")["job"])["state"] not in ("succeeded", "failed",
+                                                                                             "cancelled"):
+                if time.monotonic() > deadline:
+                    raise HubError(f"{self.server}: job {job_id} ({tool}) still {job['state']} after "
+                                   f"{self._timeout:g}s", hint=_RERUN)
+                time.sleep(self.POLL)
+            yield job["result"] if isinstance(job.get("result"), dict) else \
+                {"success": False, "error": job.get("error") or job["state"]}
+
+    def call(self, tool: str, arguments: dict) -> dict:
+        return next(self.calls(tool, [arguments]))
 
     def close(self) -> None:
         self._http.close()

@@ -16,7 +16,15 @@ from pathlib import Path
 from palace.stores import open_store
 
 from .helpers import cli_json, run_cli
-from .test_live import SAMPLE, BIN, LiveHub, add_drawer_call, drawer_id_of, fingerprint, lease_held
+from .test_live import (
+    BIN,
+    SAMPLE,
+    LiveHub,
+    add_drawer_call,
+    drawer_id_of,
+    fingerprint,
+    lease_held,
+)
 
 ANIMALS = ["heron", "otter", "badger", "lynx", "marmot", "ibis", "gecko", "walrus", "okapi", "tapir"]
 THINGS = ["lantern", "compass", "kettle", "ledger", "violin", "anchor", "telescope", "quilt", "abacus"]
@@ -211,3 +219,33 @@ def test_wait_is_spelled_the_same_on_every_verb_that_writes_a_palace():
     for verb in (("import", "jsonl"), ("restore",), ("sync",)):
         assert "--wait" in run_cli(*verb, "--help").stdout
     assert "--via" in run_cli("import", "auto", "--help").stdout
+
+
+def test_an_import_beside_a_live_daemon_goes_through_its_queue(tmp_path):
+    """MemPalace's daemon (what ``mempalace daemon start`` runs) holds the lease for life; drawers go
+    through its ``mcp_tool`` jobs, and a re-run writes nothing."""
+    from palace.live import live_daemon
+
+    palace = tmp_path / "palace"
+    cli_json("import", "mcp-memory", SAMPLE, "--palace", palace)
+    src = tmp_path / "notes.jsonl"
+    rows = memories(src, 40, "queued")
+    daemon = subprocess.Popen([sys.executable, "-m", "mempalace.daemon", "serve", "--palace", str(palace)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not (lease_held(palace) and live_daemon(palace)):
+            assert daemon.poll() is None, daemon.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "the daemon never took the palace lease"
+            time.sleep(0.2)
+        r = cli_json("import", "jsonl", src, "--palace", palace, "--lock-timeout", "1")
+        assert (r["route"], r["drawers_written"], r["vectors_embedded"]) == ("daemon", 40, 0)
+        again = cli_json("import", "jsonl", src, "--palace", palace, "--via", "daemon")
+        assert again["drawers_written"] == 0 and again["drawers_unchanged"] == 40
+        run_cli("verify", "--palace", palace, "--against", "jsonl", src, "--against", "mcp-memory", SAMPLE)
+        assert cli_json("sync", palace, tmp_path / "side", "--dry-run")["plan"]["to_b"]["drawers"] == 403
+    finally:
+        daemon.terminate()
+        daemon.wait(timeout=60)
+    counts = collections.Counter(documents(palace))
+    assert all(counts[row["text"]] == 1 for row in rows)

@@ -60,8 +60,8 @@ EMBEDDER = typer.Option("minilm", "--embedder", help="Embedder: minilm (default)
 LOCK_TIMEOUT = typer.Option(5.0, "--lock-timeout", help="Seconds to wait for the palace writer lock.")
 WAIT = typer.Option(False, "--wait", help="When a MemPalace server holds the palace's writer lease, wait until "
                     "it lets go (however long), then write directly.")
-VIA = typer.Option("auto", "--via", help="auto (default): direct, or through a live MemPalace hub holding the "
-                   "palace; hub or direct forces one route.")
+VIA = typer.Option("auto", "--via", help="auto (default): direct, or through the live MemPalace hub or daemon "
+                   "holding the palace; hub, daemon or direct forces one route.")
 DEBUG = {"on": False}
 
 

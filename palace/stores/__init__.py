@@ -9,8 +9,8 @@ A new backend is one module here, one branch in ``store_kind``, and a green
 
 Writers open through ``open_writer``, which looks first at who holds a palace directory's writer
 lease (``palace.live``) and picks the route: direct (our ids, metadata and vectors, under the lock),
-through a live MemPalace hub (``HubStore``), or none at once when the holder is a MemPalace server
-that cannot be reached.
+through a live MemPalace hub or daemon (``RoutedStore``), or none at once when the holder is a
+MemPalace server that cannot be reached.
 """
 from __future__ import annotations
 
@@ -26,13 +26,13 @@ from .base import CollectionInfo, PalaceStore, SyncState
 from .bundle_dir import BundleDirStore
 from .chroma_dir import ChromaDirReader, ChromaDirStore
 from .chroma_http import ChromaServerStore
-from .hub import HubStore, RoutedIds
+from .routed import RoutedIds, RoutedStore
 
 __all__ = ["VIA", "BundleDirStore", "ChromaDirReader", "ChromaDirStore", "ChromaServerStore", "CollectionInfo",
-           "HubStore", "PalaceStore", "RoutedIds", "SyncState", "open_store", "open_writer", "store_for",
+           "PalaceStore", "RoutedIds", "RoutedStore", "SyncState", "open_store", "open_writer", "store_for",
            "store_kind", "store_root"]
 
-VIA = ("auto", "hub", "direct")
+VIA = ("auto", "hub", "daemon", "direct")
 WAIT_POLL = 1.0  # seconds between looks at the lease while --wait waits
 
 
@@ -90,18 +90,18 @@ def open_writer(spec: str, kg: str | Path | None = None, lock_timeout: float = 3
 
     - nobody holds it (or ``via="direct"``): the direct store, our ids, metadata and vectors;
     - ``wait``: first wait (``notify`` is told whom for) until nobody holds it, then direct;
-    - a live, writable MemPalace hub holds it and the verb can go through one (``routable``):
-      ``HubStore``; ``via="hub"`` insists on that route;
-    - a MemPalace server that cannot be reached (a stdio ``mempalace-mcp``, the daemon) or a hub the
-      verb cannot use: ``PalaceLocked`` at once, naming it and the ways out;
+    - a live, writable MemPalace hub or daemon holds it and the verb can go through one
+      (``routable``): ``RoutedStore``; ``via="hub"``/``"daemon"`` insists on that route;
+    - a MemPalace server that cannot be reached (a stdio ``mempalace-mcp``) or one the verb cannot
+      write through: ``PalaceLocked`` at once, naming it and the ways out;
     - any other holder (``mempalace mine``, another palace-etl): the direct store, whose writes wait
       up to ``lock_timeout`` for it, as before.
     """
     if via not in VIA:
         raise PalaceEtlError(f"--via {via!r}: expected one of {', '.join(VIA)}")
     if store_kind(spec) != "chroma":
-        if via == "hub":
-            raise PalaceEtlError(f"{what} {spec}: --via hub is for a palace directory a MemPalace hub serves")
+        if via in ("hub", "daemon"):
+            raise PalaceEtlError(f"{what} {spec}: --via {via} is for a palace directory MemPalace serves")
         return open_store(spec, kg, lock_timeout)
     layout = layout_for(spec, kg)
     palace = layout.path
@@ -113,25 +113,25 @@ def open_writer(spec: str, kg: str | Path | None = None, lock_timeout: float = 3
             time.sleep(WAIT_POLL)
     if via == "direct" or (holder is None and via == "auto"):
         return ChromaDirStore(layout, lock_timeout)
-    hub = live_hub(palace)
-    if hub is not None and not hub.read_only and routable:
-        return HubStore(layout, hub, lock_timeout)
-    if via == "hub":
-        raise PalaceEtlError(f"{what} {palace}: --via hub, but no writable MemPalace hub serves this palace",
-                             hint=f"start one (mempalace serve --palace {palace}), or leave out --via")
+    servers = [s for s in (live_hub(palace), live_daemon(palace)) if s is not None and not s.read_only]
+    usable = [s for s in servers if via in ("auto", s.kind)]
+    if usable and routable:
+        return RoutedStore(layout, usable[0], lock_timeout)
+    if via != "auto":
+        raise PalaceEtlError(f"{what} {palace}: --via {via}, but no writable MemPalace {via} serves this palace",
+                             hint=f"start one (mempalace serve --palace {palace}), or leave out --via" if via == "hub"
+                             else "start it (mempalace daemon start), or leave out --via")
     if holder is None:
         return ChromaDirStore(layout, lock_timeout)
-    if hub is not None and not routable:
-        raise PalaceLocked(f"{what} {palace}: {hub} holds the palace's writer lease, and a {what} carries "
-                           "ids and vectors that a hub cannot take",
-                           hint=f"stop the hub for the {what} window (re-run with --wait to start the moment it "
+    if servers:
+        raise PalaceLocked(f"{what} {palace}: {servers[0]} holds the palace's writer lease, and a {what} carries "
+                           f"ids and vectors that MemPalace's tools cannot take",
+                           hint=f"stop it for the {what} window (re-run with --wait to start the moment it "
                                 "stops), or serve the palace from PostgreSQL (MemPalace's pgvector backend takes "
                                 "no lease)")
-    if holder.is_server or hub is not None:
-        daemon = live_daemon(palace)
-        who = daemon if daemon and "daemon" in holder.argv else f"the MemPalace server {holder}"
-        raise PalaceLocked(f"{what} {palace}: {who} holds the palace's writer lease and palace-etl cannot "
-                           "reach it to write through it",
+    if holder.is_server:
+        raise PalaceLocked(f"{what} {palace}: the MemPalace server {holder} holds the palace's writer lease and "
+                           "palace-etl cannot reach it to write through it",
                            hint=f"serve the palace with `mempalace serve --palace {palace}` instead (palace-etl "
                                 "then writes through the hub), or stop that server for the window (re-run with "
                                 "--wait to start the moment it exits), or serve the palace from PostgreSQL "
