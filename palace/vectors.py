@@ -264,10 +264,19 @@ class VectorStore:
 
     def upsert(self, ids: Sequence[str], documents: Sequence[str], metadatas: Sequence[dict],
                embeddings: np.ndarray) -> None:
+        """Write rows exactly as given. Chroma's upsert merges metadata (a key the new row lacks is
+        kept from the old one), so keys the old row has and the new one lacks are sent as None,
+        which is how Chroma removes a key: otherwise a replica whose row lost a key (a pgvector
+        palace, an edit) could never converge with this one."""
         self._ensure_space(len(ids))
         with self.writing() as col:
-            col.upsert(ids=list(ids), documents=list(documents), metadatas=list(metadatas),
-                       embeddings=embeddings)
+            old = col.get(ids=list(ids), include=["metadatas"])
+            had = {i: m for i, m in zip(old["ids"], old["metadatas"]) if m}
+            metas = []
+            for i, m in zip(ids, metadatas):
+                gone = had.get(i, {}).keys() - (m or {}).keys()
+                metas.append({**(m or {}), **dict.fromkeys(gone)} if gone else m)
+            col.upsert(ids=list(ids), documents=list(documents), metadatas=metas, embeddings=embeddings)
 
     def delete(self, ids: Sequence[str]) -> None:
         with self.writing() as col:

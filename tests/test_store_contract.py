@@ -1,5 +1,6 @@
 """One contract, every store kind (as restic runs one suite over every backend): a palace
-directory, a ``chroma run`` server on 127.0.0.1, and a bundle directory. A new store passes this
+directory, a ``chroma run`` server on 127.0.0.1, a bundle directory, and a pgvector palace on a
+real PostgreSQL. A new store passes this
 before anything else uses it."""
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from palace.stores import (
     BundleDirStore,
     ChromaDirStore,
     ChromaServerStore,
+    PgVectorStore,
     SyncState,
     open_store,
 )
@@ -50,10 +52,14 @@ def kg_rows() -> dict[str, list[dict]]:
     return {"entities": entities, "triples": triples}
 
 
-@pytest.fixture(params=["chroma", "chroma-server", "bundle"])
+@pytest.fixture(params=["chroma", "chroma-server", "bundle", "pgvector"])
 def spec(request, tmp_path):
     """The spelling of a new, empty store of each kind (and its KG file where it needs one)."""
     if request.param == "chroma":
+        yield str(tmp_path / "palace"), None
+        return
+    if request.param == "pgvector":
+        request.getfixturevalue("pgvector_env")  # MEMPALACE_BACKEND=pgvector: a new directory is one
         yield str(tmp_path / "palace"), None
         return
     if request.param == "bundle":
@@ -83,7 +89,8 @@ def write_all(store, rows: list[dict], kg: dict | None = None) -> None:
 
 def test_the_factory_opens_each_kind(spec):
     store = opened(spec)
-    expected = {"chroma": ChromaDirStore, "chroma-server": ChromaServerStore, "bundle": BundleDirStore}
+    expected = {"chroma": ChromaDirStore, "chroma-server": ChromaServerStore, "bundle": BundleDirStore,
+                "pgvector": PgVectorStore}
     assert isinstance(store, expected[store.kind])
     assert not store.exists() and store.is_empty()
     assert store.snapshot() == {t: {} for t in TABLES}
@@ -130,7 +137,7 @@ def test_deletes_and_rewrites(spec):
     write_all(store, rows, kg_rows())
     store.delete("drawers", [r["id"] for r in rows[:10]] + ["never-there"])
     store.delete("triples", ["t0"])
-    edited = dict(rows[10], document="an edited memory")
+    edited = dict(rows[10], document="an edited memory", metadata={"wing": "w1"})  # keys dropped, not kept
     store.write("drawers", [edited])
     store.commit()
     store.close()
