@@ -48,7 +48,8 @@ def row(name, ours, base, ratio, target, ok, rss, note=""):
             "pass": ok, "peak_rss_mb": rss, "note": note}
 
 
-def run(size: int, chroma_texts: int, kg_triples: int, work: Path, skip: set[str], big_export: int = 0) -> list[dict]:
+def run(size: int, chroma_texts: int, kg_triples: int, work: Path, skip: set[str], big_export: int = 0,
+        hub_memories: int = 500) -> list[dict]:
     rows = []
     generate(work / "workload", size)
     docs = str(work / "docs.json")
@@ -160,7 +161,87 @@ def run(size: int, chroma_texts: int, kg_triples: int, work: Path, skip: set[str
                         f"{r['client_creations']} re-creations", f"{r['naive_recreations']} (re-create on every "
                         "mtime change, as 3.3.6)", r["client_creations"] / max(1, r["naive_recreations"]),
                         "<= 1 per 5 s", r["client_creations"] <= 1 + 20 / 5, r["peak_rss_mb"]))
+    if "live" not in skip:
+        rows += live(work, docs, ex, hub_memories)
     return rows
+
+
+def live(work: Path, docs: str, quiet_export: dict, n: int) -> list[dict]:
+    """8. Beside a live MemPalace hub serving the migrated palace: the export, the hub's search
+    latency while it runs, and an import routed through the hub."""
+    palace = work / "palace"
+    with Hub(palace) as url:
+        idle = measure("hub_searches", url=url, docs=docs, n=60)
+        stop = work / "searches.stop"
+        searcher = spawn("hub_searches", url=url, docs=docs, stop_file=str(stop))
+        ex = measure("export_palace", palace=str(palace), out=str(work / "live-backups"))
+        stop.touch()
+        busy = collect(searcher)
+        texts = json.loads(Path(docs).read_text())[:n]
+        source = work / "routed.jsonl"
+        source.write_text("".join(json.dumps({"id": f"r{i}", "text": t, "room": "routed"}) + "\n"
+                                  for i, t in enumerate(texts)))
+        ours = measure("routed_import", palace=str(palace), source=str(source))
+        loop = measure("add_drawer_loop", url=url, source=str(source))
+    slow = quiet_export["seconds"] / ex["seconds"]
+    p50, p99 = busy["p50_ms"] / idle["p50_ms"], busy["p99_ms"] / idle["p99_ms"]
+    return [
+        row("8. export beside a live hub (its lease held)", f"{rate(ex):,.0f} rows/s",
+            f"{rate(quiet_export):,.0f} rows/s (same export, quiet palace)", slow, ">= 0.9", slow >= 0.9,
+            ex["peak_rss_mb"]),
+        row("8b. hub mempalace_search latency during that export", f"p50 {busy['p50_ms']:.0f} ms, p99 "
+            f"{busy['p99_ms']:.0f} ms ({busy['rows']} searches)", f"idle: p50 {idle['p50_ms']:.0f} ms, p99 "
+            f"{idle['p99_ms']:.0f} ms", max(p50, p99), "<= 1.2 (worse of p50, p99)", max(p50, p99) <= 1.2,
+            busy["peak_rss_mb"], f"p50 ratio {p50:.2f}, p99 ratio {p99:.2f}"),
+        row(f"8c. import {n:,} memories routed through the hub", f"{rate(ours):,.1f} drawers/s ({ours['route']})",
+            f"{rate(loop):,.1f} drawers/s (MemPalace add_drawer loop)", rate(ours) / rate(loop), "report",
+            None, ours["peak_rss_mb"]),
+    ]
+
+
+class Hub:
+    """``mempalace serve`` on 127.0.0.1 over a palace, for the live rows."""
+
+    def __init__(self, palace: Path):
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.palace = palace
+
+    def __enter__(self) -> str:
+        import httpx
+
+        from palace.live import lease_holder
+
+        mempalace = str(Path(sys.executable).parent / "mempalace")
+        self.log = open(self.palace.parent / "hub.log", "wb")  # a pipe nobody reads would fill and stall the hub
+        self.proc = subprocess.Popen([mempalace, "serve", "--palace", str(self.palace), "--host", "127.0.0.1",
+                                      "--port", str(self.port)], stdout=self.log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, "MEMPALACE_SYNC_INTERVAL": "3600"})
+        deadline = time.monotonic() + 300
+        while True:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"bench: the hub exited:\n{(self.palace.parent / 'hub.log').read_text()[-3000:]}")
+            try:
+                if lease_holder(self.palace) and httpx.get(f"http://127.0.0.1:{self.port}/healthz",
+                                                           timeout=5).status_code == 200:
+                    return f"http://127.0.0.1:{self.port}/mcp"
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit("bench: the hub never started")
+            time.sleep(0.2)
+
+    def __exit__(self, *exc) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
@@ -181,7 +262,8 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=15000, help="memories to migrate (15000; 100000 for the big run)")
     ap.add_argument("--chroma-texts", type=int, default=2000, help="texts through Chroma's slow default EF")
     ap.add_argument("--kg-triples", type=int, default=20000, help="triples for the KG comparison")
-    ap.add_argument("--skip", action="append", default=[], help="skip a measurement group (concurrency)")
+    ap.add_argument("--skip", action="append", default=[], help="skip a measurement group (concurrency, live)")
+    ap.add_argument("--hub-memories", type=int, default=500, help="memories imported through the live hub (row 8c)")
     ap.add_argument("--big-export", type=int, default=0, help="also export a palace of this many drawers (100000)")
     ap.add_argument("--out", type=Path, default=HERE / "results", help="where the JSON/markdown report goes")
     a = ap.parse_args()
@@ -189,7 +271,7 @@ def main() -> None:
             "machine": f"{os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') >> 30} GiB, "
                        f"Python {platform.python_version()}"}
     with tempfile.TemporaryDirectory(prefix="palace-etl-bench-") as tmp:
-        rows = run(a.size, a.chroma_texts, a.kg_triples, Path(tmp), set(a.skip), a.big_export)
+        rows = run(a.size, a.chroma_texts, a.kg_triples, Path(tmp), set(a.skip), a.big_export, a.hub_memories)
     md = markdown(rows, meta)
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "latest.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))

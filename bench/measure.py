@@ -286,6 +286,57 @@ def reader(palace: str, seconds: float) -> dict:
     return {"seconds": seconds, "rows": reads, "client_creations": creations, "naive_recreations": naive}
 
 
+def _tool(client, url: str, name: str, arguments: dict) -> dict:
+    answer = client.post(url, json={"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                                    "params": {"name": name, "arguments": arguments}}).json()
+    return orjson.loads(answer["result"]["content"][0]["text"])
+
+
+def hub_searches(url: str, docs: str, n: int = 0, stop_file: str = "") -> dict:
+    """``mempalace_search`` through a live hub, one after another: ``n`` of them, or until
+    ``stop_file`` appears. Latencies in ms."""
+    import httpx
+
+    queries = [d[:200] for d in _docs(docs)[:500]]
+    lat = []
+    t = time.perf_counter()
+    with httpx.Client(timeout=300) as client:
+        while (len(lat) < n) if n else not Path(stop_file).exists():
+            q = time.perf_counter()
+            _tool(client, url, "mempalace_search", {"query": queries[len(lat) % len(queries)], "limit": 5})
+            lat.append((time.perf_counter() - q) * 1000)
+    lat.sort()
+    return {"seconds": time.perf_counter() - t, "rows": len(lat), "p50_ms": lat[len(lat) // 2],
+            "p99_ms": lat[min(len(lat) - 1, int(len(lat) * 0.99))]}
+
+
+def routed_import(palace: str, source: str) -> dict:
+    """``palace-etl import jsonl`` beside the hub holding ``palace``: the route it picks (the hub's)."""
+    from etl.embed import MINILM, MiniLMEmbedder
+    from etl.load import run_import
+    from importers.base import ImportOptions
+    from importers.registry import get_importer
+    from palace.stores import open_writer
+
+    t = time.perf_counter()
+    r = run_import(get_importer("jsonl"), Path(source), open_writer(palace), ImportOptions(), MiniLMEmbedder, MINILM,
+                   progress=False)
+    return {"seconds": time.perf_counter() - t, "rows": r.drawers_written, "route": r.route}
+
+
+def add_drawer_loop(url: str, source: str) -> dict:
+    """MemPalace's own way to file memories one by one: a ``mempalace_add_drawer`` call each."""
+    import httpx
+
+    rows = [orjson.loads(line) for line in Path(source).read_bytes().splitlines()]
+    t = time.perf_counter()
+    with httpx.Client(timeout=300) as client:
+        for r in rows:
+            assert _tool(client, url, "mempalace_add_drawer", {"wing": "loop", "room": r["room"],
+                                                             "content": r["text"]})["success"]
+    return {"seconds": time.perf_counter() - t, "rows": len(rows)}
+
+
 if __name__ == "__main__":
     limit = int(os.environ.get("BENCH_FSIZE_LIMIT", 8 << 30))
     resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))

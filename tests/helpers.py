@@ -1,11 +1,17 @@
 """Shared test helpers: run the real CLI and MemPalace in subprocesses, read palaces back."""
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import httpx
+
+from palace.lock import lock_path
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parent.parent
@@ -127,3 +133,65 @@ def wait_for_chroma(url: str, proc: subprocess.Popen, timeout: float = 60) -> No
             pass
         assert proc.poll() is None and time.monotonic() < deadline, "chroma run did not come up"
         time.sleep(0.2)
+
+
+def lease_held(palace: Path) -> bool:
+    path = lock_path(palace)
+    if not path.exists():
+        return False
+    with open(path, "rb") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return False
+
+
+class LiveHub:
+    """A real ``mempalace serve`` hub on 127.0.0.1 over ``palace``, started by the test."""
+
+    def __init__(self, palace: Path):
+        self.palace, self.port = palace, free_port()
+        self.url = f"http://127.0.0.1:{self.port}/mcp"
+        self.proc: subprocess.Popen | None = None
+        self._calls = 0
+
+    def start(self) -> "LiveHub":
+        # its output goes to a file: a pipe nobody reads fills after a few hundred calls and stalls the hub
+        self.log = self.palace.parent / f"hub-{self.port}.log"
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen([str(BIN / "mempalace"), "serve", "--palace", str(self.palace), "--host",
+                                          "127.0.0.1", "--port", str(self.port)], stdout=log, stderr=subprocess.STDOUT,
+                                         env={**os.environ, "MEMPALACE_SYNC_INTERVAL": "3600"})
+        deadline = time.monotonic() + 120
+        while not (lease_held(self.palace) and self._answers()):
+            assert self.proc.poll() is None, self.log.read_text()[-2000:]
+            assert time.monotonic() < deadline, "the hub never took the palace lease"
+            time.sleep(0.2)
+        return self
+
+    def _answers(self) -> bool:
+        try:
+            return httpx.get(f"http://127.0.0.1:{self.port}/healthz", timeout=5).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def tool(self, name: str, **arguments) -> dict:
+        self._calls += 1
+        answer = httpx.post(self.url, json={"jsonrpc": "2.0", "id": self._calls, "method": "tools/call",
+                                            "params": {"name": name, "arguments": arguments}}, timeout=120).json()
+        return json.loads(answer["result"]["content"][0]["text"])
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.kill()

@@ -17,7 +17,8 @@ def test_bench_command_from_its_readme(tmp_path):
     args = command.split()[3:]
     sizes = {"--size": "300", "--big-export": "600"}
     args = [sizes.get(args[i - 1], a) if i else a for i, a in enumerate(args)]
-    args += ["--chroma-texts", "20", "--kg-triples", "500", "--skip", "concurrency", "--out", str(tmp_path)]
+    args += ["--chroma-texts", "20", "--kg-triples", "500", "--skip", "concurrency", "--hub-memories", "20",
+             "--out", str(tmp_path)]
     proc = subprocess.run([sys.executable, "-m", "bench", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -25,5 +26,7 @@ def test_bench_command_from_its_readme(tmp_path):
     names = [r["measurement"] for r in report["rows"]]
     assert any(n.startswith("1. migrate 300") for n in names) and any(n.startswith("5b. export 600") for n in names)
     assert any(n.startswith("1c. migrate 300 memories from one mem0") for n in names)
+    hubbed = next(r for r in report["rows"] if r["measurement"].startswith("8c. import 20 memories routed"))
+    assert "(hub)" in hubbed["ours"]  # beside the live hub the import really went through it
     assert all(r["ratio"] is None or r["ratio"] > 0 for r in report["rows"])
     assert "| measurement |" in proc.stdout

@@ -3,12 +3,10 @@ writer lease for its whole life, and export, verify and status still work -- fro
 without the lock -- and leave every byte and mtime of the live palace as it was."""
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,23 +16,9 @@ import pytest
 
 from palace.lock import lock_path
 
-from .helpers import REPO, cli_json, free_port, run_cli
+from .helpers import BIN, REPO, LiveHub, cli_json, lease_held, run_cli
 
-BIN = Path(sys.executable).parent
 SAMPLE = REPO / "sample_data/mcp-memory/memory.jsonl"
-
-
-def lease_held(palace: Path) -> bool:
-    path = lock_path(palace)
-    if not path.exists():
-        return False
-    with open(path, "rb") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(f, fcntl.LOCK_UN)
-        return False
 
 
 def fingerprint(palace: Path) -> dict[str, tuple[str, int]]:
@@ -54,52 +38,6 @@ def drawer_id_of(answer: dict) -> str:
     text = answer["result"]["content"][0]["text"]
     assert '"success": true' in text.replace("'", '"').lower() or "drawer_" in text, text
     return json.loads(text)["drawer_id"]
-
-
-class LiveHub:
-    """A real ``mempalace serve`` hub on 127.0.0.1 over ``palace``, started by the test."""
-
-    def __init__(self, palace: Path):
-        self.palace, self.port = palace, free_port()
-        self.url = f"http://127.0.0.1:{self.port}/mcp"
-        self.proc: subprocess.Popen | None = None
-        self._calls = 0
-
-    def start(self) -> "LiveHub":
-        self.proc = subprocess.Popen([str(BIN / "mempalace"), "serve", "--palace", str(self.palace), "--host",
-                                      "127.0.0.1", "--port", str(self.port)], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, env={**os.environ, "MEMPALACE_SYNC_INTERVAL": "3600"})
-        deadline = time.monotonic() + 120
-        while not (lease_held(self.palace) and self._answers()):
-            assert self.proc.poll() is None, self.proc.stderr.read().decode()[-2000:]
-            assert time.monotonic() < deadline, "the hub never took the palace lease"
-            time.sleep(0.2)
-        return self
-
-    def _answers(self) -> bool:
-        try:
-            return httpx.get(f"http://127.0.0.1:{self.port}/healthz", timeout=5).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    def tool(self, name: str, **arguments) -> dict:
-        self._calls += 1
-        answer = httpx.post(self.url, json={"jsonrpc": "2.0", "id": self._calls, "method": "tools/call",
-                                            "params": {"name": name, "arguments": arguments}}, timeout=120).json()
-        return json.loads(answer["result"]["content"][0]["text"])
-
-    def kill(self) -> None:
-        self.proc.kill()
-        self.proc.wait()
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.kill()
 
 
 @pytest.fixture

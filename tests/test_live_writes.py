@@ -230,12 +230,13 @@ def test_an_import_beside_a_live_daemon_goes_through_its_queue(tmp_path):
     cli_json("import", "mcp-memory", SAMPLE, "--palace", palace)
     src = tmp_path / "notes.jsonl"
     rows = memories(src, 40, "queued")
+    log = open(tmp_path / "daemon.log", "wb")  # never a pipe nobody reads: it would stall the daemon
     daemon = subprocess.Popen([sys.executable, "-m", "mempalace.daemon", "serve", "--palace", str(palace)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                              stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 120
         while not (lease_held(palace) and live_daemon(palace)):
-            assert daemon.poll() is None, daemon.stderr.read().decode()[-2000:]
+            assert daemon.poll() is None, (tmp_path / "daemon.log").read_text()[-2000:]
             assert time.monotonic() < deadline, "the daemon never took the palace lease"
             time.sleep(0.2)
         r = cli_json("import", "jsonl", src, "--palace", palace, "--lock-timeout", "1")
@@ -247,5 +248,6 @@ def test_an_import_beside_a_live_daemon_goes_through_its_queue(tmp_path):
     finally:
         daemon.terminate()
         daemon.wait(timeout=60)
+        log.close()
     counts = collections.Counter(documents(palace))
     assert all(counts[row["text"]] == 1 for row in rows)

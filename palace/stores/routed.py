@@ -38,7 +38,6 @@ from .chroma_dir import ChromaDirReader, ChromaDirStore
 
 DROPPED = ("our drawer ids (the hub makes its own; routed.sqlite3 maps them)",
            "metadata beyond wing, room, source_file and added_by", "original filed_at", "carried vectors")
-_DELETE_MAX = 500  # mempalace_delete_drawers' limit
 _SQL = """CREATE TABLE IF NOT EXISTS routed (
     id TEXT PRIMARY KEY, hub_id TEXT NOT NULL, chunk_ids TEXT NOT NULL, metadata TEXT NOT NULL)"""
 
@@ -145,7 +144,7 @@ class RoutedStore:
     def fetch(self, table: str, ids: list[str], vectors: bool = True) -> Iterator[list[dict]]:
         """Rows of ``ids`` as the loader and verify know them: a routed drawer under our id, with the
         metadata we meant, while the hub's copy still holds the text we sent."""
-        if table in KG_TABLES or table != "drawers":
+        if table != "drawers":
             yield from self._reader.fetch(table, ids, vectors)
             return
         mapped = self._map().get(ids)
@@ -182,20 +181,23 @@ class RoutedStore:
             if meta.get("source_file"):
                 args["source_file"] = meta["source_file"]
             calls.append(args)
-        stale: list[str] = []
         for row, answer in zip(rows, self._client.calls("mempalace_add_drawer", calls)):
             if not answer.get("success"):
                 self.refused.append((row["id"], str(answer.get("error") or answer)))
                 continue
             hub_id = answer["drawer_id"]
             old = before[row["id"]][0] if row["id"] in before else (row["id"] if row["id"] in self._own else None)
+            if old is not None and old != hub_id and routed.shared(old) == (row["id"] in before):
+                self._drop(old)  # the text changed: its old drawer goes, once the new one is filed
             routed.put(row["id"], hub_id, answer.get("chunk_ids") or [hub_id], row["metadata"])
-            if old is not None and old != hub_id and routed.shared(old) == 0:
-                stale.append(old)  # the text changed: its old drawer goes once the new one is filed
-        for s in range(0, len(stale), _DELETE_MAX):
-            answer = self._client.call("mempalace_delete_drawers", {"drawer_ids": stale[s:s + _DELETE_MAX]})
-            if "error" in answer and "results" not in answer:
-                raise HubError(f"{self.server}: deleting {len(stale)} replaced drawer(s) failed: {answer['error']}")
+
+    def _drop(self, drawer_id: str) -> None:
+        """Delete a drawer this route replaced. Before the mapping moves on, so a crash in between
+        leaves the old id mapped and the re-run deletes it (a missing id is no error)."""
+        answer = self._client.call("mempalace_delete_drawers", {"drawer_ids": [drawer_id]})
+        if "results" not in answer:
+            raise HubError(f"{self.server}: deleting the replaced drawer {drawer_id} failed: "
+                           f"{answer.get('error', answer)}")
 
     def delete(self, table: str, ids: list[str]) -> None:
         if table in KG_TABLES:
