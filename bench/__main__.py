@@ -49,7 +49,7 @@ def row(name, ours, base, ratio, target, ok, rss, note=""):
 
 
 def run(size: int, chroma_texts: int, kg_triples: int, work: Path, skip: set[str], big_export: int = 0,
-        hub_memories: int = 500) -> list[dict]:
+        hub_memories: int = 500, pg_sync_size: int = 100000) -> list[dict]:
     rows = []
     generate(work / "workload", size)
     docs = str(work / "docs.json")
@@ -163,7 +163,39 @@ def run(size: int, chroma_texts: int, kg_triples: int, work: Path, skip: set[str
                         "<= 1 per 5 s", r["client_creations"] <= 1 + 20 / 5, r["peak_rss_mb"]))
     if "live" not in skip:
         rows += live(work, docs, ex, hub_memories)
+    if "pgvector" not in skip:
+        rows += pgvector(work, size, emb, pg_sync_size)
     return rows
+
+
+def pgvector(work: Path, size: int, emb: dict, big: int) -> list[dict]:
+    """9. pgvector palaces on a real PostgreSQL (the ``pgserver`` wheel, started here)."""
+    import pgserver
+
+    server = pgserver.get_server(Path(tempfile.mkdtemp(prefix="pg-")), cleanup_mode="delete")
+    os.environ["MEMPALACE_PGVECTOR_DSN"] = dsn = server.get_uri()
+    try:
+        mv = measure("sync_palace", a=str(work / "palace"), b=f"pgvector:{work / 'pg-moved'}")
+        raw = measure("copy_raw", palace=str(work / "palace"), dsn=dsn)
+        pg = measure("migrate", workload=str(work / "workload"), palace=f"pgvector:{work / 'pg-imported'}")
+        measure("build_palace", palace=str(work / "pg-big-src"), n=big)
+        first = measure("sync_palace", a=str(work / "pg-big-src"), b=f"pgvector:{work / 'pg-big'}")
+        again = measure("sync_palace", a=str(work / "pg-big-src"), b=f"pgvector:{work / 'pg-big'}")
+    finally:
+        os.environ.pop("MEMPALACE_PGVECTOR_DSN", None)
+        server.cleanup()
+    move = (size / mv["seconds"]) / rate(raw)
+    floor = pg["seconds"] / emb["seconds"]
+    return [
+        row(f"9. move {size:,} drawers Chroma -> pgvector (vectors carried)", f"{size / mv['seconds']:,.0f} drawers/s",
+            f"{rate(raw):,.0f} rows/s (raw COPY of the same rows)", move, ">= 0.8", move >= 0.8, mv["peak_rss_mb"]),
+        row(f"9b. migrate {size:,} memories into pgvector (parse, embed, load, KG)", f"{pg['seconds']:.1f} s",
+            f"{emb['seconds']:.1f} s (embedding alone)", floor, "<= 1.15", floor <= 1.15, pg["peak_rss_mb"]),
+        row(f"9c. second sync, nothing changed, {big:,}-drawer pgvector palace", f"{again['seconds']:.1f} s, "
+            f"{again['rows']} moved", f"{first['seconds']:.1f} s (first sync)", again["seconds"] / first["seconds"],
+            "small fraction, 0 moved", again["rows"] == 0 and again["seconds"] <= 0.2 * first["seconds"],
+            again["peak_rss_mb"]),
+    ]
 
 
 def live(work: Path, docs: str, quiet_export: dict, n: int) -> list[dict]:
@@ -262,7 +294,9 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=15000, help="memories to migrate (15000; 100000 for the big run)")
     ap.add_argument("--chroma-texts", type=int, default=2000, help="texts through Chroma's slow default EF")
     ap.add_argument("--kg-triples", type=int, default=20000, help="triples for the KG comparison")
-    ap.add_argument("--skip", action="append", default=[], help="skip a measurement group (concurrency, live)")
+    ap.add_argument("--skip", action="append", default=[],
+                    help="skip a measurement group (concurrency, live, pgvector)")
+    ap.add_argument("--pg-sync-size", type=int, default=100000, help="drawers of the pgvector palace synced twice (9c)")
     ap.add_argument("--hub-memories", type=int, default=500, help="memories imported through the live hub (row 8c)")
     ap.add_argument("--big-export", type=int, default=0, help="also export a palace of this many drawers (100000)")
     ap.add_argument("--out", type=Path, default=HERE / "results", help="where the JSON/markdown report goes")
@@ -271,7 +305,8 @@ def main() -> None:
             "machine": f"{os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') >> 30} GiB, "
                        f"Python {platform.python_version()}"}
     with tempfile.TemporaryDirectory(prefix="palace-etl-bench-") as tmp:
-        rows = run(a.size, a.chroma_texts, a.kg_triples, Path(tmp), set(a.skip), a.big_export, a.hub_memories)
+        rows = run(a.size, a.chroma_texts, a.kg_triples, Path(tmp), set(a.skip), a.big_export, a.hub_memories,
+                   a.pg_sync_size)
     md = markdown(rows, meta)
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "latest.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))

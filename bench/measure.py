@@ -286,6 +286,34 @@ def reader(palace: str, seconds: float) -> dict:
     return {"seconds": seconds, "rows": reads, "client_creations": creations, "naive_recreations": naive}
 
 
+def copy_raw(palace: str, dsn: str) -> dict:
+    """Raw psycopg ``COPY`` of a Chroma palace's drawers (ids, documents, metadata, vectors, read and
+    formatted before the clock starts) into a fresh table of MemPalace's pgvector layout."""
+    import psycopg
+
+    from palace.stores import open_store
+
+    store = open_store(palace, read_only=True)
+    ids = [i for page in store.rows("drawers", ()) for i, _, _ in page]
+    rows = [(r["id"], r["document"], orjson.dumps(r["metadata"], option=orjson.OPT_SORT_KEYS).decode(),
+             "[" + ",".join(map(repr, np.asarray(r["embedding"], dtype=np.float32).tolist())) + "]")
+            for page in store.fetch("drawers", ids) for r in page]
+    store.close()
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+        conn.execute("DROP TABLE IF EXISTS bench_copy_raw")
+        conn.execute("CREATE TABLE bench_copy_raw (id text PRIMARY KEY, document text NOT NULL DEFAULT '', metadata "
+                     "jsonb NOT NULL DEFAULT '{}'::jsonb, embedding vector(384), updated_at timestamptz)")
+        t = time.perf_counter()
+        with conn.transaction(), conn.cursor().copy("COPY bench_copy_raw (id, document, metadata, embedding) "
+                                                    "FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row(row)
+        secs = time.perf_counter() - t
+        conn.execute("DROP TABLE bench_copy_raw")
+    return {"seconds": secs, "rows": len(rows)}
+
+
 def _tool(client, url: str, name: str, arguments: dict) -> dict:
     answer = client.post(url, json={"jsonrpc": "2.0", "id": 1, "method": "tools/call",
                                     "params": {"name": name, "arguments": arguments}}).json()

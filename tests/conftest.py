@@ -82,3 +82,27 @@ def shared_chroma_server(tmp_path_factory):
     """One real ``chroma run`` server for a module; tests empty it after use."""
     with running_chroma(tmp_path_factory.mktemp("chroma") / "server-data") as url:
         yield url
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory):
+    """A real PostgreSQL 16 + pgvector for the session (the ``pgserver`` wheel: no root, no network,
+    a Unix socket in a temp directory): its DSN."""
+    import pgserver
+
+    os.environ.setdefault("XDG_RUNTIME_DIR", str(tmp_path_factory.mktemp("runtime")))
+    data = Path(tempfile.mkdtemp(prefix="pg-"))  # short: the socket path has a 107-byte limit
+    server = pgserver.get_server(data, cleanup_mode="delete")
+    try:
+        yield server.get_uri()
+    finally:
+        server.cleanup()
+        shutil.rmtree(data, ignore_errors=True)
+
+
+@pytest.fixture
+def pgvector_env(postgres, monkeypatch):
+    """MemPalace's own settings for a pgvector palace, in this process and every child it starts."""
+    monkeypatch.setenv("MEMPALACE_BACKEND", "pgvector")
+    monkeypatch.setenv("MEMPALACE_PGVECTOR_DSN", postgres)
+    return postgres

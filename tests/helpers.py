@@ -195,3 +195,32 @@ class LiveHub:
             self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             self.kill()
+
+
+class StdioMcp:
+    """A real stdio ``mempalace-mcp --palace P``, initialised, spoken to one JSON-RPC line at a time."""
+
+    def __init__(self, palace: Path):
+        self.proc = subprocess.Popen([str(BIN / "mempalace-mcp"), "--palace", str(palace)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self.pid, self._n = self.proc.pid, 0
+        self.call("initialize", {"protocolVersion": "2024-11-05", "capabilities": {},
+                                 "clientInfo": {"name": "palace-etl-tests", "version": "1"}})
+
+    def call(self, method: str, params: dict) -> dict:
+        self._n += 1
+        self.proc.stdin.write(json.dumps({"jsonrpc": "2.0", "id": self._n, "method": method, "params": params}) + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())
+
+    def add_drawer(self, text: str, wing: str = "live", room: str = "server") -> dict:
+        """MemPalace's own answer to ``mempalace_add_drawer`` (its ``drawer_id`` on success)."""
+        answer = self.call("tools/call", {"name": "mempalace_add_drawer",
+                                          "arguments": {"wing": wing, "room": room, "content": text}})
+        got = json.loads(answer["result"]["content"][0]["text"])
+        assert got.get("success"), got
+        return got
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)

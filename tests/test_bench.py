@@ -17,7 +17,7 @@ def test_bench_command_from_its_readme(tmp_path):
     args = command.split()[3:]
     sizes = {"--size": "300", "--big-export": "600"}
     args = [sizes.get(args[i - 1], a) if i else a for i, a in enumerate(args)]
-    args += ["--chroma-texts", "20", "--kg-triples", "500", "--skip", "concurrency", "--hub-memories", "20",
+    args += ["--chroma-texts", "20", "--kg-triples", "500", "--skip", "concurrency", "--hub-memories", "20", "--pg-sync-size", "500",
              "--out", str(tmp_path)]
     proc = subprocess.run([sys.executable, "-m", "bench", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=600)
@@ -28,5 +28,6 @@ def test_bench_command_from_its_readme(tmp_path):
     assert any(n.startswith("1c. migrate 300 memories from one mem0") for n in names)
     hubbed = next(r for r in report["rows"] if r["measurement"].startswith("8c. import 20 memories routed"))
     assert "(hub)" in hubbed["ours"]  # beside the live hub the import really went through it
+    assert any(n.startswith("9c. second sync, nothing changed, 500-drawer pgvector") for n in names)
     assert all(r["ratio"] is None or r["ratio"] > 0 for r in report["rows"])
     assert "| measurement |" in proc.stdout

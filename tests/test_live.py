@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
 import time
 from pathlib import Path
 
@@ -16,9 +15,7 @@ import pytest
 
 from palace.lock import lock_path
 
-from .helpers import BIN, REPO, LiveHub, cli_json, lease_held, run_cli
-
-SAMPLE = REPO / "sample_data/mcp-memory/memory.jsonl"
+from .helpers import SAMPLE, LiveHub, StdioMcp, cli_json, lease_held, run_cli
 
 
 def fingerprint(palace: Path) -> dict[str, tuple[str, int]]:
@@ -99,18 +96,9 @@ def test_export_verify_status_beside_a_stdio_mcp_server_that_wrote(tmp_path):
     exits (and registers nowhere); the backup still works beside it and carries its drawer."""
     palace = tmp_path / "palace"
     cli_json("import", "mcp-memory", SAMPLE, "--palace", palace)
-    server = subprocess.Popen([str(BIN / "mempalace-mcp"), "--palace", str(palace)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-
-    def call(message: dict) -> dict:
-        server.stdin.write(json.dumps(message) + "\n")
-        server.stdin.flush()
-        return json.loads(server.stdout.readline())
-
+    server = StdioMcp(palace)
     try:
-        call({"jsonrpc": "2.0", "id": 0, "method": "initialize",
-              "params": {"protocolVersion": "2024-11-05", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}})
-        theirs = drawer_id_of(call(add_drawer_call(1, "the stdio server filed this memory")))
+        theirs = server.add_drawer("the stdio server filed this memory")["drawer_id"]
         assert lease_held(palace)
         before = fingerprint(palace)
         r = cli_json("export", "--palace", palace, "--out", tmp_path / "b", "--lock-timeout", "1")
@@ -118,10 +106,9 @@ def test_export_verify_status_beside_a_stdio_mcp_server_that_wrote(tmp_path):
         assert cli_json("status", "--palace", palace, "--lock-timeout", "1")["drawers"] == 364
         after = fingerprint(palace)
         assert not sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
-        assert drawer_id_of(call(add_drawer_call(2, "the stdio server still writes"))) != theirs
+        assert server.add_drawer("the stdio server still writes")["drawer_id"] != theirs
     finally:
-        server.stdin.close()
-        server.wait(timeout=60)
+        server.close()
     cli_json("restore", r["bundle"], "--palace", tmp_path / "restored")
     assert_finds_itself(tmp_path / "restored", theirs)
 

@@ -15,16 +15,8 @@ from pathlib import Path
 
 from palace.stores import open_store
 
-from .helpers import cli_json, run_cli
-from .test_live import (
-    BIN,
-    SAMPLE,
-    LiveHub,
-    add_drawer_call,
-    drawer_id_of,
-    fingerprint,
-    lease_held,
-)
+from .helpers import SAMPLE, LiveHub, StdioMcp, cli_json, lease_held, run_cli
+from .test_live import add_drawer_call, drawer_id_of, fingerprint
 
 ANIMALS = ["heron", "otter", "badger", "lynx", "marmot", "ibis", "gecko", "walrus", "okapi", "tapir"]
 THINGS = ["lantern", "compass", "kettle", "ledger", "violin", "anchor", "telescope", "quilt", "abacus"]
@@ -149,18 +141,9 @@ def test_beside_a_stdio_server_writes_are_refused_at_once_and_wait_waits(tmp_pat
     cli_json("import", "mcp-memory", SAMPLE, "--palace", palace)
     src = tmp_path / "notes.jsonl"
     memories(src, 20, "waited")
-    server = subprocess.Popen([str(BIN / "mempalace-mcp"), "--palace", str(palace)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-
-    def call(message: dict) -> dict:
-        server.stdin.write(json.dumps(message) + "\n")
-        server.stdin.flush()
-        return json.loads(server.stdout.readline())
-
+    server = StdioMcp(palace)
     try:
-        call({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
-            "protocolVersion": "2024-11-05", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}})
-        drawer_id_of(call(add_drawer_call(1, "the stdio server filed this memory")))
+        server.add_drawer("the stdio server filed this memory")
         assert lease_held(palace)
         # an hour's --lock-timeout is not waited: the holder is named at once, with the ways out
         refused = run_cli("import", "jsonl", src, "--palace", palace, "--lock-timeout", "3600", check=11, timeout=120)
@@ -185,8 +168,7 @@ def test_beside_a_stdio_server_writes_are_refused_at_once_and_wait_waits(tmp_pat
         assert "waiting for PID" in waiting.stderr.readline()
         assert waiting.poll() is None
     finally:
-        server.stdin.close()
-        server.wait(timeout=60)
+        server.close()
     out, err = waiting.communicate(timeout=300)
     assert waiting.returncode == 0, err
     r = json.loads(out)

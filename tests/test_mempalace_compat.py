@@ -1,22 +1,38 @@
-"""The palaces we write are real MemPalace palaces: mempalace 3.11 opens, lists and searches them.
+"""The palaces we write are real MemPalace palaces: mempalace 3.11 opens, lists and searches them,
+on every backend we write -- a Chroma directory and a pgvector palace on a real PostgreSQL.
 
-Everything runs in subprocesses against the installed ``mempalace==3.11.0`` (the
-test extra), with the isolated HOME whose model our ``model install`` provisioned.
+Everything runs in subprocesses against the installed ``mempalace[pgvector]==3.11.0`` (the test
+extra), with the isolated HOME whose model our ``model install`` provisioned, and for pgvector with
+MemPalace's own settings (``MEMPALACE_BACKEND``, ``MEMPALACE_PGVECTOR_DSN``) in the environment.
 """
 import subprocess
 
 import pytest
 
-from .helpers import BIN, CORPUS, cli_json, palace_rows, run_python
+from .helpers import BIN, CORPUS, cli_json, run_python
 
 MEMORY = CORPUS / "mcp-memory" / "memory.jsonl"
 
 
-@pytest.fixture(scope="module")
-def palace(tmp_path_factory):
+@pytest.fixture(scope="module", params=["chroma", "pgvector"])
+def palace(request, tmp_path_factory):
     p = tmp_path_factory.mktemp("compat") / "palace"
-    cli_json("import", "mcp-memory", MEMORY, "--palace", p)
-    return p
+    with pytest.MonkeyPatch.context() as env:
+        if request.param == "pgvector":
+            env.setenv("MEMPALACE_BACKEND", "pgvector")
+            env.setenv("MEMPALACE_PGVECTOR_DSN", request.getfixturevalue("postgres"))
+        cli_json("import", "mcp-memory", MEMORY, "--palace", p)
+        assert (p / ("pgvector_backend.json" if request.param == "pgvector" else "chroma.sqlite3")).is_file()
+        yield p
+
+
+def palace_rows(palace) -> dict[str, dict]:
+    """{id: {document, metadata}} of every drawer, read by MemPalace's own reader (any backend)."""
+    return run_python(f"""
+from mempalace.palace import get_collection
+got = get_collection({str(palace)!r}, create=False, read_only=True).get(include=["documents", "metadatas"])
+emit({{i: {{"document": d, "metadata": m}} for i, d, m in zip(got["ids"], got["documents"], got["metadatas"])}})
+""")
 
 
 def mempalace(*args, timeout=180):
@@ -67,5 +83,7 @@ def test_mempalace_vector_search_finds_the_drawer_first(palace):
 
 
 def test_mempalace_repair_status_sees_no_divergence(palace):
+    if not (palace / "chroma.sqlite3").exists():
+        pytest.skip("repair-status compares Chroma's SQLite with its HNSW index; a pgvector palace has neither")
     out = mempalace("--palace", palace, "repair-status")
     assert "DIVERGED" not in out

@@ -30,8 +30,11 @@ def imported_libraries(root: Path) -> set[str]:
 
 
 def undeclared(root: Path) -> set[str]:
-    """Distributions the code imports but pyproject.toml does not declare."""
-    deps = tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
+    """Distributions the code imports but pyproject.toml does not declare (as a dependency, or in a
+    user-facing extra such as ``postgres``: the test extra does not count)."""
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    deps = project["dependencies"] + [d for name, extra in project.get("optional-dependencies", {}).items()
+                                      if name != "test" for d in extra]
     declared = {d.split(";")[0].split("[")[0].split(">")[0].split("=")[0].split("<")[0].strip().lower()
                 for d in deps}
     dists = packages_distributions()

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .helpers import REPO, SAMPLE, cli_json, free_port, wait_for_chroma
+from .helpers import REPO, SAMPLE, LiveHub, cli_json, free_port, wait_for_chroma
 
 README = (REPO / "README.md").read_text()
 BIN = str(Path(sys.executable).parent) + "/"
@@ -29,14 +29,21 @@ def test_readme_starts_with_the_two_setup_commands():
 
 
 def test_crontab_line(tmp_path):
+    """The crontab line, run twice while a real MemPalace hub serves the palace (and writes to it)."""
     (line,) = [b.strip() for b in blocks("text") if b.startswith("30 3 * * *")]
     command = line.split(" ", 5)[5]
     palace, backups, log = tmp_path / "palace", tmp_path / "backups", tmp_path / "verify.json"
     cli_json("import", "mcp-memory", SAMPLE, "--palace", palace)
     command = (command.replace("/opt/palace-etl/.venv/bin/", BIN).replace("/srv/palace", str(palace))
                .replace("/backups/palace", str(backups)).replace("/var/log/palace-verify.json", str(log)))
-    for _ in range(2):
-        subprocess.run(["bash", "-c", command], check=True, timeout=300)
+    hub = LiveHub(palace).start()
+    try:
+        for n in range(2):
+            subprocess.run(["bash", "-c", command], check=True, timeout=300)
+            assert hub.tool("mempalace_add_drawer", wing="cron", room="night", content=f"written after run {n}")[
+                "success"]
+    finally:
+        hub.stop()
     bundles = sorted(backups.glob("palace-*"))
     assert [b.name.rsplit("-", 1)[1] for b in bundles] == ["full", "incr"]
     assert '"ok": true' in log.read_text()
@@ -98,3 +105,16 @@ def test_exit_code_table_matches_the_cli_help():
     section = README.split("### Exit codes", 1)[1].split("\n## ", 1)[0]
     table = [int(c) for c in re.findall(r"^\| (\d+) \|", section, re.M)]
     assert table == [int(c) for c in re.findall(r"(\d+) [a-z]", EXIT_CODES_HELP)]
+
+
+def test_migrate_block(tmp_path, postgres, monkeypatch):
+    """The README's move to PostgreSQL, run as written (paths and DSN swapped for the test's own)."""
+    (line,) = [b.strip() for b in blocks("text") if b.startswith("palace-etl migrate")]
+    monkeypatch.setenv("MEMPALACE_PGVECTOR_DSN", postgres)
+    old, new = tmp_path / "palace", tmp_path / "palace-pg"
+    cli_json("import", "mcp-memory", SAMPLE, "--palace", old)
+    proc = subprocess.run(["bash", "-c", BIN + line.replace("~/.mempalace/palace", str(old))
+                           .replace("/srv/palace-pg", str(new))], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert (new / "pgvector_backend.json").is_file()
+    assert cli_json("status", "--palace", new)["drawers"] == 363

@@ -37,24 +37,28 @@ def state(spec: str, kg: Path | None = None) -> dict:
 
 
 def edit(spec: str, kg: Path | None, rng: random.Random, tag: str, embed) -> list[str]:
-    """Random adds, edits and deletes of drawers and triples on one replica (real MiniLM vectors);
-    returns the ids it deleted."""
-    layout = layout_for(spec, kg)
-    ids = sorted(state(spec, kg)["drawers"])
-    store = VectorStore(layout)
-    new = [f"drawer_{tag}_{k}" for k in range(rng.randint(3, 8))]
-    docs = [f"{tag} added {k}" for k in range(len(new))]
-    store.upsert(new, docs,
-                 [{"wing": "sync", "room": tag, "last_modified": f"2020-01-01T0{k}:00:00"} for k in range(len(new))],
-                 embed(docs))
-    changed = rng.sample(ids, min(3, len(ids)))
-    docs = [f"{tag} edited {i}" for i in changed]
-    store.upsert(changed, docs, [{"wing": "sync", "room": tag, "last_modified": "2020-01-01T12:00:00"}] * len(changed),
-                 embed(docs))
-    gone = rng.sample(sorted(set(ids) - set(changed)), min(2, len(ids)))
-    store.delete(gone)
-    store.close()
-    with KnowledgeGraph(layout.kg_path) as g:
+    """Random adds, edits and deletes of drawers and triples on one replica (real MiniLM vectors),
+    through its own store; returns the ids it deleted."""
+    store = open_store(spec, kg)
+    try:
+        ids = sorted(store.snapshot()["drawers"])
+        new = [f"drawer_{tag}_{k}" for k in range(rng.randint(3, 8))]
+        docs = [f"{tag} added {k}" for k in range(len(new))]
+        store.write("drawers", [{"id": i, "document": d, "embedding": v, "metadata": {
+            "wing": "sync", "room": tag, "last_modified": f"2020-01-01T0{k}:00:00"}}
+            for k, (i, d, v) in enumerate(zip(new, docs, embed(docs)))])
+        changed = rng.sample(ids, min(3, len(ids)))
+        docs = [f"{tag} edited {i}" for i in changed]
+        store.write("drawers", [{"id": i, "document": d, "embedding": v, "metadata": {
+            "wing": "sync", "room": tag, "last_modified": "2020-01-01T12:00:00"}}
+            for i, d, v in zip(changed, docs, embed(docs))])
+        gone = rng.sample(sorted(set(ids) - set(changed)), min(2, len(ids)))
+        store.delete("drawers", gone)
+        store.commit()
+        kg_path = store.kg_path
+    finally:
+        store.close()
+    with KnowledgeGraph(kg_path) as g:
         g.write_batch([], [(f"t_{tag}", f"{tag} node", "syncs_with", "palace", None, None, 1.0, None, None, "t")])
     return gone
 
@@ -74,8 +78,11 @@ def converged(*replicas: tuple[str, Path | None]) -> bool:
     return all(st == states[0] for st in states[1:])
 
 
-@pytest.mark.parametrize("seed", [7, pytest.param(11, marks=pytest.mark.slow)])
-def test_three_replicas_converge_and_nothing_is_re_embedded(tmp_path, chroma_server, monkeypatch, embedder, seed):
+@pytest.mark.parametrize("seed,middle", [(7, "chroma"), (7, "pgvector"), pytest.param(11, "chroma", marks=pytest.mark.slow)])
+def test_three_replicas_converge_and_nothing_is_re_embedded(tmp_path, chroma_server, monkeypatch, embedder, seed,
+                                                            middle, request):
+    """A palace directory, B (a palace directory, or a pgvector palace on PostgreSQL) and a Chroma
+    server: random edits on all three, syncs in changing orders; they converge, deletes stay deleted."""
     import etl.embed
 
     embed = embedder.embed  # the edits' own vectors are made before sync is forbidden to embed
@@ -84,6 +91,9 @@ def test_three_replicas_converge_and_nothing_is_re_embedded(tmp_path, chroma_ser
         raise AssertionError("sync must never build an embedder")
 
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    if middle == "pgvector":
+        monkeypatch.setenv("MEMPALACE_PGVECTOR_DSN", request.getfixturevalue("postgres"))
+        b = f"pgvector:{b}"
     c, kg_c = chroma_server, tmp_path / "c-kg" / "knowledge_graph.sqlite3"
     cli_json("import", "mcp-memory", SAMPLE, "--palace", a)  # the one import that embeds; from here on none may
     monkeypatch.setattr(etl.embed.MiniLMEmbedder, "__init__", no_embedding)
@@ -103,6 +113,8 @@ def test_three_replicas_converge_and_nothing_is_re_embedded(tmp_path, chroma_ser
         assert converged(*reps)
     assert deleted and resurrected(deleted, *reps) == {}  # no deleted drawer came back anywhere
     monkeypatch.undo()  # verify's retrieval probes embed the documents: that is verify's work, not sync's
+    if middle == "pgvector":
+        monkeypatch.setenv("MEMPALACE_PGVECTOR_DSN", request.getfixturevalue("postgres"))
     for spec, kg in reps[:2]:
         run_cli("verify", "--palace", spec)
     # a second sync with no changes moves nothing

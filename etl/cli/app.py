@@ -334,6 +334,33 @@ def sync(
 
 
 @app.command()
+def migrate(
+    source: str = typer.Argument(..., help="The palace to move: palace dir, pgvector:DIR, bundle:DIR, http://..."),
+    target: str = typer.Argument(..., help="Where it goes, new or empty: e.g. pgvector:DIR for PostgreSQL."),
+    kg_a: Optional[Path] = typer.Option(None, "--kg-a", help="KG file of SOURCE (required for a server)."),
+    kg_b: Optional[Path] = typer.Option(None, "--kg-b", help="KG file of TARGET (required for a server)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan; write nothing."),
+    probes: int = typer.Option(200, "--probes", help="Vectors compared by cosine in the closing verify."),
+    json_out: bool = JSON, lock_timeout: float = typer.Option(30.0, "--lock-timeout"),
+) -> None:
+    """Move a palace to another store (Chroma directory <-> PostgreSQL <-> bundles), vectors carried, then verify."""
+    from etl.migrate import run_migrate
+    from etl.sync import check_converged
+    from etl.verify import check_verified
+
+    r = run_migrate(source, target, kg_a, kg_b, dry_run, lock_timeout, probes).to_dict()
+    if json_out:
+        render.emit_json(r)
+    else:
+        render.sync_report(r["sync"])
+        if r["verify"] is not None:
+            render.verify_report(r["verify"])
+    check_converged(r["sync"])
+    if r["verify"] is not None:
+        check_verified(r["verify"])
+
+
+@app.command()
 def sources(json_out: bool = JSON) -> None:
     """List the importers."""
     from importers.registry import CATALOGUE

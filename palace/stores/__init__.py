@@ -2,7 +2,9 @@
 
 - ``bundle:DIR``, or a directory holding bundles -> ``BundleDirStore``
 - ``http://host:port`` / ``https://...`` -> ``ChromaServerStore`` (needs ``--kg``)
-- any other directory (holding ``chroma.sqlite3``, or new) -> ``ChromaDirStore``
+- ``pgvector:DIR``, or a directory holding ``pgvector_backend.json``, or a new one MemPalace's own
+  backend choice puts on pgvector (``palace.stores.backend``) -> ``PgVectorStore``
+- ``chroma:DIR``, or any other directory (holding ``chroma.sqlite3``, or new) -> ``ChromaDirStore``
 
 A new backend is one module here, one branch in ``store_kind``, and a green
 ``tests/test_store_contract.py``.
@@ -20,47 +22,64 @@ from typing import Callable
 
 from ..bundles import list_bundles
 from ..errors import PalaceEtlError, PalaceLocked
-from ..layout import CHROMA_DB, PalaceLayout, layout_for
+from ..layout import PalaceLayout, layout_for
 from ..live import lease_holder, live_daemon, live_hub
+from .backend import MARKERS, palace_backend
 from .base import CollectionInfo, PalaceStore, SyncState
 from .bundle_dir import BundleDirStore
 from .chroma_dir import ChromaDirReader, ChromaDirStore
 from .chroma_http import ChromaServerStore
+from .pgvector import PgSettings, PgVectorStore
 from .routed import RoutedIds, RoutedStore
 
 __all__ = ["VIA", "BundleDirStore", "ChromaDirReader", "ChromaDirStore", "ChromaServerStore", "CollectionInfo",
-           "PalaceStore", "RoutedIds", "RoutedStore", "SyncState", "open_store", "open_writer", "store_for",
+           "PalaceStore", "PgVectorStore", "RoutedIds", "RoutedStore", "SyncState", "open_store", "open_writer", "split_spec", "store_for",
            "store_kind", "store_root"]
 
 VIA = ("auto", "hub", "daemon", "direct")
 WAIT_POLL = 1.0  # seconds between looks at the lease while --wait waits
 
 
-def store_kind(spec: str) -> str:
-    """``chroma``, ``chroma-server`` or ``bundle``, from an explicit scheme or one unambiguous marker.
+EXPLICIT = ("chroma:", "pgvector:")  # a palace directory with its backend named, as MemPalace's --backend
 
-    ``bundle:DIR`` and ``http(s)://`` say it outright. A directory is a palace when it holds
-    ``chroma.sqlite3`` and a bundle directory when it holds bundles (or a bundle replica's sync
-    state); both at once (a bundle exported into the palace) is refused as ambiguous. A new or empty
-    directory is a palace."""
+
+def split_spec(spec: str) -> tuple[str | None, str]:
+    """(the backend a ``chroma:``/``pgvector:`` prefix names, or None; the rest of the spelling)."""
     spec = str(spec)
+    for prefix in EXPLICIT:
+        if spec.startswith(prefix):
+            return prefix[:-1], spec[len(prefix):]
+    return None, spec
+
+
+def store_kind(spec: str) -> str:
+    """``chroma``, ``pgvector``, ``chroma-server`` or ``bundle``, from an explicit scheme or one
+    unambiguous marker.
+
+    ``bundle:DIR``, ``pgvector:DIR``, ``chroma:DIR`` and ``http(s)://`` say it outright (a named
+    backend that is not what the directory holds is refused). A directory is a palace when it holds
+    ``chroma.sqlite3`` or ``pgvector_backend.json`` and a bundle directory when it holds bundles (or
+    a bundle replica's sync state); both at once (a bundle exported into the palace) is refused as
+    ambiguous. A new or empty directory gets the backend MemPalace would choose for it."""
+    explicit, spec = split_spec(spec)
     if spec.startswith("bundle:"):
         return "bundle"
     if spec.startswith(("http://", "https://")):
         return "chroma-server"
     path = Path(spec).expanduser()
-    is_palace = (path / CHROMA_DB).exists()
-    is_bundles = path.is_dir() and (bool(list_bundles(path)) or (path / ".sync-state.json").exists())
+    is_palace = any((path / marker).exists() for marker in MARKERS.values())
+    is_bundles = explicit is None and path.is_dir() and (
+        bool(list_bundles(path)) or (path / ".sync-state.json").exists())
     if is_palace and is_bundles:
-        raise PalaceEtlError(f"open replica {spec}: it holds both a palace (chroma.sqlite3) and bundles; "
+        raise PalaceEtlError(f"open replica {spec}: it holds both a palace and bundles; "
                              "which one is meant?", hint=f"say bundle:{spec} for the bundles, or move them out "
                              "of the palace directory")
-    return "bundle" if is_bundles else "chroma"
+    return "bundle" if is_bundles else palace_backend(path, explicit)
 
 
 def store_root(spec: str) -> str:
     """What a store is, whatever spelling names it (for refusing a sync of a replica with itself)."""
-    spec = str(spec)
+    spec = split_spec(spec)[1]
     if spec.startswith(("http://", "https://")):
         return spec.rstrip("/")
     return str(Path(spec.removeprefix("bundle:")).expanduser().resolve())
@@ -78,9 +97,12 @@ def store_for(layout: PalaceLayout, lock_timeout: float = 30.0, settings: dict |
 
 def open_store(spec: str, kg: str | Path | None = None, lock_timeout: float = 30.0,
                read_only: bool = False) -> PalaceStore:
-    if store_kind(spec) == "bundle":
-        return BundleDirStore(Path(str(spec).removeprefix("bundle:")).expanduser())
-    return store_for(layout_for(spec, kg), lock_timeout, read_only=read_only)
+    kind, path = store_kind(spec), split_spec(spec)[1]
+    if kind == "bundle":
+        return BundleDirStore(Path(path.removeprefix("bundle:")).expanduser())
+    if kind == "pgvector":  # read or written alike: PostgreSQL's MVCC keeps readers and writers apart
+        return PgVectorStore(Path(path).expanduser(), PgSettings.from_environment(), kg)
+    return store_for(layout_for(path, kg), lock_timeout, read_only=read_only)
 
 
 def open_writer(spec: str, kg: str | Path | None = None, lock_timeout: float = 30.0, via: str = "auto",
@@ -103,7 +125,7 @@ def open_writer(spec: str, kg: str | Path | None = None, lock_timeout: float = 3
         if via in ("hub", "daemon"):
             raise PalaceEtlError(f"{what} {spec}: --via {via} is for a palace directory MemPalace serves")
         return open_store(spec, kg, lock_timeout)
-    layout = layout_for(spec, kg)
+    layout = layout_for(split_spec(spec)[1], kg)
     palace = layout.path
     holder = lease_holder(palace)
     if wait and holder is not None:

@@ -1,0 +1,494 @@
+"""``PgVectorStore``: a MemPalace 3.11 pgvector palace -- PostgreSQL + pgvector tables beside a local
+palace directory that holds the marker, the embedder sidecar, the knowledge graph and ``.palace-etl``.
+
+The layout is MemPalace's own (``mempalace/backends/pgvector.py``), so MemPalace opens, lists and
+searches what this store writes:
+
+- the directory holds ``pgvector_backend.json``: ``{backend, schema_version: 1, created_at,
+  palace_id, pgvector: {host, port, dbname, namespace, shared_namespace, palace_hash,
+  table_prefix}}``; MemPalace refuses a palace whose marker names another target;
+- one table per collection, ``<prefix>_<collection slug>``, where the prefix is
+  ``mempalace[_<namespace slug>]_<sha256(palace path)[:16]>`` -- or, with a shared namespace,
+  ``..._<shared slug>_<sha256(ns slug NUL shared slug)[:12]>`` in the hash's place, which is how
+  several machines share one palace -- clamped to PostgreSQL's 63 bytes;
+- columns ``id text PRIMARY KEY, document text, metadata jsonb, embedding vector(N), updated_at
+  timestamptz``; NUL is stripped from text and metadata, lone surrogates too, as MemPalace does.
+
+Settings come as MemPalace reads them: the DSN from ``MEMPALACE_PGVECTOR_DSN``, then the MemPalace
+config file, then ``postgresql://localhost:5432/mempalace``; the namespaces likewise. PostgreSQL is
+the concurrency control: no host-local lock is taken (MemPalace's daemon takes none here either),
+and every page of a write is one transaction (``COPY`` into a staging table, then one ``INSERT ...
+ON CONFLICT``), so any number of writers on any number of machines lose nothing.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import orjson
+
+from ..errors import EmbedderMismatch, PalaceEtlError, SourceMissing
+from ..identity import EmbedderIdentity, check_identity
+from ..layout import (
+    KG_FILENAME,
+    STATE_DIRNAME,
+    atomic_write,
+)
+from ..rows import COLLECTIONS, KG_TABLES, State, collection_row_hash, paged
+from .base import READ_PAGE, CollectionInfo, Page
+from .chroma import ChromaStore
+
+MARKER = "pgvector_backend.json"
+DEFAULT_DSN = "postgresql://localhost:5432/mempalace"
+MAX_IDENTIFIER = 63
+WRITE_PAGE = 1000  # rows per INSERT pipeline (one transaction each)
+MARKER_TRIES = 20
+_SHARED_SEP = re.compile(r"[\s\-./:_]+")
+_SHARED_OK = re.compile(r"^[a-z0-9_]*[a-z0-9][a-z0-9_]*$")
+
+
+class BackendMismatch(PalaceEtlError):
+    """The palace's marker names another database, namespace or palace than the settings do."""
+
+
+# ------------------------------------------------------------------ MemPalace's names
+def slug(value: str, fallback: str) -> str:
+    safe = re.sub(r"[^A-Za-z0-9_]+", "_", value).strip("_") or fallback
+    if len(safe) <= 48:
+        return safe
+    return f"{safe[:35]}_{hashlib.sha256(value.encode('utf-8', 'surrogatepass')).hexdigest()[:12]}"
+
+
+def shared_slug(value: str) -> str:
+    norm = _SHARED_SEP.sub("_", value.strip().lower()).strip("_")
+    if not norm or not _SHARED_OK.match(norm):
+        raise PalaceEtlError(f"pgvector shared namespace {value!r}: use letters, digits, '_', '-', '.', '/', ':' "
+                             "and spaces, with at least one letter or digit")
+    if len(norm) <= 48:
+        return norm
+    return f"{norm[:35].rstrip('_')}_{hashlib.sha256(norm.encode()).hexdigest()[:12]}"
+
+
+def identifier(name: str) -> str:
+    if len(name.encode("utf-8")) <= MAX_IDENTIFIER:
+        return name
+    return f"{name[:50]}_{hashlib.sha256(name.encode('utf-8', 'surrogatepass')).hexdigest()[:12]}"
+
+
+def palace_id(path: str | os.PathLike) -> str:
+    """The palace path as MemPalace names it (``abspath(expanduser)``, not resolved)."""
+    return os.path.abspath(os.path.expanduser(str(path)))
+
+
+@dataclass(frozen=True)
+class PgSettings:
+    dsn: str = DEFAULT_DSN
+    namespace: str | None = None
+    shared_namespace: str | None = None
+
+    @classmethod
+    def from_environment(cls, dsn: str | None = None) -> "PgSettings":
+        """As MemPalace 3.11 reads them: a flag, then the environment, then its config file."""
+        from .backend import mempalace_config
+
+        cfg = mempalace_config()
+
+        def pick(env: str, key: str) -> str | None:
+            return (os.environ.get(env) or "").strip() or str(cfg.get(key) or "").strip() or None
+        shared = pick("MEMPALACE_PGVECTOR_SHARED_NAMESPACE", "pgvector_shared_namespace")
+        return cls(dsn or pick("MEMPALACE_PGVECTOR_DSN", "pgvector_dsn") or DEFAULT_DSN,
+                   pick("MEMPALACE_PGVECTOR_NAMESPACE", "pgvector_namespace"), shared_slug(shared) if shared else None)
+
+    def prefix(self, palace: str) -> str:
+        parts = ["mempalace"]
+        ns = slug(self.namespace, "namespace") if self.namespace else ""
+        if ns:
+            parts.append(ns)
+        if self.shared_namespace:
+            pair = hashlib.sha256(f"{ns}\x00{self.shared_namespace}".encode()).hexdigest()[:12]
+            parts.append(f"{self.shared_namespace}_{pair}")
+        else:
+            parts.append(palace_hash(palace))
+        return "_".join(parts)
+
+    def table(self, palace: str, collection: str) -> str:
+        return identifier(f"{self.prefix(palace)}_{slug(collection, 'collection')}")
+
+    def target(self, palace: str) -> dict:
+        """The ``pgvector`` block of the marker (the DSN without its credentials)."""
+        from urllib.parse import urlparse
+
+        parsed = urlparse(self.dsn)
+        return {"host": parsed.hostname or "", "port": parsed.port or 5432, "dbname": (parsed.path or "").lstrip("/"),
+                "namespace": self.namespace, "shared_namespace": self.shared_namespace,
+                "palace_hash": palace_hash(palace), "table_prefix": self.prefix(palace)}
+
+
+def palace_hash(palace: str) -> str:
+    return hashlib.sha256(palace.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+def _clean(value):
+    """MemPalace's cleaning: NUL out of every string (keys too), lone surrogates out of the result."""
+    if isinstance(value, str):
+        return value.replace("\x00", "")
+    if isinstance(value, dict):
+        return {_clean(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def _no_surrogates(text: str) -> str:
+    return text.encode("utf-8", "surrogatepass").decode("utf-8", "ignore") if any(
+        "\ud800" <= c <= "\udfff" for c in text) else text
+
+
+def _vector(v) -> str:
+    """pgvector's text form; each float32 exactly (the shortest repr of its double)."""
+    return "[" + ",".join(map(repr, np.asarray(v, dtype=np.float32).tolist())) + "]"
+
+
+def _psycopg():
+    try:
+        import psycopg
+    except ImportError:
+        raise PalaceEtlError("a pgvector palace needs psycopg, which is not installed",
+                             hint="pip install 'palace-etl[postgres]'") from None
+    return psycopg
+
+
+class PgVectorStore(ChromaStore):
+    """A pgvector palace (``root`` is its local directory). Shares the KG, sidecar and sync-state
+    handling of the Chroma stores; the collections live in PostgreSQL."""
+
+    kind = "pgvector"
+
+    def __init__(self, root: Path, settings: PgSettings, kg: Path | None = None,
+                 collection_settings: dict | None = None):
+        from ..layout import PalaceLayout
+
+        root = Path(root)
+        layout = PalaceLayout(str(root.expanduser().resolve()), Path(kg).resolve() if kg else root.resolve() / KG_FILENAME,
+                              root.resolve() / STATE_DIRNAME)
+        super().__init__(layout, 30.0, collection_settings)
+        self.root = Path(layout.location)
+        self.pg = settings
+        self.palace = palace_id(root)
+        self.marker = self.root / MARKER
+        self._conn = None
+        self._dims: dict[str, int | None] = {}
+
+    def __repr__(self) -> str:
+        return f"PgVectorStore({self.name!r})"
+
+    # ------------------------------------------------------------ the connection
+    def _db(self):
+        if self._conn is None or self._conn.closed:
+            psycopg = _psycopg()
+            try:
+                self._conn = psycopg.connect(self.pg.dsn, autocommit=True, connect_timeout=30)
+            except psycopg.OperationalError as exc:
+                raise PalaceEtlError(f"open pgvector palace {self.root}: cannot reach PostgreSQL "
+                                     f"({str(exc).strip().splitlines()[0] if str(exc).strip() else exc})",
+                                     hint="check MEMPALACE_PGVECTOR_DSN (or pass --dsn)") from None
+        return self._conn
+
+    def _table(self, table: str) -> str:
+        if table not in COLLECTIONS:
+            raise ValueError(f"not a collection: {table!r}")
+        return self.pg.table(self.palace, COLLECTIONS[table])
+
+    def _q(self, table: str) -> str:
+        return '"' + self._table(table).replace('"', '""') + '"'
+
+    def _dimension(self, table: str) -> int | None:
+        """The table's vector dimension, or None when it does not exist."""
+        if table not in self._dims or self._dims[table] is None:
+            row = self._db().execute(
+                "SELECT format_type(a.atttypid, a.atttypmod) FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid "
+                "WHERE c.relname = %s AND a.attname = 'embedding' AND c.relkind = 'r' "
+                "AND pg_table_is_visible(c.oid)", (self._table(table),)).fetchone()
+            if row is None:
+                return None
+            m = re.search(r"\((\d+)\)", row[0] or "")
+            self._dims[table] = int(m.group(1)) if m else 0
+        return self._dims[table]
+
+    # ------------------------------------------------------------------ reads
+    def _has_marker(self) -> bool:
+        return self.marker.is_file() and not self.marker.is_symlink()
+
+    def exists(self) -> bool:
+        """Its marker is here, or its tables are in PostgreSQL (a machine joining a shared namespace
+        finds the palace there before it has a marker of its own)."""
+        return self._has_marker() or self._dimension("drawers") is not None
+
+    def verified(self) -> None:
+        """Refuse a marker that names another database, namespace or palace than the settings."""
+        if not self._has_marker():
+            return
+        marker = self._read_marker()
+        got = marker.get("pgvector") if isinstance(marker, dict) else None
+        want = self.pg.target(self.palace)
+        if marker.get("backend") != "pgvector" or not isinstance(got, dict):
+            raise BackendMismatch(f"open pgvector palace {self.root}: {MARKER} does not name the pgvector backend")
+        wrong = sorted(k for k, v in want.items() if got.get(k) != v)
+        if wrong:
+            raise BackendMismatch(f"open pgvector palace {self.root}: its marker names another target "
+                                  f"({', '.join(f'{k}: {got.get(k)!r}, settings say {want[k]!r}' for k in wrong)})",
+                                  hint="use the MEMPALACE_PGVECTOR_DSN and namespaces this palace was made with")
+
+    def _read_marker(self) -> dict:
+        """The marker. MemPalace rewrites it in place (truncate, then write) after every upsert, so a
+        reader beside a live MemPalace can catch it empty or half-written: such a read is retried."""
+        for attempt in range(MARKER_TRIES):
+            try:
+                marker = orjson.loads(self.marker.read_bytes())
+                if isinstance(marker, dict):
+                    return marker
+            except orjson.JSONDecodeError:
+                pass
+            time.sleep(0.05 * (attempt + 1))
+        raise BackendMismatch(f"open pgvector palace {self.root}: {MARKER} is not a JSON object "
+                              f"({MARKER_TRIES} reads)", hint="restore it from a bundle, or from another machine")
+
+    def _write_marker(self) -> None:
+        if self._has_marker():
+            self.verified()
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        marker = {"backend": "pgvector", "schema_version": 1, "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+                  "palace_id": self.palace, "pgvector": self.pg.target(self.palace)}
+        atomic_write(self.marker, orjson.dumps(marker, option=orjson.OPT_INDENT_2))
+
+    def _collection_rows(self, table: str, fields: tuple[str, ...] | None) -> Iterator[Page]:
+        if self._dimension(table) is None:
+            return
+        want_doc = fields is None or "document" in fields
+        keys = None if fields is None else [f for f in fields if f != "document"]
+        after = ""
+        while True:
+            rows = self._db().execute(
+                f"SELECT id, {'document' if want_doc else 'NULL'}, metadata FROM {self._q(table)} "
+                "WHERE id > %s ORDER BY id LIMIT %s", (after, READ_PAGE)).fetchall()
+            if not rows:
+                return
+            yield [(i, d, m if keys is None else {k: m[k] for k in keys if k in m}) for i, d, m in rows]
+            after = rows[-1][0]
+
+    def fetch(self, table: str, ids: list[str], vectors: bool = True) -> Iterator[list[dict]]:
+        if table in KG_TABLES:
+            yield from super().fetch(table, ids, vectors)
+            return
+        if not ids or self._dimension(table) is None:
+            return
+        for s in range(0, len(ids), READ_PAGE):
+            got = self._db().execute(
+                f"SELECT id, document, metadata{', embedding::real[]' if vectors else ''} FROM {self._q(table)} "
+                "WHERE id = ANY(%s)", (ids[s:s + READ_PAGE],)).fetchall()
+            if got:
+                yield [{"id": r[0], "document": r[1], "metadata": r[2] or {},
+                        **({"embedding": np.asarray(r[3], dtype=np.float32)} if vectors else {})} for r in got]
+
+    def snapshot(self) -> State:
+        state: State = {t: {} for t in COLLECTIONS}
+        for table in COLLECTIONS:
+            for page in self._collection_rows(table, None):
+                state[table].update((i, collection_row_hash(d, m)) for i, d, m in page)
+        return state | self._kg_state()
+
+    def info(self, table: str) -> CollectionInfo | None:
+        dim = self._dimension(table)
+        if dim is None:
+            return None
+        (n,) = self._db().execute(f"SELECT count(*) FROM {self._q(table)}").fetchone()
+        return CollectionInfo(n, dim or None, {"hnsw:space": "cosine"})
+
+    def counts(self) -> dict[str, int]:
+        got = {t: (info.count if (info := self.info(t)) else 0) for t in COLLECTIONS}
+        return got | self._kg_counts()
+
+    def nearest(self, table: str, vectors: np.ndarray, k: int) -> list[tuple[list[str], list[float]]]:
+        out = []
+        for v in np.asarray(vectors, dtype=np.float32):
+            rows = self._db().execute(f"SELECT id, embedding <=> %s::vector AS d FROM {self._q(table)} "
+                                      "ORDER BY d LIMIT %s", (_vector(v), k)).fetchall()
+            out.append(([r[0] for r in rows], [float(r[1]) for r in rows]))
+        return out
+
+    def integrity(self, full: bool) -> list[tuple[Path | str, list[str] | None]]:
+        if not self.exists():
+            raise SourceMissing(f"verify palace {self.root}: no {MARKER} there")
+        self.verified()
+        return [(f"postgresql tables {self.pg.prefix(self.palace)}_*", None)] + self._kg_integrity(self.kg_path, full)
+
+    # ----------------------------------------------------------------- writes
+    def _create(self, table: str, dimension: int) -> None:
+        self._db().execute("CREATE EXTENSION IF NOT EXISTS vector")
+        self._db().execute(f"CREATE TABLE IF NOT EXISTS {self._q(table)} (id text PRIMARY KEY, document text NOT NULL "
+                           f"DEFAULT '', metadata jsonb NOT NULL DEFAULT '{{}}'::jsonb, embedding vector({int(dimension)}), "
+                           "updated_at timestamptz)")
+        self._dims.pop(table, None)
+
+    def write(self, table: str, rows: list[dict]) -> None:
+        if not rows:
+            return
+        self._write_marker()  # any write makes this directory a palace MemPalace opens
+        if table in KG_TABLES:
+            super().write(table, rows)
+            return
+        dim = self._dimension(table)
+        first = np.asarray(rows[0]["embedding"])
+        if dim is None:
+            self._create(table, first.shape[-1])
+        elif dim and first.shape[-1] != dim:
+            raise EmbedderMismatch(f"write {table} into {self.root}: {first.shape[-1]}-d vectors into a "
+                                   f"{dim}-d pgvector table")
+        now = dt.datetime.now(dt.timezone.utc)
+        conn, target, stage = self._db(), self._q(table), f"palace_etl_stage_{table}"
+        for page in paged(list({r["id"]: r for r in rows}.values()), WRITE_PAGE):  # one version per id
+            # COPY into a staging table, then one INSERT ... ON CONFLICT: COPY's speed, upsert semantics,
+            # one transaction per page (a page is either all in or not at all)
+            with conn.transaction():
+                conn.execute(f"CREATE TEMP TABLE IF NOT EXISTS {stage} (LIKE {target}) ON COMMIT DELETE ROWS")
+                with conn.cursor().copy(f"COPY {stage} (id, document, metadata, embedding, updated_at) "
+                                        "FROM STDIN") as copy:
+                    for r in page:
+                        copy.write_row((_no_surrogates(_clean(r["id"])), _no_surrogates(_clean(r["document"] or "")),
+                                        _no_surrogates(orjson.dumps(_clean(r["metadata"] or {}),
+                                                                    option=orjson.OPT_SORT_KEYS).decode()),
+                                        _vector(r["embedding"]), now))
+                conn.execute(f"INSERT INTO {target} SELECT * FROM {stage} ON CONFLICT (id) DO UPDATE SET "
+                             "document = EXCLUDED.document, metadata = EXCLUDED.metadata, "
+                             "embedding = EXCLUDED.embedding, updated_at = EXCLUDED.updated_at")
+
+    def batch_limit(self, table: str) -> int:
+        return WRITE_PAGE
+
+    def delete(self, table: str, ids: list[str]) -> None:
+        if not ids:
+            return
+        if table in KG_TABLES:
+            super().delete(table, ids)
+            return
+        if self._dimension(table) is None:
+            return
+        for s in range(0, len(ids), WRITE_PAGE):
+            self._db().execute(f"DELETE FROM {self._q(table)} WHERE id = ANY(%s)", (ids[s:s + WRITE_PAGE],))
+
+    def commit(self) -> None:
+        pass  # every write is its own committed transaction
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def claim_identity(self, ident: EmbedderIdentity) -> None:
+        self._write_marker()
+        recorded = self.identity()
+        check_identity(recorded, ident)
+        if recorded is None and not (self.info("drawers") and self.info("drawers").count):
+            self.set_identity(ident)
+
+    def session(self, exclusive: bool, timeout: float):
+        return contextlib.nullcontext()  # PostgreSQL serialises writers itself; no host-local lease
+
+    def set_identity(self, ident: EmbedderIdentity) -> None:
+        self._write_marker()
+        super().set_identity(ident)
+
+    def is_empty(self) -> bool:
+        return not self.kg_path.exists() and not self.exists()
+
+    def check_target(self) -> None:
+        if self.root.is_symlink() or (self.root.exists() and not self.root.is_dir()):
+            raise PalaceEtlError(f"restore into {self.root}: it is not a directory; nothing written")
+
+    def replacing(self, force: bool, timeout: float, check: Callable, settings: dict | None = None):
+        return PgReplacement(self, force, check)
+
+
+class PgReplacement:
+    """Restore into a pgvector palace: rows go into new tables beside the palace's, checked, then
+    swapped in one transaction; the old tables are kept as ``<table>_before_<time>``."""
+
+    def __init__(self, store: PgVectorStore, force: bool, check: Callable):
+        self.store, self.force, self.check = store, force, check
+        self.recovered = None
+        self.replaced = None
+
+    def __enter__(self) -> "PgReplacement":
+        store = self.store
+        if not store.is_empty() and not self.force:
+            raise PalaceEtlError(f"restore into {store.name}: it already holds a palace",
+                                 hint="restore into a new directory, or pass --force to replace it (kept aside)")
+        self.stamp = time.strftime("%Y%m%d%H%M%S")
+        self.target = _Aside(store, self.stamp)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        target = self.target
+        if exc_type is not None:
+            target.drop()
+            return
+        try:
+            self.check(target)
+        except BaseException:
+            target.drop()
+            raise
+        self.replaced = target.swap()
+
+
+class _Aside(PgVectorStore):
+    """The tables a restore fills before they take the palace's place (same marker and settings)."""
+
+    def __init__(self, live: PgVectorStore, stamp: str):
+        super().__init__(live.root, live.pg, live.kg_path)
+        self.live, self.stamp = live, stamp
+        self.kg_path = live.kg_path.with_name(f".{live.kg_path.name}.restoring-{stamp}")
+        self.state_dir = live.state_dir
+
+    def _table(self, table: str) -> str:
+        return identifier(f"{self.live._table(table)[:40]}_restoring_{self.stamp}")
+
+    def exists(self) -> bool:
+        return True
+
+    def _write_marker(self) -> None:
+        pass  # the marker is written when the tables take the palace's place
+
+    def drop(self) -> None:
+        for t in COLLECTIONS:
+            self._db().execute(f"DROP TABLE IF EXISTS {self._q(t)}")
+        self.kg_path.unlink(missing_ok=True)
+        self.close()
+
+    def swap(self) -> str | None:
+        """Rename the new tables into place in one transaction; the old ones are kept aside."""
+        live, conn = self.live, self._db()
+        kept = None
+        with conn.transaction():
+            for t in COLLECTIONS:
+                if live._dimension(t) is not None:
+                    kept = identifier(f"{live._table(t)[:40]}_before_{self.stamp}")
+                    conn.execute(f"ALTER TABLE {live._q(t)} RENAME TO \"{kept}\"")
+                if self._dimension(t) is not None:
+                    conn.execute(f"ALTER TABLE {self._q(t)} RENAME TO \"{live._table(t)}\"")
+        live._dims.clear()
+        live._write_marker()
+        if self.kg_path.exists():
+            if live.kg_path.exists():
+                live.kg_path.rename(live.kg_path.with_name(f"{live.kg_path.name}.before-restore-{self.stamp}"))
+            self.kg_path.rename(live.kg_path)
+        self.close()
+        return kept

@@ -1,0 +1,119 @@
+"""pgvector palaces -- MemPalace 3.11's own engine for many machines -- on a real PostgreSQL 16 +
+pgvector started by the suite (``postgres`` in conftest): moved to and from Chroma without
+re-embedding, backed up and restored, written by several processes and a live MemPalace at once."""
+from __future__ import annotations
+
+import collections
+import json
+import subprocess
+import sys
+
+import numpy as np
+
+from palace.stores import PgVectorStore, open_store
+
+from .helpers import SAMPLE, StdioMcp, cli_json, run_cli
+
+
+def rows_of(spec: str) -> dict[str, tuple]:
+    """{id: (document, metadata, vector)} of every drawer and closet, through our store."""
+    store = open_store(spec, read_only=True)
+    try:
+        out = {}
+        for table in ("drawers", "closets"):
+            ids = [i for page in store.rows(table, ()) for i, _, _ in page]
+            for page in store.fetch(table, ids):
+                for r in page:
+                    out[(table, r["id"])] = (r["document"], r["metadata"], np.asarray(r["embedding"], np.float32))
+        return out
+    finally:
+        store.close()
+
+
+def test_a_chroma_palace_moved_to_pgvector_and_back_is_identical(tmp_path, postgres, monkeypatch):
+    monkeypatch.setenv("MEMPALACE_PGVECTOR_DSN", postgres)
+    chroma, pg, back = tmp_path / "chroma", tmp_path / "pg", tmp_path / "back"
+    cli_json("import", "mcp-memory", SAMPLE, "--palace", chroma)
+    there = cli_json("migrate", chroma, f"pgvector:{pg}")
+    assert there["sync"]["converged"] and there["verify"]["ok"] and there["sync"]["plan"]["to_b"]["drawers"] == 363
+    assert (pg / "pgvector_backend.json").is_file() and not (pg / "chroma.sqlite3").exists()
+    assert isinstance(open_store(str(pg)), PgVectorStore)  # the marker says what it is from now on
+    home = cli_json("migrate", pg, back)
+    assert home["verify"]["ok"] and (back / "chroma.sqlite3").is_file()
+    a, b = rows_of(str(chroma)), rows_of(str(back))
+    assert a.keys() == b.keys() and len(a) == 363
+    for key, (doc, meta, vec) in a.items():
+        assert b[key][0] == doc and b[key][1] == meta
+        assert np.allclose(b[key][2], vec, atol=1e-6)  # carried, never re-embedded
+    assert cli_json("status", "--palace", back)["kg"]["triples"] == 223
+    # a target that already holds a palace is refused, nothing written
+    again = run_cli("migrate", chroma, f"pgvector:{pg}", check=1)
+    assert "already holds a palace" in again.stderr
+
+
+def test_export_restore_and_incrementals_of_a_pgvector_palace(tmp_path, pgvector_env):
+    palace, backups, restored = tmp_path / "palace", tmp_path / "backups", tmp_path / "restored"
+    cli_json("import", "mcp-memory", SAMPLE, "--palace", palace)
+    full = cli_json("export", "--palace", palace, "--out", backups)
+    assert full["totals"]["drawers"] == 363 and full["totals"]["triples"] == 223
+    extra = tmp_path / "extra.jsonl"
+    extra.write_text("".join(json.dumps({"id": f"x{i}", "text": f"an extra memory number {i}"}) + "\n"
+                             for i in range(7)))
+    cli_json("import", "jsonl", extra, "--palace", palace)
+    incr = cli_json("export", "--palace", palace, "--out", backups, "--incremental")
+    assert incr["kind"] == "incremental" and incr["counts"]["drawers"] == 7
+    r = cli_json("restore", incr["bundle"], "--palace", f"pgvector:{restored}")
+    assert r["rows"]["drawers"] == 370
+    run_cli("verify", "--palace", palace, "--palace", restored)
+    run_cli("verify", "--palace", restored, "--against", "mcp-memory", SAMPLE, "--against", "jsonl", extra)
+    # --force keeps the replaced tables aside instead of dropping them
+    forced = cli_json("restore", full["bundle"], "--palace", restored, "--force")
+    assert forced["replaced"] and cli_json("status", "--palace", restored)["drawers"] == 363
+
+
+def test_three_imports_and_a_live_mempalace_writer_at_once_lose_nothing(tmp_path, pgvector_env):
+    """No host-local lease on pgvector: PostgreSQL keeps every writer's rows -- three palace-etl
+    imports and a real stdio ``mempalace-mcp`` filing memories through ``tools/call``, all at once."""
+    palace = tmp_path / "palace"
+    cli_json("import", "mcp-memory", SAMPLE, "--palace", palace)  # the palace exists before the race
+    sources = []
+    for k in range(3):
+        src = tmp_path / f"part{k}.jsonl"
+        src.write_text("".join(json.dumps({"id": f"p{k}-{i}", "text": f"process {k} memory {i}", "room": f"r{k}"})
+                               + "\n" for i in range(150)))
+        sources.append(src)
+    server = StdioMcp(palace)
+    try:
+        procs = [subprocess.Popen([sys.executable, "-m", "etl.cli", "import", "jsonl", str(s), "--palace",
+                                   str(palace), "--json", "--batch-size", "25"], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for s in sources]
+        for i in range(60):  # while the imports run
+            server.add_drawer(f"the live MemPalace filed memory {i}", room="mcp")
+        for p in procs:
+            _, err = p.communicate(timeout=600)
+            assert p.returncode == 0, err[-2000:]
+    finally:
+        server.close()
+    store = open_store(str(palace))
+    docs = collections.Counter(d for page in store.rows("drawers", ("document",)) for _, d, _ in page)
+    store.close()
+    assert len(docs) == 363 + 450 + 60 and set(docs.values()) == {1}
+    for s in sources:
+        run_cli("verify", "--palace", palace, "--against", "jsonl", s)
+    assert cli_json("status", "--palace", palace, "--probes", "1000")["self_hit_rate"] == 1.0
+
+
+def test_machines_sharing_one_namespace_share_the_drawers_and_sync_their_knowledge_graphs(tmp_path, pgvector_env,
+                                                                                           monkeypatch):
+    """Two machines' palace directories on one shared namespace resolve the same tables (MemPalace's
+    ``pgvector_shared_namespace``); a sync between them moves only the KG file's rows."""
+    monkeypatch.setenv("MEMPALACE_PGVECTOR_SHARED_NAMESPACE", "team fleet")
+    one, two = tmp_path / "machine-one" / "palace", tmp_path / "machine-two" / "palace"
+    cli_json("import", "mcp-memory", SAMPLE, "--palace", one)
+    assert cli_json("status", "--palace", two)["drawers"] == 363  # the same tables, seen from the other path
+    r = cli_json("sync", one, two)
+    assert r["converged"] and "drawers" not in r["plan"]["to_b"] and r["plan"]["to_b"]["triples"] == 223
+    assert cli_json("status", "--palace", two)["kg"]["triples"] == 223
+    assert (two / "pgvector_backend.json").is_file()  # machine two is now a palace MemPalace opens
+    marker = json.loads((two / "pgvector_backend.json").read_text())
+    assert marker["pgvector"]["shared_namespace"] == "team_fleet"
