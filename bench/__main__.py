@@ -164,11 +164,11 @@ def run(size: int, chroma_texts: int, kg_triples: int, work: Path, skip: set[str
     if "live" not in skip:
         rows += live(work, docs, ex, hub_memories)
     if "pgvector" not in skip:
-        rows += pgvector(work, size, emb, pg_sync_size)
+        rows += pgvector(work, size, emb, gp, pg_sync_size)
     return rows
 
 
-def pgvector(work: Path, size: int, emb: dict, big: int) -> list[dict]:
+def pgvector(work: Path, size: int, emb: dict, paging: dict, big: int) -> list[dict]:
     """9. pgvector palaces on a real PostgreSQL (the ``pgserver`` wheel, started here)."""
     import pgserver
 
@@ -184,11 +184,13 @@ def pgvector(work: Path, size: int, emb: dict, big: int) -> list[dict]:
     finally:
         os.environ.pop("MEMPALACE_PGVECTOR_DSN", None)
         server.cleanup()
-    move = (size / mv["seconds"]) / rate(raw)
+    floor_s = size / rate(paging) + raw["seconds"]  # the rows must come out of Chroma before any COPY
+    move = floor_s / mv["seconds"]
     floor = pg["seconds"] / emb["seconds"]
     return [
         row(f"9. move {size:,} drawers Chroma -> pgvector (vectors carried)", f"{size / mv['seconds']:,.0f} drawers/s",
-            f"{rate(raw):,.0f} rows/s (raw COPY of the same rows)", move, ">= 0.8", move >= 0.8, mv["peak_rss_mb"]),
+            f"{size / floor_s:,.0f} rows/s (raw Chroma get paging, then a raw COPY of the same rows)", move, ">= 0.8",
+            move >= 0.8, mv["peak_rss_mb"], f"the raw COPY alone: {rate(raw):,.0f} rows/s"),
         row(f"9b. migrate {size:,} memories into pgvector (parse, embed, load, KG)", f"{pg['seconds']:.1f} s",
             f"{emb['seconds']:.1f} s (embedding alone)", floor, "<= 1.15", floor <= 1.15, pg["peak_rss_mb"]),
         row(f"9c. second sync, nothing changed, {big:,}-drawer pgvector palace", f"{again['seconds']:.1f} s, "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 import subprocess
 import sys
 
@@ -117,3 +118,36 @@ def test_machines_sharing_one_namespace_share_the_drawers_and_sync_their_knowled
     assert (two / "pgvector_backend.json").is_file()  # machine two is now a palace MemPalace opens
     marker = json.loads((two / "pgvector_backend.json").read_text())
     assert marker["pgvector"]["shared_namespace"] == "team_fleet"
+
+
+def test_the_dsn_flag_and_a_missing_driver_are_named(tmp_path, postgres):
+    """``--pgvector-dsn`` drives a run on its own; an unreachable server and a missing psycopg are
+    clear errors naming the fix, with nothing written."""
+    env = {"MEMPALACE_BACKEND": "pgvector", "MEMPALACE_PGVECTOR_DSN": "postgresql://nobody@127.0.0.1:1/none"}
+    palace = tmp_path / "palace"
+    down = run_cli("import", "mcp-memory", SAMPLE, "--palace", palace, env=env, check=1)
+    assert "cannot reach PostgreSQL" in down.stderr and "--pgvector-dsn" in down.stderr
+    assert not palace.exists()  # refused before anything was created
+    ok = run_cli("--pgvector-dsn", postgres, "import", "mcp-memory", SAMPLE, "--palace", palace, "--json", env=env)
+    assert json.loads(ok.stdout)["drawers_written"] == 363
+    blocked = tmp_path / "no-psycopg"
+    blocked.mkdir()
+    (blocked / "psycopg.py").write_text("raise ImportError('psycopg is not installed here')\n")
+    missing = run_cli("--pgvector-dsn", postgres, "status", "--palace", palace,
+                      env={**env, "PYTHONPATH": f"{blocked}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}, check=1)
+    assert "palace-etl[postgres]" in missing.stderr
+
+
+def test_text_postgres_cannot_store_is_cleaned_as_mempalace_cleans_it(tmp_path, pgvector_env):
+    """NUL (which PostgreSQL rejects in text and jsonb) and lone surrogates are stripped from ids,
+    documents and metadata, so one stray byte never aborts a whole import."""
+    store = open_store(str(tmp_path / "palace"))
+    try:
+        vec = np.full(384, 1 / np.sqrt(384), dtype=np.float32)
+        store.write("drawers", [{"id": "x\x00y", "document": "before\x00after \ud800 end",
+                                 "metadata": {"wing": "w\x00", "note": "lone \udfff"}, "embedding": vec}])
+        (row,) = [r for page in store.fetch("drawers", ["xy"]) for r in page]
+        assert row["document"] == "beforeafter  end" and row["metadata"] == {"wing": "w", "note": "lone "}
+        assert np.allclose(row["embedding"], vec)
+    finally:
+        store.close()

@@ -404,8 +404,14 @@ def model_status_cmd(json_out: bool = JSON) -> None:
 
 
 @app.callback()
-def _global(debug: bool = typer.Option(False, "--debug", help="Show tracebacks.")) -> None:
+def _global(debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+            pgvector_dsn: Optional[str] = typer.Option(None, "--pgvector-dsn", metavar="DSN",
+                                                       help="PostgreSQL of pgvector palaces: MEMPALACE_PGVECTOR_DSN "
+                                                            "for this run (over the environment and MemPalace's "
+                                                            "config).")) -> None:
     DEBUG["on"] = debug
+    if pgvector_dsn:  # the one setting MemPalace and palace-etl share, so the flag simply sets it
+        os.environ["MEMPALACE_PGVECTOR_DSN"] = pgvector_dsn
 
 
 def _on_sigterm(signum, frame):  # turn SIGTERM into an orderly unwind: locks released, WAL checkpointed

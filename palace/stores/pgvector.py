@@ -27,6 +27,7 @@ import datetime as dt
 import hashlib
 import os
 import re
+import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,9 +138,9 @@ def palace_hash(palace: str) -> str:
 
 
 def _clean(value):
-    """MemPalace's cleaning: NUL out of every string (keys too), lone surrogates out of the result."""
+    """MemPalace's cleaning: NUL and lone surrogates out of every string (dict keys too)."""
     if isinstance(value, str):
-        return value.replace("\x00", "")
+        return _no_surrogates(value.replace("\x00", ""))
     if isinstance(value, dict):
         return {_clean(k): _clean(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -148,8 +149,17 @@ def _clean(value):
 
 
 def _no_surrogates(text: str) -> str:
-    return text.encode("utf-8", "surrogatepass").decode("utf-8", "ignore") if any(
-        "\ud800" <= c <= "\udfff" for c in text) else text
+    try:
+        text.encode("utf-8")  # fails exactly when the text holds a lone surrogate
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogatepass").decode("utf-8", "ignore")
+
+
+def _vector_binary(v) -> bytes:
+    """pgvector's binary form (what its ``vector_recv`` reads): dimension, 0, big-endian float4s."""
+    arr = np.asarray(v, dtype=">f4").ravel()
+    return struct.pack(">HH", arr.size, 0) + arr.tobytes()
 
 
 def _vector(v) -> str:
@@ -199,7 +209,7 @@ class PgVectorStore(ChromaStore):
             except psycopg.OperationalError as exc:
                 raise PalaceEtlError(f"open pgvector palace {self.root}: cannot reach PostgreSQL "
                                      f"({str(exc).strip().splitlines()[0] if str(exc).strip() else exc})",
-                                     hint="check MEMPALACE_PGVECTOR_DSN (or pass --dsn)") from None
+                                     hint="check MEMPALACE_PGVECTOR_DSN (or pass palace-etl --pgvector-dsn DSN)") from None
         return self._conn
 
     def _table(self, table: str) -> str:
@@ -361,12 +371,14 @@ class PgVectorStore(ChromaStore):
             with conn.transaction():
                 conn.execute(f"CREATE TEMP TABLE IF NOT EXISTS {stage} (LIKE {target}) ON COMMIT DELETE ROWS")
                 with conn.cursor().copy(f"COPY {stage} (id, document, metadata, embedding, updated_at) "
-                                        "FROM STDIN") as copy:
+                                        "FROM STDIN (FORMAT BINARY)") as copy:
+                    # binary COPY: psycopg sends bytes fields as they are, so jsonb goes as its version
+                    # byte + text and the vector in pgvector's own binary form (no text formatting)
+                    copy.set_types(["text", "text", "bytea", "bytea", "timestamptz"])
                     for r in page:
-                        copy.write_row((_no_surrogates(_clean(r["id"])), _no_surrogates(_clean(r["document"] or "")),
-                                        _no_surrogates(orjson.dumps(_clean(r["metadata"] or {}),
-                                                                    option=orjson.OPT_SORT_KEYS).decode()),
-                                        _vector(r["embedding"]), now))
+                        meta = orjson.dumps(_clean(r["metadata"] or {}), option=orjson.OPT_SORT_KEYS)
+                        copy.write_row((_clean(r["id"]), _clean(r["document"] or ""), b"\x01" + meta,
+                                        _vector_binary(r["embedding"]), now))
                 conn.execute(f"INSERT INTO {target} SELECT * FROM {stage} ON CONFLICT (id) DO UPDATE SET "
                              "document = EXCLUDED.document, metadata = EXCLUDED.metadata, "
                              "embedding = EXCLUDED.embedding, updated_at = EXCLUDED.updated_at")
