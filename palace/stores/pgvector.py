@@ -38,11 +38,7 @@ import orjson
 
 from ..errors import EmbedderMismatch, PalaceEtlError, SourceMissing
 from ..identity import EmbedderIdentity, check_identity
-from ..layout import (
-    KG_FILENAME,
-    STATE_DIRNAME,
-    atomic_write,
-)
+from ..layout import atomic_write, layout_for
 from ..rows import COLLECTIONS, KG_TABLES, State, collection_row_hash, paged
 from .base import READ_PAGE, CollectionInfo, Page
 from .chroma import ChromaStore
@@ -184,11 +180,7 @@ class PgVectorStore(ChromaStore):
 
     def __init__(self, root: Path, settings: PgSettings, kg: Path | None = None,
                  collection_settings: dict | None = None):
-        from ..layout import PalaceLayout
-
-        root = Path(root)
-        layout = PalaceLayout(str(root.expanduser().resolve()), Path(kg).resolve() if kg else root.resolve() / KG_FILENAME,
-                              root.resolve() / STATE_DIRNAME)
+        layout = layout_for(root, kg)
         super().__init__(layout, 30.0, collection_settings)
         self.root = Path(layout.location)
         self.pg = settings
