@@ -81,7 +81,7 @@ def test_three_imports_and_a_live_mempalace_writer_at_once_lose_nothing(tmp_path
     for k in range(3):
         src = tmp_path / f"part{k}.jsonl"
         src.write_text("".join(json.dumps({"id": f"p{k}-{i}", "text": f"process {k} memory {i}", "room": f"r{k}"})
-                               + "\n" for i in range(150)))
+                               + "\n" for i in range(100)))
         sources.append(src)
     server = StdioMcp(palace)
     try:
@@ -98,7 +98,7 @@ def test_three_imports_and_a_live_mempalace_writer_at_once_lose_nothing(tmp_path
     store = open_store(str(palace))
     docs = collections.Counter(d for page in store.rows("drawers", ("document",)) for _, d, _ in page)
     store.close()
-    assert len(docs) == 363 + 450 + 60 and set(docs.values()) == {1}
+    assert len(docs) == 363 + 300 + 60 and set(docs.values()) == {1}
     for s in sources:
         run_cli("verify", "--palace", palace, "--against", "jsonl", s)
     assert cli_json("status", "--palace", palace, "--probes", "1000")["self_hit_rate"] == 1.0
