@@ -32,38 +32,16 @@ import httpx
 import orjson
 
 from .errors import PalaceEtlError
-from .lock import lock_path
+from .lock import LeaseHolder, lock_path, palace_digest
 
 TOKEN_ENV = "MEMPALACE_MCP_HTTP_TOKEN"
 _WILDCARD = {"0.0.0.0", "::", "[::]", ""}
-# argv fragments of MemPalace processes that hold the lease for their whole life: the hub and
-# ``python -m mempalace.mcp_server`` (``.../mcp_server/__main__.py``), the stdio ``mempalace-mcp``,
-# the daemon (``.../mempalace/daemon.py serve``)
-_SERVERS = ("mcp_server", "mempalace-mcp", "mempalace/daemon.py")
-
-
 class HubError(PalaceEtlError):
     """The hub or daemon did not answer, or answered with an error for the whole call."""
 
 
 _RERUN = ("start it again and re-run the same command: what it acknowledged is recorded, nothing is "
           "written twice")
-
-
-@dataclass(frozen=True)
-class LeaseHolder:
-    pid: int | None
-    argv: str
-
-    @property
-    def is_server(self) -> bool:
-        """A MemPalace server (stdio MCP, hub, daemon): it keeps the lease until it exits."""
-        return any(s in self.argv for s in _SERVERS)
-
-    def __str__(self) -> str:
-        if self.pid is None:
-            return "another writer (identity not recorded)"
-        return f"PID {self.pid} ({self.argv})" if self.argv else f"PID {self.pid}"
 
 
 def lease_holder(palace: str | os.PathLike) -> LeaseHolder | None:
@@ -77,9 +55,7 @@ def lease_holder(palace: str | os.PathLike) -> LeaseHolder | None:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            body = f.read(4096).lstrip(b"\0").decode("utf-8", "replace").strip()
-            pid, _, argv = body.partition(" ")
-            return LeaseHolder(int(pid) if pid.isdigit() else None, argv.strip())
+            return LeaseHolder.read(f)
         fcntl.flock(f, fcntl.LOCK_UN)
         return None
 
@@ -97,8 +73,7 @@ def _pid_alive(pid) -> bool:
 
 
 def _key(palace: str | os.PathLike) -> str:
-    canonical = os.path.abspath(os.path.realpath(os.path.expanduser(str(palace))))
-    return hashlib.sha256(os.path.normcase(canonical).encode("utf-8")).hexdigest()[:24]
+    return palace_digest(palace)[:24]
 
 
 def server_dir(palace: str | os.PathLike) -> Path:
@@ -180,6 +155,14 @@ def live_hub(palace: str | os.PathLike) -> Hub | None:
                unique)
 
 
+def _send(http: httpx.Client, server, method: str, path: str, body: bytes | None, headers: dict) -> httpx.Response:
+    """One request to a hub or daemon; a transport failure is a ``HubError`` saying a re-run is safe."""
+    try:
+        return http.request(method, f"{server.url}{path}", content=body, headers=headers)
+    except httpx.HTTPError as exc:
+        raise HubError(f"{server} stopped answering ({type(exc).__name__}: {exc})", hint=_RERUN) from None
+
+
 class HubClient:
     """JSON-RPC ``tools/call`` to one hub over one keep-alive connection."""
 
@@ -214,10 +197,7 @@ class HubClient:
             headers = {"content-type": "application/json"}
             if token:
                 headers["authorization"] = f"Bearer {token}"
-            try:
-                r = self._http.post(f"{self.server.url}/mcp", content=body, headers=headers)
-            except httpx.HTTPError as exc:
-                raise HubError(f"{self.server} stopped answering ({type(exc).__name__}: {exc})", hint=_RERUN) from None
+            r = _send(self._http, self.server, "POST", "/mcp", body, headers)
             if r.status_code == 401 and n + 1 < len(candidates):
                 continue  # the other candidate, as MemPalace's own CLI does: a 401 was refused before dispatch
             if r.status_code != 200:
@@ -225,7 +205,7 @@ class HubClient:
                                hint=f"set {TOKEN_ENV} to the hub's token" if r.status_code == 401 else None)
             self._token = token
             return orjson.loads(r.content)
-        raise HubError(f"{self.server}: no token was accepted")  # pragma: no cover - the loop always returns
+        raise AssertionError("unreachable: the last candidate returns or raises")
 
     def close(self) -> None:
         self._http.close()
@@ -242,11 +222,8 @@ class DaemonClient:
         self._http = httpx.Client(timeout=timeout, headers={"authorization": f"Bearer {daemon.token}"})
 
     def _request(self, method: str, path: str, body: dict | None = None) -> dict:
-        try:
-            r = self._http.request(method, f"{self.server.url}{path}", content=None if body is None else orjson.dumps(body),
-                                   headers={"content-type": "application/json"})
-        except httpx.HTTPError as exc:
-            raise HubError(f"{self.server} stopped answering ({type(exc).__name__}: {exc})", hint=_RERUN) from None
+        r = _send(self._http, self.server, method, path, None if body is None else orjson.dumps(body),
+                  {"content-type": "application/json"})
         if r.status_code not in (200, 202):
             raise HubError(f"{self.server} answered HTTP {r.status_code}: {r.text[:200]}")
         return orjson.loads(r.content)

@@ -19,6 +19,7 @@ import os
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -30,21 +31,48 @@ _guard = threading.RLock()
 UNSAFE_NO_LOCK_ENV = "PALACE_ETL_UNSAFE_NO_LOCK"
 
 
-def lock_path(palace: str | os.PathLike) -> Path:
+def palace_digest(palace: str | os.PathLike) -> str:
+    """sha256 of the palace's canonical path, as MemPalace keys its lock, hub and daemon files by it
+    (the lock takes 16 hex digits of it, the hub and daemon directories 24)."""
     resolved = os.path.normcase(os.path.realpath(os.path.expanduser(str(palace))))
-    key = hashlib.sha256(resolved.encode()).hexdigest()[:16]
-    return Path.home() / ".mempalace" / "locks" / f"mine_palace_{key}.lock"
+    return hashlib.sha256(resolved.encode("utf-8")).hexdigest()
 
 
-def _holder(f) -> str:
-    try:
-        f.seek(1)
-        parts = f.read().decode("utf-8", "replace").strip().split(maxsplit=1)
-    except OSError:
-        parts = []
-    if not parts or not parts[0].isdigit():
-        return "another writer (identity not recorded)"
-    return f"PID {parts[0]} ({parts[1]})" if len(parts) > 1 else f"PID {parts[0]}"
+def lock_path(palace: str | os.PathLike) -> Path:
+    return Path.home() / ".mempalace" / "locks" / f"mine_palace_{palace_digest(palace)[:16]}.lock"
+
+
+# argv fragments of MemPalace processes that hold the lease for their whole life: the hub and
+# ``python -m mempalace.mcp_server`` (``.../mcp_server/__main__.py``), the stdio ``mempalace-mcp``,
+# the daemon (``.../mempalace/daemon.py serve``)
+_SERVERS = ("mcp_server", "mempalace-mcp", "mempalace/daemon.py")
+
+
+@dataclass(frozen=True)
+class LeaseHolder:
+    """Who holds a palace lock, as its file says: ``<pid> <argv>`` written from byte 1."""
+
+    pid: int | None
+    argv: str
+
+    @classmethod
+    def read(cls, f) -> "LeaseHolder":
+        try:
+            f.seek(1)
+            pid, _, argv = f.read(4096).decode("utf-8", "replace").strip().partition(" ")
+        except OSError:
+            pid, argv = "", ""
+        return cls(int(pid), argv.strip()) if pid.isdigit() else cls(None, "")
+
+    @property
+    def is_server(self) -> bool:
+        """A MemPalace server (stdio MCP, hub, daemon): it keeps the lease until it exits."""
+        return any(s in self.argv for s in _SERVERS)
+
+    def __str__(self) -> str:
+        if self.pid is None:
+            return "another writer (identity not recorded)"
+        return f"PID {self.pid} ({self.argv})" if self.argv else f"PID {self.pid}"
 
 
 def _flock(fd, exclusive: bool, timeout: float, poll: float = 0.05) -> bool:
@@ -89,7 +117,7 @@ def palace_lock(palace: str | os.PathLike, timeout: float = 5.0, poll: float = 0
     f = os.fdopen(fd, "r+b")
     try:
         if not _flock(f, True, timeout, poll):
-            raise PalaceLocked(f"lock palace {palace}: held by {_holder(f)} (waited {timeout:g}s)",
+            raise PalaceLocked(f"lock palace {palace}: held by {LeaseHolder.read(f)} (waited {timeout:g}s)",
                                hint="wait for it to finish, stop it, or raise --lock-timeout")
         ident = f"{os.getpid()} {' '.join(sys.argv[:3])}".strip().encode()
         f.seek(1)

@@ -143,9 +143,7 @@ def open_writer(spec: str, kg: str | Path | None = None, lock_timeout: float = 3
         raise PalaceEtlError(f"{what} {palace}: --via {via}, but no writable MemPalace {via} serves this palace",
                              hint=f"start one (mempalace serve --palace {palace}), or leave out --via" if via == "hub"
                              else "start it (mempalace daemon start), or leave out --via")
-    if holder is None:
-        return ChromaDirStore(layout, lock_timeout)
-    if servers:
+    if servers:  # from here on the route is auto and somebody holds the lease
         raise PalaceLocked(f"{what} {palace}: {servers[0]} holds the palace's writer lease, and a {what} carries "
                            f"ids and vectors that MemPalace's tools cannot take",
                            hint=f"stop it for the {what} window (re-run with --wait to start the moment it "

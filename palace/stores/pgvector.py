@@ -39,7 +39,7 @@ import orjson
 from ..errors import EmbedderMismatch, PalaceEtlError, SourceMissing
 from ..identity import EmbedderIdentity, check_identity
 from ..layout import atomic_write, layout_for
-from ..rows import COLLECTIONS, KG_TABLES, State, collection_row_hash, paged
+from ..rows import COLLECTIONS, KG_TABLES, paged
 from .base import READ_PAGE, CollectionInfo, Page
 from .chroma import ChromaStore
 
@@ -187,7 +187,7 @@ class PgVectorStore(ChromaStore):
         self.palace = palace_id(root)
         self.marker = self.root / MARKER
         self._conn = None
-        self._dims: dict[str, int | None] = {}
+        self._dims: dict[str, int] = {}  # known tables' vector dimensions
 
     def __repr__(self) -> str:
         return f"PgVectorStore({self.name!r})"
@@ -214,7 +214,7 @@ class PgVectorStore(ChromaStore):
 
     def _dimension(self, table: str) -> int | None:
         """The table's vector dimension, or None when it does not exist."""
-        if table not in self._dims or self._dims[table] is None:
+        if table not in self._dims:
             row = self._db().execute(
                 "SELECT format_type(a.atttypid, a.atttypmod) FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid "
                 "WHERE c.relname = %s AND a.attname = 'embedding' AND c.relkind = 'r' "
@@ -300,13 +300,6 @@ class PgVectorStore(ChromaStore):
             if got:
                 yield [{"id": r[0], "document": r[1], "metadata": r[2] or {},
                         **({"embedding": np.asarray(r[3], dtype=np.float32)} if vectors else {})} for r in got]
-
-    def snapshot(self) -> State:
-        state: State = {t: {} for t in COLLECTIONS}
-        for table in COLLECTIONS:
-            for page in self._collection_rows(table, None):
-                state[table].update((i, collection_row_hash(d, m)) for i, d, m in page)
-        return state | self._kg_state()
 
     def info(self, table: str) -> CollectionInfo | None:
         dim = self._dimension(table)
@@ -401,7 +394,8 @@ class PgVectorStore(ChromaStore):
         self._write_marker()
         recorded = self.identity()
         check_identity(recorded, ident)
-        if recorded is None and not (self.info("drawers") and self.info("drawers").count):
+        drawers = self.info("drawers")
+        if recorded is None and not (drawers and drawers.count):
             self.set_identity(ident)
 
     def session(self, exclusive: bool, timeout: float):
