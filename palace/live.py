@@ -13,8 +13,8 @@ Found the way MemPalace 3.11's own CLI finds them (``server_registry.py``):
 - a stdio ``mempalace-mcp`` registers nothing: it can be named (from the lock file) but not reached.
 
 Both reachable writers run MemPalace's own write tools: ``HubClient.calls`` sends JSON-RPC
-``tools/call`` to the hub's ``POST /mcp`` one after another (the hub serialises writes: in parallel
-they ran no faster here); ``DaemonClient.calls`` queues ``mcp_tool`` jobs (``POST /jobs``) and
+``tools/call`` to the hub's ``POST /mcp`` one after another (the hub takes an exclusive lock per
+write, so parallel calls would only queue); ``DaemonClient.calls`` queues ``mcp_tool`` jobs (``POST /jobs``) and
 collects their results. Either yields each tool's own JSON answer, in order, as it arrives.
 """
 from __future__ import annotations
