@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from palace.crypt import Keys
 from palace.errors import PalaceEtlError
 from palace.stores import open_store
 
@@ -27,9 +28,10 @@ class MigrateReport:
 
 
 def run_migrate(source: str, target: str, kg_source: Path | None = None, kg_target: Path | None = None,
-                dry_run: bool = False, lock_timeout: float = 30.0, probes: int = 200) -> MigrateReport:
+                dry_run: bool = False, lock_timeout: float = 30.0, probes: int = 200,
+                keys: Keys | None = None) -> MigrateReport:
     """Copy ``source`` into the empty ``target``, then verify they match; ``source`` is only read."""
-    dst = open_store(target, kg_target, lock_timeout, read_only=True)
+    dst = open_store(target, kg_target, lock_timeout, read_only=True, keys=keys)
     try:
         if not dst.is_empty():
             raise PalaceEtlError(f"migrate into {dst.name}: it already holds a palace; nothing written",
@@ -38,6 +40,7 @@ def run_migrate(source: str, target: str, kg_source: Path | None = None, kg_targ
     finally:
         dst.close()
     moved = run_sync(source, target, kg_source, kg_target, dry_run=dry_run, max_delete=0,
-                     lock_timeout=lock_timeout).to_dict()
-    checked = None if dry_run else verify_parity(source, target, kg_source, kg_target, probes=probes).to_dict()
+                     lock_timeout=lock_timeout, keys=keys).to_dict()
+    checked = None if dry_run else verify_parity(source, target, kg_source, kg_target, probes=probes,
+                                                 keys=keys).to_dict()
     return MigrateReport(source, target, dry_run, moved, checked)

@@ -20,6 +20,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from palace.clock import instant, now_utc, zone
+from palace.crypt import Keys
 from palace.errors import PalaceEtlError, PalaceLocked, VerificationFailed
 from palace.rows import COLLECTIONS, TABLES, State
 from palace.stores import PalaceStore, SyncState, open_store, open_writer, store_root
@@ -282,15 +283,17 @@ def _side(store: PalaceStore, label: str, saved: SyncState) -> Side:
     return Side(store, label, state, local_history(saved.known, state, saved.history))
 
 
-def _open_side(spec: str, kg, lock_timeout: float, dry_run: bool, wait: bool, notify) -> tuple[PalaceStore, PalaceLocked | None]:
+def _open_side(spec: str, kg, lock_timeout: float, dry_run: bool, wait: bool, notify,
+               keys: Keys | None) -> tuple[PalaceStore, PalaceLocked | None]:
     """A replica opened for the sync: its writer, or -- when a MemPalace server holds it that a sync
     cannot write through -- its lock-free reader, with the refusal to raise if the plan writes into it."""
     if dry_run:
-        return open_store(spec, kg, lock_timeout, read_only=True), None
+        return open_store(spec, kg, lock_timeout, read_only=True, keys=keys), None
     try:
-        return open_writer(spec, kg, lock_timeout, wait=wait, what="sync", routable=False, notify=notify), None
+        return open_writer(spec, kg, lock_timeout, wait=wait, what="sync", routable=False, notify=notify,
+                           keys=keys), None
     except PalaceLocked as live:
-        return open_store(spec, kg, lock_timeout, read_only=True), live
+        return open_store(spec, kg, lock_timeout, read_only=True, keys=keys), live
 
 
 def _writes_into(plan: SyncPlan, side: str) -> bool:
@@ -299,16 +302,17 @@ def _writes_into(plan: SyncPlan, side: str) -> bool:
 
 def run_sync(spec_a: str, spec_b: str, kg_a=None, kg_b=None, dry_run: bool = False, prefer: str | None = None,
              keep_both: bool = False, max_delete: int | None = None, lock_timeout: float = 30.0,
-             wait: bool = False, notify=None) -> SyncReport:
+             wait: bool = False, notify=None, keys: Keys | None = None) -> SyncReport:
     """Sync two replicas. A replica a live MemPalace server holds is read from a private copy; the
     sync goes ahead when the plan writes only into the other one, and is refused (``PalaceLocked``,
-    nothing written) when it would write into the live one. ``wait`` waits for its lease first."""
+    nothing written) when it would write into the live one. ``wait`` waits for its lease first.
+    ``keys`` open (and re-encrypt into) an encrypted bundle replica."""
     started = time.monotonic()
     if store_root(spec_a) == store_root(spec_b):
         raise PalaceEtlError(f"sync {spec_a} {spec_b}: both name the same directory; give two different replicas")
-    store_a, live_a = _open_side(spec_a, kg_a, lock_timeout, dry_run, wait, notify)
+    store_a, live_a = _open_side(spec_a, kg_a, lock_timeout, dry_run, wait, notify, keys)
     try:
-        store_b, live_b = _open_side(spec_b, kg_b, lock_timeout, dry_run, wait, notify)
+        store_b, live_b = _open_side(spec_b, kg_b, lock_timeout, dry_run, wait, notify, keys)
     except BaseException:
         store_a.close()
         raise

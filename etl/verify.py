@@ -20,7 +20,8 @@ from importers.base import ImportOptions
 from importers.quarantine import Quarantine
 from importers.registry import get_importer
 from importers.schema import DRAWERS, TRIPLES, batch_kind
-from palace.bundles import verify_chain
+from palace.bundles import is_sealed, readable, verify_chain
+from palace.crypt import CryptError, Keys, Tampered
 from palace.errors import (
     ModelNotInstalled,
     PalaceEtlError,
@@ -338,25 +339,42 @@ def _probe(store: PalaceStore, ids: list[str], report: VerifyReport, identity: E
                    f"mempalace --palace {store.name} repair rebuild-index")
 
 
-def verify_bundle_report(bundle: Path) -> VerifyReport:
-    """``verify --bundle``: every file's sha256 and row counts against the manifest, along the chain."""
+def verify_bundle_report(bundle: Path, keys: Keys | None = None) -> VerifyReport:
+    """``verify --bundle``: every file's sha256 and row counts against the manifest, along the chain.
+    An encrypted chain's ciphertexts are checked without a key; with ``keys`` it is decrypted and its
+    plaintext sha256s and row counts are checked too."""
     report = VerifyReport(str(bundle))
     if not Path(bundle).exists():
         raise SourceMissing(f"verify bundle {bundle}: no such directory")
     try:
         problems = verify_chain(Path(bundle))
+        sealed = not problems and is_sealed(Path(bundle))
     except BundleError as exc:
-        problems = [str(exc)]
+        problems, sealed = [str(exc)], False
     for p in problems:
         report.add("error", "bundle_corrupt", p, f"palace-etl export --palace PALACE --out {Path(bundle).parent}")
+    if sealed and keys is None:
+        report.not_checked.append("row counts and plaintext checksums (the bundle is encrypted: pass --identity "
+                                  "or --passphrase-file to decrypt and check them)")
+    elif sealed:
+        try:
+            with readable(Path(bundle), keys):
+                pass
+        except Tampered as exc:
+            report.add("error", "bundle_corrupt", str(exc), exc.hint)
+        except CryptError as exc:
+            report.add("error", "bundle_key", str(exc), exc.hint)
+        except BundleError as exc:
+            report.add("error", "bundle_corrupt", str(exc), f"palace-etl export --palace PALACE --out "
+                       f"{Path(bundle).parent}")
     report.not_checked.append("vector and retrieval checks (a bundle: restore it, then verify the palace)")
     return report
 
 
 def verify_parity(spec_a: str, spec_b: str, kg_a: Path | None = None, kg_b: Path | None = None,
-                  sample: str | None = None, probes: int = 200) -> VerifyReport:
+                  sample: str | None = None, probes: int = 200, keys: Keys | None = None) -> VerifyReport:
     """Two replicas (palace, server, or bundle directory) hold the same rows, and the same vectors."""
-    a, b = open_store(spec_a, kg_a, read_only=True), open_store(spec_b, kg_b, read_only=True)
+    a, b = open_store(spec_a, kg_a, read_only=True, keys=keys), open_store(spec_b, kg_b, read_only=True, keys=keys)
     report = VerifyReport(f"{a.name} <-> {b.name}")
     spec = parse_sample(sample)
     try:

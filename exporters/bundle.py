@@ -9,11 +9,15 @@ deletion.
 """
 from __future__ import annotations
 
+import hashlib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+import orjson
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from palace.bundles import (
     BundleContent,
@@ -21,12 +25,15 @@ from palace.bundles import (
     bundle_state,
     chain,
     list_bundles,
+    state_batch,
     usable_parent,
     write_bundle,
 )
+from palace.crypt import Sealer
 from palace.errors import SourceMissing
-from palace.manifest import BundleError
-from palace.rows import COLLECTIONS, KG_TABLES, records_batch
+from palace.layout import atomic_dir
+from palace.manifest import SEALED, BundleError, Manifest
+from palace.rows import COLLECTIONS, KG_TABLES, State, records_batch
 from palace.stores import PalaceStore
 
 EXPORT_PAGE = 1000  # rows fetched and written at a time: an export's memory stays flat (bench row 5)
@@ -43,21 +50,79 @@ class ExportReport:
     dry_run: bool = False
     full_because: str | None = None  # why an --incremental run wrote a full bundle instead
     vanished: dict = field(default_factory=dict)  # table -> rows deleted by a writer during the export
+    wing: str | None = None
+    encrypted: bool = False
 
 
-def _parent(out: Path, incremental: bool, full_every: int) -> tuple[Path | None, str | None]:
-    """The bundle an incremental chains onto (None: write a full one), and why not when it cannot."""
+def _cache_dir(out: Path) -> Path:
+    """Where the plaintext state of the newest encrypted bundle of ``out`` is kept on this machine, so
+    a cron export that holds only public keys can still write an incremental."""
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "palace-etl" / "bundle-state" / hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:24]
+
+
+def _remember(out: Path, m: Manifest, state: State, scope: dict) -> None:
+    """Keep ``state`` (the bundle ``m`` just written into ``out``) for the next incremental, bound to
+    that bundle's name and its encrypted state file's sha256."""
+    outer = Manifest.load(out / m.name)
+    cache = _cache_dir(out)
+    cache.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with atomic_dir(cache, f".tmp-{cache.name}-", replace=True) as tmp:
+        pq.write_table(pa.Table.from_batches([state_batch(state)]), tmp / "state.parquet", compression="zstd")
+        (tmp / "bundle.json").write_bytes(orjson.dumps(scope | {
+            "bundle": m.name, "state_sha256": outer.files["state.parquet" + SEALED]}))
+
+
+def _remembered(out: Path, prev: Path, scope: dict) -> tuple[State | None, str | None]:
+    """(the state of the encrypted bundle ``prev``, None), or (None, why it cannot be used)."""
+    cache = _cache_dir(out)
+    try:
+        meta = orjson.loads((cache / "bundle.json").read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return None, f"the newest bundle {prev.name} is encrypted and this machine did not write it"
+    if meta.get("bundle") != prev.name or \
+            meta.get("state_sha256") != Manifest.load(prev).files.get("state.parquet" + SEALED):
+        return None, f"the newest bundle {prev.name} is encrypted and this machine did not write it"
+    if {k: meta.get(k) for k in scope} != scope:
+        return None, f"the newest bundle {prev.name} is encrypted to other keys or holds another wing"
+    return bundle_state(cache), None
+
+
+def _parent(out: Path, incremental: bool, full_every: int, scope: dict) -> tuple[Path | None, State, str | None]:
+    """The bundle an incremental chains onto (None: write a full one), the state it recorded, and
+    why not when it cannot. An incremental chains only onto a bundle of the same scope: the same
+    wing, encrypted to the same keys (or both plain)."""
     bundles = list_bundles(out)
     if not incremental or not bundles:
-        return None, None
+        return None, {}, None
     prev, why = usable_parent(bundles[-1])
-    if prev is not None and len(chain(prev)) >= full_every:
-        return None, None  # a full bundle every N incrementals
-    return prev, why
+    if prev is None:
+        return None, {}, why
+    if len(chain(prev)) >= full_every:
+        return None, {}, None  # a full bundle every N incrementals
+    m = Manifest.load(prev)
+    if m.sealed:
+        if scope["encryption"] is None:
+            return None, {}, f"the newest bundle {prev.name} is encrypted and this export is not; writing a full bundle"
+        state, why = _remembered(out, prev, scope)
+        return (prev, state, None) if state is not None else (None, {}, why + "; writing a full bundle")
+    if scope["encryption"] is not None:
+        return None, {}, f"the newest bundle {prev.name} is not encrypted; writing a full encrypted bundle"
+    if m.wing != scope["wing"]:
+        return None, {}, (f"the newest bundle {prev.name} holds {'wing ' + m.wing if m.wing else 'the whole palace'}; "
+                          "writing a full bundle")
+    return prev, bundle_state(prev), None
+
+
+def _wing_ids(store: PalaceStore, table: str, wing: str) -> set[str]:
+    return {i for page in store.rows(table, fields=("wing",)) for i, _doc, meta in page if meta.get("wing") == wing}
 
 
 def export_bundle(store: PalaceStore, out: Path, incremental: bool = False, full_every: int = 7,
-                  dry_run: bool = False) -> ExportReport:
+                  dry_run: bool = False, wing: str | None = None, sealer: Sealer | None = None) -> ExportReport:
+    """Write a bundle of ``store`` into ``out``: the whole palace, or with ``wing`` that wing's
+    drawers and closets only (no knowledge graph: its triples are not filed by wing); encrypted
+    with ``sealer``."""
     if not store.exists():
         raise SourceMissing(f"export palace {store.name}: no palace there")
     out = Path(out)
@@ -65,22 +130,28 @@ def export_bundle(store: PalaceStore, out: Path, incremental: bool = False, full
     if root is not None and out.resolve().is_relative_to(root):
         raise BundleError(f"export --out {out}: it is inside the palace {root}; a bundle there would be "
                           "taken for the palace's own files", hint="write bundles outside the palace")
+    scope = {"wing": wing, "encryption": sealer.describe() if sealer else None}
     with bundle_dir_lock(out):
-        prev, full_because = _parent(out, incremental, full_every)
+        prev, old, full_because = _parent(out, incremental, full_every, scope)
         state = store.snapshot()
-        old = bundle_state(prev) if prev else {}
+        if wing is not None:
+            keep = {t: _wing_ids(store, t, wing) for t in COLLECTIONS}
+            state = {t: {i: h for i, h in rows.items() if i in keep.get(t, ())} for t, rows in state.items()}
+            if not any(state.values()):
+                raise SourceMissing(f"export --wing {wing}: palace {store.name} has no drawer or closet in that wing",
+                                    hint=f"palace-etl status --palace {store.name} lists its wings")
         changed = {t: [i for i, h in rows.items() if old.get(t, {}).get(i) != h] for t, rows in state.items()}
         gone = [(t, i) for t in old for i in old[t] if i not in state.get(t, {})]
         report = ExportReport(None, "incremental" if prev else "full", prev.name if prev else None,
                               counts={t: len(v) for t, v in changed.items()},
                               totals={t: len(v) for t, v in state.items()}, deleted=gone, dry_run=dry_run,
-                              full_because=full_because)
+                              full_because=full_because, wing=wing, encrypted=sealer is not None)
         if dry_run:
             return report
         vanished: dict[str, list[str]] = {t: [] for t in state}
         ident = store.identity()
         content = BundleContent(
-            palace=store.name, state=state, tombstones=gone, sidecar=store.sidecar(),
+            palace=store.name, state=state, tombstones=gone, sidecar=store.sidecar(), wing=wing,
             embedder={"model_name": ident.model_name, "dimension": ident.dimension} if ident else None)
         for table in COLLECTIONS:
             info = store.info(table)
@@ -94,7 +165,9 @@ def export_bundle(store: PalaceStore, out: Path, incremental: bool = False, full
                 _drop_vanished(changed[table], {r["id"] for r in rows}, state[table], vanished[table])
                 content.kg[table] = rows
         content.watermark = lambda: {"vanished": {t: len(v) for t, v in vanished.items() if v}}
-        m = write_bundle(out, prev, content)
+        m = write_bundle(out, prev, content, sealer=sealer)
+        if sealer is not None:
+            _remember(out, m, state, scope)
         report.counts = {t: m.counts.get(t, 0) for t in changed}
         report.totals = dict(m.totals)
         report.vanished = m.watermark["vanished"]

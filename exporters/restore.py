@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from palace.bundles import chain, tombstones, verify_chain
+from palace.bundles import chain, readable, tombstones, verify_chain
+from palace.crypt import Keys
 from palace.errors import PalaceEtlError
 from palace.manifest import SIDECAR_FILE, BundleError, Manifest
 from palace.rows import COLLECTIONS, KG_TABLES, rows_of_batch
@@ -34,12 +35,17 @@ class RestoreReport:
 
 
 def restore_bundle(bundle: Path, store: PalaceStore, force: bool = False, dry_run: bool = False,
-                   lock_timeout: float = 30.0) -> RestoreReport:
-    links = chain(Path(bundle))
+                   lock_timeout: float = 30.0, keys: Keys | None = None) -> RestoreReport:
     problems = verify_chain(Path(bundle))
     if problems:
         raise BundleError("restore: the bundle is damaged, nothing written:\n  " + "\n  ".join(problems),
                           hint="restore an older bundle, or re-run the export")
+    with readable(Path(bundle), keys) as plain:  # an encrypted chain: decrypted and checked before a write
+        return _restore(plain, store, force, dry_run, lock_timeout)
+
+
+def _restore(bundle: Path, store: PalaceStore, force: bool, dry_run: bool, lock_timeout: float) -> RestoreReport:
+    links = chain(bundle)
     report = RestoreReport(store.name, [p.name for p in links], dry_run=dry_run)
     if not store.is_empty() and not force:
         raise PalaceEtlError(f"restore into {store.name}: it already holds a palace",

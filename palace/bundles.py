@@ -13,6 +13,7 @@ import contextlib
 import datetime as dt
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -20,10 +21,20 @@ from typing import Callable, Iterable, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .crypt import KEY_FILE, CryptError, Keys, Sealer
 from .ids import sha256_file
 from .layout import SIDECAR, atomic_dir, safe_dir
 from .lock import dir_lock
-from .manifest import MANIFEST, NAME_RE, BundleError, Manifest, bundle_name, check_files
+from .manifest import (
+    MANIFEST,
+    NAME_RE,
+    SEALED,
+    SEALED_MANIFEST,
+    BundleError,
+    Manifest,
+    bundle_name,
+    check_files,
+)
 from .rows import State, record_schema
 
 STATE_SCHEMA = pa.schema([("table", pa.string()), ("id", pa.string()), ("hash", pa.string())])
@@ -66,6 +77,53 @@ def verify_chain(bundle: Path) -> list[str]:
     for link in chain(Path(bundle)):
         problems += check_files(link, Manifest.load(link))
     return problems
+
+
+def is_sealed(bundle: Path) -> bool:
+    """Is ``bundle`` (or any bundle it builds on) encrypted?"""
+    return any(Manifest.load(link).sealed for link in chain(Path(bundle)))
+
+
+@contextlib.contextmanager
+def readable(bundle: Path, keys: Keys | None) -> Iterator[Path]:
+    """``bundle`` in plaintext, for anything that reads its tables: the bundle itself, or, when its
+    chain is encrypted, a private temp copy of the chain (0700, removed on exit), each file's
+    ciphertext checked against the plain manifest, decrypted with ``keys``, then checked against the
+    decrypted manifest's sha256s and row counts. Nothing is yielded from a chain that fails."""
+    links = chain(Path(bundle))
+    manifests = [Manifest.load(link) for link in links]
+    if not any(m.sealed for m in manifests):
+        yield Path(bundle)
+        return
+    if keys is None:
+        raise CryptError(f"read bundle {bundle}: it is encrypted",
+                         hint="pass --identity FILE (an age identity) or --passphrase-file FILE")
+    tmp = Path(tempfile.mkdtemp(prefix="palace-etl-decrypted-"))
+    try:
+        for link, outer in zip(links, manifests):
+            problems = check_files(link, outer)
+            if problems:
+                raise BundleError(f"read bundle {link}: it does not verify, nothing decrypted: {problems[0]}")
+            dst = tmp / link.name
+            dst.mkdir(mode=0o700)
+            (dst / "sidecars").mkdir(mode=0o700)
+            if not outer.sealed:
+                for rel in (*outer.files, MANIFEST):
+                    shutil.copyfile(link / rel, dst / rel)
+                continue
+            idents = keys.for_bundle(link)
+            for rel in sorted(outer.files, key=lambda r: r != SEALED_MANIFEST):  # the manifest first
+                if rel != KEY_FILE:
+                    keys.decrypt(link / rel, dst / rel.removesuffix(SEALED), idents, link)
+            inner = Manifest.load(dst)
+            if (inner.kind, inner.previous, inner.sealed) != (outer.kind, outer.previous, False):
+                raise BundleError(f"read bundle {link}: its encrypted manifest does not match its plain one")
+            problems = check_files(dst, inner)
+            if problems:
+                raise BundleError(f"read bundle {link}: decrypted, it does not verify: {problems[0]}")
+        yield tmp / Path(bundle).name
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def usable_parent(prev: Path) -> tuple[Path | None, str | None]:
@@ -121,60 +179,93 @@ class BundleContent:
     sidecar: bytes | None = None
     embedder: dict | None = None
     settings: dict = field(default_factory=dict)  # collection settings for a restore (hnsw:*)
+    wing: str | None = None  # the one wing this bundle holds (no KG), or the whole palace
     watermark: dict | Callable[[], dict] = field(default_factory=dict)  # called after the tables are written
 
 
 def write_bundle(out: Path, previous: Path | None, content: BundleContent,
-                 now: dt.datetime | None = None) -> Manifest:
+                 now: dt.datetime | None = None, sealer: Sealer | None = None) -> Manifest:
     """Write ``content`` as a new bundle in ``out`` (an incremental of ``previous``, or full); the caller
     holds ``bundle_dir_lock(out)``. The bundle is checked against its own manifest before it is
-    renamed into place."""
+    renamed into place. With ``sealer`` every file, the manifest included, is encrypted as it is
+    written; the plain manifest then holds only the ciphertexts' sha256s and the chain link.
+    Returns the (inner) manifest."""
     now = now or dt.datetime.now(dt.timezone.utc)
     name = bundle_name(now, previous is not None)
     with atomic_dir(Path(out) / name, f".tmp-{name}-") as tmp:  # starts with TEMP_PREFIX
-        written = _write_tables(tmp, content)
-        files = {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
-        m = Manifest(name=name, kind="incremental" if previous else "full", created_at=now.isoformat(),
-                     palace=content.palace, embedder=content.embedder, collections=content.settings,
-                     counts=written | {"tombstones": len(content.tombstones)},
-                     totals={t: len(v) for t, v in content.state.items()}, files=files,
-                     previous=previous.name if previous else None,
-                     watermark={"exported_at": now.isoformat(),
-                                **(content.watermark() if callable(content.watermark) else content.watermark)})
-        (tmp / MANIFEST).write_bytes(m.to_json())
-        os.chmod(tmp / MANIFEST, 0o600)
-        problems = check_files(tmp, Manifest.load(tmp, name))
+        with contextlib.ExitStack() as stack:
+            seal = stack.enter_context(sealer.keyed(tmp)) if sealer else None
+            digests: dict[str, str] = {}
+            sizes: dict[str, int] = {}
+
+            @contextlib.contextmanager
+            def sink(rel: str):
+                if seal is None:
+                    with open(os.open(tmp / rel, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
+                        yield f
+                    digests[rel], sizes[rel] = sha256_file(tmp / rel), (tmp / rel).stat().st_size
+                else:
+                    with seal.writer(tmp / (rel + SEALED)) as f:
+                        yield f
+                    digests[rel], sizes[rel] = f.sha.hexdigest(), f.size
+
+            written = _write_tables(tmp, content, sink)
+            m = Manifest(name=name, kind="incremental" if previous else "full", created_at=now.isoformat(),
+                         palace=content.palace, embedder=content.embedder, collections=content.settings,
+                         counts=written | {"tombstones": len(content.tombstones)},
+                         totals={t: len(v) for t, v in content.state.items()}, files=dict(sorted(digests.items())),
+                         sizes=dict(sorted(sizes.items())),
+                         previous=previous.name if previous else None, wing=content.wing,
+                         encryption=sealer.describe() if sealer else None,
+                         watermark={"exported_at": now.isoformat(),
+                                    **(content.watermark() if callable(content.watermark) else content.watermark)})
+            with sink(MANIFEST) as f:
+                f.write(m.to_json())
+        if sealer is None:
+            written_m = Manifest.load(tmp, name)
+        else:
+            files = {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+            outer = Manifest(name=name, kind=m.kind, created_at=m.created_at, palace="", embedder=None,
+                             collections={}, files=files, previous=m.previous,
+                             sizes={rel: (tmp / rel).stat().st_size for rel in files},
+                             encryption={"scheme": "age", "passphrase": sealer.passphrase is not None})
+            (tmp / MANIFEST).write_bytes(outer.to_json())
+            os.chmod(tmp / MANIFEST, 0o600)
+            written_m = Manifest.load(tmp, name)
+        problems = check_files(tmp, written_m)
         if problems:  # never put a bundle in place that does not verify
             raise BundleError(f"write bundle {Path(out) / name}: the bundle written does not verify: {problems[0]}")
     return m
 
 
-def _write_tables(tmp: Path, content: BundleContent) -> dict[str, int]:
+def _write_tables(tmp: Path, content: BundleContent, sink) -> dict[str, int]:
     written = {}
     for table, (dim, batches) in content.collections.items():
-        written[table] = _write_table(tmp / f"{table}.parquet", record_schema(dim), batches)
+        written[table] = _write_table(sink, f"{table}.parquet", record_schema(dim), batches)
     for table, rows in content.kg.items():
         if rows:
             batch = pa.RecordBatch.from_pylist(rows)
-            written[table] = _write_table(tmp / f"{table}.parquet", batch.schema, [batch])
-    _write_table(tmp / "tombstones.parquet", TOMBSTONE_SCHEMA, [pa.RecordBatch.from_pylist(
+            written[table] = _write_table(sink, f"{table}.parquet", batch.schema, [batch])
+    _write_table(sink, "tombstones.parquet", TOMBSTONE_SCHEMA, [pa.RecordBatch.from_pylist(
         [{"table": t, "id": i} for t, i in content.tombstones], schema=TOMBSTONE_SCHEMA)])
-    _write_table(tmp / "state.parquet", STATE_SCHEMA, [pa.RecordBatch.from_pylist(
-        [{"table": t, "id": i, "hash": h} for t, rows in content.state.items() for i, h in rows.items()],
-        schema=STATE_SCHEMA)])
+    _write_table(sink, "state.parquet", STATE_SCHEMA, [state_batch(content.state)])
     (tmp / "sidecars").mkdir(mode=0o700)
     if content.sidecar is not None:
-        (tmp / "sidecars" / SIDECAR).write_bytes(content.sidecar)
-        os.chmod(tmp / "sidecars" / SIDECAR, 0o600)
+        with sink(f"sidecars/{SIDECAR}") as f:
+            f.write(content.sidecar)
     return written
 
 
-def _write_table(path: Path, schema: pa.Schema, batches) -> int:
+def state_batch(state: State) -> pa.RecordBatch:
+    return pa.RecordBatch.from_pylist(
+        [{"table": t, "id": i, "hash": h} for t, rows in state.items() for i, h in rows.items()], schema=STATE_SCHEMA)
+
+
+def _write_table(sink, rel: str, schema: pa.Schema, batches) -> int:
     n = 0
-    with pq.ParquetWriter(path, schema, compression="zstd") as w:
+    with sink(rel) as f, pq.ParquetWriter(f, schema, compression="zstd") as w:
         for b in batches:
             if b.num_rows:
                 w.write_batch(b)
                 n += b.num_rows
-    os.chmod(path, 0o600)
     return n

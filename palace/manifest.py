@@ -16,6 +16,7 @@ from pathlib import Path, PurePosixPath
 import orjson
 import pyarrow.parquet as pq
 
+from .crypt import KEY_FILE
 from .errors import PalaceEtlError
 from .ids import sha256_file
 
@@ -27,6 +28,10 @@ TABLE_FILES = ("drawers", "closets", "entities", "triples", "state", "tombstones
 SIDECAR_FILE = "sidecars/mempalace_embedder.json"
 ALLOWED_FILES = {f"{t}.parquet" for t in TABLE_FILES} | {SIDECAR_FILE}
 REQUIRED_FILES = ("state.parquet", "tombstones.parquet")
+SEALED = ".age"  # an encrypted bundle's files: each plaintext file's name + .age (palace.crypt)
+SEALED_MANIFEST = MANIFEST + SEALED  # the whole manifest, encrypted; the plain one keeps only checksums
+SEALED_FILES = {f + SEALED for f in ALLOWED_FILES} | {SEALED_MANIFEST, KEY_FILE}
+REQUIRED_SEALED = (*(f + SEALED for f in REQUIRED_FILES), SEALED_MANIFEST)
 # collection settings a restore may apply: MemPalace reads similarity as 1 - cosine distance
 COLLECTION_KEYS = {"hnsw:space": ("cosine",), "hnsw:num_threads": range(1, 65),
                    "hnsw:batch_size": range(1, 1_000_001), "hnsw:sync_threshold": range(1, 1_000_001)}
@@ -64,6 +69,14 @@ class Manifest:
     previous: str | None = None  # the bundle this incremental builds on
     watermark: dict = field(default_factory=dict)
     schema_version: int = BUNDLE_SCHEMA_VERSION
+    encryption: dict | None = None  # {scheme: age, passphrase: bool[, recipients]} (palace.crypt)
+    wing: str | None = None  # a bundle of one wing's drawers and closets only (no KG)
+    sizes: dict = field(default_factory=dict)  # relative path -> bytes (checked before the sha256)
+
+    @property
+    def sealed(self) -> bool:
+        """The outer manifest of an encrypted bundle: it lists only ciphertext files."""
+        return SEALED_MANIFEST in self.files
 
     def to_json(self) -> bytes:
         return orjson.dumps(asdict(self), option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)
@@ -95,10 +108,10 @@ def _is_count_map(v) -> bool:
     return isinstance(v, dict) and all(isinstance(k, str) and type(n) is int and n >= 0 for k, n in v.items())
 
 
-def _safe_rel(rel: str) -> bool:
+def _safe_rel(rel: str, allowed: set[str]) -> bool:
     p = PurePosixPath(rel)
     return (isinstance(rel, str) and not p.is_absolute() and ".." not in p.parts and "\\" not in rel
-            and "\x00" not in rel and str(p) == rel and rel in ALLOWED_FILES)
+            and "\x00" not in rel and str(p) == rel and rel in allowed)
 
 
 def schema_problems(data, dirname: str) -> list[str]:
@@ -146,19 +159,34 @@ def schema_problems(data, dirname: str) -> list[str]:
                 allowed = COLLECTION_KEYS.get(k)
                 if allowed is None or isinstance(v, bool) or v not in allowed:
                     problems.append(f"collection {table} setting {k}={v!r} is not allowed")
-    for key in ("counts", "totals"):
+    for key in ("counts", "totals", "sizes"):
         if not _is_count_map(data.get(key, {})):
             problems.append(f"{key} is not a map of table to row count")
     files = data.get("files", {})
     if not isinstance(files, dict):
         problems.append("files is not an object")
     else:
+        sealed = SEALED_MANIFEST in files
+        allowed, required = (SEALED_FILES, REQUIRED_SEALED) if sealed else (ALLOWED_FILES, REQUIRED_FILES)
         for rel, digest in files.items():
-            if not _safe_rel(rel):
-                problems.append(f"file {rel!r} is not one a bundle holds (paths stay inside the bundle)")
+            if not _safe_rel(rel, allowed):
+                problems.append(f"file {rel!r} is not one a{'n encrypted' if sealed else ''} bundle holds "
+                                "(paths stay inside the bundle)")
             if not (isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)):
                 problems.append(f"file {rel!r} has no sha256")
-        problems += [f"required file {f} is not listed" for f in REQUIRED_FILES if f not in files]
+        problems += [f"required file {f} is not listed" for f in required if f not in files]
+        if isinstance(data.get("sizes"), dict) and set(data["sizes"]) - set(files):
+            problems.append("sizes names a file the manifest does not list")
+        if sealed and (data.get("counts") or data.get("totals") or data["embedder"] or data.get("wing")):
+            problems.append("an encrypted bundle's plain manifest holds counts, totals, an embedder or a wing")
+    enc = data.get("encryption")
+    if enc is not None and not (isinstance(enc, dict) and enc.get("scheme") == "age"
+                                and isinstance(enc.get("passphrase"), bool)
+                                and all(isinstance(r, str) for r in enc.get("recipients", []))
+                                and set(enc) <= {"scheme", "passphrase", "recipients"}):
+        problems.append("encryption is not {scheme: age, passphrase, recipients}")
+    if data.get("wing") is not None and not (isinstance(data["wing"], str) and data["wing"]):
+        problems.append("wing is not a wing name")
     if not isinstance(data.get("watermark", {}), dict):
         problems.append("watermark is not an object")
     return problems
@@ -182,9 +210,12 @@ def check_files(bundle: Path, manifest: Manifest) -> list[str]:
             problems.append(f"{path}: not a regular file")
         elif not path.is_file():
             problems.append(f"{path}: missing")
+        elif rel in manifest.sizes and path.stat().st_size != manifest.sizes[rel]:
+            problems.append(f"{path}: {path.stat().st_size} bytes, {MANIFEST} says {manifest.sizes[rel]} (truncated "
+                            "or changed)")
         elif sha256_file(path) != digest:
             problems.append(f"{path}: sha256 mismatch with {MANIFEST} (the file or the manifest is corrupt or changed)")
-    if problems:
+    if problems or manifest.sealed:  # an encrypted bundle's rows are checked once decrypted
         return problems
     try:
         for table, n in sorted(manifest.counts.items()):

@@ -285,8 +285,9 @@ def test_item08_restore_checks_the_result_against_the_manifest_totals(plain_pala
     bundle = bundle_of(plain_palace, tmp_path / "b")
     pq.write_table(pq.read_table(bundle / "drawers.parquet").slice(0, 5), bundle / "drawers.parquet")
     digest = hashlib.sha256((bundle / "drawers.parquet").read_bytes()).hexdigest()
+    size = (bundle / "drawers.parquet").stat().st_size
     rewrite_manifest(bundle, lambda m: (m["files"].update({"drawers.parquet": digest}),
-                                        m["counts"].update(drawers=5)))
+                                        m["sizes"].update({"drawers.parquet": size}), m["counts"].update(drawers=5)))
     run_cli("verify", "--bundle", bundle)  # each file agrees with the manifest...
     proc = run_cli("restore", bundle, "--palace", tmp_path / "r", check=1)
     assert "does not match the bundle" in proc.stderr  # ...but the result does not

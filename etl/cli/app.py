@@ -62,7 +62,17 @@ WAIT = typer.Option(False, "--wait", help="When a MemPalace server holds the pal
                     "it lets go (however long), then write directly.")
 VIA = typer.Option("auto", "--via", help="auto (default): direct, or through the live MemPalace hub or daemon "
                    "holding the palace; hub, daemon or direct forces one route.")
+IDENTITY = typer.Option(None, "--identity", help="age identity file (AGE-SECRET-KEY-1...) that opens encrypted "
+                        "bundles; repeatable.")
+PASSPHRASE_FILE = typer.Option(None, "--passphrase-file", help="File whose first line is the passphrase of "
+                               "passphrase-encrypted bundles.")
 DEBUG = {"on": False}
+
+
+def _keys(identity: Optional[list[Path]], passphrase_file: Optional[Path]):
+    from palace.crypt import Keys
+
+    return Keys.load(identity, passphrase_file)
 
 
 def _embedder(name: str, url: Optional[str] = None, model: Optional[str] = None, dim: Optional[int] = None):
@@ -213,7 +223,8 @@ def verify(
     json_out: bool = JSON,
     embedder: Optional[str] = typer.Option(None, "--embedder", help="Also check the palace was built with this "
                                            "embedder (default: trust its sidecar)."),
-    lock_timeout: float = LOCK_TIMEOUT,
+    lock_timeout: float = LOCK_TIMEOUT, identity: Optional[list[Path]] = IDENTITY,
+    passphrase_file: Optional[Path] = PASSPHRASE_FILE,
 ) -> None:
     """Check a palace's health, and its parity with a source."""
     from etl.verify import (
@@ -229,10 +240,11 @@ def verify(
         raise typer.BadParameter(f"{more[0]}: extra source paths need --against KIND PATH")
     if bool(palace) == bool(bundle) or len(palace) > 2:
         raise typer.BadParameter("give --palace DIR (once, or twice to compare replicas) or --bundle DIR")
+    keys = _keys(identity, passphrase_file)
     if bundle:
-        report = verify_bundle_report(bundle).to_dict()
+        report = verify_bundle_report(bundle, keys).to_dict()
     elif len(palace) == 2:
-        report = verify_parity(palace[0], palace[1], sample=sample, probes=probes).to_dict()
+        report = verify_parity(palace[0], palace[1], sample=sample, probes=probes, keys=keys).to_dict()
     else:
         palace = palace[0]
         identity = _embedder(embedder)[1] if embedder else None
@@ -260,15 +272,25 @@ def export(
     keep_daily: Optional[int] = typer.Option(None, "--keep-daily", help="Keep the newest bundle of D days."),
     keep_weekly: Optional[int] = typer.Option(None, "--keep-weekly", help="Keep the newest bundle of W weeks."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Show what would be exported; write nothing."),
+    wing: Optional[str] = typer.Option(None, "--wing", help="Only this wing's drawers and closets (no knowledge "
+                                       "graph), e.g. to share one wing."),
+    encrypt_to: Optional[list[str]] = typer.Option(None, "--encrypt-to", help="Encrypt the bundle to this age "
+                                                   "public key (age1...) or file of them; repeatable."),
+    passphrase_file: Optional[Path] = typer.Option(None, "--passphrase-file", help="Encrypt the bundle with the "
+                                                   "passphrase on this file's first line."),
     json_out: bool = JSON, quiet: bool = QUIET, lock_timeout: float = typer.Option(30.0, "--lock-timeout"),
 ) -> None:
     """Write a verified backup bundle of the whole palace (cron-friendly)."""
     from exporters.run import run_export
+    from palace.crypt import Sealer, parse_recipients, read_passphrase
     from palace.stores import open_store
 
+    sealer = Sealer(parse_recipients(encrypt_to or []), read_passphrase(passphrase_file) if passphrase_file
+                    else None) if encrypt_to or passphrase_file else None
     store = open_store(palace, kg, lock_timeout, read_only=True)
     try:
-        r = run_export(store, out, fmt, incremental, full_every, keep, keep_daily, keep_weekly, dry_run)
+        r = run_export(store, out, fmt, incremental, full_every, keep, keep_daily, keep_weekly, dry_run, wing,
+                       sealer)
     finally:
         store.close()
     if json_out:
@@ -286,6 +308,7 @@ def restore(
     force: bool = typer.Option(False, "--force", help="Replace an existing palace (it is kept aside)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Check the bundle and show the plan; write nothing."),
     json_out: bool = JSON, lock_timeout: float = typer.Option(30.0, "--lock-timeout"), wait: bool = WAIT,
+    identity: Optional[list[Path]] = IDENTITY, passphrase_file: Optional[Path] = PASSPHRASE_FILE,
 ) -> None:
     """Rebuild a palace from a bundle without re-embedding; checks every file first."""
     from dataclasses import asdict
@@ -293,9 +316,11 @@ def restore(
     from exporters.restore import restore_bundle
     from palace.stores import open_writer
 
+    keys = _keys(identity, passphrase_file)
     store = open_writer(palace, kg, lock_timeout, wait=wait, what="restore", routable=False, notify=_say)
     try:
-        r = asdict(restore_bundle(bundle, store, force=force, dry_run=dry_run, lock_timeout=lock_timeout))
+        r = asdict(restore_bundle(bundle, store, force=force, dry_run=dry_run, lock_timeout=lock_timeout,
+                                  keys=keys))
     finally:
         store.close()
     if json_out:
@@ -318,6 +343,7 @@ def sync(
     max_delete: Optional[int] = typer.Option(None, "--max-delete", help="Refuse plans deleting more "
                                              "(default: 5% of the larger side, at least 10)."),
     json_out: bool = JSON, lock_timeout: float = typer.Option(30.0, "--lock-timeout"), wait: bool = WAIT,
+    identity: Optional[list[Path]] = IDENTITY, passphrase_file: Optional[Path] = PASSPHRASE_FILE,
 ) -> None:
     """Bring two replicas to the same content, deletes included, without re-embedding."""
     from etl.sync import check_converged, run_sync
@@ -325,7 +351,7 @@ def sync(
     if prefer is not None and prefer.lower() not in ("a", "b"):
         raise typer.BadParameter("--prefer takes A or B")
     r = run_sync(a, b, kg_a, kg_b, dry_run, prefer.lower() if prefer else None, keep_both, max_delete,
-                 lock_timeout, wait, _say).to_dict()
+                 lock_timeout, wait, _say, _keys(identity, passphrase_file)).to_dict()
     if json_out:
         render.emit_json(r)
     else:
@@ -342,13 +368,14 @@ def migrate(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan; write nothing."),
     probes: int = typer.Option(200, "--probes", help="Vectors compared by cosine in the closing verify."),
     json_out: bool = JSON, lock_timeout: float = typer.Option(30.0, "--lock-timeout"),
+    identity: Optional[list[Path]] = IDENTITY, passphrase_file: Optional[Path] = PASSPHRASE_FILE,
 ) -> None:
     """Move a palace to another store (Chroma directory <-> PostgreSQL <-> bundles), vectors carried, then verify."""
     from etl.migrate import run_migrate
     from etl.sync import check_converged
     from etl.verify import check_verified
 
-    r = run_migrate(source, target, kg_a, kg_b, dry_run, lock_timeout, probes).to_dict()
+    r = run_migrate(source, target, kg_a, kg_b, dry_run, lock_timeout, probes, _keys(identity, passphrase_file)).to_dict()
     if json_out:
         render.emit_json(r)
     else:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..bundles import list_bundles
+from ..crypt import Keys
 from ..errors import PalaceEtlError, PalaceLocked
 from ..layout import PalaceLayout, layout_for
 from ..live import lease_holder, live_daemon, live_hub
@@ -96,10 +97,11 @@ def store_for(layout: PalaceLayout, lock_timeout: float = 30.0, settings: dict |
 
 
 def open_store(spec: str, kg: str | Path | None = None, lock_timeout: float = 30.0,
-               read_only: bool = False) -> PalaceStore:
+               read_only: bool = False, keys: Keys | None = None) -> PalaceStore:
+    """The store ``spec`` names; ``keys`` open an encrypted bundle directory."""
     kind, path = store_kind(spec), split_spec(spec)[1]
     if kind == "bundle":
-        return BundleDirStore(Path(path.removeprefix("bundle:")).expanduser())
+        return BundleDirStore(Path(path.removeprefix("bundle:")).expanduser(), keys)
     if kind == "pgvector":  # read or written alike: PostgreSQL's MVCC keeps readers and writers apart
         return PgVectorStore(Path(path).expanduser(), PgSettings.from_environment(), kg)
     return store_for(layout_for(path, kg), lock_timeout, read_only=read_only)
@@ -107,7 +109,7 @@ def open_store(spec: str, kg: str | Path | None = None, lock_timeout: float = 30
 
 def open_writer(spec: str, kg: str | Path | None = None, lock_timeout: float = 30.0, via: str = "auto",
                 wait: bool = False, what: str = "import", routable: bool = True,
-                notify: Callable[[str], None] | None = None) -> PalaceStore:
+                notify: Callable[[str], None] | None = None, keys: Keys | None = None) -> PalaceStore:
     """The store to write ``spec`` through, beside whatever MemPalace process holds its lease.
 
     - nobody holds it (or ``via="direct"``): the direct store, our ids, metadata and vectors;
@@ -124,7 +126,7 @@ def open_writer(spec: str, kg: str | Path | None = None, lock_timeout: float = 3
     if store_kind(spec) != "chroma":
         if via in ("hub", "daemon"):
             raise PalaceEtlError(f"{what} {spec}: --via {via} is for a palace directory MemPalace serves")
-        return open_store(spec, kg, lock_timeout)
+        return open_store(spec, kg, lock_timeout, keys=keys)
     layout = layout_for(split_spec(spec)[1], kg)
     palace = layout.path
     holder = lease_holder(palace)

@@ -22,10 +22,12 @@ from ..bundles import (
     bundle_state,
     chain,
     list_bundles,
+    readable,
     verify_chain,
     write_bundle,
 )
 from ..clock import recorded_zone
+from ..crypt import CryptError, Keys, Sealer
 from ..errors import PalaceEtlError
 from ..identity import EmbedderIdentity, check_identity
 from ..kg import KnowledgeGraph
@@ -51,8 +53,10 @@ class BundleDirStore(SyncStateFile):
     kg_path = None
     state_dir = None
 
-    def __init__(self, out: Path):
+    def __init__(self, out: Path, keys: Keys | None = None):
         self.out = Path(out)
+        self.keys = keys
+        self._open: tuple[str, Path, contextlib.ExitStack] | None = None  # the newest bundle, readable
         self.root = self.out
         self.name = f"bundle:{self.out.resolve()}"
         self.zone = recorded_zone(None)
@@ -64,27 +68,55 @@ class BundleDirStore(SyncStateFile):
     def __repr__(self) -> str:
         return f"BundleDirStore({str(self.out)!r})"
 
-    def _latest(self) -> Path | None:
+    def _newest(self) -> Path | None:
         bundles = list_bundles(self.out)
         return bundles[-1] if bundles else None
+
+    def _latest(self) -> Path | None:
+        """The newest bundle in plaintext: itself, or its chain decrypted into a private temp copy
+        (kept until ``close`` or the next commit)."""
+        newest = self._newest()
+        if newest is None:
+            return None
+        if self._open is None or self._open[0] != newest.name:
+            self._forget()
+            stack = contextlib.ExitStack()
+            try:
+                plain = stack.enter_context(readable(newest, self.keys))
+            except BaseException:
+                stack.close()
+                raise
+            self._open = (newest.name, plain, stack)
+        return self._open[1]
+
+    def _forget(self) -> None:
+        if self._open is not None:
+            self._open[2].close()
+            self._open = None
 
     def _manifest(self) -> Manifest | None:
         latest = self._latest()
         return Manifest.load(latest) if latest else None
 
     def exists(self) -> bool:
-        return self._latest() is not None
+        return self._newest() is not None
 
     def verified(self) -> None:
         """Refuse a damaged chain before anything is planned from it: a state file short of rows
-        would otherwise make sync delete those drawers everywhere."""
-        latest = self._latest()
-        if latest is None:
+        would otherwise make sync delete those drawers everywhere. A bundle of one wing is refused
+        too: as a replica it would look like a palace that lost every other wing."""
+        newest = self._newest()
+        if newest is None:
             return
-        problems = verify_chain(latest)
+        problems = verify_chain(newest)
         if problems:
             raise BundleError(f"sync replica {self.name}: the newest bundle does not verify, nothing "
-                              f"written: {problems[0]}", hint=f"palace-etl verify --bundle {latest}")
+                              f"written: {problems[0]}", hint=f"palace-etl verify --bundle {newest}")
+        m = self._manifest()  # an encrypted chain is decrypted and checked here
+        if m is not None and m.wing is not None:
+            raise BundleError(f"sync replica {self.name}: its newest bundle holds only wing {m.wing}; a sync would "
+                              "take every other wing for deleted", hint=f"restore it instead: palace-etl restore "
+                              f"{newest} --palace NEW_DIR")
 
     # ----------------------------------------------------------------- reading
     def snapshot(self) -> State:
@@ -227,7 +259,7 @@ class BundleDirStore(SyncStateFile):
         if not any(self._rows.values()) and not any(self._deletes.values()):
             return
         with bundle_dir_lock(self.out):
-            prev = self._latest()
+            prev = self._newest()
             state = self.snapshot()
             for table, rows in self._rows.items():
                 for i, r in rows.items():
@@ -243,16 +275,27 @@ class BundleDirStore(SyncStateFile):
                     collections[t] = (dim, [records_batch(rows[s:s + FETCH_PAGE], dim)
                                             for s in range(0, len(rows), FETCH_PAGE)])
             ident = self.identity()
-            prev_m = Manifest.load(prev) if prev else None
+            prev_m = self._manifest()
             write_bundle(self.out, prev, BundleContent(
                 palace=self.name, state=state, collections=collections,
                 kg={t: list(self._rows[t].values()) for t in KG_TABLES}, tombstones=gone if prev else [],
                 sidecar=self.sidecar(), settings=prev_m.collections if prev_m else
                 {t: dict(HNSW_METADATA) for t in COLLECTIONS},
                 embedder={"model_name": ident.model_name, "dimension": ident.dimension} if ident else None),
-                now=dt.datetime.now(dt.timezone.utc))
+                now=dt.datetime.now(dt.timezone.utc), sealer=self._sealer(prev_m))
+        self._forget()
         self._rows = {t: {} for t in TABLES}
         self._deletes = {t: set() for t in TABLES}
 
+    def _sealer(self, prev: Manifest | None) -> Sealer | None:
+        """A new bundle of an encrypted chain is encrypted to the keys the newest one records."""
+        enc = prev.encryption if prev else None
+        if enc is None:
+            return None
+        if enc["passphrase"] and (self.keys is None or self.keys.passphrase is None):
+            raise CryptError(f"sync into {self.name}: its bundles are passphrase-encrypted, and the next one "
+                             "needs the passphrase too", hint="pass --passphrase-file FILE")
+        return Sealer(list(enc.get("recipients", [])), self.keys.passphrase if enc["passphrase"] else None)
+
     def close(self) -> None:
-        pass
+        self._forget()
