@@ -81,7 +81,11 @@ def records_batch(rows: list[dict], dim: int) -> pa.RecordBatch:
 def rows_of_batch(batch: pa.RecordBatch) -> list[dict]:
     """A bundle record batch back as collection rows (vectors as a float32 array per row)."""
     n = batch.num_rows
-    vecs = batch.column("embedding").values.to_numpy(zero_copy_only=False).reshape(n, -1) if n else []
-    return [{"id": i, "document": d, "metadata": orjson.loads(m) if m else {}, "embedding": vecs[k]}
-            for k, (i, d, m) in enumerate(zip(batch.column("id").to_pylist(), batch.column("document").to_pylist(),
-                                              batch.column("metadata").to_pylist()))]
+    rows = [{"id": i, "document": d, "metadata": orjson.loads(m) if m else {}}
+            for i, d, m in zip(batch.column("id").to_pylist(), batch.column("document").to_pylist(),
+                               batch.column("metadata").to_pylist())]
+    if "embedding" in batch.schema.names and n:  # a batch read without its vectors has no column
+        vecs = batch.column("embedding").values.to_numpy(zero_copy_only=False).reshape(n, -1)
+        for k, r in enumerate(rows):
+            r["embedding"] = vecs[k]
+    return rows

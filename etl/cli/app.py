@@ -388,6 +388,29 @@ def migrate(
 
 
 @app.command()
+def diff(
+    a: str = typer.Argument(..., help="From: a bundle (one point of a chain), a bundle dir, a palace dir, ..."),
+    b: str = typer.Argument(..., help="To: same forms."),
+    kg_a: Optional[Path] = typer.Option(None, "--kg-a", help="KG file of A (required for a server)."),
+    kg_b: Optional[Path] = typer.Option(None, "--kg-b", help="KG file of B (required for a server)."),
+    stat: bool = typer.Option(False, "--stat", help="One line per wing, then the totals."),
+    limit: int = typer.Option(20, "--limit", help="Items shown per kind of change (text output; --json has all)."),
+    json_out: bool = JSON, identity: Optional[list[Path]] = IDENTITY,
+    passphrase_file: Optional[Path] = PASSPHRASE_FILE,
+) -> None:
+    """What changed from A to B: drawers added, removed and edited (word diff), KG triples."""
+    from etl.diff import run_diff
+
+    r = run_diff(a, b, kg_a, kg_b, _keys(identity, passphrase_file)).to_dict()
+    if json_out:
+        render.emit_json(r)
+    elif stat:
+        render.diff_stat(r)
+    else:
+        render.diff_report(r, limit)
+
+
+@app.command()
 def sources(json_out: bool = JSON) -> None:
     """List the importers."""
     from importers.registry import CATALOGUE

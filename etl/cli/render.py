@@ -104,3 +104,52 @@ def sync_report(r: dict) -> None:
     else:
         for t, d in r["differences"].items():
             typer.echo(f"  still different: {d['count']} {t}, e.g. {', '.join(d['first'][:3])}")
+
+
+def diff_stat(r: dict) -> None:
+    typer.echo(f"{r['a']} -> {r['b']}")
+    for wing, n in r["wings"].items():
+        typer.echo(f"  {wing}: +{n['added']} -{n['removed']} ~{n['edited']}")
+    c = r["counts"]
+    typer.echo(f"  drawers +{c['drawers']['added']} -{c['drawers']['removed']} ~{c['drawers']['edited']}, "
+               f"closets +{c['closets']['added']} -{c['closets']['removed']} ~{c['closets']['edited']}, "
+               f"triples +{c['triples']['added']} -{c['triples']['removed']} "
+               f"invalidated {c['triples']['invalidated']}, entities +{c['entities']['added']} "
+               f"-{c['entities']['removed']}" + (" (the same)" if r["same"] else ""))
+
+
+def diff_report(r: dict, limit: int) -> None:
+    diff_stat(r)
+
+    def some(items: list, line) -> None:
+        for it in items[:limit]:
+            typer.echo(line(it))
+        if len(items) > limit:
+            typer.echo(f"    ... and {len(items) - limit} more (--json lists all)")
+
+    for table in ("drawers", "closets"):
+        part = r[table]
+        if part["added"]:
+            typer.echo(f"  {table} added:")
+            some(part["added"], lambda d: f"    + {d['id']} [{d['wing']}/{d['room']}] {d['text']}")
+        if part["removed"]:
+            typer.echo(f"  {table} removed:")
+            some(part["removed"], lambda d: f"    - {d['id']} [{d['wing']}/{d['room']}] {d['text']}")
+        if part["edited"]:
+            typer.echo(f"  {table} edited:")
+            for d in part["edited"][:limit]:
+                typer.echo(f"    ~ {d['id']} [{d['wing']}/{d['room']}]")
+                if d["text_diff"] is None:
+                    typer.echo("      text changed (too long for a word diff)")
+                elif d["text_diff"]:
+                    typer.echo(f"      {d['text_diff']}")
+                for k, v in d["metadata"].items():
+                    typer.echo(f"      {k}: {v['a']!r} -> {v['b']!r}")
+            if len(part["edited"]) > limit:
+                typer.echo(f"    ... and {len(part['edited']) - limit} more (--json lists all)")
+    t = r["triples"]
+    for what, mark in (("added", "+"), ("removed", "-"), ("invalidated", "x")):
+        if t[what]:
+            typer.echo(f"  triples {what}:")
+            some(t[what], lambda x, m=mark: f"    {m} {x['subject']} {x['predicate']} {x['object']}"
+                 + (f" (until {x['valid_to']})" if x["valid_to"] else ""))

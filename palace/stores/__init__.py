@@ -1,6 +1,7 @@
 """Open any palace by the spelling a user gives it (as Litestream opens replica URLs):
 
-- ``bundle:DIR``, or a directory holding bundles -> ``BundleDirStore``
+- ``bundle:DIR``, or a directory holding bundles -> ``BundleDirStore``; one bundle's directory
+  -> that point of the chain, read-only
 - ``http://host:port`` / ``https://...`` -> ``ChromaServerStore`` (needs ``--kg``)
 - ``pgvector:DIR``, or a directory holding ``pgvector_backend.json``, or a new one MemPalace's own
   backend choice puts on pgvector (``palace.stores.backend``) -> ``PgVectorStore``
@@ -25,6 +26,7 @@ from ..crypt import Keys
 from ..errors import PalaceEtlError, PalaceLocked
 from ..layout import PalaceLayout, layout_for
 from ..live import lease_holder, live_daemon, live_hub
+from ..manifest import MANIFEST, NAME_RE
 from .backend import MARKERS, palace_backend
 from .base import CollectionInfo, PalaceStore, SyncState
 from .bundle_dir import BundleDirStore
@@ -68,6 +70,8 @@ def store_kind(spec: str) -> str:
     if spec.startswith(("http://", "https://")):
         return "chroma-server"
     path = Path(spec).expanduser()
+    if explicit is None and bundle_point(path) is not None:
+        return "bundle"
     is_palace = any((path / marker).exists() for marker in MARKERS.values())
     is_bundles = explicit is None and path.is_dir() and (
         bool(list_bundles(path)) or (path / ".sync-state.json").exists())
@@ -76,6 +80,14 @@ def store_kind(spec: str) -> str:
                              "which one is meant?", hint=f"say bundle:{spec} for the bundles, or move them out "
                              "of the palace directory")
     return "bundle" if is_bundles else palace_backend(path, explicit)
+
+
+def bundle_point(path: Path) -> tuple[Path, str] | None:
+    """(bundle directory, bundle name) when ``path`` is one bundle (``.../palace-<stamp>-full``)."""
+    path = Path(path)
+    if NAME_RE.fullmatch(path.name) and path.is_dir() and not path.is_symlink() and (path / MANIFEST).is_file():
+        return path.parent, path.name
+    return None
 
 
 def store_root(spec: str) -> str:
@@ -98,10 +110,13 @@ def store_for(layout: PalaceLayout, lock_timeout: float = 30.0, settings: dict |
 
 def open_store(spec: str, kg: str | Path | None = None, lock_timeout: float = 30.0,
                read_only: bool = False, keys: Keys | None = None) -> PalaceStore:
-    """The store ``spec`` names; ``keys`` open an encrypted bundle directory."""
+    """The store ``spec`` names; ``keys`` open an encrypted bundle directory. One bundle's own
+    directory names that point of its chain (read-only)."""
     kind, path = store_kind(spec), split_spec(spec)[1]
     if kind == "bundle":
-        return BundleDirStore(Path(path.removeprefix("bundle:")).expanduser(), keys)
+        where = Path(path.removeprefix("bundle:")).expanduser()
+        point = bundle_point(where)
+        return BundleDirStore(point[0], keys, point[1]) if point else BundleDirStore(where, keys)
     if kind == "pgvector":  # read or written alike: PostgreSQL's MVCC keeps readers and writers apart
         return PgVectorStore(Path(path).expanduser(), PgSettings.from_environment(), kg)
     return store_for(layout_for(path, kg), lock_timeout, read_only=read_only)

@@ -55,8 +55,9 @@ class PalaceStore(Protocol):
     def exists(self) -> bool:
         """Whether it holds a palace yet (a new directory does not)."""
 
-    def verified(self) -> None:
-        """Raise when it cannot be trusted as it stands (a bundle chain that does not verify)."""
+    def verified(self, whole: bool = True) -> None:
+        """Raise when it cannot be trusted as it stands (a bundle chain that does not verify); with
+        ``whole``, also when it holds only part of a palace (a one-wing bundle), as a sync replica must not."""
 
     def snapshot(self) -> State:
         """{table: {id: row hash}} of every table, in the store's own order; no vectors read."""

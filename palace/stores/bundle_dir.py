@@ -53,12 +53,13 @@ class BundleDirStore(SyncStateFile):
     kg_path = None
     state_dir = None
 
-    def __init__(self, out: Path, keys: Keys | None = None):
+    def __init__(self, out: Path, keys: Keys | None = None, at: str | None = None):
         self.out = Path(out)
         self.keys = keys
+        self.at = at  # one bundle of the directory (a point of its chain), read-only
         self._open: tuple[str, Path, contextlib.ExitStack] | None = None  # the newest bundle, readable
         self.root = self.out
-        self.name = f"bundle:{self.out.resolve()}"
+        self.name = f"bundle:{self.out.resolve()}" + (f"/{at}" if at else "")
         self.zone = recorded_zone(None)
         self._sync_file = self.out / ".sync-state.json"
         self._rows: dict[str, dict[str, dict]] = {t: {} for t in TABLES}
@@ -70,6 +71,11 @@ class BundleDirStore(SyncStateFile):
 
     def _newest(self) -> Path | None:
         bundles = list_bundles(self.out)
+        if self.at is not None:
+            point = [b for b in bundles if b.name == self.at]
+            if not point:
+                raise BundleError(f"read bundle {self.out / self.at}: no such bundle")
+            return point[0]
         return bundles[-1] if bundles else None
 
     def _latest(self) -> Path | None:
@@ -101,7 +107,7 @@ class BundleDirStore(SyncStateFile):
     def exists(self) -> bool:
         return self._newest() is not None
 
-    def verified(self) -> None:
+    def verified(self, whole: bool = True) -> None:
         """Refuse a damaged chain before anything is planned from it: a state file short of rows
         would otherwise make sync delete those drawers everywhere. A bundle of one wing is refused
         too: as a replica it would look like a palace that lost every other wing."""
@@ -113,7 +119,7 @@ class BundleDirStore(SyncStateFile):
             raise BundleError(f"sync replica {self.name}: the newest bundle does not verify, nothing "
                               f"written: {problems[0]}", hint=f"palace-etl verify --bundle {newest}")
         m = self._manifest()  # an encrypted chain is decrypted and checked here
-        if m is not None and m.wing is not None:
+        if whole and m is not None and m.wing is not None:
             raise BundleError(f"sync replica {self.name}: its newest bundle holds only wing {m.wing}; a sync would "
                               "take every other wing for deleted", hint=f"restore it instead: palace-etl restore "
                               f"{newest} --palace NEW_DIR")
@@ -123,29 +129,40 @@ class BundleDirStore(SyncStateFile):
         latest = self._latest()
         return {t: {} for t in TABLES} | (bundle_state(latest) if latest else {})
 
-    def _newest_rows(self, table: str, wanted: set[str] | None) -> Iterator[dict]:
-        """Each wanted row (all rows when None) from the newest bundle of the chain holding it."""
+    def _newest_rows(self, table: str, wanted: set[str] | None, vectors: bool = True) -> Iterator[dict]:
+        """Each wanted row (all rows when None) from the newest bundle of the chain holding it. For
+        wanted rows, only the ids of each row group are read until one holds a wanted row, so the
+        cost follows the rows asked for (and no vector is read when ``vectors`` is False)."""
         latest = self._latest()
         if latest is None:
             return
         live = bundle_state(latest).get(table, {})
-        wanted = set(live) if wanted is None else wanted & set(live)
+        every = wanted is None
+        wanted = set(live) if every else wanted & set(live)
         for link in reversed(chain(latest)):
             path = link / f"{table}.parquet"
             if not wanted:
                 return
             if not path.exists():
                 continue
-            for batch in pq.ParquetFile(path).iter_batches(batch_size=FETCH_PAGE):
-                ids = batch.column("id").to_pylist()
-                keep = [k for k, i in enumerate(ids) if i in wanted]
+            pf = pq.ParquetFile(path)
+            columns = [c for c in pf.schema_arrow.names if vectors or c != "embedding"]
+            for g in range(pf.metadata.num_row_groups):
+                if every:
+                    batch = pf.read_row_group(g, columns=columns)
+                    keep = [k for k, i in enumerate(batch.column("id").to_pylist()) if i in wanted]
+                else:
+                    ids = pf.read_row_group(g, columns=["id"]).column("id").to_pylist()
+                    keep = [k for k, i in enumerate(ids) if i in wanted]
+                    if not keep:
+                        continue
+                    batch = pf.read_row_group(g, columns=columns)
                 if not keep:
                     continue
-                batch = batch.take(keep)
-                rows = rows_of_batch(batch) if table in COLLECTIONS else batch.to_pylist()
-                for r in rows:
-                    wanted.discard(r["id"])
-                    yield r
+                for b in batch.take(keep).combine_chunks().to_batches():
+                    for r in rows_of_batch(b) if table in COLLECTIONS else b.to_pylist():
+                        wanted.discard(r["id"])
+                        yield r
 
     def rows(self, table: str, fields: tuple[str, ...] | None = None) -> Iterator[Page]:
         def row(r: dict) -> tuple:
@@ -154,15 +171,10 @@ class BundleDirStore(SyncStateFile):
             m = r["metadata"] if fields is None else {k: v for k, v in r["metadata"].items() if k in fields}
             return r["id"], r["document"] if fields is None or "document" in fields else None, m
 
-        return paged(map(row, self._newest_rows(table, None)), FETCH_PAGE)
+        return paged(map(row, self._newest_rows(table, None, vectors=False)), FETCH_PAGE)
 
     def fetch(self, table: str, ids: list[str], vectors: bool = True) -> Iterator[list[dict]]:
-        def row(r: dict) -> dict:
-            if not vectors:
-                r.pop("embedding", None)
-            return r
-
-        return paged(map(row, self._newest_rows(table, set(ids))), FETCH_PAGE)
+        return paged(self._newest_rows(table, set(ids), vectors), FETCH_PAGE)
 
     def info(self, table: str) -> CollectionInfo | None:
         m = self._manifest()
@@ -244,12 +256,19 @@ class BundleDirStore(SyncStateFile):
         pass  # a bundle's sidecar is written with its next bundle (from the identity)
 
     # ----------------------------------------------------------------- writing
+    def _writable(self) -> None:
+        if self.at is not None:
+            raise PalaceEtlError(f"write into {self.name}: one bundle of a chain is read-only",
+                                 hint=f"name the bundle directory instead: bundle:{self.out}")
+
     def write(self, table: str, rows: list[dict]) -> None:
+        self._writable()
         for r in rows:
             self._deletes[table].discard(r["id"])
             self._rows[table][r["id"]] = r
 
     def delete(self, table: str, ids: list[str]) -> None:
+        self._writable()
         for i in ids:
             self._rows[table].pop(i, None)
             self._deletes[table].add(i)

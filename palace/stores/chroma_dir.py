@@ -64,7 +64,7 @@ class ChromaDirStore(ChromaStore):
     def exists(self) -> bool:
         return self.db.exists()
 
-    def verified(self) -> None:
+    def verified(self, whole: bool = True) -> None:
         pass
 
     @contextlib.contextmanager

@@ -23,7 +23,7 @@ class ChromaServerStore(ChromaStore):
     def exists(self) -> bool:
         return self.info("drawers") is not None
 
-    def verified(self) -> None:
+    def verified(self, whole: bool = True) -> None:
         pass
 
     def _open(self, table: str):

@@ -234,7 +234,7 @@ class PgVectorStore(ChromaStore):
         finds the palace there before it has a marker of its own)."""
         return self._has_marker() or self._dimension("drawers") is not None
 
-    def verified(self) -> None:
+    def verified(self, whole: bool = True) -> None:
         """Refuse a marker that names another database, namespace or palace than the settings."""
         if not self._has_marker():
             return

@@ -120,7 +120,7 @@ class RoutedStore:
     def exists(self) -> bool:
         return self._live.exists()
 
-    def verified(self) -> None:
+    def verified(self, whole: bool = True) -> None:
         self._live.verified()
 
     def snapshot(self):
