@@ -34,6 +34,7 @@ from importers.schema import DRAWERS, ENTITIES, embedding_identity, validate_bat
 from palace.clock import record_zone
 from palace.errors import PalaceEtlError, SourceFormatError
 from palace.kg import KnowledgeGraph
+from palace.rows import id_key
 from palace.stores import PalaceStore
 
 from .embed import Embedder, EmbedderIdentity
@@ -200,6 +201,8 @@ class Loader:
             report.seconds = round(time.monotonic() - started, 3)
             return report  # empty input: not an error, and nothing to create
         quarantine.activate()
+        self._quarantine = quarantine
+        self._forgotten = {t: set(v) for t, v in self.store.sync_state().forgotten.items()} if palace_exists else {}
         stream = itertools.chain([first], stream)
         held = contextlib.nullcontext() if self.dry_run else \
             self.store.session(exclusive=False, timeout=self.lock_timeout)
@@ -322,11 +325,23 @@ class Loader:
             return self._plan_drawers(batch, seen, report)
         if kind == ENTITIES:
             report.entities_read += batch.num_rows
-            return KgJob(entities=[(r["id"], r["name"], r["type"], r["properties"]) for r in batch.to_pylist()])
+            return KgJob(entities=[(r["id"], r["name"], r["type"], r["properties"])
+                                   for r in self._remembered("entities", batch.to_pylist())])
         report.triples_read += batch.num_rows
         cols = ["id", "subject", "predicate", "object", "valid_from", "valid_to", "confidence", "source_file",
                 "source_drawer_id", "adapter_name"]
-        return KgJob(triples=[tuple(r[c] for c in cols) for r in batch.to_pylist()])
+        return KgJob(triples=[tuple(r[c] for c in cols) for r in self._remembered("triples", batch.to_pylist())])
+
+    def _remembered(self, table: str, rows: list[dict]) -> list[dict]:
+        """``rows`` without those ``palace-etl forget`` erased: a re-run of a migration never brings
+        them back (counted under skipped)."""
+        gone = self._forgotten.get(table)
+        if not gone:
+            return rows
+        kept = [r for r in rows if id_key(r["id"]) not in gone]
+        if len(kept) < len(rows):
+            self._quarantine.skip(f"forgotten {table} (palace-etl forget)", len(rows) - len(kept))
+        return kept
 
     def _commit(self, seq: int, kind: str, rows: int, job: DrawerJob | KgJob | None, report: ImportReport, ledger,
                 run_id) -> None:
@@ -346,7 +361,11 @@ class Loader:
         """Which rows of a drawer batch need writing, with their metadata; None when none do."""
         rows = batch.to_pylist()
         fresh = []
+        gone = self._forgotten.get("drawers", ())
         for i, row in enumerate(rows):
+            if gone and id_key(row["id"]) in gone:
+                self._quarantine.skip("forgotten drawers (palace-etl forget)")
+                continue
             if row["id"] in seen:
                 report.drawers_duplicate += 1
                 continue

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from palace.clock import instant, now_utc, zone
 from palace.crypt import Keys
 from palace.errors import PalaceEtlError, PalaceLocked, VerificationFailed
-from palace.rows import COLLECTIONS, TABLES, State
+from palace.rows import COLLECTIONS, TABLES, State, id_key
 from palace.stores import PalaceStore, SyncState, open_store, open_writer, store_root
 
 from .embed import check_identity
@@ -77,6 +77,8 @@ class SyncReport:
     moved: int = 0
     converged: bool | None = None
     differences: dict = field(default_factory=dict)
+    forgotten: dict = field(default_factory=dict)  # side -> rows erased there because a replica forgot them
+    scrubbed: list = field(default_factory=list)  # what was scrubbed on a side that learned of a forget
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
@@ -296,6 +298,24 @@ def _open_side(spec: str, kg, lock_timeout: float, dry_run: bool, wait: bool, no
         return open_store(spec, kg, lock_timeout, read_only=True, keys=keys), live
 
 
+def _erase(side: Side, forgotten: dict[str, set[str]]) -> dict[str, list[str]]:
+    """Take the rows a replica forgot out of ``side``'s state (so the plan never copies them) and
+    return them: they are deleted there, outside ``--max-delete`` (forget asked for exactly these)."""
+    out = {}
+    for t in TABLES:
+        held, gone = side.state.get(t, {}), forgotten.get(t, set())
+        out[t] = sorted(i for i in held if gone and id_key(i) in gone)
+        for i in out[t]:
+            held.pop(i)
+    return out
+
+
+def _unforgotten(tables: dict, forgotten: dict[str, set[str]]) -> dict:
+    """``{table: {id: ...}}`` without forgotten ids: what a replica remembers names none of them."""
+    return {t: {i: v for i, v in rows.items() if not forgotten.get(t) or id_key(i) not in forgotten[t]}
+            for t, rows in tables.items()}
+
+
 def _writes_into(plan: SyncPlan, side: str) -> bool:
     return any(plan.copy_to(side).values()) or any(plan.delete_on(side).values()) or any(plan.keep_both.values())
 
@@ -324,6 +344,8 @@ def run_sync(spec_a: str, spec_b: str, kg_a=None, kg_b=None, dry_run: bool = Fal
             check_identity(ia, ib)  # vectors of another model never travel
         saved_a, saved_b = store_a.sync_state(), store_b.sync_state()
         a, b = _side(store_a, "a", saved_a), _side(store_b, "b", saved_b)
+        forgotten = {t: set(saved_a.forgotten.get(t, ())) | set(saved_b.forgotten.get(t, ())) for t in TABLES}
+        erase = {"a": _erase(a, forgotten), "b": _erase(b, forgotten)}  # never copied, never planned
         now = now_utc()
         tombs = merge_tombstones(local_deletions(saved_a.known, a.state, saved_a.tombstones, now),
                                  local_deletions(saved_b.known, b.state, saved_b.tombstones, now))
@@ -339,7 +361,14 @@ def run_sync(spec_a: str, spec_b: str, kg_a=None, kg_b=None, dry_run: bool = Fal
             if live is not None and (_writes_into(plan, side) or (side == "a" and ib and not ia)
                                      or (side == "b" and ia and not ib)):
                 raise PalaceLocked(f"{live} (the plan writes into it; nothing written)", hint=live.hint)
-        report = SyncReport(store_a.name, store_b.name, dry_run, plan.counts(), plan.conflicts)
+        for t in TABLES:
+            plan.delete_a[t] += erase["a"][t]
+            plan.delete_b[t] += erase["b"][t]
+        for side, live in (("a", live_a), ("b", live_b)):
+            if live is not None and any(erase[side].values()):
+                raise PalaceLocked(f"{live} (it holds rows a replica forgot; nothing written)", hint=live.hint)
+        report = SyncReport(store_a.name, store_b.name, dry_run, plan.counts(), plan.conflicts,
+                            forgotten={s: {t: len(v) for t, v in e.items() if v} for s, e in erase.items()})
         if dry_run:
             report.seconds = round(time.monotonic() - started, 3)
             return report
@@ -357,9 +386,15 @@ def run_sync(spec_a: str, spec_b: str, kg_a=None, kg_b=None, dry_run: bool = Fal
             for t, rows in tombs.items():  # a tombstone for a row both sides hold again is spent
                 for i in [i for i in rows if i in final_a.get(t, {})]:
                     rows.pop(i)
-            history = merged_history(a, b, final_a)
-            store_a.save_sync_state(SyncState(final_a, history, tombs))
-            store_b.save_sync_state(SyncState(final_b, history, tombs))
+            history = _unforgotten(merged_history(a, b, final_a), forgotten)
+            tombs = _unforgotten(tombs, forgotten)
+            kept = {t: sorted(v) for t, v in forgotten.items() if v}
+            for store, saved, live in ((store_a, saved_a, live_a), (store_b, saved_b, live_b)):
+                learned = set().union(*(v - set(saved.forgotten.get(t, ())) for t, v in forgotten.items()))
+                if learned and live is None:  # its files (logs, free pages, older bundles) may hold them
+                    report.scrubbed += store.scrub(forgotten)
+            store_a.save_sync_state(SyncState(final_a, history, tombs, kept))
+            store_b.save_sync_state(SyncState(final_b, history, tombs, kept))
         report.seconds = round(time.monotonic() - started, 3)
         return report
     finally:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -25,6 +26,7 @@ from palace.bundles import (
     bundle_state,
     chain,
     list_bundles,
+    remember_export,
     state_batch,
     usable_parent,
     write_bundle,
@@ -59,6 +61,15 @@ def _cache_dir(out: Path) -> Path:
     a cron export that holds only public keys can still write an incremental."""
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return base / "palace-etl" / "bundle-state" / hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:24]
+
+
+def forget_cached_state(out: Path) -> bool:
+    """Drop this machine's copy of ``out``'s newest encrypted state (it names the rows it held)."""
+    cache = _cache_dir(Path(out))
+    if cache.is_dir():
+        shutil.rmtree(cache)
+        return True
+    return False
 
 
 def _remember(out: Path, m: Manifest, state: State, scope: dict) -> None:
@@ -166,6 +177,7 @@ def export_bundle(store: PalaceStore, out: Path, incremental: bool = False, full
                 content.kg[table] = rows
         content.watermark = lambda: {"vanished": {t: len(v) for t, v in vanished.items() if v}}
         m = write_bundle(out, prev, content, sealer=sealer)
+        remember_export(store.name, out)
         if sealer is not None:
             _remember(out, m, state, scope)
         report.counts = {t: m.counts.get(t, 0) for t in changed}

@@ -12,34 +12,38 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .crypt import KEY_FILE, CryptError, Keys, Sealer
 from .ids import sha256_file
-from .layout import SIDECAR, atomic_dir, safe_dir
+from .layout import SIDECAR, atomic_dir, atomic_write, safe_dir
 from .lock import dir_lock
 from .manifest import (
     MANIFEST,
     NAME_RE,
     SEALED,
     SEALED_MANIFEST,
+    SIDECAR_FILE,
     BundleError,
     Manifest,
     bundle_name,
     check_files,
 )
-from .rows import State, record_schema
+from .rows import COLLECTIONS, KG_TABLES, State, id_key, record_schema
 
 STATE_SCHEMA = pa.schema([("table", pa.string()), ("id", pa.string()), ("hash", pa.string())])
 TOMBSTONE_SCHEMA = pa.schema([("table", pa.string()), ("id", pa.string())])
 TEMP_PREFIX = ".tmp-palace-"
+OLD_RE = re.compile(rf"\.old-({NAME_RE.pattern})-\d+")  # a bundle ``atomic_dir(replace=True)`` set aside
 
 
 # ------------------------------------------------------------------------ reading
@@ -101,27 +105,52 @@ def readable(bundle: Path, keys: Keys | None) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix="palace-etl-decrypted-"))
     try:
         for link, outer in zip(links, manifests):
-            problems = check_files(link, outer)
-            if problems:
-                raise BundleError(f"read bundle {link}: it does not verify, nothing decrypted: {problems[0]}")
-            dst = tmp / link.name
-            dst.mkdir(mode=0o700)
-            (dst / "sidecars").mkdir(mode=0o700)
-            if not outer.sealed:
-                for rel in (*outer.files, MANIFEST):
-                    shutil.copyfile(link / rel, dst / rel)
-                continue
-            idents = keys.for_bundle(link)
-            for rel in sorted(outer.files, key=lambda r: r != SEALED_MANIFEST):  # the manifest first
-                if rel != KEY_FILE:
-                    keys.decrypt(link / rel, dst / rel.removesuffix(SEALED), idents, link)
-            inner = Manifest.load(dst)
-            if (inner.kind, inner.previous, inner.sealed) != (outer.kind, outer.previous, False):
-                raise BundleError(f"read bundle {link}: its encrypted manifest does not match its plain one")
-            problems = check_files(dst, inner)
-            if problems:
-                raise BundleError(f"read bundle {link}: decrypted, it does not verify: {problems[0]}")
+            _plain_copy(link, outer, keys, tmp / link.name)
         yield tmp / Path(bundle).name
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _plain_copy(link: Path, outer: Manifest, keys: Keys, dst: Path) -> None:
+    """``link`` in plaintext at ``dst``: its ciphertexts checked, decrypted, checked again."""
+    problems = check_files(link, outer)
+    if problems:
+        raise BundleError(f"read bundle {link}: it does not verify, nothing decrypted: {problems[0]}")
+    dst.mkdir(mode=0o700)
+    (dst / "sidecars").mkdir(mode=0o700)
+    if not outer.sealed:
+        for rel in (*outer.files, MANIFEST):
+            shutil.copyfile(link / rel, dst / rel)
+        return
+    idents = keys.for_bundle(link)
+    for rel in sorted(outer.files, key=lambda r: r != SEALED_MANIFEST):  # the manifest first
+        if rel != KEY_FILE:
+            keys.decrypt(link / rel, dst / rel.removesuffix(SEALED), idents, link)
+    inner = Manifest.load(dst)
+    if (inner.kind, inner.previous, inner.sealed) != (outer.kind, outer.previous, False):
+        raise BundleError(f"read bundle {link}: its encrypted manifest does not match its plain one")
+    problems = check_files(dst, inner)
+    if problems:
+        raise BundleError(f"read bundle {link}: decrypted, it does not verify: {problems[0]}")
+
+
+@contextlib.contextmanager
+def _plain_link(link: Path, keys: Keys | None) -> Iterator[Path]:
+    """One bundle in plaintext, checked: itself, or a private decrypted copy."""
+    outer = Manifest.load(link)
+    if not outer.sealed:
+        problems = check_files(link, outer)
+        if problems:
+            raise BundleError(f"read bundle {link}: it does not verify: {problems[0]}")
+        yield link
+        return
+    if keys is None:
+        raise CryptError(f"read bundle {link}: it is encrypted",
+                         hint="pass --identity FILE (an age identity) or --passphrase-file FILE")
+    tmp = Path(tempfile.mkdtemp(prefix="palace-etl-decrypted-"))
+    try:
+        _plain_copy(link, outer, keys, tmp / link.name)
+        yield tmp / link.name
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -163,6 +192,13 @@ def bundle_dir_lock(out: Path) -> Iterator[Path]:
         for p in out.iterdir():
             if p.name.startswith(TEMP_PREFIX) and p.is_dir() and not p.is_symlink():
                 shutil.rmtree(p, ignore_errors=True)
+        for p in out.iterdir():  # a rewrite killed between its two renames: the old bundle was set aside
+            m = OLD_RE.fullmatch(p.name)
+            if m and p.is_dir() and not p.is_symlink():
+                if (out / m.group(1)).exists():
+                    shutil.rmtree(p)  # the rewritten bundle is in place: the old one (and what it held) goes
+                else:
+                    os.rename(p, out / m.group(1))  # put it back: the chain stays whole until the re-run
         yield out
 
 
@@ -193,49 +229,105 @@ def write_bundle(out: Path, previous: Path | None, content: BundleContent,
     now = now or dt.datetime.now(dt.timezone.utc)
     name = bundle_name(now, previous is not None)
     with atomic_dir(Path(out) / name, f".tmp-{name}-") as tmp:  # starts with TEMP_PREFIX
-        with contextlib.ExitStack() as stack:
-            seal = stack.enter_context(sealer.keyed(tmp)) if sealer else None
-            digests: dict[str, str] = {}
-            sizes: dict[str, int] = {}
+        return _fill(tmp, name, now.isoformat(), previous.name if previous else None, content, sealer,
+                     {"exported_at": now.isoformat()})
 
-            @contextlib.contextmanager
-            def sink(rel: str):
-                if seal is None:
-                    with open(os.open(tmp / rel, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
-                        yield f
-                    digests[rel], sizes[rel] = sha256_file(tmp / rel), (tmp / rel).stat().st_size
-                else:
-                    with seal.writer(tmp / (rel + SEALED)) as f:
-                        yield f
-                    digests[rel], sizes[rel] = f.sha.hexdigest(), f.size
 
-            written = _write_tables(tmp, content, sink)
-            m = Manifest(name=name, kind="incremental" if previous else "full", created_at=now.isoformat(),
-                         palace=content.palace, embedder=content.embedder, collections=content.settings,
-                         counts=written | {"tombstones": len(content.tombstones)},
-                         totals={t: len(v) for t, v in content.state.items()}, files=dict(sorted(digests.items())),
-                         sizes=dict(sorted(sizes.items())),
-                         previous=previous.name if previous else None, wing=content.wing,
-                         encryption=sealer.describe() if sealer else None,
-                         watermark={"exported_at": now.isoformat(),
-                                    **(content.watermark() if callable(content.watermark) else content.watermark)})
-            with sink(MANIFEST) as f:
-                f.write(m.to_json())
-        if sealer is None:
-            written_m = Manifest.load(tmp, name)
-        else:
-            files = {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
-            outer = Manifest(name=name, kind=m.kind, created_at=m.created_at, palace="", embedder=None,
-                             collections={}, files=files, previous=m.previous,
-                             sizes={rel: (tmp / rel).stat().st_size for rel in files},
-                             encryption={"scheme": "age", "passphrase": sealer.passphrase is not None})
-            (tmp / MANIFEST).write_bytes(outer.to_json())
-            os.chmod(tmp / MANIFEST, 0o600)
-            written_m = Manifest.load(tmp, name)
-        problems = check_files(tmp, written_m)
-        if problems:  # never put a bundle in place that does not verify
-            raise BundleError(f"write bundle {Path(out) / name}: the bundle written does not verify: {problems[0]}")
+def _fill(tmp: Path, name: str, created_at: str, previous: str | None, content: BundleContent,
+          sealer: Sealer | None, watermark: dict) -> Manifest:
+    """Write the bundle ``name`` into the empty directory ``tmp`` and check it; returns its (inner) manifest."""
+    with contextlib.ExitStack() as stack:
+        seal = stack.enter_context(sealer.keyed(tmp)) if sealer else None
+        digests: dict[str, str] = {}
+        sizes: dict[str, int] = {}
+
+        @contextlib.contextmanager
+        def sink(rel: str):
+            if seal is None:
+                with open(os.open(tmp / rel, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
+                    yield f
+                digests[rel], sizes[rel] = sha256_file(tmp / rel), (tmp / rel).stat().st_size
+            else:
+                with seal.writer(tmp / (rel + SEALED)) as f:
+                    yield f
+                digests[rel], sizes[rel] = f.sha.hexdigest(), f.size
+
+        written = _write_tables(tmp, content, sink)
+        m = Manifest(name=name, kind="incremental" if previous else "full", created_at=created_at,
+                     palace=content.palace, embedder=content.embedder, collections=content.settings,
+                     counts=written | {"tombstones": len(content.tombstones)},
+                     totals={t: len(v) for t, v in content.state.items()}, files=dict(sorted(digests.items())),
+                     sizes=dict(sorted(sizes.items())), previous=previous, wing=content.wing,
+                     encryption=sealer.describe() if sealer else None,
+                     watermark=watermark | (content.watermark() if callable(content.watermark) else content.watermark))
+        with sink(MANIFEST) as f:
+            f.write(m.to_json())
+    if sealer is not None:
+        files = {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+        outer = Manifest(name=name, kind=m.kind, created_at=m.created_at, palace="", embedder=None,
+                         collections={}, files=files, previous=m.previous,
+                         sizes={rel: (tmp / rel).stat().st_size for rel in files},
+                         encryption={"scheme": "age", "passphrase": sealer.passphrase is not None})
+        (tmp / MANIFEST).write_bytes(outer.to_json())
+        os.chmod(tmp / MANIFEST, 0o600)
+    problems = check_files(tmp, Manifest.load(tmp, name))
+    if problems:  # never put a bundle in place that does not verify
+        raise BundleError(f"write bundle {name}: the bundle written does not verify: {problems[0]}")
     return m
+
+
+def rewrite_without(link: Path, drop: dict[str, set[str]], keys: Keys | None) -> dict[str, int]:
+    """Rewrite the bundle ``link`` in place without the rows whose ``id_key`` is in ``drop``
+    ({table: keys}): its tables, state and tombstones, re-encrypted to the keys it records; same
+    name and chain link, new files and checksums. The caller holds ``bundle_dir_lock``. The new
+    bundle is complete and checked before it takes the old one's place (``atomic_dir``; a crash in
+    between is repaired by the next ``bundle_dir_lock``). Returns the rows removed per table ({}
+    when it held none)."""
+    def gone(t: str, i: str) -> bool:
+        return bool(drop.get(t)) and id_key(i) in drop[t]
+
+    with _plain_link(link, keys) as plain:
+        m = Manifest.load(plain)
+        state = bundle_state(plain)
+        tombs = tombstones(plain)
+        files = {t: plain / f"{t}.parquet" for t in (*COLLECTIONS, *KG_TABLES) if f"{t}.parquet" in m.files}
+        removed: dict[str, int] = {}
+        for t, path in files.items():
+            n = sum(gone(t, i) for i in pq.read_table(path, columns=["id"]).column("id").to_pylist())
+            removed[t] = max(n, sum(gone(t, i) for i in state.get(t, {})))
+        for t, rows in state.items():
+            removed[t] = max(removed.get(t, 0), sum(gone(t, i) for i in rows))
+        removed = {t: n for t, n in removed.items() if n}
+        if not removed and not any(gone(t, i) for t, ids in tombs.items() for i in ids):
+            return {}
+        content = BundleContent(
+            palace=m.palace, embedder=m.embedder, settings=m.collections, wing=m.wing,
+            state={t: {i: h for i, h in rows.items() if not gone(t, i)} for t, rows in state.items()},
+            tombstones=[(t, i) for t, ids in tombs.items() for i in ids if not gone(t, i)],
+            sidecar=(plain / SIDECAR_FILE).read_bytes() if (plain / SIDECAR_FILE).is_file() else None)
+        for t, path in files.items():
+            pf = pq.ParquetFile(path)
+            kept = _without(pf, lambda i, t=t: gone(t, i))
+            if t in COLLECTIONS:
+                content.collections[t] = (pf.schema_arrow.field("embedding").type.list_size, kept)
+            else:
+                content.kg[t] = [r for b in kept for r in b.to_pylist()]
+        sealer = None
+        if m.encryption is not None:
+            if m.encryption["passphrase"] and (keys is None or keys.passphrase is None):
+                raise CryptError(f"rewrite bundle {link}: it is passphrase-encrypted, and so must its new files be",
+                                 hint="pass --passphrase-file FILE")
+            sealer = Sealer(list(m.encryption.get("recipients", [])), keys.passphrase if m.encryption["passphrase"]
+                            else None)
+        with atomic_dir(link, f".tmp-{link.name}-", replace=True) as tmp:
+            _fill(tmp, m.name, m.created_at, m.previous, content, sealer,
+                  dict(m.watermark) | {"rewritten_at": dt.datetime.now(dt.timezone.utc).isoformat()})
+    return removed
+
+
+def _without(pf: pq.ParquetFile, gone) -> Iterator[pa.RecordBatch]:
+    for batch in pf.iter_batches(batch_size=5000):
+        yield batch.filter(pa.array([not gone(i) for i in batch.column("id").to_pylist()], pa.bool_()))
 
 
 def _write_tables(tmp: Path, content: BundleContent, sink) -> dict[str, int]:
@@ -269,3 +361,49 @@ def _write_table(sink, rel: str, schema: pa.Schema, batches) -> int:
                 w.write_batch(b)
                 n += b.num_rows
     return n
+
+
+# ------------------------------------------------------------------------ where a palace's bundles are
+def _exports_file() -> Path:
+    base = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
+    return base / "palace-etl" / "exports.json"
+
+
+def remember_export(palace: str, out: Path) -> None:
+    """Record that ``palace`` was exported to ``out``, so ``forget`` finds every bundle it must rewrite."""
+    path = _exports_file()
+    known = _exports()
+    dirs = known.get(palace, [])
+    where = str(Path(out).resolve())
+    if where not in dirs:
+        known[palace] = [*dirs, where]
+        atomic_write(path, orjson.dumps(known, option=orjson.OPT_INDENT_2))
+
+
+def _exports() -> dict[str, list[str]]:
+    try:
+        known = orjson.loads(_exports_file().read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return {}
+    return known if isinstance(known, dict) else {}
+
+
+def exported_to(palace: str) -> list[str]:
+    """The bundle directories ``palace`` was exported to from this machine."""
+    return [d for d in _exports().get(palace, []) if isinstance(d, str)]
+
+
+def check_openable(out: Path, keys: Keys | None, rewrite: bool) -> None:
+    """Refuse, before anything is changed, a bundle directory whose bundles these keys cannot open
+    (or, with ``rewrite``, cannot re-encrypt: a passphrase bundle needs the passphrase)."""
+    for link in list_bundles(out):
+        outer = Manifest.load(link)
+        if not outer.sealed:
+            continue
+        if keys is None:
+            raise CryptError(f"open bundle {link}: it is encrypted", hint="pass --identity FILE or --passphrase-file FILE")
+        if rewrite and outer.encryption and outer.encryption.get("passphrase") and keys.passphrase is None:
+            raise CryptError(f"rewrite bundle {link}: it is passphrase-encrypted, and so must its new files be",
+                             hint="pass --passphrase-file FILE")
+        with tempfile.TemporaryDirectory(prefix="palace-etl-decrypted-") as tmp:
+            keys.decrypt(link / SEALED_MANIFEST, Path(tmp) / MANIFEST, keys.for_bundle(link), link)

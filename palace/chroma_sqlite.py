@@ -236,3 +236,40 @@ def log_coverage(conn: sqlite3.Connection, collection: str = DRAWERS_COLLECTION)
                                 (f"%/{coll_id}",)).fetchone()
     return {"vector_seq": int(seqs.get(segs.get("VECTOR"), 0) or 0), "metadata_seq": int(seqs.get(segs["METADATA"], 0) or 0),
             "log_min": q_min, "log_max": q_max}
+
+
+def scrub(db: Path, forgotten: set[str]) -> int:
+    """Make deleted rows unrecoverable from ``chroma.sqlite3`` (the caller holds the palace lock and
+    has no Chroma client open on it). Three places keep a deleted row's text: the log
+    (``embeddings_queue``, whose upsert records hold the document and metadata until an HNSW persist
+    purges them), the FTS5 index segments, and free pages. The log records of forgotten rows that
+    no segment holds any more lose their metadata (the records stay, so the log's sequence has no
+    gap; replayed, each adds a row without text and then deletes it, ending where the palace already
+    is), the FTS index is merged (``optimize`` drops deleted entries) and the file is vacuumed.
+    ``forgotten`` holds the rows' ``id_key`` hashes. Returns the log records blanked."""
+    from .rows import id_key
+
+    removed = 0
+    conn = sqlite3.connect(db, timeout=30.0, isolation_level=None)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        deleted = [i for (i,) in conn.execute("SELECT DISTINCT id FROM embeddings_queue WHERE id NOT IN "
+                                              "(SELECT embedding_id FROM embeddings)") if id_key(i) in forgotten]
+        for s in range(0, len(deleted), 500):
+            chunk = deleted[s:s + 500]
+            removed += conn.execute(f"UPDATE embeddings_queue SET metadata = NULL WHERE id IN "
+                                    f"({','.join('?' * len(chunk))}) AND metadata IS NOT NULL", chunk).rowcount
+        if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'embedding_fulltext_search'").fetchone():
+            conn.execute("INSERT INTO embedding_fulltext_search(embedding_fulltext_search) VALUES('optimize')")
+        conn.execute("COMMIT")
+        vacuum(conn)
+    finally:
+        conn.close()
+    return removed
+
+
+def vacuum(conn: sqlite3.Connection) -> None:
+    """Rewrite the database without free pages, and leave no WAL holding old pages."""
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.execute("VACUUM")
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")

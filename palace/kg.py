@@ -173,6 +173,18 @@ class KnowledgeGraph:
                                    hint="find the long-running writer (an open sqlite3 shell?) and retry") from exc
             raise
 
+    def scrub(self) -> None:
+        """Leave nothing deleted recoverable from the file: secure_delete on, the WAL checkpointed
+        away, the file vacuumed (MemPalace's KG readers wait on busy, as for any write)."""
+        from .chroma_sqlite import vacuum
+
+        if self.read_only:
+            raise PalaceEtlError(f"scrub knowledge graph {self.path}: it was opened read-only")
+        with self._lock:
+            c = self._require()
+            c.execute("PRAGMA secure_delete=ON")
+            self._retry(vacuum)(c)
+
     def _require(self) -> sqlite3.Connection:
         if self._conn is None:
             raise sqlite3.ProgrammingError(f"knowledge graph {self.path} is closed")

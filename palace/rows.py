@@ -52,6 +52,12 @@ def kg_row_hash(row: dict) -> str:
     return row_hash(row)
 
 
+def id_key(row_id: str) -> str:
+    """How a forgotten id is remembered: its sha256, so the record of what was erased holds no
+    part of it (KG entity ids are names, drawer ids hold wing and room)."""
+    return hashlib.sha256(row_id.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
 def table_row_hash(table: str, row: dict) -> str:
     return collection_row_hash(row["document"], row["metadata"]) if table in COLLECTIONS else kg_row_hash(row)
 

@@ -411,6 +411,32 @@ def diff(
 
 
 @app.command()
+def forget(
+    palace: str = PALACE, kg: Optional[Path] = KG,
+    ids: Optional[list[str]] = typer.Option(None, "--id", help="A drawer or closet id; repeatable."),
+    wing: Optional[str] = typer.Option(None, "--wing", help="Every drawer and closet of this wing."),
+    where: Optional[list[str]] = typer.Option(None, "--where", help="KEY=VALUE on drawer metadata; repeatable."),
+    match: Optional[str] = typer.Option(None, "--match", help="Drawers whose text holds TEXT (any case)."),
+    with_kg: bool = typer.Option(False, "--kg", help="Also the triples filed from them (and, with --match, "
+                                 "entities and triples naming TEXT), and entities left without a triple."),
+    bundles: Optional[list[Path]] = typer.Option(None, "--bundles", help="A bundle directory to rewrite too "
+                                                 "(those this machine exported to are found by themselves)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Show what would be erased where; change nothing."),
+    json_out: bool = JSON, lock_timeout: float = typer.Option(30.0, "--lock-timeout"), wait: bool = WAIT,
+    identity: Optional[list[Path]] = IDENTITY, passphrase_file: Optional[Path] = PASSPHRASE_FILE,
+) -> None:
+    """Erase memories for good: palace, its files, every retained bundle; sync carries it to replicas."""
+    from etl.forget import run_forget
+
+    r = run_forget(palace, kg, ids, wing, where, match, with_kg, bundles, _keys(identity, passphrase_file), dry_run,
+                   lock_timeout, wait, _say).to_dict()
+    if json_out:
+        render.emit_json(r)
+    else:
+        render.forget_report(r)
+
+
+@app.command()
 def sources(json_out: bool = JSON) -> None:
     """List the importers."""
     from importers.registry import CATALOGUE

@@ -153,3 +153,18 @@ def diff_report(r: dict, limit: int) -> None:
             typer.echo(f"  triples {what}:")
             some(t[what], lambda x, m=mark: f"    {m} {x['subject']} {x['predicate']} {x['object']}"
                  + (f" (until {x['valid_to']})" if x["valid_to"] else ""))
+
+
+def forget_report(r: dict) -> None:
+    verb = "would erase" if r["dry_run"] else "erased"
+    counts = ", ".join(f"{n} {t}" for t, n in sorted(r["counts"].items())) or "nothing"
+    typer.echo(f"forget in {r['palace']}: {verb} {counts}"
+               + (f" ({r['resumed']} left by an interrupted forget)" if r["resumed"] else ""))
+    for d in r["bundle_dirs"]:
+        typer.echo(f"  bundles: {d}")
+    for line in r["receipt"]:
+        typer.echo(f"  {line}")
+    for d in r["unreached"]:
+        typer.echo(f"  warning: {d} (exported to from here) was not found; its bundles were not rewritten", err=True)
+    if r["dry_run"]:
+        typer.echo("  (dry run: nothing changed)")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, ContextManager, Iterator, Protocol
 
@@ -40,6 +40,7 @@ class SyncState:
     known: State | None  # what it held at the end of its last sync
     history: dict  # {table: {id: [superseded row hashes]}}
     tombstones: dict  # {table: {id: when deleted}}
+    forgotten: dict = field(default_factory=dict)  # {table: [ids]} erased by forget: never copied back
 
 
 class PalaceStore(Protocol):
@@ -89,6 +90,11 @@ class PalaceStore(Protocol):
 
     def commit(self) -> None:
         """Make the writes since the last commit durable and visible (a bundle store writes its bundle)."""
+
+    def scrub(self, forgotten: dict[str, set[str]]) -> list[str]:
+        """After ``forgotten`` rows ({table: their ``id_key`` hashes}) were deleted (and committed):
+        leave nothing of them recoverable from the store's files (logs, free pages, older bundles).
+        Returns what was done, per file."""
 
     def identity(self) -> EmbedderIdentity | None:
         """The embedder its vectors were made with, as recorded."""
@@ -154,11 +160,12 @@ class SyncStateFile:
             data = {}
         if not isinstance(data, dict):
             data = {}
-        return SyncState(data.get("known"), data.get("history", {}), data.get("tombstones", {}))
+        return SyncState(data.get("known"), data.get("history", {}), data.get("tombstones", {}),
+                         data.get("forgotten", {}))
 
     def save_sync_state(self, state: SyncState) -> None:
         atomic_write(self._sync_file, orjson.dumps({"known": state.known, "history": state.history,
-                                                    "tombstones": state.tombstones}))
+                                                    "tombstones": state.tombstones, "forgotten": state.forgotten}))
 
 
 def no_session(exclusive: bool = False, timeout: float = 0.0) -> ContextManager:

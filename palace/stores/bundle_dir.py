@@ -23,6 +23,7 @@ from ..bundles import (
     chain,
     list_bundles,
     readable,
+    rewrite_without,
     verify_chain,
     write_bundle,
 )
@@ -305,6 +306,17 @@ class BundleDirStore(SyncStateFile):
         self._forget()
         self._rows = {t: {} for t in TABLES}
         self._deletes = {t: set() for t in TABLES}
+
+    def scrub(self, forgotten: dict[str, set[str]]) -> list[str]:
+        """Rewrite every bundle of the directory that holds a forgotten row (older chains too)."""
+        notes = []
+        with bundle_dir_lock(self.out):
+            for bundle in list_bundles(self.out):
+                removed = rewrite_without(bundle, forgotten, self.keys)
+                if removed:
+                    notes.append(f"{bundle}: rewritten without " + ", ".join(f"{n} {t}" for t, n in sorted(removed.items())))
+        self._forget()
+        return notes
 
     def _sealer(self, prev: Manifest | None) -> Sealer | None:
         """A new bundle of an encrypted chain is encrypted to the keys the newest one records."""

@@ -166,6 +166,15 @@ class ChromaStore(SyncStateFile):
     def commit(self) -> None:
         self.close()  # every write is durable already; let go of the clients
 
+    def scrub(self, forgotten: dict[str, set[str]]) -> list[str]:
+        """After ``forgotten`` rows were deleted: leave nothing of them recoverable from the files.
+        Here the KG; the collections' files are the subclass's (a server's are not ours)."""
+        if not self.kg_path.exists():
+            return []
+        with KnowledgeGraph(self.kg_path) as kg:
+            kg.scrub()
+        return [f"{self.kg_path}: vacuumed"]
+
     def close(self) -> None:
         for store in self._vectors.values():
             store.close()

@@ -67,6 +67,17 @@ class ChromaDirStore(ChromaStore):
     def verified(self, whole: bool = True) -> None:
         pass
 
+    def scrub(self, forgotten: dict[str, set[str]]) -> list[str]:
+        notes = []
+        if self.exists():
+            self.close()  # no Chroma client of ours on the file while a plain connection writes it
+            keys = set().union(*(forgotten.get(t, set()) for t in COLLECTIONS))
+            with palace_lock(self.path, timeout=self.lock_timeout):
+                n = chroma_sqlite.scrub(self.db, keys)
+            notes.append(f"{self.db}: {n} log records of deleted rows blanked, full-text index merged, vacuumed "
+                         "(the HNSW files keep deleted vectors, marked deleted, no text, until the index is rebuilt)")
+        return notes + super().scrub(forgotten)
+
     @contextlib.contextmanager
     def _sqlite(self):
         self.close()  # no Chroma client of ours on the file while a plain connection is open on it
@@ -366,7 +377,7 @@ class ChromaDirReader(ChromaDirStore):
     def _refuse(self, *args, **kwargs):
         raise PalaceEtlError(f"write palace {self.name}: it was opened for reading only")
 
-    write = delete = set_identity = claim_identity = put_sidecar = replacing = _refuse
+    write = delete = set_identity = claim_identity = put_sidecar = replacing = scrub = _refuse
 
     def session(self, exclusive: bool, timeout: float):
         return contextlib.nullcontext()

@@ -17,6 +17,10 @@ from .chroma import ChromaStore
 
 
 class ChromaServerStore(ChromaStore):
+    def scrub(self, forgotten: dict[str, set[str]]) -> list[str]:
+        return [*super().scrub(forgotten), f"{self.name}: the Chroma server's own files were not scrubbed "
+                "(run `chroma vacuum` where it keeps them, with the server stopped)"]
+
     kind = "chroma-server"
     root = None  # its files are on the server's host
 

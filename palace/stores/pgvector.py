@@ -385,6 +385,16 @@ class PgVectorStore(ChromaStore):
     def commit(self) -> None:
         pass  # every write is its own committed transaction
 
+    def scrub(self, forgotten: dict[str, set[str]]) -> list[str]:
+        """VACUUM FULL rewrites the collection tables without their dead rows (it holds an exclusive
+        lock on each table for the seconds it takes: MemPalace's queries wait)."""
+        notes = []
+        for table in COLLECTIONS:
+            if forgotten.get(table) and self._dimension(table) is not None:
+                self._db().execute(f"VACUUM FULL {self._q(table)}")
+                notes.append(f"PostgreSQL table {self._table(table)}: VACUUM FULL")
+        return notes + super().scrub(forgotten)
+
     def close(self) -> None:
         if self._conn is not None:
             self._conn.close()

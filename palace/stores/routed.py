@@ -26,7 +26,7 @@ from typing import Iterator
 
 import orjson
 
-from ..chroma_sqlite import ro_uri
+from ..chroma_sqlite import ro_uri, vacuum
 from ..errors import PalaceEtlError
 from ..identity import EmbedderIdentity
 from ..ids import content_sha256
@@ -86,6 +86,19 @@ class RoutedIds:
         self._conn.execute("INSERT OR REPLACE INTO routed VALUES (?,?,?,?)",
                            (our_id, hub_id, orjson.dumps(chunk_ids).decode(), orjson.dumps(metadata).decode()))
 
+    def forget(self, ids: set[str]) -> int:
+        """Drop the entries of ``ids`` (ours or the hub's) and leave none of them in the file."""
+        gone = 0
+        part_ids = sorted(ids)
+        for s in range(0, len(part_ids), 400):
+            part = part_ids[s:s + 400]
+            marks = ",".join("?" * len(part))
+            gone += self._conn.execute(f"DELETE FROM routed WHERE id IN ({marks}) OR hub_id IN ({marks})",
+                                       [*part, *part]).rowcount
+        if gone:
+            vacuum(self._conn)
+        return gone
+
     def close(self) -> None:
         self._conn.close()
 
@@ -122,6 +135,9 @@ class RoutedStore:
 
     def verified(self, whole: bool = True) -> None:
         self._live.verified()
+
+    def sync_state(self):
+        return self._live.sync_state()
 
     def snapshot(self):
         return self._reader.snapshot()
@@ -234,7 +250,7 @@ class RoutedStore:
     def _refuse(self, *args, **kwargs):
         raise PalaceEtlError(f"write {self.name}: {self.server} holds it; only drawers and KG rows go through")
 
-    set_identity = put_sidecar = replacing = check_target = sync_state = save_sync_state = _refuse
+    set_identity = put_sidecar = replacing = check_target = save_sync_state = scrub = _refuse
 
     def close(self) -> None:
         self._reader.close()

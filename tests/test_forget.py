@@ -1,0 +1,195 @@
+"""``palace-etl forget``: nothing of a forgotten memory is left in any file of the palace, its
+bundles (plain and encrypted, every bundle of every chain) or a synced replica; sync never brings
+it back, a re-import skips it, and a forget killed at any point finishes on the re-run."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pyrage
+import pytest
+
+from palace.kg import KnowledgeGraph, entity_id
+from palace.layout import layout_for
+from palace.vectors import VectorStore
+
+from .helpers import SAMPLE, cli_json, palace_rows, run_cli
+from .test_diff import triple
+from .test_do_no_harm import tree
+from .test_encrypted import keypair
+
+SECRET = "my bank PIN is 4921 and the spare key is under the blue flowerpot"
+SECRET_ID = "drawer_private_bank_0001"
+WORD = b"flowerpot"  # a fragment: not even a piece of the text may survive
+
+
+def note(palace: Path, texts: dict[str, str], embedder) -> None:
+    """Drawers filed as MemPalace's own tools would, with real MiniLM vectors (verify probes re-embed)."""
+    ids = sorted(texts)
+    store = VectorStore(layout_for(palace))
+    store.upsert(ids, [texts[i] for i in ids], [{"wing": "private", "room": "secrets"} for _ in ids],
+                 embedder.embed([texts[i] for i in ids]))
+    store.close()
+
+
+def secret_palace(path: Path, embedder) -> Path:
+    cli_json("import", "mcp-memory", SAMPLE, "--palace", path)
+    note(path, {SECRET_ID: SECRET, "drawer_private_bank_0002": "the bank opens at nine"}, embedder)
+    with KnowledgeGraph(path / "knowledge_graph.sqlite3") as kg:  # ids by MemPalace's recipe, as an import makes them
+        kg.replace_rows("entities", [{"id": entity_id(n), "name": n, "type": "thing", "properties": "{}",
+                                      "created_at": "2026-01-01"} for n in ("spare key", "blue flowerpot")])
+        kg.replace_rows("triples", [dict(triple("t_key", entity_id("spare key"), "is_under",
+                                                entity_id("blue flowerpot")), source_drawer_id=SECRET_ID)])
+    return path
+
+
+@pytest.fixture(scope="module")
+def original(tmp_path_factory, embedder) -> Path:
+    return secret_palace(tmp_path_factory.mktemp("forget") / "palace", embedder)
+
+
+def decoded(path: Path, key: Path | None) -> bytes:
+    """Every value of a Parquet file (decrypted with ``key`` when it is age), as bytes to search."""
+    data = path.read_bytes()
+    if path.suffix == ".age":
+        ident = pyrage.x25519.Identity.from_str(key.read_text().splitlines()[-1])
+        data = pyrage.decrypt(data, [ident])
+        if not path.name.endswith(".parquet.age"):
+            return data
+        tmp = path.with_name(".check.parquet")
+        tmp.write_bytes(data)
+        try:
+            return repr(pq.read_table(tmp).to_pylist()).encode()
+        finally:
+            tmp.unlink()
+    if path.suffix == ".parquet":
+        return repr(pq.read_table(path).to_pylist()).encode()
+    return data
+
+
+def holding(root: Path, needle: bytes, key: Path | None = None) -> list[str]:
+    """Files under ``root`` whose raw bytes (SQLite free pages, logs, WAL included) or decoded
+    contents (zstd Parquet, age) hold ``needle``."""
+    hits = []
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and not p.name.endswith(".lock"):
+            if needle in p.read_bytes() or (p.suffix in (".parquet", ".age") and needle in decoded(p, key)):
+                hits.append(str(p))
+    return hits
+
+
+def setup(tmp_path: Path, original: Path, embedder) -> dict:
+    key, pub = keypair(tmp_path, "me")
+    palace = tmp_path / "palace"
+    shutil.copytree(original, palace)
+    plain, sealed = tmp_path / "plain", tmp_path / "sealed"
+    for n in range(3):  # chains: a full bundle and incrementals, each bundle's state names the secret
+        note(palace, {f"drawer_private_bank_1{n:03d}": f"routine note number {n} about the week"}, embedder)
+        cli_json("export", "--palace", palace, "--out", plain, "--incremental")
+        cli_json("export", "--palace", palace, "--out", sealed, "--encrypt-to", pub, "--incremental")
+    replica = tmp_path / "replica"
+    assert cli_json("sync", palace, replica)["converged"]
+    where = {"palace": palace, "plain": plain, "sealed": sealed, "replica": replica, "key": key, "pub": pub}
+    for name in ("palace", "plain", "sealed", "replica"):
+        assert holding(where[name], WORD, key), name  # the search can find it before the forget
+    return where
+
+
+def test_forget_leaves_nothing_anywhere_and_nothing_comes_back(original, tmp_path, embedder):
+    w = setup(tmp_path, original, embedder)
+    before = tree(w["palace"])
+    dry = cli_json("forget", "--palace", w["palace"], "--match", "FLOWERPOT", "--kg", "--identity", w["key"],
+                   "--dry-run")
+    assert dry["counts"] == {"drawers": 1, "triples": 1, "entities": 2}
+    assert set(dry["bundle_dirs"]) == {str(w["plain"].resolve()), str(w["sealed"].resolve())}  # found by itself
+    assert tree(w["palace"]) == before
+
+    r = cli_json("forget", "--palace", w["palace"], "--match", "FLOWERPOT", "--kg", "--identity", w["key"])
+    assert r["removed"]["drawers"] == [SECRET_ID] and r["removed"]["triples"] == ["t_key"]
+    assert sum("rewritten" in line for line in r["receipt"]) == 6  # every bundle of both chains
+    for name in ("palace", "plain", "sealed"):
+        assert holding(w[name], WORD, w["key"]) == [], name
+    assert holding(w["replica"], WORD)  # not synced yet
+    for d in ("plain", "sealed"):
+        bundles = sorted(w[d].glob("palace-*"))
+        for b in bundles:
+            v = cli_json("verify", "--bundle", b, "--identity", w["key"])
+            assert v["ok"], v["findings"]
+        run_cli("restore", bundles[-1], "--palace", tmp_path / f"restored-{d}", "--identity", w["key"])
+        assert palace_rows(tmp_path / f"restored-{d}") == palace_rows(w["palace"])
+
+    # the palace still opens, counts and searches, in palace-etl and in MemPalace itself
+    assert cli_json("verify", "--palace", w["palace"])["ok"]
+    status = subprocess.run([sys.executable, "-m", "mempalace", "--palace", str(w["palace"]), "status"],
+                            capture_output=True, text=True, timeout=300)
+    assert status.returncode == 0 and f"{len(palace_rows(w['palace']))} drawers" in status.stdout
+
+    # sync erases it on the replica (files scrubbed too), and from a third replica that never met the palace
+    third = tmp_path / "third"
+    shutil.copytree(w["replica"], third)
+    shutil.rmtree(third / ".palace-etl")
+    s = cli_json("sync", w["palace"], w["replica"])
+    assert s["converged"] and s["forgotten"]["b"] == {"drawers": 1, "triples": 1, "entities": 2}
+    assert holding(w["replica"], WORD) == []
+    assert cli_json("sync", w["replica"], third)["converged"]
+    assert holding(third, WORD) == [] and SECRET_ID not in palace_rows(third)
+
+    # importing again what once brought it in (here: the palace as it was) skips it
+    imp = cli_json("import", "palace", original, "--palace", w["palace"], check=None)
+    assert imp["skipped"].get("forgotten drawers (palace-etl forget)") == 1, imp["skipped"]
+    assert SECRET_ID not in palace_rows(w["palace"]) and holding(w["palace"], WORD) == []
+
+
+def test_forget_refuses_before_any_change(original, tmp_path, embedder):
+    w = setup(tmp_path, original, embedder)
+    before = {n: tree(w[n]) for n in ("palace", "plain", "sealed")}
+    proc = run_cli("forget", "--palace", w["palace"], "--id", SECRET_ID, check=1)  # encrypted bundles, no key
+    assert "it is encrypted" in proc.stderr
+    other, _ = keypair(tmp_path, "other")
+    proc = run_cli("forget", "--palace", w["palace"], "--id", SECRET_ID, "--identity", other, check=1)
+    assert "does not decrypt with" in proc.stderr
+    run_cli("forget", "--palace", w["palace"], check=1)  # nothing chosen
+    run_cli("forget", "--palace", w["palace"], "--where", "no-equals-sign", check=1)
+    assert {n: tree(w[n]) for n in before} == before
+
+
+@pytest.mark.parametrize("when", ["recorded", "rewriting"])
+def test_forget_killed_anywhere_finishes_on_the_rerun(original, tmp_path, embedder, when):
+    """SIGKILL as soon as the forget has recorded what it erases, or while a bundle is being
+    rewritten, then re-run: the ids it recorded are finished, every chain verifies, and nothing of
+    the text is left."""
+    for attempt in range(5):
+        (tmp_path / f"try{attempt}").mkdir()
+        w = setup(tmp_path / f"try{attempt}", original, embedder)
+        proc = subprocess.Popen([sys.executable, "-m", "etl.cli", "forget", "--palace", str(w["palace"]), "--match",
+                                 "flowerpot", "--kg", "--identity", str(w["key"])], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, env=os.environ.copy())
+        pending = w["palace"] / ".palace-etl" / "forget-pending.json"
+        mid_rewrite = when == "rewriting"
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline:
+            if pending.exists() and (not mid_rewrite or any(p.name.startswith((".tmp-palace-", ".old-palace-"))
+                                                            for d in ("plain", "sealed") for p in w[d].iterdir())):
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.002)
+        proc.wait(timeout=60)
+        if proc.returncode != -signal.SIGKILL:
+            continue  # it finished before the kill: try again
+        left = pending.exists()  # (the kill may land after the forget's last step, a moment before it exits)
+        r = cli_json("forget", "--palace", w["palace"], "--match", "flowerpot", "--kg", "--identity", w["key"])
+        assert (r["resumed"] >= 1) == left and not pending.exists()
+        for name in ("palace", "plain", "sealed"):
+            assert holding(w[name], WORD, w["key"]) == [], name
+        for d in ("plain", "sealed"):
+            names = sorted(p.name for p in w[d].iterdir() if p.name.startswith("palace-"))
+            assert len(names) == 3 and not [p for p in w[d].iterdir() if p.name.startswith((".tmp-", ".old-"))]
+            assert cli_json("verify", "--bundle", w[d] / names[-1], "--identity", w["key"])["ok"]
+        return
+    pytest.fail("the forget finished every time before it could be killed")
