@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
+import struct
 import threading
 import time
 from pathlib import Path
@@ -54,6 +55,44 @@ def _settings():
 def segment_dirs(palace: Path) -> list[Path]:
     """The HNSW segment directories of a palace (named by their segment's UUID)."""
     return sorted(d for d in Path(palace).glob("*-*-*-*-*") if d.is_dir() and len(d.name) == 36)
+
+
+HNSW_HEADER = struct.Struct("<iQQQQQQ")  # version (int), offsetLevel0, max_elements, cur_element_count,
+#                                          size_per_element, label_offset, offsetData: head of chroma-hnswlib's header.bin
+
+
+def clear_unused_hnsw_slots(palace: Path) -> list[str]:
+    """Zero the slots past the element count in each segment's ``data_level0.bin`` and
+    ``length.bin``. chroma-hnswlib allocates them for capacity without clearing and persists them
+    whole, so they carry whatever the writing process's heap held: texts it had read, deleted ones
+    included (seen here: a forgotten drawer's words in an index that persisted 0 elements). No
+    reader ever looks past the element count. The caller holds the palace lock, with no client
+    open; a header of another shape is left alone and named. The files keep their mtimes."""
+    notes = []
+    for seg in segment_dirs(palace):
+        header, data, lengths = seg / "header.bin", seg / "data_level0.bin", seg / "length.bin"
+        if not (header.is_file() and data.is_file()) or header.stat().st_size < HNSW_HEADER.size:
+            continue
+        with open(header, "rb") as f:
+            version, _, capacity, count, size, _, _ = HNSW_HEADER.unpack(f.read(HNSW_HEADER.size))
+        if version != 1 or not 0 <= count <= capacity or data.stat().st_size not in (count * size, capacity * size):
+            notes.append(f"{seg}: HNSW header not understood, its unused slots were not cleared")
+            continue
+        cleared = 0
+        for path, width in ((data, size), (lengths, 4)):
+            if not path.is_file() or path.stat().st_size != capacity * width or count == capacity:
+                continue  # persisted to the element count exactly: no unused slots on disk
+            st = path.stat()
+            with open(path, "r+b") as f:
+                f.seek(count * width)
+                f.write(bytes((capacity - count) * width))
+                f.flush()
+                os.fsync(f.fileno())
+            os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+            cleared = capacity - count
+        if cleared:
+            notes.append(f"{seg}: {cleared} unused HNSW slots cleared")
+    return notes
 
 
 def damaged_index_files(palace: Path) -> list[Path]:

@@ -37,7 +37,7 @@ from ..layout import (
 )
 from ..lock import palace_lock, session_lock
 from ..rows import COLLECTIONS
-from ..vectors import segment_dirs
+from ..vectors import clear_unused_hnsw_slots, segment_dirs
 from .base import READ_PAGE, CollectionInfo, Page
 from .chroma import ChromaStore
 
@@ -74,8 +74,10 @@ class ChromaDirStore(ChromaStore):
             keys = set().union(*(forgotten.get(t, set()) for t in COLLECTIONS))
             with palace_lock(self.path, timeout=self.lock_timeout):
                 n = chroma_sqlite.scrub(self.db, keys)
+                cleared = clear_unused_hnsw_slots(self.path)
             notes.append(f"{self.db}: {n} log records of deleted rows blanked, full-text index merged, vacuumed "
                          "(the HNSW files keep deleted vectors, marked deleted, no text, until the index is rebuilt)")
+            notes += cleared
         return notes + super().scrub(forgotten)
 
     @contextlib.contextmanager
