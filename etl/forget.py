@@ -38,7 +38,7 @@ from palace.stores import (
 )
 from palace.stores.routed import ROUTED_FILE
 
-from .sync import KEEP_BOTH_SUFFIX
+from .sync import KEEP_BOTH_SUFFIX, unforgotten
 
 PENDING = "forget-pending.json"
 POINTER = re.compile(r"→([^|\n]+)")  # a closet line's drawer ids: topic|entities|→id1,id2
@@ -122,13 +122,6 @@ def keyed(ids: dict[str, set[str]]) -> dict[str, set[str]]:
     return {t: {id_key(i) for i in v} for t, v in ids.items()}
 
 
-def without(tables: dict | None, ids: dict[str, set[str]]) -> dict | None:
-    """``{table: {id: ...}}`` without ``ids``."""
-    if tables is None:
-        return None
-    return {t: {i: v for i, v in rows.items() if i not in ids.get(t, ())} for t, rows in tables.items()}
-
-
 def _merge(a: dict, b: dict) -> dict[str, set[str]]:
     return {t: set(a.get(t, ())) | set(b.get(t, ())) for t in TABLES}
 
@@ -139,8 +132,8 @@ def _remember(store: PalaceStore, chosen: dict[str, set[str]]) -> None:
     s = store.sync_state()
     keys = keyed(chosen)
     merged = {t: sorted(set(s.forgotten.get(t, ())) | keys.get(t, set())) for t in TABLES}
-    store.save_sync_state(SyncState(without(s.known, chosen), without(s.history, chosen),
-                                    without(s.tombstones, chosen), {t: v for t, v in merged.items() if v}))
+    store.save_sync_state(SyncState(unforgotten(s.known, keys), unforgotten(s.history, keys),
+                                    unforgotten(s.tombstones, keys), {t: v for t, v in merged.items() if v}))
 
 
 def run_forget(spec: str, kg: Path | None = None, ids: list[str] | None = None, wing: str | None = None,

@@ -310,8 +310,11 @@ def _erase(side: Side, forgotten: dict[str, set[str]]) -> dict[str, list[str]]:
     return out
 
 
-def _unforgotten(tables: dict, forgotten: dict[str, set[str]]) -> dict:
-    """``{table: {id: ...}}`` without forgotten ids: what a replica remembers names none of them."""
+def unforgotten(tables: dict | None, forgotten: dict[str, set[str]]) -> dict | None:
+    """``{table: {id: ...}}`` without the ids whose ``id_key`` is in ``forgotten``: what a replica
+    remembers names none of them."""
+    if tables is None:
+        return None
     return {t: {i: v for i, v in rows.items() if not forgotten.get(t) or id_key(i) not in forgotten[t]}
             for t, rows in tables.items()}
 
@@ -386,8 +389,8 @@ def run_sync(spec_a: str, spec_b: str, kg_a=None, kg_b=None, dry_run: bool = Fal
             for t, rows in tombs.items():  # a tombstone for a row both sides hold again is spent
                 for i in [i for i in rows if i in final_a.get(t, {})]:
                     rows.pop(i)
-            history = _unforgotten(merged_history(a, b, final_a), forgotten)
-            tombs = _unforgotten(tombs, forgotten)
+            history = unforgotten(merged_history(a, b, final_a), forgotten)
+            tombs = unforgotten(tombs, forgotten)
             kept = {t: sorted(v) for t, v in forgotten.items() if v}
             for store, saved, live in ((store_a, saved_a, live_a), (store_b, saved_b, live_b)):
                 learned = set().union(*(v - set(saved.forgotten.get(t, ())) for t, v in forgotten.items()))

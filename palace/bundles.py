@@ -99,14 +99,22 @@ def readable(bundle: Path, keys: Keys | None) -> Iterator[Path]:
     if not any(m.sealed for m in manifests):
         yield Path(bundle)
         return
+    with _decrypted(list(zip(links, manifests)), keys) as plain:
+        yield plain
+
+
+@contextlib.contextmanager
+def _decrypted(links: list[tuple[Path, Manifest]], keys: Keys | None) -> Iterator[Path]:
+    """``links`` (bundle, its plain manifest), oldest first, decrypted and checked into a private temp
+    directory removed on exit; yields the last one's plaintext copy."""
     if keys is None:
-        raise CryptError(f"read bundle {bundle}: it is encrypted",
+        raise CryptError(f"read bundle {links[-1][0]}: it is encrypted",
                          hint="pass --identity FILE (an age identity) or --passphrase-file FILE")
     tmp = Path(tempfile.mkdtemp(prefix="palace-etl-decrypted-"))
     try:
-        for link, outer in zip(links, manifests):
+        for link, outer in links:
             _plain_copy(link, outer, keys, tmp / link.name)
-        yield tmp / Path(bundle).name
+        yield tmp / links[-1][0].name
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -144,15 +152,8 @@ def _plain_link(link: Path, keys: Keys | None) -> Iterator[Path]:
             raise BundleError(f"read bundle {link}: it does not verify: {problems[0]}")
         yield link
         return
-    if keys is None:
-        raise CryptError(f"read bundle {link}: it is encrypted",
-                         hint="pass --identity FILE (an age identity) or --passphrase-file FILE")
-    tmp = Path(tempfile.mkdtemp(prefix="palace-etl-decrypted-"))
-    try:
-        _plain_copy(link, outer, keys, tmp / link.name)
-        yield tmp / link.name
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with _decrypted([(link, outer)], keys) as plain:
+        yield plain
 
 
 def usable_parent(prev: Path) -> tuple[Path | None, str | None]:
@@ -291,12 +292,10 @@ def rewrite_without(link: Path, drop: dict[str, set[str]], keys: Keys | None) ->
         state = bundle_state(plain)
         tombs = tombstones(plain)
         files = {t: plain / f"{t}.parquet" for t in (*COLLECTIONS, *KG_TABLES) if f"{t}.parquet" in m.files}
-        removed: dict[str, int] = {}
-        for t, path in files.items():
-            n = sum(gone(t, i) for i in pq.read_table(path, columns=["id"]).column("id").to_pylist())
-            removed[t] = max(n, sum(gone(t, i) for i in state.get(t, {})))
-        for t, rows in state.items():
-            removed[t] = max(removed.get(t, 0), sum(gone(t, i) for i in rows))
+        removed = {t: sum(gone(t, i) for i in rows) for t, rows in state.items()}
+        for t, path in files.items():  # an incremental's rows may have left the state since
+            ids = pq.read_table(path, columns=["id"]).column("id").to_pylist()
+            removed[t] = max(removed.get(t, 0), sum(gone(t, i) for i in ids))
         removed = {t: n for t, n in removed.items() if n}
         if not removed and not any(gone(t, i) for t, ids in tombs.items() for i in ids):
             return {}

@@ -178,6 +178,7 @@ class Keys:
     identities: list = field(default_factory=list)
     passphrase: str | None = None
     sources: list[str] = field(default_factory=list)  # the files they came from, for messages
+    _opened: dict = field(default_factory=dict, repr=False)  # sha256 of a key.age -> its identity (one scrypt each)
 
     @classmethod
     def load(cls, identity_files: list[Path] | None = None, passphrase_file: Path | None = None) -> "Keys | None":
@@ -214,9 +215,13 @@ class Keys:
                                      hint="pass --passphrase-file FILE")
                 return idents
             pyrage = _pyrage()
+            sealed = key.read_bytes()[:MAX_KEY_FILE]
+            digest = hashlib.sha256(sealed).hexdigest()
             try:
-                own = pyrage.passphrase.decrypt(key.read_bytes()[:MAX_KEY_FILE], self.passphrase)
-                idents.append(pyrage.x25519.Identity.from_str(own.decode()))
+                if digest not in self._opened:
+                    own = pyrage.passphrase.decrypt(sealed, self.passphrase)
+                    self._opened[digest] = pyrage.x25519.Identity.from_str(own.decode())
+                idents.append(self._opened[digest])
             except Exception:
                 if not idents:
                     raise CryptError(f"open bundle {bundle}: the passphrase in {self.sources[-1]} does not open it",

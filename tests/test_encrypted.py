@@ -12,8 +12,8 @@ import pytest
 from palace.layout import layout_for
 from palace.vectors import VectorStore
 
-from .helpers import SAMPLE, cli_json, palace_rows, run_cli
-from .test_export import add_closets, assert_same, snapshot, unit
+from .helpers import cli_json, palace_rows, run_cli
+from .test_export import assert_same, sample_with_closets, snapshot, unit
 
 SECRET_TEXT = "the vault combination is 31-07-1999 and nobody else knows it"
 
@@ -40,9 +40,7 @@ def edit(palace: Path, changes: dict[str, str], deletes: tuple[str, ...] = (), s
 
 @pytest.fixture(scope="module")
 def palace(tmp_path_factory) -> Path:
-    p = tmp_path_factory.mktemp("enc") / "palace"
-    cli_json("import", "mcp-memory", SAMPLE, "--palace", p)
-    add_closets(p)
+    p = sample_with_closets(tmp_path_factory.mktemp("enc") / "palace")
     edit(p, {"drawer_team_notes_secret": SECRET_TEXT}, wing="team")
     return p
 

@@ -63,12 +63,15 @@ def add_closets(palace: Path, n: int = 5) -> None:
     store.close()
 
 
-@pytest.fixture(scope="module")
-def sample_palace(tmp_path_factory) -> Path:
-    p = tmp_path_factory.mktemp("sample") / "palace"
+def sample_with_closets(p: Path) -> Path:
     cli_json("import", "mcp-memory", SAMPLE, "--palace", p)
     add_closets(p)
     return p
+
+
+@pytest.fixture(scope="module")
+def sample_palace(tmp_path_factory) -> Path:
+    return sample_with_closets(tmp_path_factory.mktemp("sample") / "palace")
 
 
 def test_round_trip(sample_palace, tmp_path):
