@@ -3,7 +3,7 @@ bundle, and (through sync) every replica.
 
 The order makes an interrupted forget safe to re-run and never half done in a way that matters:
 1. choose the rows (drawers by id, wing, metadata or text; the closets pointing at them; with
-   ``--kg`` the triples filed from them and the entities left without a triple);
+   ``--with-kg`` the triples filed from them and the entities left without a triple);
 2. check that every bundle directory in scope can be opened and re-encrypted, before any change;
 3. record the ids as forgotten (``forget-pending.json`` and the palace's sync state: from here on
    no sync brings them back and no import writes them again);

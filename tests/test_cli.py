@@ -112,3 +112,27 @@ def test_cli_start_up_imports_no_importer_module():
             "print(sorted(m for m in sys.modules if m.startswith('importers.') or m in ('pyarrow', 'numpy')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "['importers.registry']"
+
+
+def test_an_option_is_spelled_once_per_verb_and_means_one_kind_of_value_on_every_verb():
+    """``forget`` once had ``--kg PATH`` and a ``--kg`` flag: the flag won and the path could not
+    be given. Every option appears once per verb, and is a flag on all verbs or on none."""
+    import typer.main
+
+    from etl.cli.app import app
+
+    kinds: dict[str, set[bool]] = {}
+
+    def walk(cmd, path: str) -> None:
+        if hasattr(cmd, "commands"):  # a group (typer's own click types)
+            for name, sub in cmd.commands.items():
+                walk(sub, f"{path} {name}")
+            return
+        names = [o for p in cmd.params for o in p.opts + p.secondary_opts]
+        assert len(names) == len(set(names)), (path, sorted(n for n in names if names.count(n) > 1))
+        for p in cmd.params:
+            for o in p.opts:
+                kinds.setdefault(o, set()).add(getattr(p, "is_flag", False))
+
+    walk(typer.main.get_command(app), "palace-etl")
+    assert "--kg" in kinds and {o: k for o, k in kinds.items() if len(k) > 1} == {}

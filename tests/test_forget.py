@@ -104,13 +104,13 @@ def setup(tmp_path: Path, original: Path, embedder) -> dict:
 def test_forget_leaves_nothing_anywhere_and_nothing_comes_back(original, tmp_path, embedder):
     w = setup(tmp_path, original, embedder)
     before = tree(w["palace"])
-    dry = cli_json("forget", "--palace", w["palace"], "--match", "FLOWERPOT", "--kg", "--identity", w["key"],
+    dry = cli_json("forget", "--palace", w["palace"], "--match", "FLOWERPOT", "--with-kg", "--identity", w["key"],
                    "--dry-run")
     assert dry["counts"] == {"drawers": 1, "triples": 1, "entities": 2}
     assert set(dry["bundle_dirs"]) == {str(w["plain"].resolve()), str(w["sealed"].resolve())}  # found by itself
     assert tree(w["palace"]) == before
 
-    r = cli_json("forget", "--palace", w["palace"], "--match", "FLOWERPOT", "--kg", "--identity", w["key"])
+    r = cli_json("forget", "--palace", w["palace"], "--match", "FLOWERPOT", "--with-kg", "--identity", w["key"])
     assert r["removed"]["drawers"] == [SECRET_ID] and r["removed"]["triples"] == ["t_key"]
     assert sum("rewritten" in line for line in r["receipt"]) == 6  # every bundle of both chains
     for name in ("palace", "plain", "sealed"):
@@ -168,7 +168,7 @@ def test_forget_killed_anywhere_finishes_on_the_rerun(original, tmp_path, embedd
         (tmp_path / f"try{attempt}").mkdir()
         w = setup(tmp_path / f"try{attempt}", original, embedder)
         proc = subprocess.Popen([sys.executable, "-m", "etl.cli", "forget", "--palace", str(w["palace"]), "--match",
-                                 "flowerpot", "--kg", "--identity", str(w["key"])], stdout=subprocess.DEVNULL,
+                                 "flowerpot", "--with-kg", "--identity", str(w["key"])], stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, env=os.environ.copy())
         pending = w["palace"] / ".palace-etl" / "forget-pending.json"
         mid_rewrite = when == "rewriting"
@@ -183,7 +183,7 @@ def test_forget_killed_anywhere_finishes_on_the_rerun(original, tmp_path, embedd
         if proc.returncode != -signal.SIGKILL:
             continue  # it finished before the kill: try again
         left = pending.exists()  # (the kill may land after the forget's last step, a moment before it exits)
-        r = cli_json("forget", "--palace", w["palace"], "--match", "flowerpot", "--kg", "--identity", w["key"])
+        r = cli_json("forget", "--palace", w["palace"], "--match", "flowerpot", "--with-kg", "--identity", w["key"])
         assert (r["resumed"] >= 1) == left and not pending.exists()
         for name in ("palace", "plain", "sealed"):
             assert holding(w[name], WORD, w["key"]) == [], name
@@ -217,6 +217,22 @@ def test_heap_garbage_chroma_persists_in_unused_hnsw_slots_is_cleared(original, 
     notes = store.scrub({"drawers": set()})      # the file itself during them, so plant after, scrub here)
     store.close()
     assert any("unused HNSW slots cleared" in n for n in notes) and WORD not in data.read_bytes()
-    cli_json("forget", "--palace", palace, "--id", SECRET_ID, "--kg")
+    cli_json("forget", "--palace", palace, "--id", SECRET_ID, "--with-kg")
     assert holding(palace, WORD) == []
     assert cli_json("verify", "--palace", palace)["ok"]
+
+
+def test_kg_path_means_the_knowledge_graph_file_as_on_every_verb(original, tmp_path):
+    """``--kg PATH`` points at a KG kept elsewhere (as on import, status, export); ``--with-kg``
+    asks for the triples. The triple naming the secret goes from that file, and its words with it."""
+    palace, kg = tmp_path / "palace", tmp_path / "elsewhere" / "kg.sqlite3"
+    shutil.copytree(original, palace)
+    kg.parent.mkdir()
+    shutil.move(palace / "knowledge_graph.sqlite3", kg)
+    dry = cli_json("forget", "--palace", palace, "--kg", kg, "--id", SECRET_ID, "--with-kg", "--dry-run")
+    assert dry["dry_run"] and not (palace / "knowledge_graph.sqlite3").exists()
+    assert WORD in kg.read_bytes()
+    cli_json("forget", "--palace", palace, "--kg", kg, "--id", SECRET_ID, "--with-kg")
+    assert WORD not in kg.read_bytes() and not (palace / "knowledge_graph.sqlite3").exists()
+    with KnowledgeGraph(kg) as g:
+        assert g.query("SELECT count(*) FROM triples WHERE id = ?", ["t_key"]) == [(0,)]

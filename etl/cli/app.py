@@ -417,7 +417,7 @@ def forget(
     wing: Optional[str] = typer.Option(None, "--wing", help="Every drawer and closet of this wing."),
     where: Optional[list[str]] = typer.Option(None, "--where", help="KEY=VALUE on drawer metadata; repeatable."),
     match: Optional[str] = typer.Option(None, "--match", help="Drawers whose text holds TEXT (any case)."),
-    with_kg: bool = typer.Option(False, "--kg", help="Also the triples filed from them (and, with --match, "
+    with_kg: bool = typer.Option(False, "--with-kg", help="Also the triples filed from them (and, with --match, "
                                  "entities and triples naming TEXT), and entities left without a triple."),
     bundles: Optional[list[Path]] = typer.Option(None, "--bundles", help="A bundle directory to rewrite too "
                                                  "(those this machine exported to are found by themselves)."),
