@@ -1,5 +1,7 @@
 """``palace-etl diff A B``: what changed from A to B -- two bundles (points of one chain, or the
-newest of two bundle directories), two replicas, or a replica and a bundle.
+newest of two bundle directories), two replicas, or a replica and a bundle. With B omitted, A is
+one bundle and the diff runs from the bundle before it in its directory ("what the agents learned
+since the last backup", for the nightly mail); the first bundle of a directory diffs from nothing.
 
 Both snapshots (ids and row hashes) are compared first; only the rows that differ are fetched,
 without vectors. From a bundle chain a row is read from the newest bundle that holds it, and only
@@ -13,10 +15,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from palace.bundles import list_bundles
 from palace.crypt import Keys
 from palace.errors import SourceMissing
 from palace.rows import COLLECTIONS, KG_TABLES
-from palace.stores import PalaceStore, open_store
+from palace.stores import PalaceStore, bundle_point, open_store
 
 PREVIEW = 160  # characters of an added or removed drawer's text shown
 MAX_DIFF_WORDS = 5000  # per side: longer texts are reported as changed without a word diff
@@ -162,10 +165,39 @@ def diff_stores(a: PalaceStore, b: PalaceStore) -> DiffReport:
     return report
 
 
-def run_diff(spec_a: str, spec_b: str, kg_a: Path | None = None, kg_b: Path | None = None,
+class _Nothing:
+    """The side before a directory's first bundle: no rows (never fetched from: nothing differs in it)."""
+    name = "(nothing: the first bundle)"
+
+    def exists(self) -> bool:
+        return True
+
+    def verified(self, whole: bool = False) -> None:
+        pass
+
+    def snapshot(self) -> dict:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+def previous_bundle(spec: str) -> str | None:
+    """The bundle before the bundle ``spec`` in its directory, None for the first."""
+    point = bundle_point(Path(spec.removeprefix("bundle:")).expanduser())
+    if point is None:
+        raise SourceMissing(f"diff {spec}: with one argument, it must be one bundle (BACKUPS/palace-<time>-full|incr)")
+    earlier = [b for b in list_bundles(point[0]) if b.name < point[1]]
+    return str(earlier[-1]) if earlier else None
+
+
+def run_diff(spec_a: str, spec_b: str | None = None, kg_a: Path | None = None, kg_b: Path | None = None,
              keys: Keys | None = None) -> DiffReport:
-    """Open both sides read-only (lock-free beside a live MemPalace; ``keys`` open encrypted bundles)."""
-    a = open_store(spec_a, kg_a, read_only=True, keys=keys)
+    """Open both sides read-only (lock-free beside a live MemPalace; ``keys`` open encrypted bundles).
+    ``spec_b`` None: from the bundle before the bundle ``spec_a`` to it."""
+    if spec_b is None:
+        spec_a, spec_b = previous_bundle(spec_a), spec_a
+    a = open_store(spec_a, kg_a, read_only=True, keys=keys) if spec_a is not None else _Nothing()
     try:
         b = open_store(spec_b, kg_b, read_only=True, keys=keys)
         try:

@@ -76,6 +76,26 @@ def _recipient(text: str, where: str):
         raise CryptError(f"{where}: not an age X25519 public key (age1...)") from None
 
 
+def new_identity(path: Path) -> str:
+    """Write a new age X25519 identity to ``path`` (0600, in the format ``age-keygen`` writes; never
+    over an existing file or through a symlink) and return its public key."""
+    path = Path(path).expanduser()
+    ident = _pyrage().x25519.Identity.generate()
+    public = str(ident.to_public())
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:
+        raise CryptError(f"key new {path}: already exists (a key is never overwritten)") from None
+    except OSError as exc:
+        raise CryptError(f"key new {path}: {exc.strerror}") from None
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(f"# created: palace-etl key new\n# public key: {public}\n{ident}\n")
+        f.flush()
+        os.fsync(f.fileno())
+    return public
+
+
 def parse_recipients(values: list[str]) -> list[str]:
     """``--encrypt-to`` values: each an ``age1...`` public key or a file of them (one per line,
     ``#`` comments), as ``age -R``. Returns the keys, checked, in a stable order."""

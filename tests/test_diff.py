@@ -80,6 +80,11 @@ def test_diff_between_bundles_replicas_and_both(tmp_path):
     incr = cli_json("export", "--palace", after, "--out", out, "--incremental")["bundle"]
 
     check_changes(cli_json("diff", full, incr))  # two points of one chain
+    check_changes(cli_json("diff", incr))  # since the bundle before it
+    first = cli_json("diff", full)  # the first bundle: everything in it is new
+    assert first["counts"]["drawers"] == {"added": len(ROWS), "removed": 0, "edited": 0}
+    assert first["counts"]["triples"]["added"] == 2 and first["a"].startswith("(nothing")
+    assert "must be one bundle" in run_cli("diff", after, check=10).stderr
     check_changes(cli_json("diff", before, after))  # two replicas
     check_changes(cli_json("diff", full, after))  # a bundle and a replica
     assert cli_json("diff", incr, f"bundle:{out}")["same"]  # the newest bundle of the directory

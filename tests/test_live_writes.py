@@ -15,7 +15,15 @@ from pathlib import Path
 
 from palace.stores import open_store
 
-from .helpers import SAMPLE, LiveHub, StdioMcp, cli_json, lease_held, run_cli
+from .helpers import (
+    SAMPLE,
+    LiveHub,
+    StdioMcp,
+    cli_json,
+    lease_held,
+    palace_rows,
+    run_cli,
+)
 from .test_live import add_drawer_call, drawer_id_of, fingerprint
 
 ANIMALS = ["heron", "otter", "badger", "lynx", "marmot", "ibis", "gecko", "walrus", "okapi", "tapir"]
@@ -193,12 +201,22 @@ def test_the_ways_out_are_named_for_a_hub_a_sync_cannot_use(tmp_path):
         back = run_cli("sync", side, palace, check=11)
         assert "MemPalace hub" in back.stderr and "ids and vectors" in back.stderr
         assert "--wait" in back.stderr
+        # forget deletes by id and scrubs the files, which no hub tool does: refused at once; its
+        # dry run and a diff read the private copy
+        (victim,) = list(palace_rows(palace))[:1]
+        dry = cli_json("forget", "--palace", palace, "--id", victim, "--dry-run")
+        assert dry["removed"]["drawers"] == [victim]
+        refused = run_cli("forget", "--palace", palace, "--id", victim, "--lock-timeout", "3600", check=11,
+                          timeout=120)
+        assert "MemPalace hub" in refused.stderr and "--wait" in refused.stderr
+        assert cli_json("diff", palace, f"bundle:{mirror}")["same"]
     finally:
         hub.stop()
+    assert victim in palace_rows(palace)
 
 
 def test_wait_is_spelled_the_same_on_every_verb_that_writes_a_palace():
-    for verb in (("import", "jsonl"), ("restore",), ("sync",)):
+    for verb in (("import", "jsonl"), ("restore",), ("sync",), ("forget",)):
         assert "--wait" in run_cli(*verb, "--help").stdout
     assert "--via" in run_cli("import", "auto", "--help").stdout
 

@@ -51,6 +51,8 @@ import_app = typer.Typer(help="Import a prior memory system into a palace.", no_
 model_app = typer.Typer(help="Provision the embedding model (offline-capable).", no_args_is_help=True)
 app.add_typer(import_app, name="import")
 app.add_typer(model_app, name="model")
+key_app = typer.Typer(help="age keys for encrypted bundles.", no_args_is_help=True)
+app.add_typer(key_app, name="key")
 
 PALACE = typer.Option(..., "--palace", help="Palace directory (or http://host:port of a chroma server).")
 KG = typer.Option(None, "--kg", help="Knowledge graph file (default: <palace>/knowledge_graph.sqlite3).")
@@ -390,7 +392,8 @@ def migrate(
 @app.command()
 def diff(
     a: str = typer.Argument(..., help="From: a bundle (one point of a chain), a bundle dir, a palace dir, ..."),
-    b: str = typer.Argument(..., help="To: same forms."),
+    b: Optional[str] = typer.Argument(None, help="To: same forms. Omitted: A is one bundle, and the diff "
+                                      "runs from the bundle before it in its directory to A."),
     kg_a: Optional[Path] = typer.Option(None, "--kg-a", help="KG file of A (required for a server)."),
     kg_b: Optional[Path] = typer.Option(None, "--kg-b", help="KG file of B (required for a server)."),
     stat: bool = typer.Option(False, "--stat", help="One line per wing, then the totals."),
@@ -398,7 +401,7 @@ def diff(
     json_out: bool = JSON, identity: Optional[list[Path]] = IDENTITY,
     passphrase_file: Optional[Path] = PASSPHRASE_FILE,
 ) -> None:
-    """What changed from A to B: drawers added, removed and edited (word diff), KG triples."""
+    """What changed from A to B (or since the bundle before A): drawers added, removed, edited, KG triples."""
     from etl.diff import run_diff
 
     r = run_diff(a, b, kg_a, kg_b, _keys(identity, passphrase_file)).to_dict()
@@ -447,6 +450,18 @@ def sources(json_out: bool = JSON) -> None:
     else:
         for r in rows:
             typer.echo(f"{r['name']:<20} {r['description']}")
+
+
+@key_app.command("new")
+def key_new(
+    path: Path = typer.Argument(..., help="Where the new identity goes (0600; never over an existing file)."),
+    json_out: bool = JSON,
+) -> None:
+    """Make an age identity file for --identity; print its public key (for --encrypt-to) on stdout."""
+    from palace.crypt import new_identity
+
+    public = new_identity(path)
+    render.emit_json({"identity": str(path), "public_key": public}) if json_out else typer.echo(public)
 
 
 @model_app.command("install")
