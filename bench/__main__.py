@@ -125,6 +125,10 @@ def run(size: int, chroma_texts: int, kg_triples: int, work: Path, skip: set[str
                     f"{sy['seconds']:.1f} s (first sync)", again["seconds"] / sy["seconds"], "small fraction, 0 moved",
                     again["rows"] == 0 and again["seconds"] <= 0.2 * sy["seconds"], again["peak_rss_mb"]))
 
+    # 10. the same export encrypted (age); 11. a diff of two consecutive nightly bundles
+    if "bundles" not in skip:
+        rows += bundles(work, size, ex, bundle)
+
     # 5b. export of a big palace (built from precomputed vectors: only the export is measured)
     if big_export:
         measure("build_palace", palace=str(work / "big"), n=big_export)
@@ -166,6 +170,34 @@ def run(size: int, chroma_texts: int, kg_triples: int, work: Path, skip: set[str
     if "pgvector" not in skip:
         rows += pgvector(work, size, emb, gp, pg_sync_size)
     return rows
+
+
+def bundles(work: Path, size: int, plain: dict, full: Path) -> list[dict]:
+    """10: the migrated palace exported encrypted vs plain (row 5). 11: the next night, 1% of the
+    drawers changed (edits, deletes, adds): ``diff`` of the full bundle and that night's incremental
+    vs re-reading both palaces' documents and metadata."""
+    import shutil
+
+    pub = measure("age_key", out=str(work / "bench.key"))["public"]
+    enc = measure("export_palace", palace=str(work / "palace"), out=str(work / "sealed"), encrypt_to=pub)
+    night = work / "palace-night2"
+    shutil.copytree(work / "palace", night)
+    shutil.copytree(full.parent, work / "nightly")
+    edits, deletes = max(1, size // 200), max(1, size // 500)
+    measure("nightly_changes", palace=str(night), edits=edits, deletes=deletes, adds=size // 100 - edits - deletes)
+    incr = Path(measure("export_palace", palace=str(night), out=str(work / "nightly"), incremental=True)["bundle"])
+    ours = measure("diff_points", a=str(work / "nightly" / full.name), b=str(incr))
+    both = measure("read_both_raw", a=str(work / "palace"), b=str(night))
+    whole = measure("diff_points", a=str(work / "palace"), b=str(night))
+    return [
+        row(f"10. export {size:,} drawers encrypted (age, one recipient)", f"{rate(enc):,.0f} rows/s",
+            f"{rate(plain):,.0f} rows/s (the plain export, row 5)", rate(enc) / rate(plain), ">= 0.8",
+            rate(enc) / rate(plain) >= 0.8, enc["peak_rss_mb"]),
+        row(f"11. diff of two nightly bundles ({ours['rows']:,} drawers changed)", f"{ours['seconds']:.2f} s",
+            f"{both['seconds']:.2f} s (re-reading both palaces' documents and metadata)",
+            ours["seconds"] / both["seconds"], "report", None, ours["peak_rss_mb"],
+            f"diff of the two palaces themselves: {whole['seconds']:.2f} s"),
+    ]
 
 
 def pgvector(work: Path, size: int, emb: dict, paging: dict, big: int) -> list[dict]:
@@ -297,7 +329,7 @@ def main() -> None:
     ap.add_argument("--chroma-texts", type=int, default=2000, help="texts through Chroma's slow default EF")
     ap.add_argument("--kg-triples", type=int, default=20000, help="triples for the KG comparison")
     ap.add_argument("--skip", action="append", default=[],
-                    help="skip a measurement group (concurrency, live, pgvector)")
+                    help="skip a measurement group (concurrency, live, pgvector, bundles)")
     ap.add_argument("--pg-sync-size", type=int, default=100000, help="drawers of the pgvector palace synced twice (9c)")
     ap.add_argument("--hub-memories", type=int, default=500, help="memories imported through the live hub (row 8c)")
     ap.add_argument("--big-export", type=int, default=0, help="also export a palace of this many drawers (100000)")

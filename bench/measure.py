@@ -118,17 +118,67 @@ def migrate(workload: str, palace: str, source: str = "mcp-memory") -> dict:
             **totals}
 
 
-def export_palace(palace: str, out: str) -> dict:
+def export_palace(palace: str, out: str, encrypt_to: str = "", incremental: bool = False) -> dict:
     from exporters.bundle import export_bundle
+    from palace.crypt import Sealer
     from palace.stores import open_store
 
     t = time.perf_counter()
     store = open_store(palace, read_only=True)  # what `palace-etl export` opens
     try:
-        r = export_bundle(store, Path(out))
+        r = export_bundle(store, Path(out), incremental=incremental,
+                          sealer=Sealer([encrypt_to]) if encrypt_to else None)
     finally:
         store.close()
-    return {"seconds": time.perf_counter() - t, "rows": r.counts["drawers"]}
+    return {"seconds": time.perf_counter() - t, "rows": r.counts["drawers"], "bundle": r.bundle}
+
+
+def age_key(out: str) -> dict:
+    """A fresh age identity at ``out``; its public key."""
+    from palace.crypt import new_identity
+
+    return {"seconds": 0.0, "rows": 0, "public": new_identity(Path(out))}
+
+
+def nightly_changes(palace: str, edits: int, deletes: int, adds: int) -> dict:
+    """A day of an agent's work on a palace: ``edits`` drawers re-worded (vectors kept: only the
+    diff is measured), ``deletes`` removed, ``adds`` new drawers (copies of others' vectors)."""
+    from palace.layout import layout_for
+    from palace.vectors import VectorStore
+
+    store = VectorStore(layout_for(palace), lock_timeout=300)
+    t = time.perf_counter()
+    first = [row[1] for _, row in zip(range(edits + deletes), store.scan(include=(), page=edits + deletes))]
+    got = store.get(first, include=["documents", "metadatas", "embeddings"])
+    ids, docs, metas, vecs = got["ids"], got["documents"], got["metadatas"], np.asarray(got["embeddings"])
+    store.upsert(ids[:edits], [d + " (revised tonight)" for d in docs[:edits]], metas[:edits], vecs[:edits])
+    store.upsert([f"drawer_tonight_{i:05d}" for i in range(adds)], [f"learned tonight, note {i}" for i in range(adds)],
+                 [metas[i % edits] for i in range(adds)], vecs[[i % edits for i in range(adds)]])
+    store.delete(ids[edits:edits + deletes])
+    store.close()
+    return {"seconds": time.perf_counter() - t, "rows": edits + deletes + adds}
+
+
+def diff_points(a: str, b: str) -> dict:
+    from etl.diff import run_diff
+
+    t = time.perf_counter()
+    r = run_diff(a, b)
+    c = r.counts()["drawers"]
+    return {"seconds": time.perf_counter() - t, "rows": c["added"] + c["removed"] + c["edited"]}
+
+
+def read_both_raw(a: str, b: str) -> dict:
+    """Raw chromadb: page both palaces' documents and metadata (what a diff by re-reading needs)."""
+    import chromadb
+
+    t = time.perf_counter()
+    rows = 0
+    for palace in (a, b):
+        col = chromadb.PersistentClient(palace).get_collection("mempalace_drawers")
+        for off in range(0, col.count(), 5000):
+            rows += len(col.get(include=["documents", "metadatas"], limit=5000, offset=off)["ids"])
+    return {"seconds": time.perf_counter() - t, "rows": rows}
 
 
 def build_palace(palace: str, n: int, seed: int = 5) -> dict:

@@ -29,5 +29,7 @@ def test_bench_command_from_its_readme(tmp_path):
     hubbed = next(r for r in report["rows"] if r["measurement"].startswith("8c. import 20 memories routed"))
     assert "(hub)" in hubbed["ours"]  # beside the live hub the import really went through it
     assert any(n.startswith("9c. second sync, nothing changed, 500-drawer pgvector") for n in names)
+    assert any(n.startswith("10. export 300 drawers encrypted") for n in names)
+    assert any(n.startswith("11. diff of two nightly bundles (3 drawers changed)") for n in names)
     assert all(r["ratio"] is None or r["ratio"] > 0 for r in report["rows"])
     assert "| measurement |" in proc.stdout
