@@ -203,6 +203,16 @@ def build_palace(palace: str, n: int, seed: int = 5) -> dict:
     return {"seconds": time.perf_counter() - t, "rows": n}
 
 
+def verify_pair(a: str, b: str) -> dict:
+    """``verify --palace A --palace B``: parity of two replicas (row hashes, sampled vectors; no
+    retrieval probes: the scale palaces' vectors are random)."""
+    from etl.verify import verify_parity
+
+    t = time.perf_counter()
+    r = verify_parity(a, b, probes=0)
+    return {"seconds": time.perf_counter() - t, "rows": 0, "problems": len(r.findings)}
+
+
 def get_paging_raw(palace: str) -> dict:
     """Raw chromadb: page the whole collection with get(limit, offset), vectors included."""
     import chromadb

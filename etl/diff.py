@@ -36,6 +36,7 @@ class DiffReport:
     entities: dict = field(default_factory=dict)
     triples: dict = field(default_factory=dict)  # added / removed / invalidated / edited
     wings: dict = field(default_factory=dict)  # wing -> {added, removed, edited} drawer counts
+    rooms: dict = field(default_factory=dict)  # "wing/room" -> the same counts
     seconds: float = 0.0
 
     @property
@@ -90,20 +91,22 @@ def _where(row: dict) -> tuple[str | None, str | None]:
     return meta.get("wing"), meta.get("room")
 
 
-def _collection_diff(table: str, a: PalaceStore, b: PalaceStore, sa: dict, sb: dict, wings: dict) -> dict:
+def _collection_diff(table: str, a: PalaceStore, b: PalaceStore, sa: dict, sb: dict, wings: dict,
+                     rooms: dict) -> dict:
     added = set(sb) - set(sa)
     removed = set(sa) - set(sb)
     edited = {i for i in set(sa) & set(sb) if sa[i] != sb[i]}
     rows_a, rows_b = _fetch(a, table, removed | edited), _fetch(b, table, added | edited)
 
-    def count(wing, what):
+    def count(wing, room, what):
         if table == "drawers":
-            slot = wings.setdefault(wing or "(no wing)", {"added": 0, "removed": 0, "edited": 0})
-            slot[what] += 1
+            wing = wing or "(no wing)"
+            for counts, key in ((wings, wing), (rooms, f"{wing}/{room or '(no room)'}")):
+                counts.setdefault(key, {"added": 0, "removed": 0, "edited": 0})[what] += 1
 
     def item(i: str, row: dict | None, what: str) -> dict:
         wing, room = _where(row or {})
-        count(wing, what)
+        count(wing, room, what)
         text = (row or {}).get("document") or ""
         return {"id": i, "wing": wing, "room": room, "text": text[:PREVIEW] + ("..." if len(text) > PREVIEW else "")}
 
@@ -114,7 +117,7 @@ def _collection_diff(table: str, a: PalaceStore, b: PalaceStore, sa: dict, sb: d
         if old is None or new is None:  # deleted by a writer between snapshot and fetch: not an edit
             continue
         wing, room = _where(new)
-        count(wing, "edited")
+        count(wing, room, "edited")
         ma, mb = old.get("metadata") or {}, new.get("metadata") or {}
         meta = {k: {"a": ma.get(k), "b": mb.get(k)} for k in sorted(ma.keys() | mb.keys()) if ma.get(k) != mb.get(k)}
         texts_differ = (old.get("document") or "") != (new.get("document") or "")
@@ -157,10 +160,11 @@ def diff_stores(a: PalaceStore, b: PalaceStore) -> DiffReport:
     sa, sb = a.snapshot(), b.snapshot()
     report = DiffReport(a.name, b.name)
     for table in COLLECTIONS:
-        setattr(report, table, _collection_diff(table, a, b, sa.get(table, {}), sb.get(table, {}), report.wings))
+        setattr(report, table, _collection_diff(table, a, b, sa.get(table, {}), sb.get(table, {}), report.wings,
+                                                report.rooms))
     for table in KG_TABLES:
         setattr(report, table, _kg_diff(table, a, b, sa.get(table, {}), sb.get(table, {})))
-    report.wings = dict(sorted(report.wings.items()))
+    report.wings, report.rooms = dict(sorted(report.wings.items())), dict(sorted(report.rooms.items()))
     report.seconds = round(time.monotonic() - started, 3)
     return report
 

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .crypt import KEY_FILE, CryptError, Keys, Sealer
-from .ids import sha256_file
+from .ids import HashingWriter, sha256_file
 from .layout import SIDECAR, atomic_dir, atomic_write, safe_dir
 from .lock import dir_lock
 from .manifest import (
@@ -246,8 +246,9 @@ def _fill(tmp: Path, name: str, created_at: str, previous: str | None, content: 
         def sink(rel: str):
             if seal is None:
                 with open(os.open(tmp / rel, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
-                    yield f
-                digests[rel], sizes[rel] = sha256_file(tmp / rel), (tmp / rel).stat().st_size
+                    h = HashingWriter(f)  # hashed as written; check_files re-reads what reached the disk
+                    yield h
+                digests[rel], sizes[rel] = h.sha.hexdigest(), h.size
             else:
                 with seal.writer(tmp / (rel + SEALED)) as f:
                     yield f

@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import Iterator
 
 from .errors import PalaceEtlError
+from .ids import HashingWriter
 
 KEY_FILE = "key.age"  # a passphrase bundle's own identity, passphrase-encrypted
 MAX_KEY_FILE = 1 << 20
@@ -144,28 +144,12 @@ class Sealer:
         yield BundleSeal(recipients)
 
 
-class _Hashing(io.RawIOBase):
-    """A write-only stream that hashes and counts what passes through it."""
-
-    def __init__(self, sink: BinaryIO):
-        self.sink, self.sha, self.size = sink, hashlib.sha256(), 0
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, b) -> int:
-        self.sha.update(b)
-        self.size += len(b)
-        self.sink.write(b)
-        return len(b)
-
-
 @dataclass
 class BundleSeal:
     recipients: list
 
     @contextlib.contextmanager
-    def writer(self, path: Path) -> Iterator[_Hashing]:
+    def writer(self, path: Path) -> Iterator[HashingWriter]:
         """A stream whose bytes land encrypted in ``path`` (0600); ``.sha`` is the plaintext's sha256."""
         r, w = os.pipe()
         failure: list[BaseException] = []
@@ -182,7 +166,7 @@ class BundleSeal:
             t.start()
             wf = os.fdopen(w, "wb")
             try:
-                sink = _Hashing(wf)
+                sink = HashingWriter(wf)
                 yield sink
             finally:
                 wf.close()

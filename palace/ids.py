@@ -7,8 +7,10 @@ ids and predicates follow ``KnowledgeGraph._entity_id`` and ``add_triple``.
 from __future__ import annotations
 
 import hashlib
+import io
 import re
 import unicodedata
+from typing import BinaryIO
 
 ID_RECIPE = "v3"
 MAX_NAME_LENGTH = 128
@@ -84,6 +86,22 @@ def triple_id(subject: str, predicate: str, obj: str, valid_from: str | None, or
 
 def content_sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+class HashingWriter(io.RawIOBase):
+    """A write-only stream that hashes and counts what passes through it into ``sink``."""
+
+    def __init__(self, sink: BinaryIO):
+        self.sink, self.sha, self.size = sink, hashlib.sha256(), 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        self.sha.update(b)
+        self.size += len(b)
+        self.sink.write(b)
+        return len(b)
 
 
 def sha256_file(path) -> str:

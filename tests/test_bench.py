@@ -15,7 +15,7 @@ from .helpers import REPO
 def test_bench_command_from_its_readme(tmp_path):
     (command,) = re.findall(r"```text\n(python -m bench .*?)\n```", (REPO / "bench" / "README.md").read_text())
     args = command.split()[3:]
-    sizes = {"--size": "300", "--big-export": "600"}
+    sizes = {"--size": "300", "--big-export": "600", "--scale": "400"}
     args = [sizes.get(args[i - 1], a) if i else a for i, a in enumerate(args)]
     args += ["--chroma-texts", "20", "--kg-triples", "500", "--skip", "concurrency", "--hub-memories", "20", "--pg-sync-size", "500",
              "--out", str(tmp_path)]
@@ -30,6 +30,8 @@ def test_bench_command_from_its_readme(tmp_path):
     assert "(hub)" in hubbed["ours"]  # beside the live hub the import really went through it
     assert any(n.startswith("9c. second sync, nothing changed, 500-drawer pgvector") for n in names)
     assert any(n.startswith("10. export 300 drawers encrypted") for n in names)
+    assert [n.split(".")[0] for n in names if "400" in n] == ["S1", "S2", "S3", "S4", "S5"]
+    assert next(r for r in report["rows"] if r["measurement"].startswith("S4."))["ours"].endswith(", 0 moved")
     assert any(n.startswith("11. diff of two nightly bundles (3 drawers changed)") for n in names)
     assert all(r["ratio"] is None or r["ratio"] > 0 for r in report["rows"])
     assert "| measurement |" in proc.stdout

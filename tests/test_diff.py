@@ -67,6 +67,8 @@ def check_changes(r: dict) -> None:
     assert (ids(t["added"]), ids(t["removed"]), ids(t["invalidated"]), t["edited"]) == (["t3"], ["t2"], ["t1"], [])
     assert t["invalidated"][0]["valid_to"] == "2026-12-01"
     assert r["wings"] == {"w1": {"added": 0, "removed": 1, "edited": 2}, "w2": {"added": 1, "removed": 0, "edited": 0}}
+    assert r["rooms"] == {"w1/r": {"added": 0, "removed": 1, "edited": 1}, "w1/r2": {"added": 0, "removed": 0, "edited": 1},
+                          "w2/s": {"added": 1, "removed": 0, "edited": 0}}
     assert not r["same"]
 
 
@@ -95,6 +97,7 @@ def test_diff_between_bundles_replicas_and_both(tmp_path):
     assert "  w1: +0 -1 ~2" in stat and "  w2: +1 -0 ~0" in stat
     text = run_cli("diff", full, incr).stdout
     assert "- d03 [w1/r] this one is forgotten" in text and "room: 'r' -> 'r2'" in text
+    assert "per room: w1/r +0 -1 ~1, w1/r2 +0 -0 ~1, w2/s +1 -0 ~0" in text
     assert "x alice knows bob (until 2026-12-01)" in text
 
 

@@ -218,3 +218,19 @@ def test_keys_are_checked_and_secrets_never_echoed(palace, keys, tmp_path):
     proc = run_cli("restore", bundle, "--palace", tmp_path / "r", "--identity", tmp_path / "junk.key", check=1)
     assert "no identity in it" in proc.stderr
     assert not (tmp_path / "b").exists() and not (tmp_path / "r").exists()
+
+
+def test_key_new_writes_a_private_identity_age_reads_and_never_overwrites_one(tmp_path):
+    path = tmp_path / "keys" / "backup.key"
+    public = run_cli("key", "new", path).stdout.strip()
+    assert oct(path.stat().st_mode & 0o777) == "0o600" and oct(path.parent.stat().st_mode & 0o777) == "0o700"
+    ident = pyrage.x25519.Identity.from_str(path.read_text().splitlines()[-1])
+    assert str(ident.to_public()) == public and f"# public key: {public}" in path.read_text()
+    assert pyrage.decrypt(pyrage.encrypt(b"hello", [pyrage.x25519.Recipient.from_str(public)]), [ident]) == b"hello"
+    before = path.read_bytes()
+    assert "already exists" in run_cli("key", "new", path, check=1).stderr
+    (tmp_path / "elsewhere").write_text("not a key")
+    (tmp_path / "link.key").symlink_to(tmp_path / "elsewhere")
+    run_cli("key", "new", tmp_path / "link.key", check=1)
+    assert path.read_bytes() == before and (tmp_path / "elsewhere").read_text() == "not a key"
+    assert "AGE-SECRET-KEY" not in cli_json("key", "new", tmp_path / "second.key", "--json")["public_key"]

@@ -120,6 +120,9 @@ def diff_stat(r: dict) -> None:
 
 def diff_report(r: dict, limit: int) -> None:
     diff_stat(r)
+    if r["rooms"]:
+        typer.echo("  per room: " + ", ".join(f"{room} +{n['added']} -{n['removed']} ~{n['edited']}"
+                                             for room, n in r["rooms"].items()))
 
     def some(items: list, line) -> None:
         for it in items[:limit]:
