@@ -122,6 +122,12 @@ def run(size: int, chroma_texts: int, kg_triples: int, work: Path, skip: set[str
     rows.append(row("4b. sync to an empty replica (vectors carried)", f"{sy_rate:,.0f} drawers/s",
                     f"{rate(up):,.0f} rows/s (raw upsert)", sy_rate / rate(up), ">= 0.8", sy_rate / rate(up) >= 0.8,
                     sy["peak_rss_mb"]))
+    same = measure("upsert_same_rows_raw", source=str(work / "palace"), palace=str(work / "raw-same"))
+    rows.append(row("4d. restore and sync vs a raw upsert of the same rows (every metadata key)",
+                    f"restore {rate(rs):,.0f} rows/s, sync {sy_rate:,.0f} drawers/s",
+                    f"{rate(same):,.0f} rows/s (raw upsert of the palace's own rows)", sy_rate / rate(same),
+                    "report (ratio: the sync)", None, same["peak_rss_mb"],
+                    f"restore ratio {rate(rs) / rate(same):.2f}"))
     again = measure("sync_palace", a=str(work / "palace"), b=str(work / "replica"))
     rows.append(row("4c. second sync, nothing changed", f"{again['seconds']:.1f} s, {again['rows']} moved",
                     f"{sy['seconds']:.1f} s (first sync)", again["seconds"] / sy["seconds"], "small fraction, 0 moved",

@@ -93,6 +93,27 @@ def upsert_raw(docs: str, vectors: str, palace: str) -> dict:
     return {"seconds": time.perf_counter() - t, "rows": len(texts)}
 
 
+def upsert_same_rows_raw(source: str, palace: str) -> dict:
+    """Raw chromadb upsert, at max_batch_size, of exactly the rows of the palace ``source`` (ids,
+    documents, every metadata key, vectors; read beforehand, untimed): the floor of a restore or a
+    sync of those rows, which write the same metadata (Chroma's cost grows with the keys per row)."""
+    import chromadb
+
+    from palace.layout import HNSW_METADATA
+
+    src = chromadb.PersistentClient(source).get_collection("mempalace_drawers")
+    got = src.get(include=["documents", "metadatas", "embeddings"], limit=src.count())
+    client = chromadb.PersistentClient(palace)
+    col = client.get_or_create_collection("mempalace_drawers", metadata=dict(HNSW_METADATA),
+                                          embedding_function=None)
+    step = client.get_max_batch_size()
+    t = time.perf_counter()
+    for s in range(0, len(got["ids"]), step):
+        col.upsert(ids=got["ids"][s:s + step], documents=got["documents"][s:s + step],
+                   metadatas=got["metadatas"][s:s + step], embeddings=got["embeddings"][s:s + step])
+    return {"seconds": time.perf_counter() - t, "rows": len(got["ids"])}
+
+
 def migrate(workload: str, palace: str, source: str = "mcp-memory") -> dict:
     """The real migration through run_import (parse, embed, load, KG): every per-wing MCP memory
     file, or (``source="mem0"``) the one mem0 export file holding the same memories."""

@@ -30,6 +30,7 @@ def test_bench_command_from_its_readme(tmp_path):
     assert "(hub)" in hubbed["ours"]  # beside the live hub the import really went through it
     assert any(n.startswith("9c. second sync, nothing changed, 500-drawer pgvector") for n in names)
     assert any(n.startswith("10. export 300 drawers encrypted") for n in names)
+    assert any(n.startswith("4d. restore and sync vs a raw upsert of the same rows") for n in names)
     assert [n.split(".")[0] for n in names if "400" in n] == ["S1", "S2", "S3", "S4", "S5"]
     assert next(r for r in report["rows"] if r["measurement"].startswith("S4."))["ours"].endswith(", 0 moved")
     assert any(n.startswith("11. diff of two nightly bundles (3 drawers changed)") for n in names)
