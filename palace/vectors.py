@@ -61,6 +61,9 @@ HNSW_HEADER = struct.Struct("<iQQQQQQ")  # version (int), offsetLevel0, max_elem
 #                                          size_per_element, label_offset, offsetData: head of chroma-hnswlib's header.bin
 
 
+ZEROS = bytes(1 << 20)
+
+
 def clear_unused_hnsw_slots(palace: Path) -> list[str]:
     """Zero the slots past the element count in each segment's ``data_level0.bin`` and
     ``length.bin``. chroma-hnswlib allocates them for capacity without clearing and persists them
@@ -85,7 +88,9 @@ def clear_unused_hnsw_slots(palace: Path) -> list[str]:
             st = path.stat()
             with open(path, "r+b") as f:
                 f.seek(count * width)
-                f.write(bytes((capacity - count) * width))
+                left = (capacity - count) * width
+                while left:  # in bounded pieces: an index's spare capacity can be hundreds of MB
+                    left -= f.write(ZEROS[:min(left, len(ZEROS))])
                 f.flush()
                 os.fsync(f.fileno())
             os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
