@@ -192,8 +192,7 @@ def scale_rows(work: Path, sizes: tuple[int, ...]) -> list[dict]:
         palace, backups, replica = home / "palace", home / "backups", home / "replica"
         measure("build_palace", palace=str(palace), n=n)
         full = measure("export_palace", palace=str(palace), out=str(backups))
-        edits, deletes = max(1, n // 200), max(1, n // 500)
-        measure("nightly_changes", palace=str(palace), edits=edits, deletes=deletes, adds=n // 100 - edits - deletes)
+        measure("nightly_changes", palace=str(palace), drawers=n)
         incr = measure("export_palace", palace=str(palace), out=str(backups), incremental=True)
         first = measure("sync_palace", a=str(palace), b=str(replica))
         again = measure("sync_palace", a=str(palace), b=str(replica))
@@ -232,8 +231,7 @@ def bundles(work: Path, size: int, full: Path) -> list[dict]:
     night = work / "palace-night2"
     shutil.copytree(work / "palace", night)
     shutil.copytree(full.parent, work / "nightly")
-    edits, deletes = max(1, size // 200), max(1, size // 500)
-    measure("nightly_changes", palace=str(night), edits=edits, deletes=deletes, adds=size // 100 - edits - deletes)
+    measure("nightly_changes", palace=str(night), drawers=size)
     incr = Path(measure("export_palace", palace=str(night), out=str(work / "nightly"), incremental=True)["bundle"])
     ours = measure("diff_points", a=str(work / "nightly" / full.name), b=str(incr))
     both = measure("read_both_raw", a=str(work / "palace"), b=str(night))

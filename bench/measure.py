@@ -72,17 +72,30 @@ def embed_chroma_default(docs: str, limit: int, palace: str) -> dict:
     return {"seconds": time.perf_counter() - t, "rows": len(texts)}
 
 
-def upsert_raw(docs: str, vectors: str, palace: str) -> dict:
-    """Raw chromadb upsert of precomputed vectors at max_batch_size (the irreducible write cost)."""
+def _raw_target(palace: str):
+    """A raw chromadb drawers collection in ``palace`` (MemPalace's HNSW settings), and its max batch."""
     import chromadb
 
     from palace.layout import HNSW_METADATA
 
-    texts, vecs = _docs(docs), np.load(vectors)
     client = chromadb.PersistentClient(palace)
     col = client.get_or_create_collection("mempalace_drawers", metadata=dict(HNSW_METADATA),
                                           embedding_function=None)
-    step = client.get_max_batch_size()
+    return col, client.get_max_batch_size()
+
+
+def _page_all(palace: str, include: list[str]) -> int:
+    """Raw chromadb: page a palace's whole drawers collection with get(limit, offset); rows read."""
+    import chromadb
+
+    col = chromadb.PersistentClient(palace).get_collection("mempalace_drawers")
+    return sum(len(col.get(include=include, limit=5000, offset=off)["ids"]) for off in range(0, col.count(), 5000))
+
+
+def upsert_raw(docs: str, vectors: str, palace: str) -> dict:
+    """Raw chromadb upsert of precomputed vectors at max_batch_size (the irreducible write cost)."""
+    texts, vecs = _docs(docs), np.load(vectors)
+    col, step = _raw_target(palace)
     t = time.perf_counter()
     for s in range(0, len(texts), step):
         n = len(texts[s:s + step])
@@ -99,14 +112,9 @@ def upsert_same_rows_raw(source: str, palace: str) -> dict:
     sync of those rows, which write the same metadata (Chroma's cost grows with the keys per row)."""
     import chromadb
 
-    from palace.layout import HNSW_METADATA
-
     src = chromadb.PersistentClient(source).get_collection("mempalace_drawers")
     got = src.get(include=["documents", "metadatas", "embeddings"], limit=src.count())
-    client = chromadb.PersistentClient(palace)
-    col = client.get_or_create_collection("mempalace_drawers", metadata=dict(HNSW_METADATA),
-                                          embedding_function=None)
-    step = client.get_max_batch_size()
+    col, step = _raw_target(palace)
     t = time.perf_counter()
     for s in range(0, len(got["ids"]), step):
         col.upsert(ids=got["ids"][s:s + step], documents=got["documents"][s:s + step],
@@ -161,11 +169,15 @@ def age_key(out: str) -> dict:
     return {"seconds": 0.0, "rows": 0, "public": new_identity(Path(out))}
 
 
-def nightly_changes(palace: str, edits: int, deletes: int, adds: int) -> dict:
-    """A day of an agent's work on a palace: ``edits`` drawers re-worded (vectors kept: only the
-    diff is measured), ``deletes`` removed, ``adds`` new drawers (copies of others' vectors)."""
+def nightly_changes(palace: str, drawers: int) -> dict:
+    """A day of an agent's work on a palace of ``drawers``: 1% of them changed -- 0.5% re-worded
+    (vectors kept: only what follows is measured), 0.2% removed, the rest of the 1% added (copies of
+    others' vectors)."""
     from palace.layout import layout_for
     from palace.vectors import VectorStore
+
+    edits, deletes = max(1, drawers // 200), max(1, drawers // 500)
+    adds = drawers // 100 - edits - deletes
 
     store = VectorStore(layout_for(palace), lock_timeout=300)
     t = time.perf_counter()
@@ -191,14 +203,8 @@ def diff_points(a: str, b: str) -> dict:
 
 def read_both_raw(a: str, b: str) -> dict:
     """Raw chromadb: page both palaces' documents and metadata (what a diff by re-reading needs)."""
-    import chromadb
-
     t = time.perf_counter()
-    rows = 0
-    for palace in (a, b):
-        col = chromadb.PersistentClient(palace).get_collection("mempalace_drawers")
-        for off in range(0, col.count(), 5000):
-            rows += len(col.get(include=["documents", "metadatas"], limit=5000, offset=off)["ids"])
+    rows = sum(_page_all(palace, ["documents", "metadatas"]) for palace in (a, b))
     return {"seconds": time.perf_counter() - t, "rows": rows}
 
 
