@@ -63,6 +63,7 @@ class ImportReport:
     vector_decision: str = "embed"
     route: str = "direct"  # direct (our ids, metadata, vectors) or hub (through a live MemPalace hub)
     route_drops: list[str] = field(default_factory=list)  # what the route could not carry
+    route_notes: list[str] = field(default_factory=list)  # what the route found wrong and put right
     drawers_refused: int = 0  # drawers the hub would not file (quarantined with its reason)
     entities_read: int = 0
     triples_read: int = 0
@@ -248,6 +249,7 @@ class Loader:
 
     def _refused(self, source: Path, quarantine: Quarantine, report: ImportReport) -> None:
         """Drawers a hub would not file go to the quarantine with its reason (the run still commits)."""
+        report.route_notes = list(self.store.recovered)
         for drawer_id, reason in self.store.refused:
             quarantine.add(SourceFormatError(source, None, f"{self.store.name} ({report.route}) refused drawer {drawer_id}: {reason}"))
             report.drawers_refused += 1

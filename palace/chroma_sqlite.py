@@ -43,14 +43,22 @@ def recover_hot_journal(db: Path) -> bool:
 
     try:
         with palace_lock(Path(db).parent, timeout=0):
-            rw = sqlite3.connect(str(db), timeout=30)
-            try:
-                rw.execute("SELECT count(*) FROM sqlite_master").fetchone()  # the open rolls it back
-            finally:
-                rw.close()
+            roll_back_journal(db)
     except PalaceLocked:
         return False
     return True
+
+
+def roll_back_journal(db: Path) -> None:
+    """One read-write open and read of ``db``: SQLite rolls a hot journal back there, and only a hot
+    one (it takes the file's EXCLUSIVE lock first, and a journal whose writer is alive holds RESERVED,
+    so is never hot). Safe beside any SQLite process; the caller makes sure no Chroma client of this
+    process has the file open (POSIX locks are per process)."""
+    rw = sqlite3.connect(str(db), timeout=30)
+    try:
+        _readable(rw)
+    finally:
+        rw.close()
 
 
 def _readable(conn: sqlite3.Connection) -> None:

@@ -40,6 +40,26 @@ class HubError(PalaceEtlError):
     """The hub or daemon did not answer, or answered with an error for the whole call."""
 
 
+# MemPalace 3.11's integrity gate (``mcp_server/_guards.py``): refuses every write tool while its
+# cached ``PRAGMA quick_check`` verdict on chroma.sqlite3 holds errors; ``mempalace_reconnect`` re-runs it
+INTEGRITY_REFUSAL = -32002
+
+
+class HubRefused(HubError):
+    """A JSON-RPC error answer: the server's ``code`` and ``data`` kept for the caller to judge."""
+
+    def __init__(self, message: str, code=None, data=None):
+        super().__init__(message)
+        self.code = code
+        self.data = data if isinstance(data, dict) else {}
+
+    def integrity_errors(self) -> list[str] | None:
+        """The quick_check findings behind an integrity-gate refusal; None for any other error."""
+        if self.code != INTEGRITY_REFUSAL:
+            return None
+        return [str(e) for e in self.data.get("errors") or []]
+
+
 _RERUN = ("start it again and re-run the same command: what it acknowledged is recorded, nothing is "
           "written twice")
 
@@ -184,7 +204,9 @@ class HubClient:
                    "params": {"name": tool, "arguments": arguments}}
         answer = self._post(orjson.dumps(message))
         if "error" in answer:
-            raise HubError(f"{self.server}: {tool} failed: {answer['error'].get('message', answer['error'])}")
+            error = answer["error"] if isinstance(answer["error"], dict) else {"message": answer["error"]}
+            raise HubRefused(f"{self.server}: {tool} failed: {error.get('message', error)}", error.get("code"),
+                             error.get("data"))
         try:
             return orjson.loads(answer["result"]["content"][0]["text"])
         except (KeyError, IndexError, TypeError, orjson.JSONDecodeError):

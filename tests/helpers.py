@@ -103,6 +103,17 @@ emit(out)
     return run_python(code)
 
 
+def kill_mid_transaction(db: Path) -> None:
+    """A writer SIGKILLed inside a transaction whose pages already spilled into the file: a hot journal."""
+    code = (f"import sqlite3, os, signal\nc = sqlite3.connect({str(db)!r}, isolation_level=None)\n"
+            "c.execute('PRAGMA cache_size=1')\nc.execute('BEGIN IMMEDIATE')\n"
+            "c.execute(\"UPDATE embedding_metadata SET string_value = 'torn' WHERE key = 'chroma:document'\")\n"
+            "os.kill(os.getpid(), signal.SIGKILL)\n")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == -9
+    journal = Path(f"{db}-journal")
+    assert journal.exists() and journal.stat().st_size > 0
+
+
 def kg_rows(kg: Path, table: str) -> list[tuple]:
     import sqlite3
 

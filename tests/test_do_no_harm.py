@@ -14,7 +14,7 @@ from etl.embed import EmbedderIdentity
 from palace.layout import layout_for, write_sidecar
 from palace.vectors import VectorStore
 
-from .helpers import cli_json, palace_rows, run_cli
+from .helpers import cli_json, kill_mid_transaction, palace_rows, run_cli
 
 
 def unit(n: int, seed: int) -> np.ndarray:
@@ -331,20 +331,6 @@ def test_item04_status_verify_restore_take_lock_timeout(plain_palace, tmp_path):
 
 
 # ------------------------------------------------------------------ item 7
-def kill_mid_transaction(db: Path) -> None:
-    """A writer SIGKILLed inside a transaction whose pages already spilled into the file: a hot journal."""
-    import subprocess
-    import sys
-
-    code = (f"import sqlite3, os, signal\nc = sqlite3.connect({str(db)!r}, isolation_level=None)\n"
-            "c.execute('PRAGMA cache_size=1')\nc.execute('BEGIN IMMEDIATE')\n"
-            "c.execute(\"UPDATE embedding_metadata SET string_value = 'torn' WHERE key = 'chroma:document'\")\n"
-            "os.kill(os.getpid(), signal.SIGKILL)\n")
-    assert subprocess.run([sys.executable, "-c", code]).returncode == -9
-    journal = Path(f"{db}-journal")
-    assert journal.exists() and journal.stat().st_size > 0
-
-
 def test_item07_a_hot_journal_is_rolled_back_not_reported_as_corruption(plain_palace, tmp_path):
     import shutil
 

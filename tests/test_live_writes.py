@@ -20,6 +20,7 @@ from .helpers import (
     LiveHub,
     StdioMcp,
     cli_json,
+    kill_mid_transaction,
     lease_held,
     palace_rows,
     run_cli,
@@ -142,6 +143,34 @@ def test_a_hub_killed_mid_import_loses_and_duplicates_nothing(tmp_path):
     counts = collections.Counter(documents(palace))
     assert sorted(counts) == sorted(row["text"] for row in rows) and set(counts.values()) == {1}
     run_cli("verify", "--palace", palace, "--against", "jsonl", src)
+
+
+def test_a_hub_refusing_a_palace_left_mid_transaction_is_put_right_not_sent_to_repair(tmp_path):
+    """MemPalace 3.11's integrity gate reads chroma.sqlite3 read-only, cannot roll back the journal of
+    a writer killed mid-transaction, and refuses every write as if the palace were corrupt. The import
+    rolls the journal back the way SQLite does, has the hub re-check (mempalace_reconnect) and goes on."""
+    palace = tmp_path / "palace"
+    first, second = tmp_path / "first.jsonl", tmp_path / "second.jsonl"
+    before = memories(first, 30, "before")
+    cli_json("import", "jsonl", first, "--palace", palace)  # no server yet: written directly
+    kill_mid_transaction(palace / "chroma.sqlite3")
+    after = memories(second, 12, "after")
+    hub = LiveHub(palace).start()
+    try:
+        refused = httpx_post(hub.url, add_drawer_call(1, "the hub refuses this on its own"))
+        assert refused["error"]["code"] == -32002 and "readonly" in str(refused["error"]["data"]["errors"])
+        r = cli_json("import", "jsonl", second, "--palace", palace)
+        assert r["route"] == "hub" and r["drawers_written"] == 12 and r["quarantined"] == 0
+        assert len(r["route_notes"]) == 1 and "rolled back" in r["route_notes"][0]
+        assert not (palace / "chroma.sqlite3-journal").exists()
+        assert drawer_id_of(httpx_post(hub.url, add_drawer_call(2, "the hub writes again on its own")))
+        again = cli_json("import", "jsonl", second, "--palace", palace)
+        assert again["drawers_unchanged"] == 12 and again["route_notes"] == []
+    finally:
+        hub.stop()
+    texts = collections.Counter(documents(palace))
+    assert set(texts.values()) == {1} and "torn" not in texts  # the interrupted update never happened
+    assert {row["text"] for row in before + after} | {"the hub writes again on its own"} == set(texts)
 
 
 def test_beside_a_stdio_server_writes_are_refused_at_once_and_wait_waits(tmp_path):

@@ -17,6 +17,8 @@ def import_report(r: dict) -> None:
     if r["route"] != "direct":
         typer.echo(f"  route: {r['route']} (a live MemPalace holds the palace); it cannot carry: "
                    + "; ".join(r["route_drops"]))
+    for note in r.get("route_notes") or ():
+        typer.echo(f"  put right: {note}")
     typer.echo(f"  drawers: {r['drawers_read']} read, {verb} {r['drawers_written']}, "
                f"{r['drawers_unchanged']} unchanged, {r['drawers_duplicate']} duplicate in source")
     typer.echo(f"  vectors: {r['vectors_embedded']} embedded, {r['vectors_carried']} carried "

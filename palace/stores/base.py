@@ -52,6 +52,7 @@ class PalaceStore(Protocol):
     route: str  # "direct": rows land as given (ids, metadata, vectors); "hub": through MemPalace's own tools
     dropped: tuple[str, ...]  # what its route cannot carry (nothing, for a direct one)
     refused: list[tuple[str, str]]  # (id, reason) of rows written that it would not take
+    recovered: list[str]  # what its route found wrong on the way and put right (said in reports)
 
     def exists(self) -> bool:
         """Whether it holds a palace yet (a new directory does not)."""
@@ -152,6 +153,7 @@ class SyncStateFile:
     route = "direct"
     dropped: tuple[str, ...] = ()
     refused: tuple = ()  # a direct store takes every row or raises
+    recovered: tuple = ()
 
     def sync_state(self) -> SyncState:
         try:

@@ -26,13 +26,20 @@ from typing import Iterator
 
 import orjson
 
-from ..chroma_sqlite import ro_uri, vacuum
+from ..chroma_sqlite import (
+    hot_journal,
+    palace_db,
+    quick_check,
+    ro_uri,
+    roll_back_journal,
+    vacuum,
+)
 from ..errors import PalaceEtlError
 from ..identity import EmbedderIdentity
 from ..ids import content_sha256
 from ..kg import KnowledgeGraph
 from ..layout import ROUTED_FILE, PalaceLayout, open_private, private_dir
-from ..live import Daemon, DaemonClient, Hub, HubClient, HubError
+from ..live import Daemon, DaemonClient, Hub, HubClient, HubError, HubRefused
 from ..rows import KG_TABLES
 from .chroma_dir import ChromaDirReader, ChromaDirStore
 
@@ -118,6 +125,7 @@ class RoutedStore:
         self._routed: RoutedIds | None = None
         self._own: set[str] = set()  # our ids found under themselves (imported before, directly)
         self.refused: list[tuple[str, str]] = []  # (our id, MemPalace's reason) of drawers it would not file
+        self.recovered: list[str] = []  # what was put right on the way (see ``_put_right``)
         self.name, self.zone, self.kg_path = self._live.name, self._live.zone, self._live.kg_path
         self.state_dir, self.root = self._live.state_dir, self._live.root
 
@@ -197,7 +205,7 @@ class RoutedStore:
             if meta.get("source_file"):
                 args["source_file"] = meta["source_file"]
             calls.append(args)
-        for row, answer in zip(rows, self._client.calls("mempalace_add_drawer", calls)):
+        for row, answer in zip(rows, self._calls("mempalace_add_drawer", calls)):
             if not answer.get("success"):
                 self.refused.append((row["id"], str(answer.get("error") or answer)))
                 continue
@@ -210,10 +218,52 @@ class RoutedStore:
     def _drop(self, drawer_id: str) -> None:
         """Delete a drawer this route replaced. Before the mapping moves on, so a crash in between
         leaves the old id mapped and the re-run deletes it (a missing id is no error)."""
-        answer = self._client.call("mempalace_delete_drawers", {"drawer_ids": [drawer_id]})
+        answer = next(self._calls("mempalace_delete_drawers", [{"drawer_ids": [drawer_id]}]))
         if "results" not in answer:
             raise HubError(f"{self.server}: deleting the replaced drawer {drawer_id} failed: "
                            f"{answer.get('error', answer)}")
+
+    def _calls(self, tool: str, arguments: list[dict]) -> Iterator[dict]:
+        """The server's answers, one per call; a refusal ``_put_right`` can put right is, once, and the
+        calls not yet answered are sent again."""
+        done, retried = 0, False
+        while True:
+            try:
+                for answer in self._client.calls(tool, arguments[done:]):
+                    done += 1
+                    yield answer
+                return
+            except HubRefused as exc:
+                if retried or not self._put_right(exc):
+                    raise
+                retried = True
+
+    def _put_right(self, exc: HubRefused) -> bool:
+        """MemPalace 3.11's integrity gate reads chroma.sqlite3 through a read-only connection, which
+        cannot roll back the journal a writer killed mid-transaction leaves (SQLITE_READONLY_ROLLBACK:
+        "attempt to write a readonly database"). It takes that for corruption and refuses every write
+        until the palace is "repaired", while the data is intact: SQLite rolls such a journal back on
+        the next read-write open, which nothing in a refusing hub ever makes. So: that open here (of
+        our palace's file, not the path the server names), our own quick_check, then
+        ``mempalace_reconnect`` to re-run the gate. Any other finding is the server's to report."""
+        errors = exc.integrity_errors()
+        db = palace_db(self.root)
+        if not errors or not all("readonly database" in e for e in errors) or not hot_journal(db):
+            return False
+        roll_back_journal(db)
+        problems = quick_check(db)
+        if problems:
+            raise HubError(f"{db}: rolled back an interrupted write's journal, then PRAGMA quick_check found: "
+                           + "; ".join(problems[:3]), hint="nothing else was changed; back the palace up "
+                           "before any repair (palace-etl export), then see `mempalace repair --help`") from exc
+        answer = self._client.call("mempalace_reconnect", {})
+        if answer.get("success") is False:
+            raise HubError(f"{self.server}: mempalace_reconnect after rolling back {db}'s journal: "
+                           f"{answer.get('message') or answer}") from exc
+        self.recovered.append(f"{self.server} refused writes (its integrity check could not read {db} past "
+                              "the journal of a write interrupted mid-transaction); the journal was rolled "
+                              "back, quick_check is ok, and the hub reconnected")
+        return True
 
     def delete(self, table: str, ids: list[str]) -> None:
         if table in KG_TABLES:
