@@ -54,6 +54,7 @@ class ExportReport:
     vanished: dict = field(default_factory=dict)  # table -> rows deleted by a writer during the export
     wing: str | None = None
     encrypted: bool = False
+    rehashed_because: str | None = None  # why an incremental re-read every row instead of the changed ones
 
 
 def _cache_dir(out: Path) -> Path:
@@ -72,27 +73,56 @@ def forget_cached_state(out: Path) -> bool:
     return False
 
 
-def _remember(out: Path, m: Manifest, state: State, scope: dict) -> None:
-    """Keep ``state`` (the bundle ``m`` just written into ``out``) for the next incremental, bound to
-    that bundle's name and its encrypted state file's sha256."""
+def _state_file(m: Manifest) -> str | None:
+    """The sha256 of a bundle's state file (what binds this machine's cache to that bundle)."""
+    return m.files.get("state.parquet" + SEALED) if m.sealed else m.files.get("state.parquet")
+
+
+def _remember(out: Path, m: Manifest, state: State, scope: dict, palace: str, marks: dict | None) -> None:
+    """Keep, for the next incremental from this machine, what the bundle ``m`` just written into ``out``
+    cannot tell it in the clear: the palace's change marks (``marks.json``) and, for an encrypted
+    bundle, its ``state``; bound to that bundle's name and its state file's sha256."""
     outer = Manifest.load(out / m.name)
     cache = _cache_dir(out)
     cache.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     with atomic_dir(cache, f".tmp-{cache.name}-", replace=True) as tmp:
-        pq.write_table(pa.Table.from_batches([state_batch(state)]), tmp / "state.parquet", compression="zstd")
+        if outer.sealed:
+            pq.write_table(pa.Table.from_batches([state_batch(state)]), tmp / "state.parquet", compression="zstd")
+        if marks is not None:
+            (tmp / "marks.json").write_bytes(orjson.dumps(marks))
         (tmp / "bundle.json").write_bytes(orjson.dumps(scope | {
-            "bundle": m.name, "state_sha256": outer.files["state.parquet" + SEALED]}))
+            "bundle": m.name, "state_sha256": _state_file(outer), "palace": palace}))
+
+
+def _cached(out: Path, prev: Path) -> dict | None:
+    """This machine's record of ``prev`` (``bundle.json``), when it is the bundle the cache was written for."""
+    try:
+        meta = orjson.loads((_cache_dir(out) / "bundle.json").read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return None
+    if not isinstance(meta, dict) or meta.get("bundle") != prev.name or \
+            meta.get("state_sha256") != _state_file(Manifest.load(prev)):
+        return None
+    return meta
+
+
+def _marks(out: Path, prev: Path | None, palace: str) -> dict | None:
+    """The change marks recorded with ``prev`` by this machine's export of ``palace``, if any."""
+    meta = None if prev is None else _cached(out, prev)
+    if meta is None or meta.get("palace") != palace:
+        return None
+    try:
+        marks = orjson.loads((_cache_dir(out) / "marks.json").read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return None
+    return marks if isinstance(marks, dict) and isinstance(marks.get("rows"), dict) else None
 
 
 def _remembered(out: Path, prev: Path, scope: dict) -> tuple[State | None, str | None]:
     """(the state of the encrypted bundle ``prev``, None), or (None, why it cannot be used)."""
     cache = _cache_dir(out)
-    try:
-        meta = orjson.loads((cache / "bundle.json").read_bytes())
-    except (OSError, orjson.JSONDecodeError):
-        return None, f"the newest bundle {prev.name} is encrypted and this machine did not write it"
-    if meta.get("bundle") != prev.name or \
-            meta.get("state_sha256") != Manifest.load(prev).files.get("state.parquet" + SEALED):
+    meta = _cached(out, prev)
+    if meta is None or not (cache / "state.parquet").is_file():
         return None, f"the newest bundle {prev.name} is encrypted and this machine did not write it"
     if {k: meta.get(k) for k in scope} != scope:
         return None, f"the newest bundle {prev.name} is encrypted to other keys or holds another wing"
@@ -144,7 +174,11 @@ def export_bundle(store: PalaceStore, out: Path, incremental: bool = False, full
     scope = {"wing": wing, "encryption": sealer.describe() if sealer else None}
     with bundle_dir_lock(out):
         prev, old, full_because = _parent(out, incremental, full_every, scope)
-        state = store.snapshot()
+        marks, rehashed_because = None, None
+        if wing is None:  # marks speak for the whole palace: a wing's bundle re-reads its rows
+            state, marks, rehashed_because = store.changes(old, _marks(out, prev, store.name))
+        else:
+            state = store.snapshot()
         if wing is not None:
             keep = {t: _wing_ids(store, t, wing) for t in COLLECTIONS}
             state = {t: {i: h for i, h in rows.items() if i in keep.get(t, ())} for t, rows in state.items()}
@@ -156,7 +190,8 @@ def export_bundle(store: PalaceStore, out: Path, incremental: bool = False, full
         report = ExportReport(None, "incremental" if prev else "full", prev.name if prev else None,
                               counts={t: len(v) for t, v in changed.items()},
                               totals={t: len(v) for t, v in state.items()}, deleted=gone, dry_run=dry_run,
-                              full_because=full_because, wing=wing, encrypted=sealer is not None)
+                              full_because=full_because, wing=wing, encrypted=sealer is not None,
+                              rehashed_because=rehashed_because if prev else None)
         if dry_run:
             return report
         vanished: dict[str, list[str]] = {t: [] for t in state}
@@ -178,8 +213,8 @@ def export_bundle(store: PalaceStore, out: Path, incremental: bool = False, full
         content.watermark = lambda: {"vanished": {t: len(v) for t, v in vanished.items() if v}}
         m = write_bundle(out, prev, content, sealer=sealer)
         remember_export(store.name, out)
-        if sealer is not None:
-            _remember(out, m, state, scope)
+        if sealer is not None or marks is not None:
+            _remember(out, m, state, scope, store.name, marks)
         report.counts = {t: m.counts.get(t, 0) for t in changed}
         report.totals = dict(m.totals)
         report.vanished = m.watermark["vanished"]

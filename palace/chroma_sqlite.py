@@ -185,10 +185,41 @@ def page_rows(conn: sqlite3.Connection, segment: str, after: int, limit: int) ->
     Each call is its own read transaction, so a long export never holds a lock that
     blocks writers for longer than one page.
     """
-    rows = conn.execute(
+    return _assemble(conn.execute(
         "SELECT e.id, e.embedding_id, m.key, m.string_value, m.int_value, m.float_value, m.bool_value "
         "FROM (SELECT id, embedding_id FROM embeddings WHERE segment_id = ? AND id > ? ORDER BY id LIMIT ?) e "
-        "LEFT JOIN embedding_metadata m ON m.id = e.id ORDER BY e.id", (segment, after, limit)).fetchall()
+        "LEFT JOIN embedding_metadata m ON m.id = e.id ORDER BY e.id", (segment, after, limit)).fetchall())
+
+
+def rows_of(conn: sqlite3.Connection, segment: str, ids: list[str]) -> list[tuple[int, str, str | None, dict]]:
+    """Like ``page_rows``, for the rows of ``ids`` that exist (by the segment's id index)."""
+    out: list[tuple[int, str, str | None, dict]] = []
+    for s in range(0, len(ids), 500):
+        part = ids[s:s + 500]
+        out += _assemble(conn.execute(
+            "SELECT e.id, e.embedding_id, m.key, m.string_value, m.int_value, m.float_value, m.bool_value "
+            f"FROM (SELECT id, embedding_id FROM embeddings WHERE segment_id = ? AND embedding_id IN "
+            f"({','.join('?' * len(part))})) e LEFT JOIN embedding_metadata m ON m.id = e.id ORDER BY e.id",
+            (segment, *part)).fetchall())
+    return out
+
+
+def row_marks(conn: sqlite3.Connection, segment: str) -> dict[str, int | str]:
+    """{id: the sequence number of the write that last touched the row}: Chroma stamps
+    ``embeddings.seq_id`` on every add, update and upsert (an integer in 1.x, big-endian bytes in
+    older palaces, kept as hex). Read in rowid pages, ids only."""
+    out: dict[str, int | str] = {}
+    after = 0
+    while rows := conn.execute("SELECT id, embedding_id, seq_id FROM embeddings WHERE segment_id = ? AND id > ? "
+                               "ORDER BY id LIMIT ?", (segment, after, 20 * 1000)).fetchall():
+        for _, eid, seq in rows:
+            out[eid] = seq.hex() if isinstance(seq, bytes) else seq
+        after = rows[-1][0]
+    return out
+
+
+def _assemble(rows: list[tuple]) -> list[tuple[int, str, str | None, dict]]:
+    """(rowid, id, document, metadata) from the rows of an embeddings x embedding_metadata join."""
     out: list[tuple[int, str, str | None, dict]] = []
     for rowid, eid, key, s, i, f, b in rows:
         if not out or out[-1][0] != rowid:

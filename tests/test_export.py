@@ -153,6 +153,7 @@ def test_three_nights_of_incrementals_restore_like_a_full_export(tmp_path):
         r = cli_json("export", "--palace", palace, "--out", out, "--incremental")
         assert r["kind"] == "incremental" and r["deleted"] == 5  # 4 drawers + 1 triple
         assert r["counts"]["drawers"] == 23 and r["counts"]["triples"] == 2
+        assert r["rehashed_because"] is None  # found by Chroma's change marks, not by re-reading every row
     unchanged = cli_json("export", "--palace", palace, "--out", out, "--incremental")
     assert sum(unchanged["counts"].values()) == 0 and unchanged["deleted"] == 0
     latest = list_bundles(out)[-1]
@@ -164,6 +165,55 @@ def test_three_nights_of_incrementals_restore_like_a_full_export(tmp_path):
     want = snapshot(palace)
     assert_same(want, snapshot(chained))
     assert_same(want, snapshot(direct))
+
+
+def test_change_marks_find_what_a_full_rehash_finds_and_are_not_trusted_past_a_swap(tmp_path):
+    """An incremental finds the changed rows by each row's last write (Chroma's ``seq_id``) instead of
+    re-reading every row. A metadata-only update counts; a palace swapped for an older copy of itself
+    (same collections, other history) or restored (new collections) still gives a bundle that is the
+    palace, and the report says when every row was re-read."""
+    import shutil
+
+    from palace.stores import open_store
+
+    palace, out, older = tmp_path / "palace", tmp_path / "backups", tmp_path / "older"
+    cli_json("import", "mcp-memory", SAMPLE, "--palace", palace)
+    shutil.copytree(palace, older)
+    first = cli_json("export", "--palace", palace, "--out", out, "--incremental")
+    assert first["kind"] == "full" and first["rehashed_because"] is None
+    ids = sorted(palace_rows(palace))
+    col = VectorStore(layout_for(palace))
+    with col.writing() as c:
+        c.update(ids=ids[:2], metadatas=[{"room": "moved"}] * 2)  # no text, no vector: only metadata
+    col.close()
+    moved = cli_json("export", "--palace", palace, "--out", out, "--incremental")
+    assert moved["counts"]["drawers"] == 2 and moved["rehashed_because"] is None
+
+    store = open_store(palace, read_only=True)
+    try:
+        known = store.snapshot()
+        _, marks, _ = store.changes({}, None)
+    finally:
+        store.close()
+    _mutate(palace, 1)
+    store = open_store(palace, read_only=True)
+    try:
+        state, _, why = store.changes(known, marks)
+        assert why is None and state == store.snapshot()  # the same state, row for row
+    finally:
+        store.close()
+
+    shutil.rmtree(palace)
+    shutil.copytree(older, palace)  # the same collection ids, an older history
+    swapped = cli_json("export", "--palace", palace, "--out", out, "--incremental")
+    assert swapped["kind"] == "incremental" and swapped["counts"]["drawers"] == 2  # the two moved back
+    restored = tmp_path / "restored"
+    cli_json("restore", list_bundles(out)[-1], "--palace", restored)
+    assert_same(snapshot(palace), snapshot(restored))
+
+    cli_json("restore", list_bundles(out)[-1], "--palace", palace, "--force")  # new collections
+    again = cli_json("export", "--palace", palace, "--out", out, "--incremental")
+    assert again["counts"]["drawers"] == 0 and "recreated" in again["rehashed_because"]
 
 
 def test_full_bundle_every_n(tmp_path):

@@ -80,6 +80,8 @@ def export_report(r: dict) -> None:
         typer.echo(f"  retention: {'would remove' if r['dry_run'] else 'removed'} {name}")
     for table, n in sorted((r.get("vanished") or {}).items()):
         typer.echo(f"  {n} {table} were deleted by another writer during the export (recorded, not exported)")
+    if r.get("rehashed_because"):
+        typer.echo(f"  every row re-read to find the changes: {r['rehashed_because']}")
 
 
 def export_warnings(r: dict) -> None:

@@ -64,6 +64,11 @@ class PalaceStore(Protocol):
     def snapshot(self) -> State:
         """{table: {id: row hash}} of every table, in the store's own order; no vectors read."""
 
+    def changes(self, known: State, marks: dict | None) -> tuple[State, dict | None, str | None]:
+        """``snapshot()``, re-hashing only what changed since ``known`` was taken with ``marks`` (this
+        store's change marks of then, from an earlier call): (the state, the marks of now for the next
+        call or None where the store has none, why every row was re-hashed or None)."""
+
     def rows(self, table: str, fields: tuple[str, ...] | None = None) -> Iterator[Page]:
         """Pages of a collection's ``(id, document, metadata)``, no vectors. With ``fields`` only those
         metadata keys are read, and the document only when ``"document"`` is among them. A KG table
@@ -154,6 +159,9 @@ class SyncStateFile:
     dropped: tuple[str, ...] = ()
     refused: tuple = ()  # a direct store takes every row or raises
     recovered: tuple = ()
+
+    def changes(self, known, marks):
+        return self.snapshot(), None, f"{type(self).__name__} keeps no change marks"
 
     def sync_state(self) -> SyncState:
         try:

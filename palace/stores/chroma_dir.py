@@ -36,7 +36,7 @@ from ..layout import (
     layout_for,
 )
 from ..lock import palace_lock, session_lock
-from ..rows import COLLECTIONS
+from ..rows import COLLECTIONS, State, collection_row_hash
 from ..vectors import clear_unused_hnsw_slots, segment_dirs
 from .base import READ_PAGE, CollectionInfo, Page
 from .chroma import ChromaStore
@@ -105,6 +105,30 @@ class ChromaDirStore(ChromaStore):
                     break
                 after = page[-1][0]
                 yield out
+
+    def changes(self, known: State, marks: dict | None) -> tuple[State, dict | None, str | None]:
+        """The marks are each row's ``embeddings.seq_id`` (Chroma stamps it on every write) and the
+        collections' metadata segment ids: a row whose mark is what it was, in the same segment, is
+        the row ``known`` hashed; the others are read and hashed. Marks are read before any row, so
+        a write landing during the call shows as a changed mark next time, never as a stale hash."""
+        if not self.exists():
+            return self.snapshot(), None, "no palace yet"
+        with self._sqlite() as conn:
+            segs = {t: chroma_sqlite.segments(conn, name).get("METADATA") for t, name in COLLECTIONS.items()}
+            rows = {t: chroma_sqlite.row_marks(conn, seg) if seg else {} for t, seg in segs.items()}
+        now = {"kind": "chroma-seq", "segments": segs, "rows": rows}
+        if marks is None:
+            return self.snapshot(), now, "no change marks recorded with the previous bundle on this machine"
+        if marks.get("kind") != now["kind"] or marks.get("segments") != segs:
+            return self.snapshot(), now, "the palace's collections were recreated since (a restore or a rebuild)"
+        state: State = {}
+        with self._sqlite() as conn:
+            for t, marked in rows.items():
+                was, old = marks["rows"].get(t, {}), known.get(t, {})
+                redo = {i for i, m in marked.items() if was.get(i) != m or i not in old}
+                new = {i: collection_row_hash(d, m) for _, i, d, m in chroma_sqlite.rows_of(conn, segs[t], list(redo))}
+                state[t] = {i: new[i] if i in new else old[i] for i in marked if i in new or i not in redo}
+        return state | self._kg_state(), now, None
 
     def info(self, table: str) -> CollectionInfo | None:
         if not self.exists():
@@ -346,6 +370,9 @@ class ChromaDirReader(ChromaDirStore):
 
     def snapshot(self):
         return self._copy().snapshot() if self.exists() else super().snapshot()
+
+    def changes(self, known, marks):
+        return self._copy().changes(known, marks) if self.exists() else super().changes(known, marks)
 
     def rows(self, table, fields=None):
         return self._copy().rows(table, fields) if self.exists() else iter(())

@@ -150,6 +150,9 @@ class RoutedStore:
     def snapshot(self):
         return self._reader.snapshot()
 
+    def changes(self, known, marks):
+        return self._reader.changes(known, marks)
+
     def rows(self, table, fields=None):
         return self._reader.rows(table, fields)
 
