@@ -21,6 +21,7 @@ from importers.quarantine import Quarantine
 from importers.registry import get_importer
 from importers.schema import DRAWERS, TRIPLES, batch_kind
 from palace.bundles import is_sealed, readable, verify_chain
+from palace.chroma_sqlite import journal_is_hot, palace_db
 from palace.crypt import CryptError, Keys, Tampered
 from palace.errors import (
     ModelNotInstalled,
@@ -152,6 +153,16 @@ def _check_integrity(store: PalaceStore, report: VerifyReport, full: bool) -> tu
                        f"keep the palace as it is; run `palace-etl verify --palace {store.name} --full`, then "
                        f"restore the newest bundle into a new directory and compare: palace-etl restore BUNDLE "
                        f"--palace NEW_DIR && palace-etl verify --palace {store.name} --palace NEW_DIR")
+    db = palace_db(store.root) if store.root is not None else None
+    if chroma_sound and db is not None and journal_is_hot(db):  # another process holds it: the check read a copy
+        report.add("warning", "interrupted_write",
+                   f"{db}-journal: the rollback journal of a write killed mid-transaction. The data is intact "
+                   "(checked on a rolled-back copy); SQLite rolls the journal back on the next read-write open. "
+                   "Until then a MemPalace 3.11 server refuses every write, saying the palace must be repaired: "
+                   "it reads the file read-only and takes this for corruption. Do not repair it.",
+                   f"an import through the hub rolls it back and has it re-check; or stop the MemPalace "
+                   f"server, run `palace-etl status --palace {store.name}` (it rolls the journal back), and "
+                   "start the server again")
     return chroma_sound, kg_sound
 
 

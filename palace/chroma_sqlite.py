@@ -35,6 +35,22 @@ def hot_journal(db: Path) -> bool:
     return journal.is_file() and journal.stat().st_size > 0
 
 
+def journal_is_hot(db: Path) -> bool:
+    """Whether ``db`` has a hot journal now: a journal file, and a read-only connection that cannot
+    read past it (a live writer mid-transaction holds RESERVED, so its journal is not hot and reads
+    go on). Writes nothing."""
+    if not hot_journal(db):
+        return False
+    conn = sqlite3.connect(ro_uri(db), uri=True, timeout=1.0)
+    try:
+        _readable(conn)
+    except sqlite3.OperationalError as exc:
+        return "readonly" in str(exc) and hot_journal(db)
+    finally:
+        conn.close()
+    return False
+
+
 def recover_hot_journal(db: Path) -> bool:
     """Roll a hot journal back the way SQLite intends: one read-write open, under the palace writer
     lock so no writer of ours or MemPalace's is mid-way. False when another process holds that lock

@@ -337,9 +337,11 @@ def test_item07_a_hot_journal_is_rolled_back_not_reported_as_corruption(plain_pa
     palace = tmp_path / "palace"
     shutil.copytree(plain_palace, palace)
     kill_mid_transaction(palace / "chroma.sqlite3")
+    proc = run_cli("verify", "--palace", palace, "--probes", "0")  # nobody holds it: rolled back, no finding
+    assert not Path(f"{palace}/chroma.sqlite3-journal").exists()
+    kill_mid_transaction(palace / "chroma.sqlite3")
     status = cli_json("status", "--palace", palace)
     assert status["drawers"] == 400
-    proc = run_cli("verify", "--palace", palace, "--probes", "0", check=None)
     assert "sqlite_corrupt" not in proc.stdout and "--force" not in proc.stdout + proc.stderr
     assert not Path(f"{palace}/chroma.sqlite3-journal").exists()  # rolled back, as SQLite intends
     assert {r["document"] for r in palace_rows(palace).values()} == {f"memory {i}" for i in range(400)}
@@ -361,9 +363,17 @@ def test_item07_a_hot_journal_beside_a_lock_holder_is_read_around(plain_palace, 
         assert holder.stdout.readline().strip() == "held"
         assert cli_json("status", "--palace", palace)["drawers"] == 400  # read from a rolled-back copy
         assert Path(f"{palace}/chroma.sqlite3-journal").exists()  # the live palace was not touched
+        # verify says what it is, and that a MemPalace server's "repair" advice is wrong for it
+        found = cli_json("verify", "--palace", palace, "--probes", "0", check=None)["findings"]
+        assert [f["code"] for f in found] == ["interrupted_write"] and "Do not repair" in found[0]["message"]
+        assert "palace-etl status" in found[0]["remedy"] and "--force" not in found[0]["remedy"]
+        assert Path(f"{palace}/chroma.sqlite3-journal").exists()
     finally:
         holder.kill()
         holder.wait()
+    assert cli_json("status", "--palace", palace)["drawers"] == 400  # the remedy: the lock is free now
+    assert not Path(f"{palace}/chroma.sqlite3-journal").exists()
+    assert cli_json("verify", "--palace", palace, "--probes", "0")["findings"] == []
 
 
 # ------------------------------------------------------------------ items 11, 12, 13
