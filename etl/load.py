@@ -228,6 +228,7 @@ class Loader:
             self._pipeline(enumerate(stream), resume_after, seen, report,
                            ledger, run_id, bar)
             bar.close()
+            report.route_notes = list(self.store.recovered)
             self._refused(source, quarantine, report)
             report.quarantined = quarantine.count
             report.quarantine_first = quarantine.first
@@ -249,7 +250,6 @@ class Loader:
 
     def _refused(self, source: Path, quarantine: Quarantine, report: ImportReport) -> None:
         """Drawers a hub would not file go to the quarantine with its reason (the run still commits)."""
-        report.route_notes = list(self.store.recovered)
         for drawer_id, reason in self.store.refused:
             quarantine.add(SourceFormatError(source, None, f"{self.store.name} ({report.route}) refused drawer {drawer_id}: {reason}"))
             report.drawers_refused += 1

@@ -179,7 +179,6 @@ def export_bundle(store: PalaceStore, out: Path, incremental: bool = False, full
             state, marks, rehashed_because = store.changes(old, _marks(out, prev, store.name))
         else:
             state = store.snapshot()
-        if wing is not None:
             keep = {t: _wing_ids(store, t, wing) for t in COLLECTIONS}
             state = {t: {i: h for i, h in rows.items() if i in keep.get(t, ())} for t, rows in state.items()}
             if not any(state.values()):

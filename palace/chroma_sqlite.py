@@ -45,10 +45,15 @@ def journal_is_hot(db: Path) -> bool:
     try:
         _readable(conn)
     except sqlite3.OperationalError as exc:
-        return "readonly" in str(exc) and hot_journal(db)
+        return _stopped_by_journal(exc, db)
     finally:
         conn.close()
     return False
+
+
+def _stopped_by_journal(exc: sqlite3.OperationalError, db: Path) -> bool:
+    """A read-only read that failed because a hot journal needs rolling back first."""
+    return "readonly" in str(exc) and hot_journal(db)
 
 
 def recover_hot_journal(db: Path) -> bool:
@@ -94,7 +99,7 @@ def open_ro(db: Path, timeout: float = 30.0) -> Iterator[sqlite3.Connection]:
         try:
             _readable(conn)
         except sqlite3.OperationalError as exc:
-            if "readonly" not in str(exc) or not hot_journal(db):
+            if not _stopped_by_journal(exc, db):
                 raise
             conn.close()
             if recover_hot_journal(db):
@@ -195,16 +200,19 @@ def _value(s, i, f, b):
     return s
 
 
+# rows of ``embeddings`` picked by a sub-select, with their metadata: (rowid, id, key, s, i, f, b)
+_JOINED = ("SELECT e.id, e.embedding_id, m.key, m.string_value, m.int_value, m.float_value, m.bool_value "
+           "FROM ({picked}) e LEFT JOIN embedding_metadata m ON m.id = e.id{keys} ORDER BY e.id")
+_PAGE = "SELECT id, embedding_id FROM embeddings WHERE segment_id = ? AND id > ? ORDER BY id LIMIT ?"
+
+
 def page_rows(conn: sqlite3.Connection, segment: str, after: int, limit: int) -> list[tuple[int, str, str | None, dict]]:
     """Up to ``limit`` rows with rowid > ``after``: (rowid, id, document, metadata), in one short read.
 
     Each call is its own read transaction, so a long export never holds a lock that
     blocks writers for longer than one page.
     """
-    return _assemble(conn.execute(
-        "SELECT e.id, e.embedding_id, m.key, m.string_value, m.int_value, m.float_value, m.bool_value "
-        "FROM (SELECT id, embedding_id FROM embeddings WHERE segment_id = ? AND id > ? ORDER BY id LIMIT ?) e "
-        "LEFT JOIN embedding_metadata m ON m.id = e.id ORDER BY e.id", (segment, after, limit)).fetchall())
+    return _assemble(conn.execute(_JOINED.format(picked=_PAGE, keys=""), (segment, after, limit)).fetchall())
 
 
 def rows_of(conn: sqlite3.Connection, segment: str, ids: list[str]) -> list[tuple[int, str, str | None, dict]]:
@@ -212,11 +220,9 @@ def rows_of(conn: sqlite3.Connection, segment: str, ids: list[str]) -> list[tupl
     out: list[tuple[int, str, str | None, dict]] = []
     for s in range(0, len(ids), 500):
         part = ids[s:s + 500]
-        out += _assemble(conn.execute(
-            "SELECT e.id, e.embedding_id, m.key, m.string_value, m.int_value, m.float_value, m.bool_value "
-            f"FROM (SELECT id, embedding_id FROM embeddings WHERE segment_id = ? AND embedding_id IN "
-            f"({','.join('?' * len(part))})) e LEFT JOIN embedding_metadata m ON m.id = e.id ORDER BY e.id",
-            (segment, *part)).fetchall())
+        out += _assemble(conn.execute(_JOINED.format(
+            picked=f"SELECT id, embedding_id FROM embeddings WHERE segment_id = ? AND embedding_id IN "
+                   f"({','.join('?' * len(part))})", keys=""), (segment, *part)).fetchall())
     return out
 
 
@@ -251,8 +257,7 @@ def _assemble(rows: list[tuple]) -> list[tuple[int, str, str | None, dict]]:
 
 def page_ids(conn: sqlite3.Connection, segment: str, after: int, limit: int) -> list[tuple[int, str, dict]]:
     """Only the ids: (rowid, id, {}) of up to ``limit`` rows with rowid > ``after``."""
-    rows = conn.execute("SELECT id, embedding_id FROM embeddings WHERE segment_id = ? AND id > ? ORDER BY id LIMIT ?",
-                        (segment, after, limit)).fetchall()
+    rows = conn.execute(_PAGE, (segment, after, limit)).fetchall()
     return [(rowid, eid, {}) for rowid, eid in rows]
 
 
@@ -261,11 +266,8 @@ def page_fields(conn: sqlite3.Connection, segment: str, after: int, limit: int,
     """Like ``page_rows`` but only the metadata ``keys`` (``chroma:document`` for the text): (rowid,
     id, {key: value}). Reads a fraction of ``embedding_metadata`` when a check needs few keys."""
     marks = ",".join("?" * len(keys))
-    rows = conn.execute(
-        "SELECT e.id, e.embedding_id, m.key, m.string_value, m.int_value, m.float_value, m.bool_value "
-        "FROM (SELECT id, embedding_id FROM embeddings WHERE segment_id = ? AND id > ? ORDER BY id LIMIT ?) e "
-        f"LEFT JOIN embedding_metadata m ON m.id = e.id AND m.key IN ({marks}) ORDER BY e.id",
-        (segment, after, limit, *keys)).fetchall()
+    rows = conn.execute(_JOINED.format(picked=_PAGE, keys=f" AND m.key IN ({marks})"),
+                        (segment, after, limit, *keys)).fetchall()
     out: list[tuple[int, str, dict]] = []
     for rowid, eid, key, s, i, f, b in rows:
         if not out or out[-1][0] != rowid:

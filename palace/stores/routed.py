@@ -27,7 +27,7 @@ from typing import Iterator
 import orjson
 
 from ..chroma_sqlite import (
-    hot_journal,
+    journal_is_hot,
     palace_db,
     quick_check,
     ro_uri,
@@ -251,7 +251,7 @@ class RoutedStore:
         ``mempalace_reconnect`` to re-run the gate. Any other finding is the server's to report."""
         errors = exc.integrity_errors()
         db = palace_db(self.root)
-        if not errors or not all("readonly database" in e for e in errors) or not hot_journal(db):
+        if not errors or not all("readonly database" in e for e in errors) or not journal_is_hot(db):
             return False
         roll_back_journal(db)
         problems = quick_check(db)
