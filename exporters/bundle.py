@@ -4,8 +4,8 @@ The format and its one writer are ``palace.bundles``; this module decides what g
 snapshot (ids and row hashes, no vectors) is diffed against the newest bundle's ``state.parquet``;
 only the rows that changed are fetched, with their vectors, a page per palace-lock hold, and
 streamed into the bundle. A row another writer deleted between the snapshot and the fetch is
-recorded as vanished: the bundle describes what it holds, and the next incremental records the
-deletion.
+recorded as vanished and left out of the bundle's state; when an earlier bundle of the chain holds
+it, the deletion is this bundle's tombstone, so the chain restores exactly what the state says.
 """
 from __future__ import annotations
 
@@ -203,11 +203,11 @@ def export_bundle(store: PalaceStore, out: Path, incremental: bool = False, full
             content.settings[table] = info.settings if info else {}
             if changed[table] and info and info.dimension:
                 content.collections[table] = (info.dimension, _batches(store, table, changed[table], info.dimension,
-                                                                       state[table], vanished[table]))
+                                                                       content, old, vanished))
         for table in KG_TABLES:
             if changed[table]:
                 rows = [r for page in store.fetch(table, changed[table]) for r in page]
-                _drop_vanished(changed[table], {r["id"] for r in rows}, state[table], vanished[table])
+                _drop_vanished(table, changed[table], {r["id"] for r in rows}, content, old, vanished)
                 content.kg[table] = rows
         content.watermark = lambda: {"vanished": {t: len(v) for t, v in vanished.items() if v}}
         m = write_bundle(out, prev, content, sealer=sealer)
@@ -221,20 +221,27 @@ def export_bundle(store: PalaceStore, out: Path, incremental: bool = False, full
         return report
 
 
-def _drop_vanished(wanted: list[str], found: set[str], state: dict[str, str], vanished: list[str]) -> None:
+def _drop_vanished(table: str, wanted: list[str], found: set[str], content: BundleContent, old: State,
+                   vanished: dict[str, list[str]]) -> None:
+    """A row gone since the snapshot leaves the bundle's state; one the chain already holds becomes a
+    tombstone of this bundle too (it was deleted during this export), or a restore of the chain would
+    bring it back and the next incremental, diffing against this state, would never record it."""
     for i in wanted:
         if i not in found:
-            state.pop(i, None)
-            vanished.append(i)
+            content.state[table].pop(i, None)
+            vanished[table].append(i)
+            if i in old.get(table, {}):
+                content.tombstones.append((table, i))
 
 
-def _batches(store: PalaceStore, table: str, ids: list[str], dim: int, state: dict[str, str],
-             vanished: list[str]) -> Iterator[pa.RecordBatch]:
+def _batches(store: PalaceStore, table: str, ids: list[str], dim: int, content: BundleContent, old: State,
+             vanished: dict[str, list[str]]) -> Iterator[pa.RecordBatch]:
     """The rows of ``ids`` with their vectors as record batches, a fetched page at a time. A row gone
-    since the snapshot leaves ``state``, which the bundle writer writes after these batches."""
+    since the snapshot leaves the state (``_drop_vanished``), which the bundle writer writes after
+    these batches, with the tombstones."""
     found: set[str] = set()
     for s in range(0, len(ids), EXPORT_PAGE):
         for page in store.fetch(table, ids[s:s + EXPORT_PAGE]):
             found.update(r["id"] for r in page)
             yield records_batch(page, dim)
-    _drop_vanished(ids, found, state, vanished)
+    _drop_vanished(table, ids, found, content, old, vanished)

@@ -170,6 +170,43 @@ def test_item02_rows_deleted_during_an_export_are_recorded_not_counted(plain_pal
     assert sorted(palace_rows(tmp_path / "r")) == [f"d{i:04d}" for i in range(1, 400, 2)]
 
 
+def test_item02_rows_deleted_during_an_incremental_export_become_its_tombstones(plain_palace, tmp_path, monkeypatch):
+    """A writer deletes rows between an incremental export's snapshot and its fetch: rows an earlier
+    bundle holds become tombstones of this one, so the chain restores without them (it restored them,
+    and refused its own totals, before)."""
+    import shutil
+
+    import chromadb
+
+    from exporters.bundle import export_bundle
+    from palace.stores import ChromaDirStore, open_store
+
+    palace = tmp_path / "palace"
+    shutil.copytree(plain_palace, palace)
+    bundle_of(palace, tmp_path / "b")
+    col = chromadb.PersistentClient(str(palace)).get_collection("mempalace_drawers")
+    col.update(ids=[f"d{i:04d}" for i in range(400)], metadatas=[{"wing": "w", "room": "moved"}] * 400)
+    del col
+    real_changes = ChromaDirStore.changes
+
+    def changes_then_delete(self, known, marks):
+        got = real_changes(self, known, marks)
+        store = VectorStore(layout_for(palace))  # the other writer
+        store.delete([f"d{i:04d}" for i in range(0, 400, 2)])
+        store.close()
+        return got
+
+    monkeypatch.setattr(ChromaDirStore, "changes", changes_then_delete)
+    report = export_bundle(open_store(palace), tmp_path / "b", incremental=True)
+    monkeypatch.undo()
+    m = json.loads((Path(report.bundle) / "manifest.json").read_text())
+    assert m["counts"]["drawers"] == 200 and m["totals"]["drawers"] == 200 and report.vanished == {"drawers": 200}
+    run_cli("verify", "--bundle", report.bundle)
+    incr = bundle_of(palace, tmp_path / "b", "--incremental")  # chains onto it and restores what is there
+    cli_json("restore", incr, "--palace", tmp_path / "r")
+    assert sorted(palace_rows(tmp_path / "r")) == [f"d{i:04d}" for i in range(1, 400, 2)]
+
+
 @pytest.mark.parametrize("damage", ["truncate-state", "flip-drawers-byte"])
 def test_item03_incremental_never_chains_onto_a_damaged_bundle(plain_palace, tmp_path, damage):
     import shutil
