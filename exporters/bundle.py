@@ -1,11 +1,13 @@
 """``export`` to Parquet bundles: verified, incremental, restorable backups of a whole palace.
 
-The format and its one writer are ``palace.bundles``; this module decides what goes in. The
-snapshot (ids and row hashes, no vectors) is diffed against the newest bundle's ``state.parquet``;
-only the rows that changed are fetched, with their vectors, a page per palace-lock hold, and
-streamed into the bundle. A row another writer deleted between the snapshot and the fetch is
-recorded as vanished and left out of the bundle's state; when an earlier bundle of the chain holds
-it, the deletion is this bundle's tombstone, so the chain restores exactly what the state says.
+The format and its one writer are ``palace.bundles``; this module decides what goes in. A bundle
+of the whole palace with nothing to diff against reads every row once (``scan``) and hashes what
+it read. Otherwise the snapshot (ids and row hashes, no vectors; re-hashing only rows whose change
+marks moved) is diffed against the newest bundle's ``state.parquet``; only the rows that changed
+are fetched, with their vectors, a page per palace-lock hold, and streamed into the bundle. A row
+another writer deleted between the snapshot and the fetch is recorded as vanished and left out of
+the bundle's state; when an earlier bundle of the chain holds it, the deletion is this bundle's
+tombstone, so the chain restores exactly what the state says.
 """
 from __future__ import annotations
 
@@ -35,7 +37,14 @@ from palace.crypt import Sealer
 from palace.errors import SourceMissing
 from palace.layout import atomic_dir
 from palace.manifest import SEALED, BundleError, Manifest
-from palace.rows import COLLECTIONS, KG_TABLES, State, records_batch
+from palace.rows import (
+    COLLECTIONS,
+    KG_TABLES,
+    State,
+    collection_row_hash,
+    kg_row_hash,
+    records_batch,
+)
 from palace.stores import PalaceStore
 
 EXPORT_PAGE = 1000  # rows fetched and written at a time: an export's memory stays flat (bench row 5)
@@ -174,6 +183,8 @@ def export_bundle(store: PalaceStore, out: Path, incremental: bool = False, full
     scope = {"wing": wing, "encryption": sealer.describe() if sealer else None}
     with bundle_dir_lock(out):
         prev, old, full_because = _parent(out, incremental, full_every, scope)
+        if wing is None and not old and not dry_run:  # every row goes in: read each once
+            return _export_whole(store, out, prev, scope, sealer, full_because)
         marks, rehashed_because = None, None
         if wing is None:  # marks speak for the whole palace: a wing's bundle re-reads its rows
             state, marks, rehashed_because = store.changes(old, _marks(out, prev, store.name))
@@ -194,10 +205,7 @@ def export_bundle(store: PalaceStore, out: Path, incremental: bool = False, full
         if dry_run:
             return report
         vanished: dict[str, list[str]] = {t: [] for t in state}
-        ident = store.identity()
-        content = BundleContent(
-            palace=store.name, state=state, tombstones=gone, sidecar=store.sidecar(), wing=wing,
-            embedder={"model_name": ident.model_name, "dimension": ident.dimension} if ident else None)
+        content = _content(store, state, gone, wing)
         for table in COLLECTIONS:
             info = store.info(table)
             content.settings[table] = info.settings if info else {}
@@ -210,15 +218,60 @@ def export_bundle(store: PalaceStore, out: Path, incremental: bool = False, full
                 _drop_vanished(table, changed[table], {r["id"] for r in rows}, content, old, vanished)
                 content.kg[table] = rows
         content.watermark = lambda: {"vanished": {t: len(v) for t, v in vanished.items() if v}}
-        m = write_bundle(out, prev, content, sealer=sealer)
-        remember_export(store.name, out)
-        if sealer is not None or marks is not None:
-            _remember(out, m, state, scope, store.name, marks)
-        report.counts = {t: m.counts.get(t, 0) for t in changed}
-        report.totals = dict(m.totals)
-        report.vanished = m.watermark["vanished"]
-        report.bundle = str(out / m.name)
-        return report
+        return _written(store, out, prev, content, sealer, scope, marks, report)
+
+
+def _content(store: PalaceStore, state: State, gone: list, wing: str | None) -> BundleContent:
+    ident = store.identity()
+    return BundleContent(
+        palace=store.name, state=state, tombstones=gone, sidecar=store.sidecar(), wing=wing,
+        embedder={"model_name": ident.model_name, "dimension": ident.dimension} if ident else None)
+
+
+def _written(store: PalaceStore, out: Path, prev: Path | None, content: BundleContent, sealer: Sealer | None,
+             scope: dict, marks: dict | None, report: ExportReport) -> ExportReport:
+    """Write ``content`` as the bundle, remember it, and fill ``report`` from what was written."""
+    m = write_bundle(out, prev, content, sealer=sealer)
+    remember_export(store.name, out)
+    if sealer is not None or marks is not None:
+        _remember(out, m, content.state, scope, store.name, marks)
+    report.counts = {t: m.counts.get(t, 0) for t in content.state}
+    report.totals = dict(m.totals)
+    report.vanished = m.watermark["vanished"]
+    report.bundle = str(out / m.name)
+    return report
+
+
+def _export_whole(store: PalaceStore, out: Path, prev: Path | None, scope: dict, sealer: Sealer | None,
+                  full_because: str | None) -> ExportReport:
+    """A bundle of every row (nothing to diff against): each row read once, with its vector, by
+    ``scan``, and its hash taken from what was read; the change marks first, so a write landing
+    during the read shows as a changed mark next time."""
+    marks = store.marks()
+    state: State = {t: {} for t in (*COLLECTIONS, *KG_TABLES)}
+    content = _content(store, state, [], None)
+    for table in COLLECTIONS:
+        info = store.info(table)
+        content.settings[table] = info.settings if info else {}
+        if info and info.count and info.dimension:
+            content.collections[table] = (info.dimension, _scanned(store, table, info.dimension, state[table]))
+    for table in KG_TABLES:
+        rows = [r for page in store.scan(table) for r in page]
+        state[table] = {r["id"]: kg_row_hash(r) for r in rows}
+        if rows:
+            content.kg[table] = rows
+    content.watermark = {"vanished": {}}
+    report = ExportReport(None, "incremental" if prev else "full", prev.name if prev else None,
+                          full_because=full_because, encrypted=sealer is not None)
+    return _written(store, out, prev, content, sealer, scope, marks, report)
+
+
+def _scanned(store: PalaceStore, table: str, dim: int, state: dict[str, str]) -> Iterator[pa.RecordBatch]:
+    """Every row of ``table`` as record batches, each row's hash put in ``state`` as it passes (the
+    bundle writer writes the state after these batches)."""
+    for page in store.scan(table):
+        state.update((r["id"], collection_row_hash(r["document"], r["metadata"])) for r in page)
+        yield records_batch(page, dim)
 
 
 def _drop_vanished(table: str, wanted: list[str], found: set[str], content: BundleContent, old: State,

@@ -119,6 +119,14 @@ def test_round_trip_with_vectors(spec):
         for r in rows:
             assert got[r["id"]]["document"] == r["document"] and got[r["id"]]["metadata"] == r["metadata"]
             assert np.allclose(np.asarray(got[r["id"]]["embedding"], dtype=np.float32), r["embedding"], atol=1e-6)
+        scanned = {r["id"]: r for page in store.scan("drawers") for r in page}  # every row, read once
+        assert set(scanned) == set(got)
+        for i, r in scanned.items():
+            assert (r["document"], r["metadata"]) == (got[i]["document"], got[i]["metadata"])
+            assert np.array_equal(np.asarray(r["embedding"], dtype=np.float32),
+                                  np.asarray(got[i]["embedding"], dtype=np.float32))
+        for table in ("entities", "triples"):
+            assert sorted(r["id"] for page in store.scan(table) for r in page) == sorted(snap[table])
         listed = [row for page in store.rows("drawers", ("wing",)) for row in page]
         assert sorted(i for i, _, _ in listed) == sorted(r["id"] for r in rows)
         assert all(set(m) == {"wing"} for _, _, m in listed)

@@ -69,6 +69,13 @@ class PalaceStore(Protocol):
         store's change marks of then, from an earlier call): (the state, the marks of now for the next
         call or None where the store has none, why every row was re-hashed or None)."""
 
+    def marks(self) -> dict | None:
+        """The store's change marks of now, as ``changes`` returns them; None where it keeps none."""
+
+    def scan(self, table: str) -> Iterator[list[dict]]:
+        """Pages of every row of a table, as ``fetch`` gives them (vectors included), in the store's own
+        order; in one read of each row where the store can."""
+
     def rows(self, table: str, fields: tuple[str, ...] | None = None) -> Iterator[Page]:
         """Pages of a collection's ``(id, document, metadata)``, no vectors. With ``fields`` only those
         metadata keys are read, and the document only when ``"document"`` is among them. A KG table
@@ -163,6 +170,12 @@ class SyncStateFile:
     def changes(self, known, marks):
         return self.snapshot(), None, f"{type(self).__name__} keeps no change marks"
 
+    def marks(self):
+        return None
+
+    def scan(self, table):
+        return scan_by_fetch(self, table)
+
     def sync_state(self) -> SyncState:
         try:
             data = orjson.loads(self._sync_file.read_bytes())
@@ -176,6 +189,12 @@ class SyncStateFile:
     def save_sync_state(self, state: SyncState) -> None:
         atomic_write(self._sync_file, orjson.dumps({"known": state.known, "history": state.history,
                                                     "tombstones": state.tombstones, "forgotten": state.forgotten}))
+
+
+def scan_by_fetch(store: PalaceStore, table: str) -> Iterator[list[dict]]:
+    """``scan`` for a store that reads whole rows only by id: each page of ``rows``, fetched."""
+    for page in store.rows(table):
+        yield from store.fetch(table, [i for i, _, _ in page])
 
 
 def no_session(exclusive: bool = False, timeout: float = 0.0) -> ContextManager:

@@ -91,6 +91,11 @@ class ChromaStore(SyncStateFile):
     def _collection_rows(self, table: str, fields: tuple[str, ...] | None) -> Iterator[Page]:
         raise NotImplementedError
 
+    def scan(self, table: str) -> Iterator[list[dict]]:
+        if table in KG_TABLES:  # the KG's rows are whole rows already
+            return ([row for _, _, row in page] for page in self._kg_pages(table))
+        return super().scan(table)
+
     def fetch(self, table: str, ids: list[str], vectors: bool = True) -> Iterator[list[dict]]:
         if not ids:
             return

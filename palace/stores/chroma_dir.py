@@ -25,6 +25,7 @@ from typing import Callable, Iterator
 
 from .. import chroma_sqlite
 from ..errors import PalaceEtlError, PalaceLocked, SourceMissing
+from ..hnsw_files import IndexFiles, Untrusted
 from ..kg import KnowledgeGraph
 from ..layout import (
     CHROMA_DB,
@@ -39,7 +40,7 @@ from ..lock import palace_lock, session_lock
 from ..rows import COLLECTIONS, State, collection_row_hash
 from ..vectors import clear_unused_hnsw_slots, segment_dirs
 from .base import READ_PAGE, CollectionInfo, Page
-from .chroma import ChromaStore
+from .chroma import FETCH_PAGE, ChromaStore
 
 COMPLETE = ".palace-etl-restore-complete"  # inside a build that finished and was checked
 CRASH_ENV = "PALACE_ETL_TEST_CRASH_AT"  # test-only: kill this process at a named point
@@ -106,24 +107,31 @@ class ChromaDirStore(ChromaStore):
                 after = page[-1][0]
                 yield out
 
-    def changes(self, known: State, marks: dict | None) -> tuple[State, dict | None, str | None]:
-        """The marks are each row's ``embeddings.seq_id`` (Chroma stamps it on every write) and the
-        collections' metadata segment ids: a row whose mark is what it was, in the same segment, is
-        the row ``known`` hashed; the others are read and hashed. Marks are read before any row, so
-        a write landing during the call shows as a changed mark next time, never as a stale hash."""
+    def marks(self) -> dict | None:
+        """Each row's ``embeddings.seq_id`` (Chroma stamps it on every add, update and upsert, a
+        metadata-only update too) and the collections' metadata segment ids."""
         if not self.exists():
-            return self.snapshot(), None, "no palace yet"
+            return None
         with self._sqlite() as conn:
             segs = {t: chroma_sqlite.segments(conn, name).get("METADATA") for t, name in COLLECTIONS.items()}
             rows = {t: chroma_sqlite.row_marks(conn, seg) if seg else {} for t, seg in segs.items()}
-        now = {"kind": "chroma-seq", "segments": segs, "rows": rows}
+        return {"kind": "chroma-seq", "segments": segs, "rows": rows}
+
+    def changes(self, known: State, marks: dict | None) -> tuple[State, dict | None, str | None]:
+        """A row whose mark is what it was, in the same segment, is the row ``known`` hashed; the
+        others are read and hashed. Marks are read before any row, so a write landing during the call
+        shows as a changed mark next time, never as a stale hash."""
+        now = self.marks()
+        if now is None:
+            return self.snapshot(), None, "no palace yet"
         if marks is None:
             return self.snapshot(), now, "no change marks recorded with the previous bundle on this machine"
+        segs = now["segments"]
         if marks.get("kind") != now["kind"] or marks.get("segments") != segs:
             return self.snapshot(), now, "the palace's collections were recreated since (a restore or a rebuild)"
         state: State = {}
         with self._sqlite() as conn:
-            for t, marked in rows.items():
+            for t, marked in now["rows"].items():
                 was, old = marks["rows"].get(t, {}), known.get(t, {})
                 redo = {i for i, m in marked.items() if was.get(i) != m or i not in old}
                 new = {i: collection_row_hash(d, m) for _, i, d, m in chroma_sqlite.rows_of(conn, segs[t], list(redo))}
@@ -321,6 +329,89 @@ def take_copy(palace: Path) -> Path:
                        f"({COPY_TRIES} tries)", hint="retry when the writers are less busy")
 
 
+class ChromaCopy(ChromaDirStore):
+    """The private copy a ``ChromaDirReader`` reads, which nothing else writes: rows come from its
+    ``chroma.sqlite3`` and vectors from its files (``palace.hnsw_files``), with no Chroma client,
+    unless the files hold something that module does not reproduce exactly; then that collection is
+    read through Chroma, and ``untrusted`` says why."""
+
+    def __init__(self, layout: PalaceLayout, lock_timeout: float = 30.0):
+        super().__init__(layout, lock_timeout)
+        self._files: dict[str, IndexFiles] = {}
+        self.untrusted: dict[str, str] = {}
+
+    def _index(self, table: str, conn: sqlite3.Connection) -> IndexFiles | None:
+        if table not in self._files and table not in self.untrusted:
+            try:
+                self._files[table] = IndexFiles(self.path, conn, COLLECTIONS[table])
+            except Untrusted as exc:
+                self.untrusted[table] = str(exc)
+        return self._files.get(table)
+
+    def fetch(self, table, ids, vectors=True):
+        if table not in COLLECTIONS:
+            yield from super().fetch(table, ids, vectors)
+            return
+        for s in range(0, len(ids), FETCH_PAGE):
+            part = ids[s:s + FETCH_PAGE]
+            page = self._from_files(table, part, vectors)
+            if page is None:
+                yield from super().fetch(table, part, vectors)
+            elif page:
+                yield page
+
+    def scan(self, table):
+        """Every row in one read: the copy's rows in rowid pages, each with its vector from the files;
+        from the first page the files cannot answer, the rest through Chroma."""
+        if table not in COLLECTIONS or not self.exists():
+            yield from super().scan(table)
+            return
+        after = 0
+        while table not in self.untrusted:
+            with self._sqlite() as conn:
+                seg = chroma_sqlite.segments(conn, COLLECTIONS[table]).get("METADATA")
+                index = self._index(table, conn)
+                page = chroma_sqlite.page_rows(conn, seg, after, FETCH_PAGE) if seg and index else []
+            if index is None:
+                break
+            if not page:
+                return
+            rows = self._with_vectors(table, index, page)
+            if rows is None:
+                break
+            after = page[-1][0]
+            yield rows
+        with self._sqlite() as conn:
+            seg = chroma_sqlite.segments(conn, COLLECTIONS[table]).get("METADATA")
+            ids = [i for _, i, _ in chroma_sqlite.page_ids(conn, seg, after, -1)] if seg else []
+        yield from ChromaStore.fetch(self, table, ids)
+
+    def _with_vectors(self, table: str, index: IndexFiles | None, rows: list) -> list[dict] | None:
+        """``rows`` of ``page_rows`` as fetched rows with their vectors from ``index``; None when it cannot say."""
+        if index is None or table in self.untrusted:
+            return None
+        try:
+            embs = index.vectors([i for _, i, _, _ in rows])
+        except Untrusted as exc:
+            self.untrusted[table] = str(exc)
+            return None
+        return [{"id": i, "document": d, "metadata": m, "embedding": e} for (_, i, d, m), e in zip(rows, embs)]
+
+    def _from_files(self, table: str, ids: list[str], vectors: bool) -> list[dict] | None:
+        """The rows of ``ids`` read from the files, or None when Chroma must be asked."""
+        if table in self.untrusted or not self.exists():
+            return None
+        with self._sqlite() as conn:
+            seg = chroma_sqlite.segments(conn, COLLECTIONS[table]).get("METADATA")
+            index = self._index(table, conn) if vectors else None
+            if seg is None or (vectors and index is None):
+                return None
+            rows = chroma_sqlite.rows_of(conn, seg, ids)
+        if not vectors:
+            return [{"id": i, "document": d, "metadata": m} for _, i, d, m in rows]
+        return self._with_vectors(table, index, rows)
+
+
 class ChromaDirReader(ChromaDirStore):
     """A palace directory read beside live writers (a MemPalace server holding its lease): every read
     comes from one consistent private copy taken on first use -- the Chroma files (``take_copy``),
@@ -332,7 +423,7 @@ class ChromaDirReader(ChromaDirStore):
 
     def __init__(self, layout: PalaceLayout, lock_timeout: float = 30.0, settings: dict | None = None):
         super().__init__(layout, lock_timeout, settings)
-        self._view: ChromaDirStore | None = None
+        self._view: ChromaCopy | None = None
         self._aux: Path | None = None  # the copies of the KG and the ledger
         self.live_state_dir = layout.state_dir
 
@@ -348,7 +439,7 @@ class ChromaDirReader(ChromaDirStore):
                     chroma_sqlite.private_copy(self.live_state_dir / name, self._aux / STATE_DIRNAME / name)
         return self._aux
 
-    def _copy(self) -> ChromaDirStore:
+    def _copy(self) -> ChromaCopy:
         if self._view is None:
             aux = self._side_files()
             try:
@@ -356,8 +447,8 @@ class ChromaDirReader(ChromaDirStore):
             except sqlite3.DatabaseError as exc:
                 raise PalaceEtlError(f"read palace {self.path}: chroma.sqlite3 is damaged ({exc}); nothing read",
                                      hint=f"palace-etl verify --palace {self.path} --full") from None
-            self._view = ChromaDirStore(layout_for(tmp, aux / KG_FILENAME, aux / STATE_DIRNAME, private=True),
-                                        self.lock_timeout)
+            self._view = ChromaCopy(layout_for(tmp, aux / KG_FILENAME, aux / STATE_DIRNAME, private=True),
+                                    self.lock_timeout)
         return self._view
 
     @property
@@ -373,6 +464,12 @@ class ChromaDirReader(ChromaDirStore):
 
     def changes(self, known, marks):
         return self._copy().changes(known, marks) if self.exists() else super().changes(known, marks)
+
+    def marks(self):
+        return self._copy().marks() if self.exists() else None
+
+    def scan(self, table):
+        return self._copy().scan(table) if self.exists() else iter(())
 
     def rows(self, table, fields=None):
         return self._copy().rows(table, fields) if self.exists() else iter(())

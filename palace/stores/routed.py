@@ -41,6 +41,7 @@ from ..kg import KnowledgeGraph
 from ..layout import ROUTED_FILE, PalaceLayout, open_private, private_dir
 from ..live import Daemon, DaemonClient, Hub, HubClient, HubError, HubRefused
 from ..rows import KG_TABLES
+from .base import scan_by_fetch
 from .chroma_dir import ChromaDirReader, ChromaDirStore
 
 DROPPED = ("our drawer ids (the hub makes its own; routed.sqlite3 maps them)",
@@ -152,6 +153,12 @@ class RoutedStore:
 
     def changes(self, known, marks):
         return self._reader.changes(known, marks)
+
+    def marks(self):
+        return self._reader.marks()
+
+    def scan(self, table):
+        return scan_by_fetch(self, table)  # through this store's fetch: routed drawers under our ids
 
     def rows(self, table, fields=None):
         return self._reader.rows(table, fields)
