@@ -399,7 +399,7 @@ class ChromaCopy(ChromaDirStore):
 
     def _from_files(self, table: str, ids: list[str], vectors: bool) -> list[dict] | None:
         """The rows of ``ids`` read from the files, or None when Chroma must be asked."""
-        if table in self.untrusted or not self.exists():
+        if (vectors and table in self.untrusted) or not self.exists():
             return None
         with self._sqlite() as conn:
             seg = chroma_sqlite.segments(conn, COLLECTIONS[table]).get("METADATA")
