@@ -41,6 +41,8 @@ class Side:
     label: str  # "a" or "b"
     state: State
     history: History
+    marks: dict | None = None  # the store's change marks ``state`` was taken with
+    rehashed_because: str | None = None  # why every row was read and hashed, not only the changed ones
 
 
 @dataclass
@@ -79,6 +81,7 @@ class SyncReport:
     differences: dict = field(default_factory=dict)
     forgotten: dict = field(default_factory=dict)  # side -> rows erased there because a replica forgot them
     scrubbed: list = field(default_factory=list)  # what was scrubbed on a side that learned of a forget
+    rehashed: dict = field(default_factory=dict)  # side -> why it read every row, not only the changed ones
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
@@ -281,8 +284,11 @@ def _differences(sa: State, sb: State) -> dict:
 
 
 def _side(store: PalaceStore, label: str, saved: SyncState) -> Side:
-    state = store.snapshot()
-    return Side(store, label, state, local_history(saved.known, state, saved.history))
+    """What ``store`` holds now: only the rows whose change marks moved since its last sync are read
+    and hashed, where the store keeps marks and the saved ones still apply."""
+    state, marks, why = store.changes(saved.known or {}, saved.marks if saved.known is not None else None)
+    return Side(store, label, state, local_history(saved.known, state, saved.history), marks,
+                why if saved.known is not None else None)  # a first sync reads every row anyway
 
 
 def _open_side(spec: str, kg, lock_timeout: float, dry_run: bool, wait: bool, notify,
@@ -371,18 +377,20 @@ def run_sync(spec_a: str, spec_b: str, kg_a=None, kg_b=None, dry_run: bool = Fal
             if live is not None and any(erase[side].values()):
                 raise PalaceLocked(f"{live} (it holds rows a replica forgot; nothing written)", hint=live.hint)
         report = SyncReport(store_a.name, store_b.name, dry_run, plan.counts(), plan.conflicts,
-                            forgotten={s: {t: len(v) for t, v in e.items() if v} for s, e in erase.items()})
+                            forgotten={s: {t: len(v) for t, v in e.items() if v} for s, e in erase.items()},
+                            rehashed={s.label: s.rehashed_because for s in (a, b) if s.rehashed_because})
         if dry_run:
             report.seconds = round(time.monotonic() - started, 3)
             return report
-        final_a, final_b = a.state, b.state
+        (final_a, marks_a), (final_b, marks_b) = (a.state, a.marks), (b.state, b.marks)
         if plan.moves():
             if ia and not ib:
                 store_b.set_identity(ia)
             elif ib and not ia:
                 store_a.set_identity(ib)
             report.moved = _apply(store_a, store_b, plan)
-            final_a, final_b = store_a.snapshot(), store_b.snapshot()
+            final_a, marks_a, _ = store_a.changes(a.state, a.marks)  # re-reads what was written
+            final_b, marks_b, _ = store_b.changes(b.state, b.marks)
         report.differences = _differences(final_a, final_b)
         report.converged = not report.differences
         if report.converged:
@@ -396,8 +404,8 @@ def run_sync(spec_a: str, spec_b: str, kg_a=None, kg_b=None, dry_run: bool = Fal
                 learned = set().union(*(v - set(saved.forgotten.get(t, ())) for t, v in forgotten.items()))
                 if learned and live is None:  # its files (logs, free pages, older bundles) may hold them
                     report.scrubbed += store.scrub(forgotten)
-            store_a.save_sync_state(SyncState(final_a, history, tombs, kept))
-            store_b.save_sync_state(SyncState(final_b, history, tombs, kept))
+            store_a.save_sync_state(SyncState(final_a, history, tombs, kept, marks_a))
+            store_b.save_sync_state(SyncState(final_b, history, tombs, kept, marks_b))
         report.seconds = round(time.monotonic() - started, 3)
         return report
     finally:

@@ -53,10 +53,12 @@ def _through_chroma(palace: Path, table: str) -> dict[str, dict]:
     """What a Chroma client on the same files answers (the old path every read took)."""
     store = ChromaStore(layout_for(palace, private=True))
     store.root = None  # a ChromaStore has no root of its own; _existing only needs it defined
+    lister = ChromaDirReader(layout_for(palace))
     try:
-        ids = [i for page in ChromaDirReader(layout_for(palace)).rows(table, ()) for i, _, _ in page]
+        ids = [i for page in lister.rows(table, ()) for i, _, _ in page]
         return {r["id"]: r for page in ChromaStore.fetch(store, table, ids) for r in page}
     finally:
+        lister.close()
         store.close()
 
 

@@ -135,3 +135,29 @@ def test_a_copy_torn_by_a_writer_is_retaken(tmp_path, monkeypatch):
         import shutil
 
         shutil.rmtree(copy)
+
+
+def test_a_reader_dropped_unclosed_removes_its_private_copies_only_after_the_last_read(tmp_path, monkeypatch):
+    """A lock-free reader's private copies (the Chroma files, the KG) are removed by ``close`` and,
+    should a caller drop it unclosed, when it is collected: never while a read of it is still going on."""
+    import gc
+    import tempfile
+
+    from palace.layout import layout_for
+    from palace.stores.chroma_dir import ChromaDirReader
+
+    palace, scratch = tmp_path / "palace", tmp_path / "scratch"
+    cli_json("import", "mcp-memory", SAMPLE, "--palace", palace)
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    pages = ChromaDirReader(layout_for(palace)).rows("drawers", ())  # nothing holds the reader itself
+    gc.collect()
+    assert len(list(scratch.iterdir())) == 2  # its Chroma copy and the copy of its KG
+    assert sum(len(page) for page in pages) == 363
+    del pages
+    gc.collect()
+    assert list(scratch.iterdir()) == []
+    reader = ChromaDirReader(layout_for(palace))
+    reader.snapshot()
+    reader.close()
+    assert list(scratch.iterdir()) == []

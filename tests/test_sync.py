@@ -120,6 +120,7 @@ def test_three_replicas_converge_and_nothing_is_re_embedded(tmp_path, chroma_ser
     # a second sync with no changes moves nothing
     again = run_sync(a, b)
     assert again.moved == 0 and again.plan == {k: {} for k in again.plan} and again.converged
+    assert again.rehashed == {}  # both found by their change marks: nothing re-read
 
 
 def test_resurrection_check_catches_a_deleted_drawer_that_came_back(tmp_path):
@@ -338,3 +339,53 @@ def test_a_row_with_a_float_chroma_cannot_store_stably_converges(tmp_path):
     again = run_sync(a, b)
     assert again.moved == 0 and again.converged
     assert row_hash("d", {"f": 1764623456.589079}) != row_hash("d", {"f": 1764623456.58908})  # others exact
+
+
+def test_a_later_sync_reads_only_what_changed_and_misses_no_outside_edit(tmp_path, postgres, monkeypatch):
+    """Each replica remembers its change marks with its sync state (Chroma's ``seq_id``, PostgreSQL's
+    ``xmin``), so a later sync reads only the rows whose marks moved. Edits made outside palace-etl --
+    a metadata-only update through a plain Chroma client, an SQL UPDATE and DELETE as MemPalace's
+    pgvector backend makes them -- still move marks, and reach the other replica."""
+    import psycopg
+
+    from palace.stores import ChromaDirStore, PgVectorStore
+
+    monkeypatch.setenv("MEMPALACE_PGVECTOR_DSN", postgres)
+    a, b = str(tmp_path / "a"), f"pgvector:{tmp_path / 'b'}"
+    ids = [f"drawer_{i:03d}" for i in range(50)]
+    store = VectorStore(layout_for(a))
+    store.upsert(ids, [f"memory {i}" for i in ids], [{"wing": "w", "room": "r"}] * 50, unit(50, 3))
+    store.close()
+    assert run_sync(a, b).converged
+    read: list[str] = []
+    spy = pytest.MonkeyPatch()
+    for cls in (ChromaDirStore, PgVectorStore):  # a spy around the real method: which rows were read
+        real = cls._hashes
+        spy.setattr(cls, "_hashes", lambda self, t, got, real=real: (read.extend(got), real(self, t, got))[1])
+    quiet = run_sync(a, b)
+    assert quiet.moved == 0 and quiet.rehashed == {} and read == []
+
+    store = VectorStore(layout_for(a))
+    with store.writing() as col:
+        col.update(ids=[ids[0]], metadatas=[{"room": "moved in a"}])  # metadata only: no text, no vector
+    store.close()
+    pg = open_store(b)
+    table = pg._q("drawers")
+    pg.close()
+    with psycopg.connect(postgres, autocommit=True) as conn:
+        conn.execute(f"UPDATE {table} SET metadata = metadata || '{{\"room\": \"moved in b\"}}', "
+                     "updated_at = now() WHERE id = %s", (ids[1],))
+        conn.execute(f"DELETE FROM {table} WHERE id = %s", (ids[2],))
+    r = run_sync(a, b)
+    assert r.rehashed == {} and r.converged
+    assert r.plan["to_b"] == {"drawers": 1} and r.plan["to_a"] == {"drawers": 1} and r.plan["delete_a"] == {"drawers": 1}
+    assert sorted(read) == sorted([ids[0], ids[1], ids[1], ids[0]])  # each edit, then each row written
+    spy.undo()
+    sa, sb = state(a), state(b)
+    assert sa == sb and ids[2] not in sa["drawers"] and len(sa["drawers"]) == 49
+    replica = open_store(a)
+    try:
+        rows = {r["id"]: r for page in replica.fetch("drawers", ids[:2], vectors=False) for r in page}
+    finally:
+        replica.close()
+    assert rows[ids[0]]["metadata"]["room"] == "moved in a" and rows[ids[1]]["metadata"]["room"] == "moved in b"

@@ -101,6 +101,8 @@ def sync_report(r: dict) -> None:
         typer.echo(f"  conflict {c['table']} {c['id']}: {c['winner'].upper()} wins ({c['rule']})")
     if len(r["conflicts"]) > 20:
         typer.echo(f"  ... {len(r['conflicts']) - 20} more conflicts (see --json)")
+    for side, why in sorted(r.get("rehashed", {}).items()):
+        typer.echo(f"  {side.upper()}: every row re-read to find the changes: {why}")
     if r["dry_run"]:
         return
     if r["converged"]:

@@ -41,6 +41,7 @@ class SyncState:
     history: dict  # {table: {id: [superseded row hashes]}}
     tombstones: dict  # {table: {id: when deleted}}
     forgotten: dict = field(default_factory=dict)  # {table: [ids]} erased by forget: never copied back
+    marks: dict | None = None  # the store's change marks ``known`` was taken with (``PalaceStore.changes``)
 
 
 class PalaceStore(Protocol):
@@ -184,11 +185,12 @@ class SyncStateFile:
         if not isinstance(data, dict):
             data = {}
         return SyncState(data.get("known"), data.get("history", {}), data.get("tombstones", {}),
-                         data.get("forgotten", {}))
+                         data.get("forgotten", {}), data.get("marks"))
 
     def save_sync_state(self, state: SyncState) -> None:
         atomic_write(self._sync_file, orjson.dumps({"known": state.known, "history": state.history,
-                                                    "tombstones": state.tombstones, "forgotten": state.forgotten}))
+                                                    "tombstones": state.tombstones, "forgotten": state.forgotten,
+                                                    "marks": state.marks}))
 
 
 def scan_by_fetch(store: PalaceStore, table: str) -> Iterator[list[dict]]:

@@ -83,6 +83,30 @@ class ChromaStore(SyncStateFile):
                 state[table].update((i, collection_row_hash(d, m)) for i, d, m in page)
         return state | self._kg_state()
 
+    def changes(self, known: State, marks: dict | None) -> tuple[State, dict | None, str | None]:
+        """A row whose mark is what it was, in the same collection, is the row ``known`` hashed; the
+        others are read and hashed. Marks are read before any row, so a write landing during the call
+        shows as a changed mark next time, never as a stale hash."""
+        now = self.marks()
+        if now is None:
+            return self.snapshot(), None, (f"{type(self).__name__} keeps no change marks" if self.exists()
+                                           else "no palace yet")
+        if marks is None:
+            return self.snapshot(), now, "no change marks recorded with the previous state on this machine"
+        if marks.get("kind") != now["kind"] or marks.get("segments") != now["segments"]:
+            return self.snapshot(), now, "the palace's collections were recreated since (a restore or a rebuild)"
+        state: State = {}
+        for t, marked in now["rows"].items():
+            was, old = marks["rows"].get(t, {}), known.get(t, {})
+            redo = {i for i, m in marked.items() if was.get(i) != m or i not in old}
+            new = self._hashes(t, sorted(redo)) if redo else {}
+            state[t] = {i: new[i] if i in new else old[i] for i in marked if i in new or i not in redo}
+        return state | self._kg_state(), now, None
+
+    def _hashes(self, table: str, ids: list[str]) -> dict[str, str]:
+        """{id: row hash} of those ``ids`` a collection holds (for ``changes``; a store with marks has it)."""
+        raise NotImplementedError
+
     def rows(self, table: str, fields: tuple[str, ...] | None = None) -> Iterator[Page]:
         if table in KG_TABLES:
             return self._kg_pages(table)

@@ -20,6 +20,7 @@ import signal
 import sqlite3
 import tempfile
 import time
+import weakref
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -37,7 +38,7 @@ from ..layout import (
     layout_for,
 )
 from ..lock import palace_lock, session_lock
-from ..rows import COLLECTIONS, State, collection_row_hash
+from ..rows import COLLECTIONS, collection_row_hash
 from ..vectors import clear_unused_hnsw_slots, segment_dirs
 from .base import READ_PAGE, CollectionInfo, Page
 from .chroma import FETCH_PAGE, ChromaStore
@@ -117,26 +118,10 @@ class ChromaDirStore(ChromaStore):
             rows = {t: chroma_sqlite.row_marks(conn, seg) if seg else {} for t, seg in segs.items()}
         return {"kind": "chroma-seq", "segments": segs, "rows": rows}
 
-    def changes(self, known: State, marks: dict | None) -> tuple[State, dict | None, str | None]:
-        """A row whose mark is what it was, in the same segment, is the row ``known`` hashed; the
-        others are read and hashed. Marks are read before any row, so a write landing during the call
-        shows as a changed mark next time, never as a stale hash."""
-        now = self.marks()
-        if now is None:
-            return self.snapshot(), None, "no palace yet"
-        if marks is None:
-            return self.snapshot(), now, "no change marks recorded with the previous bundle on this machine"
-        segs = now["segments"]
-        if marks.get("kind") != now["kind"] or marks.get("segments") != segs:
-            return self.snapshot(), now, "the palace's collections were recreated since (a restore or a rebuild)"
-        state: State = {}
+    def _hashes(self, table: str, ids: list[str]) -> dict[str, str]:
         with self._sqlite() as conn:
-            for t, marked in now["rows"].items():
-                was, old = marks["rows"].get(t, {}), known.get(t, {})
-                redo = {i for i, m in marked.items() if was.get(i) != m or i not in old}
-                new = {i: collection_row_hash(d, m) for _, i, d, m in chroma_sqlite.rows_of(conn, segs[t], list(redo))}
-                state[t] = {i: new[i] if i in new else old[i] for i in marked if i in new or i not in redo}
-        return state | self._kg_state(), now, None
+            seg = chroma_sqlite.segments(conn, COLLECTIONS[table]).get("METADATA")
+            return {i: collection_row_hash(d, m) for _, i, d, m in chroma_sqlite.rows_of(conn, seg, ids)} if seg else {}
 
     def info(self, table: str) -> CollectionInfo | None:
         if not self.exists():
@@ -431,6 +416,7 @@ class ChromaDirReader(ChromaDirStore):
         """Private copies of the KG, the run ledger and the hub id map (taken once, beside the Chroma copy)."""
         if self._aux is None:
             self._aux = Path(tempfile.mkdtemp(prefix="palace-etl-snapshot-"))
+            weakref.finalize(self, shutil.rmtree, self._aux, True)  # a reader dropped unclosed leaves no copy
             (self._aux / STATE_DIRNAME).mkdir(mode=0o700)
             if self.kg_path.exists():
                 chroma_sqlite.private_copy(self.kg_path, self._aux / KG_FILENAME)
@@ -444,11 +430,13 @@ class ChromaDirReader(ChromaDirStore):
             aux = self._side_files()
             try:
                 tmp = take_copy(self.path)
+                weakref.finalize(self, shutil.rmtree, tmp, True)
             except sqlite3.DatabaseError as exc:
                 raise PalaceEtlError(f"read palace {self.path}: chroma.sqlite3 is damaged ({exc}); nothing read",
                                      hint=f"palace-etl verify --palace {self.path} --full") from None
             self._view = ChromaCopy(layout_for(tmp, aux / KG_FILENAME, aux / STATE_DIRNAME, private=True),
                                     self.lock_timeout)
+            self._view.owner = self  # a read still going on the view keeps the copies (and their finalizers) alive
         return self._view
 
     @property

@@ -39,7 +39,7 @@ import orjson
 from ..errors import EmbedderMismatch, PalaceEtlError, SourceMissing
 from ..identity import EmbedderIdentity, check_identity
 from ..layout import atomic_write, layout_for
-from ..rows import COLLECTIONS, KG_TABLES, paged
+from ..rows import COLLECTIONS, KG_TABLES, collection_row_hash, paged
 from .base import READ_PAGE, CollectionInfo, Page
 from .chroma import ChromaStore
 
@@ -286,6 +286,25 @@ class PgVectorStore(ChromaStore):
                 return
             yield [(i, d, m if keys is None else {k: m[k] for k in keys if k in m}) for i, d, m in rows]
             after = rows[-1][0]
+
+    def marks(self) -> dict | None:
+        """Each row's ``xmin`` (the transaction that wrote its current version: every insert and
+        update makes a new one, and a later transaction never reuses an earlier one's) and each
+        table's oid (a table dropped and made again is another)."""
+        if not self.exists():
+            return None
+        segs: dict[str, str | None] = {}
+        rows: dict[str, dict[str, str]] = {}
+        for t in COLLECTIONS:
+            found = self._db().execute("SELECT to_regclass(%s)::oid", (self._q(t),)).fetchone()[0]
+            segs[t] = None if found is None else str(found)
+            rows[t] = {} if found is None else \
+                dict(self._db().execute(f"SELECT id, xmin::text FROM {self._q(t)}").fetchall())
+        return {"kind": "pg-xmin", "segments": segs, "rows": rows}
+
+    def _hashes(self, table: str, ids: list[str]) -> dict[str, str]:
+        return {r["id"]: collection_row_hash(r["document"], r["metadata"])
+                for page in self.fetch(table, ids, vectors=False) for r in page}
 
     def fetch(self, table: str, ids: list[str], vectors: bool = True) -> Iterator[list[dict]]:
         if table in KG_TABLES:
