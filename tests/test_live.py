@@ -161,3 +161,66 @@ def test_a_reader_dropped_unclosed_removes_its_private_copies_only_after_the_las
     reader.snapshot()
     reader.close()
     assert list(scratch.iterdir()) == []
+
+
+# A writer in another process: fixed-size transactions, each of 200 rows, as fast as it can, with a
+# cache so small that SQLite tries to spill each one into the database file before its commit.
+SQLITE_WRITER = r"""
+import sqlite3, sys, time
+conn = sqlite3.connect(sys.argv[1], timeout=60, isolation_level=None)
+conn.execute("PRAGMA cache_size=-64")
+if sys.argv[3] == "wal":
+    conn.execute("PRAGMA wal_autocheckpoint=0")  # every commit stays in the -wal while this runs
+end, n = time.monotonic() + float(sys.argv[2]), 0
+while time.monotonic() < end or n < 5:
+    conn.execute("BEGIN IMMEDIATE")
+    conn.executemany("INSERT INTO t(v) VALUES (?)", [(bytes([n % 256]) * 700,)] * 200)
+    conn.execute("COMMIT")
+    n += 1
+print(n, flush=True)
+if sys.argv[3] == "wal":
+    sys.stdin.readline()  # keeps the -wal, uncheckpointed, until the test has copied it
+"""
+
+
+@pytest.mark.parametrize("mode", ["delete", "wal"])
+def test_a_database_copied_beside_a_live_writer_is_a_committed_state(tmp_path, mode):
+    """``copy_db`` (the private copy every lock-free reader takes of ``chroma.sqlite3``) never copies a
+    transaction half-way, whatever the writer does meanwhile: each copy passes SQLite's integrity check
+    and holds whole transactions only; a WAL database's commits still in its ``-wal`` are in the copy."""
+    import sqlite3
+    import subprocess
+    import sys
+
+    from palace.chroma_sqlite import copy_db
+
+    db = tmp_path / "chroma.sqlite3"
+    conn = sqlite3.connect(db)
+    conn.execute(f"PRAGMA journal_mode={mode}")
+    conn.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
+    conn.executemany("INSERT INTO t(v) VALUES (?)", [(b"seed" * 100,)] * 2000)
+    conn.commit()
+    conn.close()
+    writer = subprocess.Popen([sys.executable, "-c", SQLITE_WRITER, str(db), "3" if mode == "delete" else "0", mode],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    copies = 0
+    try:
+        if mode == "wal":
+            assert int(writer.stdout.readline()) >= 5 and Path(f"{db}-wal").stat().st_size > 0
+        while copies < 3 or (mode == "delete" and writer.poll() is None):
+            dest = tmp_path / f"copy-{copies}.sqlite3"
+            copy_db(db, dest)
+            got = sqlite3.connect(dest)
+            try:
+                assert got.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+                count = got.execute("SELECT count(*) FROM t").fetchone()[0]
+            finally:
+                got.close()
+            assert (count - 2000) % 200 == 0, f"copy {copies} holds part of a transaction: {count} rows"
+            if mode == "wal":
+                assert count == 2000 + 200 * 5
+            dest.unlink()
+            copies += 1
+    finally:
+        writer.communicate(input="\n", timeout=60)
+    assert writer.returncode == 0

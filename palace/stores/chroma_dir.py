@@ -283,8 +283,8 @@ def _segment_stamps(palace: Path) -> dict[str, tuple[int, int]]:
 
 def take_copy(palace: Path) -> Path:
     """A private copy of a palace's Chroma files that a Chroma client may open, taken beside live
-    writers without their lock: the HNSW segment files are copied, then ``chroma.sqlite3`` through
-    SQLite's online backup (one read transaction; writers are not held up). Chroma persists its index
+    writers without their lock: the HNSW segment files are copied, then ``chroma.sqlite3`` under one
+    read transaction (``copy_db``; writers wait only for the copy). Chroma persists its index
     between its SQLite commits and records how far it got in SQLite, so the pair is consistent when no
     segment file changed from before the copy to after the backup (then every log entry past the
     persisted index is in the copied log, and Chroma replays it when it opens the copy); otherwise it
@@ -297,12 +297,7 @@ def take_copy(palace: Path) -> Path:
             before = _segment_stamps(palace)
             for seg in segment_dirs(palace):
                 shutil.copytree(seg, tmp / seg.name)
-            with chroma_sqlite.open_ro(palace / CHROMA_DB) as src:
-                dst = sqlite3.connect(str(tmp / CHROMA_DB))
-                try:
-                    src.backup(dst)
-                finally:
-                    dst.close()
+            chroma_sqlite.copy_db(palace / CHROMA_DB, tmp / CHROMA_DB)
             if _segment_stamps(palace) == before:
                 return tmp
         except BaseException:
