@@ -21,6 +21,7 @@ from typing import Callable, Iterable, Iterator
 
 import orjson
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .crypt import KEY_FILE, CryptError, Keys, Sealer
@@ -169,9 +170,16 @@ def usable_parent(prev: Path) -> tuple[Path | None, str | None]:
 
 def bundle_state(bundle: Path) -> State:
     """What the palace held when ``bundle`` was written: {table: {id: row hash}}."""
+    return state_of(pq.read_table(Path(bundle) / "state.parquet"))
+
+
+def state_of(table: pa.Table) -> State:
+    """A state file's rows as {table: {id: row hash}}, a column at a time (a 100k-row state in a
+    fraction of what a dict per row costs)."""
     state: State = {}
-    for r in pq.read_table(Path(bundle) / "state.parquet").to_pylist():
-        state.setdefault(r["table"], {})[r["id"]] = r["hash"]
+    for name in pc.unique(table["table"]).to_pylist():
+        part = table.filter(pc.equal(table["table"], name))
+        state[name] = dict(zip(part["id"].to_pylist(), part["hash"].to_pylist()))
     return state
 
 
@@ -349,8 +357,13 @@ def _write_tables(tmp: Path, content: BundleContent, sink) -> dict[str, int]:
 
 
 def state_batch(state: State) -> pa.RecordBatch:
-    return pa.RecordBatch.from_pylist(
-        [{"table": t, "id": i, "hash": h} for t, rows in state.items() for i, h in rows.items()], schema=STATE_SCHEMA)
+    tables, ids, hashes = [], [], []
+    for t, rows in state.items():
+        tables += [t] * len(rows)
+        ids += rows.keys()
+        hashes += rows.values()
+    return pa.RecordBatch.from_arrays([pa.array(tables, pa.string()), pa.array(ids, pa.string()),
+                                       pa.array(hashes, pa.string())], schema=STATE_SCHEMA)
 
 
 def _write_table(sink, rel: str, schema: pa.Schema, batches) -> int:

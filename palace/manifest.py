@@ -223,10 +223,8 @@ def check_files(bundle: Path, manifest: Manifest) -> list[str]:
             got = parquet_rows(bundle / rel) if rel in manifest.files else 0
             if got != n:
                 problems.append(f"{bundle / rel}: {got} rows, manifest says {n}")
-        state = pq.read_table(bundle / "state.parquet", columns=["table"]).column("table").to_pylist()
-        per_table: dict[str, int] = {}
-        for t in state:
-            per_table[t] = per_table.get(t, 0) + 1
+        tables = pq.read_table(bundle / "state.parquet", columns=["table"]).column("table")
+        per_table = {c["values"]: c["counts"] for c in tables.value_counts().to_pylist()}
         for table, n in sorted(manifest.totals.items()):
             if per_table.get(table, 0) != n:
                 problems.append(f"{bundle / 'state.parquet'}: {per_table.get(table, 0)} {table} rows, "
