@@ -130,6 +130,9 @@ def verify_palace(store: PalaceStore, embedder: EmbedderIdentity | None = None,
             _check_parity(store, held, source, spec, report, wing)
     else:
         report.not_checked.append("parity with a source (give --against KIND PATH)")
+    if not probes:
+        report.not_checked.append("retrieval probes (--probes 0)")
+        return report
     ids = [i for page in store.rows("drawers", ()) for i, _, _ in page]
     _probe(store, sample_ids(ids, spec, probes), report, store.identity())
     return report
