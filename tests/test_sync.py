@@ -389,3 +389,49 @@ def test_a_later_sync_reads_only_what_changed_and_misses_no_outside_edit(tmp_pat
     finally:
         replica.close()
     assert rows[ids[0]]["metadata"]["room"] == "moved in a" and rows[ids[1]]["metadata"]["room"] == "moved in b"
+
+
+def test_marks_of_a_collection_made_anew_are_not_trusted(tmp_path):
+    """A collection recreated in place (as MemPalace's ``repair rebuild-index`` does, keeping the rest
+    of the palace directory, the sync state among it) numbers its writes from the start again: a row
+    rewritten there with other text carries the very mark its old version had. The sync sees a new
+    collection, reads every row of that side, says why, and the edit reaches the other replica."""
+    import chromadb
+    from chromadb.api.client import SharedSystemClient
+
+    from palace.layout import HNSW_METADATA
+
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    ids = [f"drawer_{i:03d}" for i in range(20)]
+    docs, metas, vecs = [f"memory {i}" for i in ids], [{"wing": "w", "room": "r"}] * 20, unit(20, 5)
+    store = VectorStore(layout_for(a))
+    store.upsert(ids, docs, metas, vecs)
+    store.close()
+    assert run_sync(a, b).converged
+
+    def marks() -> dict:
+        replica = open_store(a)
+        try:
+            return replica.marks()["rows"]["drawers"]
+        finally:
+            replica.close()
+
+    before = marks()
+    SharedSystemClient.clear_system_cache()
+    client = chromadb.PersistentClient(a)
+    client.delete_collection("mempalace_drawers")
+    col = client.create_collection("mempalace_drawers", metadata=dict(HNSW_METADATA), embedding_function=None)
+    docs[3] = "memory 3, rewritten while the index was rebuilt"
+    col.add(ids=ids, documents=docs, metadatas=metas, embeddings=vecs)
+    del col, client
+    SharedSystemClient.clear_system_cache()
+    assert marks() == before  # the same marks, one of them over other text
+
+    r = run_sync(a, b)
+    replica = open_store(b)
+    try:
+        assert [row["document"] for page in replica.fetch("drawers", [ids[3]], vectors=False) for row in page] == [docs[3]]
+    finally:
+        replica.close()
+    assert r.converged and r.plan["to_b"] == {"drawers": 1}
+    assert "recreated" in r.rehashed["a"] and "b" not in r.rehashed
