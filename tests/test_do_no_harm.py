@@ -14,7 +14,7 @@ from etl.embed import EmbedderIdentity
 from palace.layout import layout_for, write_sidecar
 from palace.vectors import VectorStore
 
-from .helpers import cli_json, kill_mid_transaction, palace_rows, run_cli
+from .helpers import SAMPLE, cli_json, kill_mid_transaction, palace_rows, run_cli
 
 
 def unit(n: int, seed: int) -> np.ndarray:
@@ -335,8 +335,6 @@ def test_item04_restore_force_waits_for_a_running_import_and_never_splits_it(pla
     import subprocess
     import sys
     import time
-
-    from .helpers import SAMPLE
 
     bundle = bundle_of(plain_palace, tmp_path / "b")
     target = tmp_path / "target"
@@ -725,6 +723,25 @@ def test_item09_a_full_disk_stops_the_import_cleanly_and_the_next_run_resumes(sm
     run_cli("verify", "--palace", palace, "--against", "jsonl", src)
     assert cli_json("status", "--palace", palace, "--probes", "5")["drawers"] == 3000
     run_cli("export", "--palace", palace, "--out", tmp_path / "b")
+
+
+def test_item09_a_reader_whose_temp_disk_is_full_says_so_and_leaves_nothing(small_disk, tmp_path):
+    """A lock-free reader's private copy goes to the temp directory: when that disk fills up, the export
+    says the disk is full (not that the palace is damaged), leaves no copy and no bundle behind, and
+    the same command works once there is room."""
+    disk, _grow = small_disk
+    palace, out = tmp_path / "p", tmp_path / "b"
+    cli_json("import", "mcp-memory", SAMPLE, "--palace", palace)
+    free = os.statvfs(disk)
+    with open(disk / "filler", "wb") as f:
+        f.write(b"\0" * (free.f_bavail * free.f_frsize - 1024 * 1024))  # room for all but chroma.sqlite3
+    proc = run_cli("export", "--palace", palace, "--out", out, env={"TMPDIR": str(disk)}, check=1)
+    assert "disk is full" in proc.stderr and "damaged" not in proc.stderr and "Traceback" not in proc.stderr
+    assert f"private copy of the palace in {disk}" in proc.stderr and "TMPDIR" in proc.stderr
+    assert [p.name for p in disk.iterdir()] == ["filler"] and not list(out.glob("palace-*"))
+    (disk / "filler").unlink()
+    run_cli("export", "--palace", palace, "--out", out, env={"TMPDIR": str(disk)})
+    assert len(list(out.glob("palace-*"))) == 1 and [p.name for p in disk.iterdir()] == []
 
 
 def cut_short_palace(palace: Path) -> Path:

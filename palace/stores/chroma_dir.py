@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from .. import chroma_sqlite
-from ..errors import PalaceEtlError, PalaceLocked, SourceMissing
+from ..errors import DiskFull, PalaceEtlError, PalaceLocked, SourceMissing, is_disk_full
 from ..hnsw_files import IndexFiles, Untrusted
 from ..kg import KnowledgeGraph
 from ..layout import (
@@ -422,13 +422,20 @@ class ChromaDirReader(ChromaDirStore):
 
     def _copy(self) -> ChromaCopy:
         if self._view is None:
-            aux = self._side_files()
             try:
+                aux = self._side_files()
                 tmp = take_copy(self.path)
                 weakref.finalize(self, shutil.rmtree, tmp, True)
-            except sqlite3.DatabaseError as exc:
-                raise PalaceEtlError(f"read palace {self.path}: chroma.sqlite3 is damaged ({exc}); nothing read",
-                                     hint=f"palace-etl verify --palace {self.path} --full") from None
+            except Exception as exc:  # a full temp disk is not a damaged palace
+                if is_disk_full(exc):
+                    raise DiskFull(f"read palace {self.path}: the disk is full: no room for a private copy of the "
+                                   f"palace in {tempfile.gettempdir()} ({exc}); nothing read",
+                                   hint="free space there, or set TMPDIR to a directory with room for a copy of "
+                                        "the palace, then run the same command again") from None
+                if isinstance(exc, sqlite3.DatabaseError):
+                    raise PalaceEtlError(f"read palace {self.path}: chroma.sqlite3 is damaged ({exc}); nothing read",
+                                         hint=f"palace-etl verify --palace {self.path} --full") from None
+                raise
             self._view = ChromaCopy(layout_for(tmp, aux / KG_FILENAME, aux / STATE_DIRNAME, private=True),
                                     self.lock_timeout)
             self._view.owner = self  # a read still going on the view keeps the copies (and their finalizers) alive
