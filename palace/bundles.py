@@ -170,13 +170,8 @@ def usable_parent(prev: Path) -> tuple[Path | None, str | None]:
 
 def bundle_state(bundle: Path) -> State:
     """What the palace held when ``bundle`` was written: {table: {id: row hash}}."""
-    return state_of(pq.read_table(Path(bundle) / "state.parquet"))
-
-
-def state_of(table: pa.Table) -> State:
-    """A state file's rows as {table: {id: row hash}}, a column at a time (a 100k-row state in a
-    fraction of what a dict per row costs)."""
-    state: State = {}
+    table = pq.read_table(Path(bundle) / "state.parquet")
+    state: State = {}  # a column at a time, not a dict per row
     for name in pc.unique(table["table"]).to_pylist():
         part = table.filter(pc.equal(table["table"], name))
         state[name] = dict(zip(part["id"].to_pylist(), part["hash"].to_pylist()))

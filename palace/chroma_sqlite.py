@@ -122,8 +122,8 @@ def copy_db(db: Path, dest: Path) -> None:
     rollback-journal database (Chroma's) the SHARED lock of one read transaction keeps every writer
     from changing the file (a writer needs EXCLUSIVE to write it, even to spill its cache), so the
     file's bytes are copied by the kernel under it: the committed state, faster than SQLite's
-    page-by-page online backup (which held the same lock for longer). A WAL database, whose commits may sit in its ``-wal``, goes
-    through the online backup. After a hot journal, the copy is of what ``open_ro`` rolled back."""
+    page-by-page online backup (which held the same lock for longer). A WAL database, whose commits
+    may sit in its ``-wal``, goes through the online backup. After a hot journal, the copy is of what ``open_ro`` rolled back."""
     with open_ro(db) as src:
         main = src.execute("PRAGMA database_list").fetchone()[2]
         if src.execute("PRAGMA journal_mode").fetchone()[0] == "wal" or not main:

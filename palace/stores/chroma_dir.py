@@ -286,7 +286,7 @@ def take_copy(palace: Path) -> Path:
     writers without their lock: the HNSW segment files are copied, then ``chroma.sqlite3`` under one
     read transaction (``copy_db``; writers wait only for the copy). Chroma persists its index
     between its SQLite commits and records how far it got in SQLite, so the pair is consistent when no
-    segment file changed from before the copy to after the backup (then every log entry past the
+    segment file changed from before the copy to after the database's (then every log entry past the
     persisted index is in the copied log, and Chroma replays it when it opens the copy); otherwise it
     is retaken. Raises when it stays torn. A palace damaged before the copy is copied as it is, for
     verify to report."""
@@ -424,22 +424,29 @@ class ChromaDirReader(ChromaDirStore):
         if self._view is None:
             try:
                 aux = self._side_files()
-                tmp = take_copy(self.path)
-                weakref.finalize(self, shutil.rmtree, tmp, True)
+                tmp = self._chroma_copy()
             except Exception as exc:  # a full temp disk is not a damaged palace
                 if is_disk_full(exc):
                     raise DiskFull(f"read palace {self.path}: the disk is full: no room for a private copy of the "
                                    f"palace in {tempfile.gettempdir()} ({exc}); nothing read",
                                    hint="free space there, or set TMPDIR to a directory with room for a copy of "
                                         "the palace, then run the same command again") from None
-                if isinstance(exc, sqlite3.DatabaseError):
-                    raise PalaceEtlError(f"read palace {self.path}: chroma.sqlite3 is damaged ({exc}); nothing read",
-                                         hint=f"palace-etl verify --palace {self.path} --full") from None
                 raise
+            weakref.finalize(self, shutil.rmtree, tmp, True)
             self._view = ChromaCopy(layout_for(tmp, aux / KG_FILENAME, aux / STATE_DIRNAME, private=True),
                                     self.lock_timeout)
             self._view.owner = self  # a read still going on the view keeps the copies (and their finalizers) alive
         return self._view
+
+    def _chroma_copy(self) -> Path:
+        """``take_copy`` of the palace; a ``chroma.sqlite3`` it cannot read is named as damaged."""
+        try:
+            return take_copy(self.path)
+        except sqlite3.DatabaseError as exc:
+            if is_disk_full(exc):
+                raise
+            raise PalaceEtlError(f"read palace {self.path}: chroma.sqlite3 is damaged ({exc}); nothing read",
+                                 hint=f"palace-etl verify --palace {self.path} --full") from None
 
     @property
     def state_dir(self) -> Path:
