@@ -195,8 +195,8 @@ def export_bundle(store: PalaceStore, out: Path, incremental: bool = False, full
             if not any(state.values()):
                 raise SourceMissing(f"export --wing {wing}: palace {store.name} has no drawer or closet in that wing",
                                     hint=f"palace-etl status --palace {store.name} lists its wings")
-        changed = {t: [i for i, h in rows.items() if old.get(t, {}).get(i) != h] for t, rows in state.items()}
-        gone = [(t, i) for t in old for i in old[t] if i not in state.get(t, {})]
+        changed = {t: sorted(i for i, _ in rows.items() - old.get(t, {}).items()) for t, rows in state.items()}
+        gone = [(t, i) for t, rows in old.items() for i in sorted(rows.keys() - state.get(t, {}).keys())]
         report = ExportReport(None, "incremental" if prev else "full", prev.name if prev else None,
                               counts={t: len(v) for t, v in changed.items()},
                               totals={t: len(v) for t, v in state.items()}, deleted=gone, dry_run=dry_run,

@@ -248,14 +248,10 @@ def rows_of(conn: sqlite3.Connection, segment: str, ids: list[str]) -> list[tupl
 def row_marks(conn: sqlite3.Connection, segment: str) -> dict[str, int | str]:
     """{id: the sequence number of the write that last touched the row}: Chroma stamps
     ``embeddings.seq_id`` on every add, update and upsert (an integer in 1.x, big-endian bytes in
-    older palaces, kept as hex). Read in rowid pages, ids only."""
-    out: dict[str, int | str] = {}
-    after = 0
-    while rows := conn.execute("SELECT id, embedding_id, seq_id FROM embeddings WHERE segment_id = ? AND id > ? "
-                               "ORDER BY id LIMIT ?", (segment, after, 20 * 1000)).fetchall():
-        for _, eid, seq in rows:
-            out[eid] = seq.hex() if isinstance(seq, bytes) else seq
-        after = rows[-1][0]
+    older palaces, kept as hex). Ids only, in one query."""
+    out = dict(conn.execute("SELECT embedding_id, seq_id FROM embeddings WHERE segment_id = ?", (segment,)))
+    if not all(type(seq) is int for seq in out.values()):
+        out = {i: seq.hex() if isinstance(seq, bytes) else seq for i, seq in out.items()}
     return out
 
 

@@ -216,6 +216,51 @@ def test_change_marks_find_what_a_full_rehash_finds_and_are_not_trusted_past_a_s
     assert again["counts"]["drawers"] == 0 and "recreated" in again["rehashed_because"]
 
 
+def test_change_marks_of_an_older_palace_are_its_seq_id_bytes(tmp_path):
+    """Palaces written by Chroma 0.x keep ``embeddings.seq_id`` as big-endian bytes (MemPalace converts
+    them only when it opens the palace for writing). Their marks are those bytes in hex, compared as
+    they are: the one row rewritten with a new mark is the one re-read."""
+    import sqlite3
+
+    from palace.stores import open_store
+
+    palace = tmp_path / "palace"
+    ids = [f"drawer_{i:02d}" for i in range(12)]
+    store = VectorStore(layout_for(palace))
+    store.upsert(ids, [f"memory {i}" for i in ids], [{"wing": "w", "room": "r"}] * 12, unit(12, 4))
+    store.close()
+
+    def rewrite(sql: str, rows) -> None:
+        with sqlite3.connect(palace / "chroma.sqlite3") as conn:
+            conn.executemany(sql, rows)
+        conn.close()
+
+    with sqlite3.connect(palace / "chroma.sqlite3") as conn:
+        seqs = conn.execute("SELECT id, seq_id FROM embeddings").fetchall()
+    conn.close()
+    rewrite("UPDATE embeddings SET seq_id = ? WHERE id = ?", [(seq.to_bytes(8, "big"), rowid) for rowid, seq in seqs])
+    store = open_store(palace, read_only=True)
+    try:
+        known, marks, _ = store.changes({}, None)
+    finally:
+        store.close()
+    assert all(isinstance(m, str) and len(m) == 16 for m in marks["rows"]["drawers"].values())
+    rewrite("UPDATE embedding_metadata SET string_value = 'memory 3, rewritten' WHERE key = 'chroma:document' AND id = "
+            "(SELECT id FROM embeddings WHERE embedding_id = ?)", [("drawer_03",)])
+    rewrite("UPDATE embeddings SET seq_id = ? WHERE embedding_id = ?", [((10 ** 6).to_bytes(8, "big"), "drawer_03")])
+    rewrite("DELETE FROM embeddings WHERE embedding_id = ?", [("drawer_07",)])
+    store = open_store(palace, read_only=True)
+    read: list[str] = []
+    real = store._copy()._hashes
+    store._copy()._hashes = lambda table, got: (read.extend(got), real(table, got))[1]
+    try:
+        state, _, why = store.changes(known, marks)
+        assert why is None and read == ["drawer_03"] and state == store.snapshot()
+        assert "drawer_07" not in state["drawers"] and len(state["drawers"]) == 11
+    finally:
+        store.close()
+
+
 def test_full_bundle_every_n(tmp_path):
     palace, out = tmp_path / "palace", tmp_path / "backups"
     cli_json("import", "mcp-memory", SAMPLE, "--palace", palace)

@@ -98,9 +98,13 @@ class ChromaStore(SyncStateFile):
         state: State = {}
         for t, marked in now["rows"].items():
             was, old = marks["rows"].get(t, {}), known.get(t, {})
-            redo = {i for i, m in marked.items() if was.get(i) != m or i not in old}
+            # set operations on whole views, not a loop over every row: most rows are as they were
+            redo = {i for i, _ in marked.items() - was.items()} | (marked.keys() - old.keys())
             new = self._hashes(t, sorted(redo)) if redo else {}
-            state[t] = {i: new[i] if i in new else old[i] for i in marked if i in new or i not in redo}
+            state[t] = rows = dict(old)
+            for i in (old.keys() - marked.keys()) | redo:
+                rows.pop(i, None)
+            rows.update(new)
         return state | self._kg_state(), now, None
 
     def _hashes(self, table: str, ids: list[str]) -> dict[str, str]:
