@@ -744,6 +744,21 @@ def test_item09_a_reader_whose_temp_disk_is_full_says_so_and_leaves_nothing(smal
     assert len(list(out.glob("palace-*"))) == 1 and [p.name for p in disk.iterdir()] == []
 
 
+def test_item09_a_sync_whose_temp_disk_has_no_room_reads_without_a_copy(small_disk, tmp_path):
+    """A sync reads the rows it carries from a private copy in the temp directory when that is faster
+    (``read_view``). A temp disk without room for one is no reason to fail, nor to fill it: the sync
+    reads through the palace's own store instead, converges, and leaves the disk as it found it."""
+    disk, _grow = small_disk
+    a, b = tmp_path / "a", tmp_path / "b"
+    cli_json("import", "mcp-memory", SAMPLE, "--palace", a)
+    free = os.statvfs(disk)
+    with open(disk / "filler", "wb") as f:
+        f.write(b"\0" * (free.f_bavail * free.f_frsize - 1024 * 1024))
+    r = json.loads(run_cli("sync", a, b, "--json", env={"TMPDIR": str(disk)}).stdout)
+    assert r["converged"] and r["moved"] > 300
+    assert [p.name for p in disk.iterdir()] == ["filler"]
+
+
 def cut_short_palace(palace: Path) -> Path:
     """A palace past Chroma's sync_threshold (1000 rows, so its index persisted a pickle) whose pickle a
     write stopped by a full disk left empty."""

@@ -435,3 +435,40 @@ def test_marks_of_a_collection_made_anew_are_not_trusted(tmp_path):
         replica.close()
     assert r.converged and r.plan["to_b"] == {"drawers": 1}
     assert "recreated" in r.rehashed["a"] and "b" not in r.rehashed
+
+
+def _chroma_files(palace: Path) -> dict[str, bytes]:
+    """Chroma's own files in ``palace`` (the database and the index segments), by path: their bytes."""
+    return {str(p.relative_to(palace)): p.read_bytes() for p in sorted(palace.rglob("*"))
+            if p.is_file() and ".palace-etl" not in p.parts}
+
+
+def test_a_replica_that_only_gives_rows_is_read_from_a_private_copy(tmp_path, monkeypatch):
+    """A sync into an empty replica reads the rows it carries from a private copy of the giving
+    replica (``read_view``), not through a Chroma client on it: opening one is a write (a backfill, a
+    log purge). Chroma's files there are left byte for byte, the vectors arrive (to the last bit or two:
+    Chroma normalises each vector it is given and multiplies the norm back on reading), and no copy is
+    left in the temp directory."""
+    import tempfile
+
+    from palace.stores import ChromaDirReader
+
+    from .helpers import palace_rows
+
+    a, b, temp = tmp_path / "a", tmp_path / "b", tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))  # this test's own temp directory
+    ids = [f"drawer_{i:03d}" for i in range(300)]
+    store = VectorStore(layout_for(a))
+    store.upsert(ids, [f"memory {i}" for i in ids], [{"wing": "w", "room": f"r{i % 3}"} for i in range(300)], unit(300, 6))
+    store.close()
+    before = _chroma_files(a)
+    copies = []
+    real = ChromaDirReader._copy
+    monkeypatch.setattr(ChromaDirReader, "_copy", lambda self: (copies.append(self.path), real(self))[1])
+    r = run_sync(str(a), str(b))
+    assert r.converged and r.moved == 300 and a in copies
+    assert _chroma_files(a) == before and not list(temp.iterdir())
+    got, want = palace_rows(b, vectors=True), palace_rows(a, vectors=True)
+    assert got.keys() == want.keys() and all(np.allclose(got[i]["embedding"], want[i]["embedding"], rtol=0, atol=1e-7)
+                                             and got[i]["document"] == want[i]["document"] for i in want)

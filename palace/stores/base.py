@@ -65,6 +65,10 @@ class PalaceStore(Protocol):
     def snapshot(self) -> State:
         """{table: {id: row hash}} of every table, in the store's own order; no vectors read."""
 
+    def read_view(self, rows: int) -> "PalaceStore":
+        """Where to ``fetch`` ``rows`` rows from to write them elsewhere: a consistent private copy of
+        this store taken now, where that is cheaper than its own reads (closed with it); else itself."""
+
     def changes(self, known: State, marks: dict | None) -> tuple[State, dict | None, str | None]:
         """``snapshot()``, re-hashing only what changed since ``known`` was taken with ``marks`` (this
         store's change marks of then, from an earlier call): (the state, the marks of now for the next
@@ -170,6 +174,9 @@ class SyncStateFile:
 
     def changes(self, known, marks):
         return self.snapshot(), None, f"{type(self).__name__} keeps no change marks"
+
+    def read_view(self, rows):
+        return self
 
     def marks(self):
         return None

@@ -49,6 +49,7 @@ CRASH_ENV = "PALACE_ETL_TEST_CRASH_AT"  # test-only: kill this process at a name
 
 class ChromaDirStore(ChromaStore):
     kind = "chroma"
+    _views: tuple[ChromaStore, ...] = ()  # private copies handed out by read_view, closed with the store
 
     @property
     def root(self) -> Path:
@@ -65,6 +66,32 @@ class ChromaDirStore(ChromaStore):
 
     def exists(self) -> bool:
         return self.db.exists()
+
+    def read_view(self, rows: int) -> ChromaStore:
+        """A private copy to read ``rows`` rows from (a ``ChromaDirReader``: no Chroma client opened
+        here, vectors read from the files) when copying the palace's files costs less than opening a
+        client and paging the rows through it, and the temp directory has room to spare; else this store."""
+        if not rows or not self.exists():
+            return self
+        size = self.db.stat().st_size + sum(f.stat().st_size for seg in segment_dirs(self.path)
+                                            for f in seg.iterdir() if f.is_file())
+        if size / COPY_BYTES_PER_S >= CLIENT_OPEN_S + rows / CLIENT_ROWS_PER_S or \
+                shutil.disk_usage(tempfile.gettempdir()).free < 2 * size:
+            return self
+        view = ChromaDirReader(self.layout, self.lock_timeout, self.settings)
+        try:
+            view._copy()
+        except (DiskFull, PalaceLocked):  # no room after all, or an index that kept changing: read here
+            view.close()
+            return self
+        self._views = (*self._views, view)
+        return view
+
+    def close(self) -> None:
+        super().close()
+        for view in self._views:
+            view.close()
+        self._views = ()
 
     def verified(self, whole: bool = True) -> None:
         pass
@@ -274,6 +301,10 @@ def _private(root: Path) -> None:
 
 
 COPY_TRIES = 5
+# read_view's rough, cautious cost model; it only chooses between two correct ways to read
+COPY_BYTES_PER_S = 1e9  # copying a palace's files (well over this from the page cache, on this machine)
+CLIENT_OPEN_S = 1.0  # importing chromadb and opening a client (about that, on this machine)
+CLIENT_ROWS_PER_S = 5000  # Chroma's get, rows with their vectors (bench row 5's raw paging: about 5,500)
 
 
 def _segment_stamps(palace: Path) -> dict[str, tuple[int, int]]:
@@ -319,6 +350,9 @@ class ChromaCopy(ChromaDirStore):
         super().__init__(layout, lock_timeout)
         self._files: dict[str, IndexFiles] = {}
         self.untrusted: dict[str, str] = {}
+
+    def read_view(self, rows: int) -> ChromaStore:
+        return self  # a private copy already
 
     def _index(self, table: str, conn: sqlite3.Connection) -> IndexFiles | None:
         if table not in self._files and table not in self.untrusted:
@@ -455,6 +489,9 @@ class ChromaDirReader(ChromaDirStore):
     @state_dir.setter
     def state_dir(self, value: Path) -> None:
         pass  # set by the base class; the live one is kept in live_state_dir
+
+    def read_view(self, rows: int) -> ChromaStore:
+        return self  # reads a private copy already
 
     def snapshot(self):
         return self._copy().snapshot() if self.exists() else super().snapshot()

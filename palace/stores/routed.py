@@ -157,6 +157,9 @@ class RoutedStore:
     def marks(self):
         return self._reader.marks()
 
+    def read_view(self, rows):
+        return self  # reads through this store's fetch: routed drawers under our ids
+
     def scan(self, table):
         return scan_by_fetch(self, table)  # through this store's fetch: routed drawers under our ids
 
