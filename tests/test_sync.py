@@ -437,16 +437,17 @@ def test_marks_of_a_collection_made_anew_are_not_trusted(tmp_path):
     assert "recreated" in r.rehashed["a"] and "b" not in r.rehashed
 
 
-def _chroma_files(palace: Path) -> dict[str, bytes]:
-    """Chroma's own files in ``palace`` (the database and the index segments), by path: their bytes."""
-    return {str(p.relative_to(palace)): p.read_bytes() for p in sorted(palace.rglob("*"))
-            if p.is_file() and ".palace-etl" not in p.parts}
+def _chroma_files(palace: Path) -> dict[str, tuple[str, int]]:
+    """``fingerprint`` of Chroma's own files in ``palace`` (palace-etl's sync state left out)."""
+    from .test_live import fingerprint
+
+    return {k: v for k, v in fingerprint(palace).items() if not k.startswith(".palace-etl")}
 
 
 def test_a_replica_that_only_gives_rows_is_read_from_a_private_copy(tmp_path, monkeypatch):
     """A sync into an empty replica reads the rows it carries from a private copy of the giving
     replica (``read_view``), not through a Chroma client on it: opening one is a write (a backfill, a
-    log purge). Chroma's files there are left byte for byte, the vectors arrive (to the last bit or two:
+    log purge). Chroma's files there are left byte for byte (and mtime), the vectors arrive (to the last bit or two:
     Chroma normalises each vector it is given and multiplies the norm back on reading), and no copy is
     left in the temp directory."""
     import tempfile

@@ -73,8 +73,7 @@ class ChromaDirStore(ChromaStore):
         client and paging the rows through it, and the temp directory has room to spare; else this store."""
         if not rows or not self.exists():
             return self
-        size = self.db.stat().st_size + sum(f.stat().st_size for seg in segment_dirs(self.path)
-                                            for f in seg.iterdir() if f.is_file())
+        size = self.db.stat().st_size + sum(n for n, _ in _segment_stamps(self.path).values())
         if size / COPY_BYTES_PER_S >= CLIENT_OPEN_S + rows / CLIENT_ROWS_PER_S or \
                 shutil.disk_usage(tempfile.gettempdir()).free < 2 * size:
             return self
@@ -350,9 +349,6 @@ class ChromaCopy(ChromaDirStore):
         super().__init__(layout, lock_timeout)
         self._files: dict[str, IndexFiles] = {}
         self.untrusted: dict[str, str] = {}
-
-    def read_view(self, rows: int) -> ChromaStore:
-        return self  # a private copy already
 
     def _index(self, table: str, conn: sqlite3.Connection) -> IndexFiles | None:
         if table not in self._files and table not in self.untrusted:
