@@ -14,7 +14,6 @@ import datetime as dt
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -24,6 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from . import scratch
 from .crypt import KEY_FILE, CryptError, Keys, Sealer
 from .ids import HashingWriter, sha256_file
 from .layout import SIDECAR, atomic_dir, atomic_write, safe_dir
@@ -111,13 +111,10 @@ def _decrypted(links: list[tuple[Path, Manifest]], keys: Keys | None) -> Iterato
     if keys is None:
         raise CryptError(f"read bundle {links[-1][0]}: it is encrypted",
                          hint="pass --identity FILE (an age identity) or --passphrase-file FILE")
-    tmp = Path(tempfile.mkdtemp(prefix="palace-etl-decrypted-"))
-    try:
+    with scratch.scratch(scratch.DECRYPTED) as tmp:
         for link, outer in links:
             _plain_copy(link, outer, keys, tmp / link.name)
         yield tmp / links[-1][0].name
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _plain_copy(link: Path, outer: Manifest, keys: Keys, dst: Path) -> None:
@@ -419,5 +416,5 @@ def check_openable(out: Path, keys: Keys | None, rewrite: bool) -> None:
         if rewrite and outer.encryption and outer.encryption.get("passphrase") and keys.passphrase is None:
             raise CryptError(f"rewrite bundle {link}: it is passphrase-encrypted, and so must its new files be",
                              hint="pass --passphrase-file FILE")
-        with tempfile.TemporaryDirectory(prefix="palace-etl-decrypted-") as tmp:
+        with scratch.scratch(scratch.DECRYPTED) as tmp:
             keys.decrypt(link / SEALED_MANIFEST, Path(tmp) / MANIFEST, keys.for_bundle(link), link)

@@ -12,11 +12,11 @@ import contextlib
 import os
 import shutil
 import sqlite3
-import tempfile
 from pathlib import Path
 from typing import Iterator
 from urllib.parse import quote
 
+from . import scratch
 from .errors import PalaceLocked, SourceMissing
 from .layout import CHROMA_DB, DRAWERS_COLLECTION
 
@@ -105,7 +105,7 @@ def open_ro(db: Path, timeout: float = 30.0) -> Iterator[sqlite3.Connection]:
             if recover_hot_journal(db):
                 conn = sqlite3.connect(ro_uri(db), uri=True, timeout=timeout)
             else:
-                private = Path(tempfile.mkdtemp(prefix="palace-etl-journal-"))
+                private = scratch.make(scratch.JOURNAL)
                 shutil.copy2(db, private / Path(db).name)
                 shutil.copy2(f"{db}-journal", private / f"{Path(db).name}-journal")
                 conn = sqlite3.connect(str(private / Path(db).name), timeout=timeout)
@@ -114,7 +114,7 @@ def open_ro(db: Path, timeout: float = 30.0) -> Iterator[sqlite3.Connection]:
     finally:
         conn.close()
         if private is not None:
-            shutil.rmtree(private, ignore_errors=True)
+            scratch.remove(private)
 
 
 def copy_db(db: Path, dest: Path) -> None:

@@ -598,6 +598,64 @@ def test_item18_temp_dirs_of_killed_exports_are_cleaned(plain_palace, tmp_path):
     assert not stale.exists() and len(list(out.glob("palace-*"))) == 2
 
 
+HOLD_A_COPY = ("import sys, time\n"
+               "from palace.layout import layout_for\n"
+               "from palace.stores.chroma_dir import ChromaDirReader\n"
+               "reader = ChromaDirReader(layout_for(sys.argv[1]))\n"
+               "reader.counts()\n"  # takes its private copies
+               "print('ready', flush=True)\n"
+               "time.sleep(600)\n")
+
+
+def test_item18_private_copies_of_killed_runs_are_removed_by_the_next_run(plain_palace, tmp_path):
+    """A run killed with SIGKILL (the OOM killer) cannot remove its private copy of the palace from the
+    temp directory, and one left every night fills the disk. The next run removes it; it leaves alone
+    the copies of a run still going and every directory it did not make, whatever its name."""
+    import subprocess
+    import sys
+
+    from palace.scratch import OWNER
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+
+    def holder() -> subprocess.Popen:
+        proc = subprocess.Popen([sys.executable, "-c", HOLD_A_COPY, str(plain_palace)], stdout=subprocess.PIPE,
+                                text=True, env={**os.environ, "TMPDIR": str(tmp)})
+        assert proc.stdout.readline().strip() == "ready"
+        return proc
+
+    killed = holder()
+    killed_dirs = set(tmp.iterdir())
+    assert len(killed_dirs) == 2  # the Chroma files, and the KG with the ledger
+    killed.kill()
+    killed.wait()
+    live = holder()
+    try:
+        live_dirs = set(tmp.iterdir()) - killed_dirs
+        valuables = tmp_path / "valuables"
+        valuables.mkdir()
+        (valuables / OWNER).write_text("not a lock of ours")
+        planted = {tmp / "palace-etl-snapshot-link": lambda p: p.symlink_to(valuables),
+                   tmp / "palace-etl-snapshot-older": lambda p: (p.mkdir(), (p / "chroma.sqlite3").write_text("x")),
+                   tmp / "palace-etl-snapshot-fifo": lambda p: (p.mkdir(), os.mkfifo(p / OWNER)),
+                   tmp / "palace-etl-snapshot-ownerlink": lambda p: (p.mkdir(), (p / OWNER).symlink_to(valuables / OWNER))}
+        if os.geteuid() == 0:  # a directory of another user's run
+            planted[tmp / "palace-etl-journal-nobody"] = lambda p: (p.mkdir(), (p / OWNER).write_text("1"),
+                                                                   os.chown(p, 65534, 65534))
+        for path, make in planted.items():
+            make(path)
+        before = tree(valuables)
+        run_cli("export", "--palace", plain_palace, "--out", tmp_path / "b", env={"TMPDIR": str(tmp)}, timeout=120)
+        assert set(tmp.iterdir()) == live_dirs | set(planted)  # the killed run's copies went, nothing else did
+        assert all(len(list(d.iterdir())) > 1 for d in live_dirs) and tree(valuables) == before
+    finally:
+        live.kill()
+        live.wait()
+    run_cli("export", "--palace", plain_palace, "--out", tmp_path / "b", env={"TMPDIR": str(tmp)}, timeout=120)
+    assert set(tmp.iterdir()) == set(planted)
+
+
 # ------------------------------------------------------------------ item 14
 @pytest.mark.parametrize("name", ["mem0", "zep", "mcp-memory-service", "chatgpt", "claude-ai", "claude-mem", "jsonl",
                                   "letta", "mcp-memory", "auto"])

@@ -24,7 +24,7 @@ import weakref
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .. import chroma_sqlite
+from .. import chroma_sqlite, scratch
 from ..errors import DiskFull, PalaceEtlError, PalaceLocked, SourceMissing, is_disk_full
 from ..hnsw_files import IndexFiles, Untrusted
 from ..kg import KnowledgeGraph
@@ -322,7 +322,7 @@ def take_copy(palace: Path) -> Path:
     verify to report."""
     palace = Path(palace)
     for _ in range(COPY_TRIES):
-        tmp = Path(tempfile.mkdtemp(prefix="palace-etl-snapshot-"))
+        tmp = scratch.make(scratch.SNAPSHOT)
         try:
             before = _segment_stamps(palace)
             for seg in segment_dirs(palace):
@@ -331,9 +331,9 @@ def take_copy(palace: Path) -> Path:
             if _segment_stamps(palace) == before:
                 return tmp
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            scratch.remove(tmp)
             raise
-        shutil.rmtree(tmp, ignore_errors=True)
+        scratch.remove(tmp)
         time.sleep(0.2)
     raise PalaceLocked(f"read palace {palace}: its vector index kept changing while it was copied "
                        f"({COPY_TRIES} tries)", hint="retry when the writers are less busy")
@@ -440,8 +440,8 @@ class ChromaDirReader(ChromaDirStore):
     def _side_files(self) -> Path:
         """Private copies of the KG, the run ledger and the hub id map (taken once, beside the Chroma copy)."""
         if self._aux is None:
-            self._aux = Path(tempfile.mkdtemp(prefix="palace-etl-snapshot-"))
-            weakref.finalize(self, shutil.rmtree, self._aux, True)  # a reader dropped unclosed leaves no copy
+            self._aux = scratch.make(scratch.SNAPSHOT)
+            weakref.finalize(self, scratch.remove, self._aux)  # a reader dropped unclosed leaves no copy
             (self._aux / STATE_DIRNAME).mkdir(mode=0o700)
             if self.kg_path.exists():
                 chroma_sqlite.private_copy(self.kg_path, self._aux / KG_FILENAME)
@@ -462,7 +462,7 @@ class ChromaDirReader(ChromaDirStore):
                                    hint="free space there, or set TMPDIR to a directory with room for a copy of "
                                         "the palace, then run the same command again") from None
                 raise
-            weakref.finalize(self, shutil.rmtree, tmp, True)
+            weakref.finalize(self, scratch.remove, tmp)
             self._view = ChromaCopy(layout_for(tmp, aux / KG_FILENAME, aux / STATE_DIRNAME, private=True),
                                     self.lock_timeout)
             self._view.owner = self  # a read still going on the view keeps the copies (and their finalizers) alive
@@ -542,8 +542,8 @@ class ChromaDirReader(ChromaDirStore):
         super().close()
         if self._view is not None:
             self._view.close()
-            shutil.rmtree(self._view.path, ignore_errors=True)
+            scratch.remove(self._view.path)
             self._view = None
         if self._aux is not None:
-            shutil.rmtree(self._aux, ignore_errors=True)
+            scratch.remove(self._aux)
             self._aux = None
