@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -181,8 +182,12 @@ def export_bundle(store: PalaceStore, out: Path, incremental: bool = False, full
         raise BundleError(f"export --out {out}: it is inside the palace {root}; a bundle there would be "
                           "taken for the palace's own files", hint="write bundles outside the palace")
     scope = {"wing": wing, "encryption": sealer.describe() if sealer else None}
-    with bundle_dir_lock(out):
-        prev, old, full_because = _parent(out, incremental, full_every, scope)
+    with bundle_dir_lock(out), ThreadPoolExecutor(1) as pool:
+        ready = pool.submit(store.prepare)  # a head start on the palace's private copy while the bundles are checked
+        try:
+            prev, old, full_because = _parent(out, incremental, full_every, scope)
+        finally:
+            ready.exception()  # waits; what failed there fails again, and is reported, where it is needed
         if wing is None and not old and not dry_run:  # every row goes in: read each once
             return _export_whole(store, out, prev, scope, sealer, full_because)
         marks, rehashed_because = None, None

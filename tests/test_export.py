@@ -216,6 +216,41 @@ def test_change_marks_find_what_a_full_rehash_finds_and_are_not_trusted_past_a_s
     assert again["counts"]["drawers"] == 0 and "recreated" in again["rehashed_because"]
 
 
+def test_a_prepared_reader_reads_the_palace_as_it_was_then(tmp_path):
+    """``prepare``, the head start an export gives its reader in another thread while it checks the
+    bundles, takes the reader's private copy and its vector index: every later read -- rows, hashes,
+    vectors -- is the palace of that moment, whatever is written after."""
+    import threading
+
+    from palace.stores import open_store
+
+    palace = tmp_path / "palace"
+    ids = [f"drawer_{i:02d}" for i in range(12)]
+    store = VectorStore(layout_for(palace))
+    vectors = unit(12, 7)
+    store.upsert(ids, [f"memory {i}" for i in ids], [{"wing": "w", "room": "r"}] * 12, vectors)
+    reader = open_store(palace, read_only=True)
+    try:
+        head_start = threading.Thread(target=reader.prepare)
+        head_start.start()
+        head_start.join()
+        store.upsert(["drawer_03"], ["memory 3, rewritten"], [{"wing": "w", "room": "r"}], unit(1, 8))
+        store.delete(["drawer_07"])
+        store.close()
+        state = reader.snapshot()
+        assert len(state["drawers"]) == 12 and "drawer_07" in state["drawers"]
+        (page,) = reader.fetch("drawers", ["drawer_03", "drawer_07"])
+        assert [r["document"] for r in page] == ["memory drawer_03", "memory drawer_07"]
+        assert np.allclose([r["embedding"] for r in page], vectors[[3, 7]], atol=1e-7)
+    finally:
+        reader.close()
+    fresh = open_store(palace, read_only=True)
+    try:
+        assert len(fresh.snapshot()["drawers"]) == 11
+    finally:
+        fresh.close()
+
+
 def test_change_marks_of_an_older_palace_are_its_seq_id_bytes(tmp_path):
     """Palaces written by Chroma 0.x keep ``embeddings.seq_id`` as big-endian bytes (MemPalace converts
     them only when it opens the palace for writing). Their marks are those bytes in hex, compared as

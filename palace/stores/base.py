@@ -69,6 +69,11 @@ class PalaceStore(Protocol):
         """Where to ``fetch`` ``rows`` rows from to write them elsewhere: a consistent private copy of
         this store taken now, where that is cheaper than its own reads (closed with it); else itself."""
 
+    def prepare(self) -> None:
+        """Take now what its first read would take first (a private copy, an index's id map), so that
+        can overlap other work: called from another thread while nothing else uses the store. Only a
+        head start: a store that skips it, or fails in it, reads the same (and fails again there)."""
+
     def changes(self, known: State, marks: dict | None) -> tuple[State, dict | None, str | None]:
         """``snapshot()``, re-hashing only what changed since ``known`` was taken with ``marks`` (this
         store's change marks of then, from an earlier call): (the state, the marks of now for the next
@@ -177,6 +182,9 @@ class SyncStateFile:
 
     def read_view(self, rows):
         return self
+
+    def prepare(self):
+        pass
 
     def marks(self):
         return None

@@ -358,6 +358,12 @@ class ChromaCopy(ChromaDirStore):
                 self.untrusted[table] = str(exc)
         return self._files.get(table)
 
+    def prepare(self):
+        with self._sqlite() as conn:
+            for table, name in COLLECTIONS.items():
+                if chroma_sqlite.segments(conn, name):
+                    self._index(table, conn)
+
     def fetch(self, table, ids, vectors=True):
         if table not in COLLECTIONS:
             yield from super().fetch(table, ids, vectors)
@@ -488,6 +494,10 @@ class ChromaDirReader(ChromaDirStore):
 
     def read_view(self, rows: int) -> ChromaStore:
         return self  # reads a private copy already
+
+    def prepare(self):
+        if self.exists():
+            self._copy().prepare()
 
     def snapshot(self):
         return self._copy().snapshot() if self.exists() else super().snapshot()

@@ -160,6 +160,9 @@ class RoutedStore:
     def read_view(self, rows):
         return self  # reads through this store's fetch: routed drawers under our ids
 
+    def prepare(self):
+        self._reader.prepare()
+
     def scan(self, table):
         return scan_by_fetch(self, table)  # through this store's fetch: routed drawers under our ids
 
