@@ -200,7 +200,7 @@ def export_bundle(store: PalaceStore, out: Path, incremental: bool = False, full
             if not any(state.values()):
                 raise SourceMissing(f"export --wing {wing}: palace {store.name} has no drawer or closet in that wing",
                                     hint=f"palace-etl status --palace {store.name} lists its wings")
-        changed = {t: sorted(i for i, _ in rows.items() - old.get(t, {}).items()) for t, rows in state.items()}
+        changed = {t: _changed(rows, old.get(t, {})) for t, rows in state.items()}
         gone = [(t, i) for t, rows in old.items() for i in sorted(rows.keys() - state.get(t, {}).keys())]
         report = ExportReport(None, "incremental" if prev else "full", prev.name if prev else None,
                               counts={t: len(v) for t, v in changed.items()},
@@ -224,6 +224,11 @@ def export_bundle(store: PalaceStore, out: Path, incremental: bool = False, full
                 content.kg[table] = rows
         content.watermark = lambda: {"vanished": {t: len(v) for t, v in vanished.items() if v}}
         return _written(store, out, prev, content, sealer, scope, marks, report)
+
+
+def _changed(rows: dict[str, str], was: dict[str, str]) -> list[str]:
+    """The ids whose hash is not what it was (new ones included), sorted."""
+    return sorted(i for i, h in rows.items() if was.get(i) != h)
 
 
 def _content(store: PalaceStore, state: State, gone: list, wing: str | None) -> BundleContent:

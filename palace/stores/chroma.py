@@ -98,11 +98,11 @@ class ChromaStore(SyncStateFile):
         state: State = {}
         for t, marked in now["rows"].items():
             was, old = marks["rows"].get(t, {}), known.get(t, {})
-            # set operations on whole views, not a loop over every row: most rows are as they were
-            redo = {i for i, _ in marked.items() - was.items()} | (marked.keys() - old.keys())
+            # one pass of dict lookups (no tuple per row, as a set difference of items would build)
+            redo = [i for i, seq in marked.items() if was.get(i) != seq or i not in old]
             new = self._hashes(t, sorted(redo)) if redo else {}
             state[t] = rows = dict(old)
-            for i in (old.keys() - marked.keys()) | redo:
+            for i in [i for i in old if i not in marked] + redo:
                 rows.pop(i, None)
             rows.update(new)
         return state | self._kg_state(), now, None
