@@ -55,7 +55,7 @@ def make(prefix: str) -> Path:
 
 
 def remove(path: Path) -> None:
-    """Remove a scratch directory of this process and release its lock (again: nothing)."""
+    """Remove a scratch directory of this process and release its lock (a second call does nothing)."""
     shutil.rmtree(path, ignore_errors=True)
     with _guard:
         fd = _held.pop(str(path), None)
