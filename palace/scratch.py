@@ -22,6 +22,8 @@ import threading
 from pathlib import Path
 from typing import Iterator
 
+from .lock import _flock
+
 SNAPSHOT, JOURNAL, DECRYPTED = "palace-etl-snapshot-", "palace-etl-journal-", "palace-etl-decrypted-"
 PREFIXES = (SNAPSHOT, JOURNAL, DECRYPTED)
 OWNER = ".palace-etl-owner"
@@ -72,14 +74,12 @@ def scratch(prefix: str) -> Iterator[Path]:
         remove(path)
 
 
-def sweep() -> list[Path]:
-    """Remove the scratch directories of runs that are gone (see the module's rules); returns them."""
-    removed = []
-    root = Path(tempfile.gettempdir())
+def sweep() -> None:
+    """Remove the scratch directories of runs that are gone (see the module's rules)."""
     try:
-        entries = list(os.scandir(root))
+        entries = list(os.scandir(tempfile.gettempdir()))
     except OSError:
-        return removed
+        return
     for entry in entries:
         if not entry.name.startswith(PREFIXES) or entry.path in _held:
             continue
@@ -91,14 +91,9 @@ def sweep() -> list[Path]:
         except OSError:
             continue  # no owner file: not ours to judge
         try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                continue  # its run is still going
-            shutil.rmtree(entry.path, ignore_errors=True)
-            removed.append(Path(entry.path))
+            if stat.S_ISREG(os.fstat(fd).st_mode) and _flock(fd, True, 0):  # free: its run is gone
+                shutil.rmtree(entry.path, ignore_errors=True)
+        except OSError:
+            pass  # a lock this filesystem will not take: leave it
         finally:
             os.close(fd)
-    return removed
