@@ -15,7 +15,6 @@ pickle is read with an unpickler that refuses every global, so it can only ever 
 """
 from __future__ import annotations
 
-import io
 import pickle
 import sqlite3
 import struct
@@ -77,10 +76,10 @@ class IndexFiles:
         persisted = int(seq[0]) if seq and isinstance(seq[0], int) else 0
         if seq and not isinstance(seq[0], int):
             raise Untrusted(f"collection {collection}: max_seq_id is not an integer")
-        self._positions: dict[str, int] = {}
+        self._labels: dict[str, int] = {}  # the id map (id -> label); every label checked to be in the index
         self._data = self._lengths = None
         self._load_index(Path(palace) / seg)
-        if not self._positions and persisted:
+        if not self._labels and persisted:
             raise Untrusted(f"collection {collection}: a persisted index with no id map")
         self._tail: dict[str, np.ndarray | None] = {}
         self._replay(conn, coll_id, persisted)
@@ -105,8 +104,9 @@ class IndexFiles:
         if not data_file.is_file() or data_file.stat().st_size < count * size or \
                 not length_file.is_file() or length_file.stat().st_size < count * 4:
             raise Untrusted(f"{seg}: files shorter than {count} elements")
-        try:
-            meta = _PlainData(io.BytesIO(pickled.read_bytes())).load()
+        try:  # through a buffered reader: the unpickler then reads it in chunks, not an opcode at a time
+            with open(pickled, "rb", buffering=1 << 20) as f:
+                meta = _PlainData(f).load()
         except Untrusted:
             raise
         except Exception as exc:  # empty, cut short, not a pickle: whatever Chroma makes of it, not us
@@ -119,24 +119,25 @@ class IndexFiles:
         flags = np.asarray(data[:, off0 + 2])
         order = np.argsort(labels, kind="stable")
         ranked = labels[order]
-        for i, label in id_to_label.items():
-            if not isinstance(i, str) or not isinstance(label, int):
-                raise Untrusted(f"{pickled}: an id map entry that is not (str, int)")
-        wanted = np.fromiter(id_to_label.values(), dtype=np.uint64, count=len(id_to_label))
+        if set(map(type, id_to_label)) - {str} or set(map(type, id_to_label.values())) - {int}:
+            raise Untrusted(f"{pickled}: an id map entry that is not (str, int)")
+        try:
+            wanted = np.fromiter(id_to_label.values(), dtype=np.uint64, count=len(id_to_label))
+        except OverflowError:
+            raise Untrusted(f"{pickled}: an id map label out of range") from None
         at = np.searchsorted(ranked, wanted)
         if len(wanted) and (at.max() >= len(ranked) or not np.array_equal(ranked[at], wanted)):
             raise Untrusted(f"{seg}: the id map names labels the index does not hold")
         if len(ranked) > 1 and np.any(ranked[1:] == ranked[:-1]):
             raise Untrusted(f"{seg}: two elements share a label")
-        pos = order[at]
-        if np.any(flags[pos] & DELETE_MARK):
+        if np.any(flags[order[at]] & DELETE_MARK):
             raise Untrusted(f"{seg}: the id map names a deleted element")
-        self._positions = dict(zip(id_to_label, pos.tolist()))
+        self._labels, self._order, self._ranked = id_to_label, order, ranked  # positions looked up when asked
         self._data, self._data_at = data, data_at
         self._lengths = np.memmap(length_file, dtype="<f4", mode="r", shape=(count,))
 
     def _replay(self, conn: sqlite3.Connection, coll_id: str, persisted: int) -> None:
-        live = lambda i: self._tail[i] is not None if i in self._tail else i in self._positions  # noqa: E731
+        live = lambda i: self._tail[i] is not None if i in self._tail else i in self._labels  # noqa: E731
         pending: list[tuple[str, bytes]] = []
         for op, i, blob, enc in conn.execute(
                 "SELECT operation, id, vector, encoding FROM embeddings_queue WHERE seq_id > ? AND topic LIKE ? "
@@ -171,12 +172,14 @@ class IndexFiles:
                 if v is None:
                     raise Untrusted(f"{i!r}: deleted in the log")
                 out[k] = v
-            elif i in self._positions:
-                from_index.append((k, self._positions[i]))
+            elif i in self._labels:
+                from_index.append((k, self._labels[i]))
             else:
                 raise Untrusted(f"{i!r}: in no index file and no log record")
         if from_index:
-            rows, pos = (np.fromiter(c, dtype=np.int64, count=len(from_index)) for c in zip(*from_index))
+            ks, labels = zip(*from_index)
+            rows = np.fromiter(ks, dtype=np.int64, count=len(ks))
+            pos = self._order[np.searchsorted(self._ranked, np.fromiter(labels, dtype=np.uint64, count=len(labels)))]
             order = np.argsort(pos)  # read the mapped file front to back
             stored = np.ascontiguousarray(self._data[pos[order], self._data_at:self._data_at + 4 * self.dim])
             unit = stored.view("<f4")

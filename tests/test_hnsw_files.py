@@ -148,7 +148,8 @@ def test_an_id_map_that_names_code_is_refused_without_running_it(tmp_path):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("damage", ["short data file", "count past the files", "label missing", "empty id map"])
+@pytest.mark.parametrize("damage", ["short data file", "count past the files", "label missing", "empty id map",
+                                    "label not an int", "negative label"])
 def test_index_files_that_do_not_add_up_are_refused(tmp_path, damage):
     palace = tmp_path / "palace"
     _collection(palace).upsert(ids=[f"d{i}" for i in range(1200)], embeddings=_vectors(1200, 5), documents=["x"] * 1200)
@@ -164,7 +165,7 @@ def test_index_files_that_do_not_add_up_are_refused(tmp_path, damage):
         (seg / "index_metadata.pickle").write_bytes(b"")
     else:
         meta = pickle.loads((seg / "index_metadata.pickle").read_bytes())
-        meta["id_to_label"]["d0"] = 10 ** 9
+        meta["id_to_label"]["d0"] = {"label missing": 10 ** 9, "label not an int": True, "negative label": -1}[damage]
         (seg / "index_metadata.pickle").write_bytes(pickle.dumps(meta))
     with sqlite3.connect(palace / "chroma.sqlite3") as conn, pytest.raises(Untrusted):
         IndexFiles(palace, conn, "mempalace_drawers")
