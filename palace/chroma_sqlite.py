@@ -86,6 +86,13 @@ def _readable(conn: sqlite3.Connection) -> None:
     conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
 
 
+def begin_read(conn: sqlite3.Connection) -> None:
+    """Open a read transaction and take its SHARED lock now (a rollback-journal database: no writer
+    commits until the transaction ends)."""
+    conn.execute("BEGIN")
+    _readable(conn)
+
+
 @contextlib.contextmanager
 def open_ro(db: Path, timeout: float = 30.0) -> Iterator[sqlite3.Connection]:
     """A read-only connection. A hot journal from a killed writer is rolled back (under the palace
@@ -133,9 +140,8 @@ def copy_db(db: Path, dest: Path) -> None:
             finally:
                 dst.close()
             return
-        src.execute("BEGIN")
+        begin_read(src)  # SHARED from here to the rollback
         try:
-            _readable(src)  # SHARED from here to the rollback
             shutil.copyfile(main, dest)
         finally:
             src.rollback()

@@ -239,6 +239,8 @@ def test_a_prepared_reader_reads_the_palace_as_it_was_then(tmp_path):
         store.close()
         state = reader.snapshot()
         assert len(state["drawers"]) == 12 and "drawer_07" in state["drawers"]
+        early, again = reader.marks(), reader.marks()  # read beside the copy, then from the copy itself
+        assert early == again and len(early["rows"]["drawers"]) == 12
         (page,) = reader.fetch("drawers", ["drawer_03", "drawer_07"])
         assert [r["document"] for r in page] == ["memory drawer_03", "memory drawer_07"]
         assert np.allclose([r["embedding"] for r in page], vectors[[3, 7]], atol=1e-7)

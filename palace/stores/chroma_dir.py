@@ -21,6 +21,7 @@ import sqlite3
 import tempfile
 import time
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -140,9 +141,7 @@ class ChromaDirStore(ChromaStore):
         if not self.exists():
             return None
         with self._sqlite() as conn:
-            segs = {t: chroma_sqlite.segments(conn, name).get("METADATA") for t, name in COLLECTIONS.items()}
-            rows = {t: chroma_sqlite.row_marks(conn, seg) if seg else {} for t, seg in segs.items()}
-        return {"kind": "chroma-seq", "segments": segs, "rows": rows}
+            return _marks_of(conn)
 
     def _hashes(self, table: str, ids: list[str]) -> dict[str, str]:
         with self._sqlite() as conn:
@@ -306,6 +305,12 @@ CLIENT_OPEN_S = 1.0  # importing chromadb and opening a client (about that, on t
 CLIENT_ROWS_PER_S = 5000  # Chroma's get, rows with their vectors (bench row 5's raw paging: about 5,500)
 
 
+def _marks_of(conn: sqlite3.Connection) -> dict:
+    segs = {t: chroma_sqlite.segments(conn, name).get("METADATA") for t, name in COLLECTIONS.items()}
+    rows = {t: chroma_sqlite.row_marks(conn, seg) if seg else {} for t, seg in segs.items()}
+    return {"kind": "chroma-seq", "segments": segs, "rows": rows}
+
+
 def _segment_stamps(palace: Path) -> dict[str, tuple[int, int]]:
     return {str(f.relative_to(palace)): (f.stat().st_size, f.stat().st_mtime_ns)
             for seg in segment_dirs(palace) for f in seg.iterdir() if f.is_file()}
@@ -349,6 +354,11 @@ class ChromaCopy(ChromaDirStore):
         super().__init__(layout, lock_timeout)
         self._files: dict[str, IndexFiles] = {}
         self.untrusted: dict[str, str] = {}
+        self.early_marks: dict | None = None  # the palace's marks read no later than this copy was taken
+
+    def marks(self):
+        early, self.early_marks = self.early_marks, None
+        return early if early is not None else super().marks()
 
     def _index(self, table: str, conn: sqlite3.Connection) -> IndexFiles | None:
         if table not in self._files and table not in self.untrusted:
@@ -432,7 +442,8 @@ class ChromaDirReader(ChromaDirStore):
     """A palace directory read beside live writers (a MemPalace server holding its lease): every read
     comes from one consistent private copy taken on first use -- the Chroma files (``take_copy``),
     the knowledge graph and the run ledger (``chroma_sqlite.private_copy``) -- so the palace is never
-    locked, written, renamed or re-stamped, and no Chroma client is opened on it. Reports still name
+    locked, written, renamed or re-stamped, and no Chroma client is opened on it. ``prepare`` reads the
+    change marks from the live file while the copy is taken, no later than it. Reports still name
     the live files. Writes are refused."""
 
     kind = "chroma"
@@ -496,8 +507,24 @@ class ChromaDirReader(ChromaDirStore):
         return self  # reads a private copy already
 
     def prepare(self):
-        if self.exists():
-            self._copy().prepare()
+        if not self.exists():
+            return
+        if self._view is None:
+            self._marks_beside_copy()
+        self._copy().prepare()
+
+    def _marks_beside_copy(self) -> None:
+        """Take the private copy while the palace's change marks are read from the live file, not
+        after: the copy starts once this read holds its SHARED lock, which no writer commits past, so
+        the copy shows the marks' moment or a later one -- marks before rows, as ``changes`` needs."""
+        with chroma_sqlite.open_ro(self.db) as conn, ThreadPoolExecutor(1) as pool:
+            chroma_sqlite.begin_read(conn)
+            try:
+                copy = pool.submit(self._copy)
+                marks = _marks_of(conn)
+            finally:
+                conn.rollback()  # before waiting on the copy: a writer queued behind this read goes first
+            copy.result().early_marks = marks
 
     def snapshot(self):
         return self._copy().snapshot() if self.exists() else super().snapshot()
