@@ -358,14 +358,19 @@ def state_batch(state: State) -> pa.RecordBatch:
                                        pa.array(hashes, pa.string())], schema=STATE_SCHEMA)
 
 
+UNIQUE_COLUMNS = ("id", "hash")
+
+
 def _write_table(sink, rel: str, schema: pa.Schema, batches) -> int:
     """Write ``batches`` as one Parquet file. Vectors are stored without a dictionary (pyarrow's
     default tries one on every float and gives up, which cost most of an export's write time) and
-    byte-stream-split, which zstd compresses better than plain floats."""
+    byte-stream-split, which zstd compresses better than plain floats; ids and hashes, unique per
+    row, without one either (a dictionary of them only costs time to build and to read)."""
     vectors = [f.name for f in schema if pa.types.is_fixed_size_list(f.type)]
     n = 0
     with sink(rel) as f, pq.ParquetWriter(f, schema, compression="zstd",
-                                          use_dictionary=[c for c in schema.names if c not in vectors],
+                                          use_dictionary=[c for c in schema.names
+                                                          if c not in vectors and c not in UNIQUE_COLUMNS],
                                           use_byte_stream_split=[f"{c}.list.element" for c in vectors]) as w:
         for b in batches:
             if b.num_rows:
