@@ -76,12 +76,14 @@ def record_schema(dim: int) -> pa.Schema:
 
 def records_batch(rows: list[dict], dim: int) -> pa.RecordBatch:
     """Collection rows ``{id, document, metadata, embedding}`` as a bundle record batch."""
-    vecs = np.asarray([r["embedding"] for r in rows], dtype=np.float32).reshape(-1, dim)
+    vecs = np.ascontiguousarray(np.asarray([r["embedding"] for r in rows], dtype=np.float32).reshape(-1, dim))
+    # from the array's buffer, not pa.array(vecs): that imports numpy.ma (tens of ms) to look for a mask
+    flat = pa.Array.from_buffers(pa.float32(), vecs.size, [None, pa.py_buffer(vecs)])
     return pa.RecordBatch.from_arrays([
         pa.array([r["id"] for r in rows], pa.string()), pa.array([r["document"] for r in rows], pa.string()),
         pa.array([orjson.dumps(r["metadata"] or {}, option=orjson.OPT_SORT_KEYS).decode() for r in rows],
                  pa.string()),
-        pa.FixedSizeListArray.from_arrays(pa.array(vecs.ravel(), pa.float32()), dim)], schema=record_schema(dim))
+        pa.FixedSizeListArray.from_arrays(flat, dim)], schema=record_schema(dim))
 
 
 def rows_of_batch(batch: pa.RecordBatch) -> list[dict]:
