@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -127,6 +128,7 @@ def test_a_copy_torn_by_a_writer_is_retaken(tmp_path, monkeypatch):
         return {**stamps, "torn": (len(calls), 0)} if len(calls) <= 2 else stamps  # the first try is torn
 
     monkeypatch.setattr(chroma_dir, "_segment_stamps", moving)
+    monkeypatch.setattr(chroma_dir, "RACY_NS", 0)  # the import's files just written are not what this test is about
     copy = chroma_dir.take_copy(palace)
     try:
         assert len(calls) == 4  # before/after of a torn try, then of a clean one
@@ -135,6 +137,39 @@ def test_a_copy_torn_by_a_writer_is_retaken(tmp_path, monkeypatch):
         import shutil
 
         shutil.rmtree(copy)
+
+
+def test_a_segment_file_written_just_now_is_copied_only_once_a_later_write_would_show(tmp_path, monkeypatch):
+    """Before Linux 6.13 a file's mtime moves with a coarse clock tick, so a write in the same tick
+    as the one before it leaves the file's stamp as it was, and a copy torn by it would pass the
+    stamp check. A file written within that window is copied only once it is old enough for any
+    later write to show. Here the window is widened to 2 s and the same-tick write is played by a
+    write that puts the file's stamp back as it was: the copy must hold what that write wrote."""
+    import threading
+
+    from palace.stores import chroma_dir
+    from palace.vectors import segment_dirs
+
+    palace = tmp_path / "palace"
+    cli_json("import", "mcp-memory", SAMPLE, "--palace", palace)
+    (seg,) = segment_dirs(palace)
+    data = seg / "data_level0.bin"
+    monkeypatch.setattr(chroma_dir, "RACY_NS", 2_000_000_000)
+    stamp = time.time_ns()
+    os.utime(data, ns=(stamp, stamp))  # written just now
+    copies = []
+    taking = threading.Thread(target=lambda: copies.append(chroma_dir.take_copy(palace)))
+    taking.start()
+    time.sleep(0.3)
+    with open(data, "r+b") as f:  # the same tick's next write: new bytes, the same stamp
+        f.seek(64)
+        f.write(b"\x7f" * 64)
+    os.utime(data, ns=(stamp, stamp))
+    taking.join()
+    try:
+        assert (copies[0] / seg.name / data.name).read_bytes() == data.read_bytes()
+    finally:
+        shutil.rmtree(copies[0])
 
 
 def test_a_reader_dropped_unclosed_removes_its_private_copies_only_after_the_last_read(tmp_path, monkeypatch):
