@@ -12,8 +12,9 @@ import contextlib
 import os
 import shutil
 import sqlite3
+import time
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 from urllib.parse import quote
 
 from . import scratch
@@ -147,16 +148,31 @@ def copy_db(db: Path, dest: Path) -> None:
             src.rollback()
 
 
+# A file's mtime moves with the kernel's coarse clock (a tick of up to 10 ms before Linux 6.13's
+# multigrain timestamps): a write in the same tick as the one before it leaves the stamp as it was.
+RACY_NS = 50_000_000  # a file written more recently than this is not trusted to show the next write
+
+
+def unsettled(mtimes_ns: Iterable[int]) -> float:
+    """Seconds until files last written at ``mtimes_ns`` are sure to show any later write in their
+    stamps: 0 when each was written more than ``RACY_NS`` ago (or stamped well ahead of this clock)."""
+    now = time.time_ns()
+    racy = [m for m in mtimes_ns if -RACY_NS < now - m < RACY_NS]
+    return (max(racy) + RACY_NS - now) / 1e9 if racy else 0.0
+
+
 def private_copy(db: Path, dest: Path, tries: int = 5) -> None:
     """A consistent copy of a SQLite database at ``dest`` that leaves the original untouched where it
     can: a WAL database with no ``-wal`` (no writer has it open) is copied as a file, checked
-    unchanged across the copy; otherwise (a writer is in it) ``copy_db`` reads it through a read-only
-    connection, the way any reader would."""
+    unchanged across the copy; otherwise (a writer is in it, or wrote it too recently for its stamp
+    to show the next write) ``copy_db`` reads it through a read-only connection, the way any reader would."""
     db, dest = Path(db), Path(dest)
     for _ in range(tries):
         if Path(f"{db}-wal").exists() or Path(f"{db}-journal").exists():
             break
         before = os.stat(db)
+        if unsettled([before.st_mtime_ns]):
+            break
         shutil.copyfile(db, dest)
         after = os.stat(db)
         if (before.st_size, before.st_mtime_ns) == (after.st_size, after.st_mtime_ns) and \

@@ -116,6 +116,7 @@ def test_export_verify_status_beside_a_stdio_mcp_server_that_wrote(tmp_path):
 
 def test_a_copy_torn_by_a_writer_is_retaken(tmp_path, monkeypatch):
     """A segment file that changes while the copy is taken makes the copy be taken again."""
+    from palace import chroma_sqlite
     from palace.stores import chroma_dir
 
     palace = tmp_path / "palace"
@@ -128,7 +129,7 @@ def test_a_copy_torn_by_a_writer_is_retaken(tmp_path, monkeypatch):
         return {**stamps, "torn": (len(calls), 0)} if len(calls) <= 2 else stamps  # the first try is torn
 
     monkeypatch.setattr(chroma_dir, "_segment_stamps", moving)
-    monkeypatch.setattr(chroma_dir, "RACY_NS", 0)  # the import's files just written are not what this test is about
+    monkeypatch.setattr(chroma_sqlite, "RACY_NS", 0)  # the import's files just written are not what this test is about
     copy = chroma_dir.take_copy(palace)
     try:
         assert len(calls) == 4  # before/after of a torn try, then of a clean one
@@ -147,6 +148,7 @@ def test_a_segment_file_written_just_now_is_copied_only_once_a_later_write_would
     write that puts the file's stamp back as it was: the copy must hold what that write wrote."""
     import threading
 
+    from palace import chroma_sqlite
     from palace.stores import chroma_dir
     from palace.vectors import segment_dirs
 
@@ -154,7 +156,7 @@ def test_a_segment_file_written_just_now_is_copied_only_once_a_later_write_would
     cli_json("import", "mcp-memory", SAMPLE, "--palace", palace)
     (seg,) = segment_dirs(palace)
     data = seg / "data_level0.bin"
-    monkeypatch.setattr(chroma_dir, "RACY_NS", 2_000_000_000)
+    monkeypatch.setattr(chroma_sqlite, "RACY_NS", 2_000_000_000)
     stamp = time.time_ns()
     os.utime(data, ns=(stamp, stamp))  # written just now
     copies = []
@@ -170,6 +172,35 @@ def test_a_segment_file_written_just_now_is_copied_only_once_a_later_write_would
         assert (copies[0] / seg.name / data.name).read_bytes() == data.read_bytes()
     finally:
         shutil.rmtree(copies[0])
+
+
+def test_a_database_written_just_now_is_copied_through_sqlite_not_as_a_file(tmp_path, monkeypatch):
+    """``private_copy`` copies an idle database (the knowledge graph, the ledger) as a file when its
+    stamp is the same before and after; one written within the clock's tick before the stamp could
+    be written again unseen, so it is read through SQLite's own locking instead."""
+    import sqlite3
+
+    from palace import chroma_sqlite
+
+    db = tmp_path / "kg.sqlite3"
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE t (x)")
+        conn.execute("INSERT INTO t VALUES (1)")
+    conn.close()
+    through_sqlite = []
+    real = chroma_sqlite.copy_db
+    monkeypatch.setattr(chroma_sqlite, "copy_db", lambda *a: through_sqlite.append(a) or real(*a))
+    old = time.time_ns() - 10**10
+    os.utime(db, ns=(old, old))
+    chroma_sqlite.private_copy(db, tmp_path / "settled.sqlite3")
+    assert through_sqlite == [] and (tmp_path / "settled.sqlite3").read_bytes() == db.read_bytes()
+    now = time.time_ns()
+    os.utime(db, ns=(now, now))
+    chroma_sqlite.private_copy(db, tmp_path / "fresh.sqlite3")
+    assert len(through_sqlite) == 1
+    with sqlite3.connect(tmp_path / "fresh.sqlite3") as conn:
+        assert conn.execute("SELECT x FROM t").fetchall() == [(1,)]
+    conn.close()
 
 
 def test_a_reader_dropped_unclosed_removes_its_private_copies_only_after_the_last_read(tmp_path, monkeypatch):

@@ -298,10 +298,7 @@ def _private(root: Path) -> None:
 
 
 
-COPY_TRIES = 8
-# A file's mtime moves with the kernel's coarse clock (a tick of up to 10 ms before Linux 6.13's
-# multigrain timestamps): a write in the same tick as the one before it leaves the stamp as it was.
-RACY_NS = 50_000_000  # segment files written more recently than this are not stamped yet
+COPY_TRIES = 8  # a wait for files written just now (chroma_sqlite.unsettled) uses one
 # read_view's rough, cautious cost model; it only chooses between two correct ways to read
 COPY_BYTES_PER_S = 1e9  # copying a palace's files (well over this from the page cache, on this machine)
 CLIENT_OPEN_S = 1.0  # importing chromadb and opening a client (about that, on this machine)
@@ -319,14 +316,6 @@ def _segment_stamps(palace: Path) -> dict[str, tuple[int, int]]:
             for seg in segment_dirs(palace) for f in seg.iterdir() if f.is_file()}
 
 
-def _unsettled(stamps: dict[str, tuple[int, int]]) -> float:
-    """Seconds until ``stamps`` can show any later write: 0 when every file was last written more than
-    ``RACY_NS`` ago (or stamped well ahead of this clock), else the time left until then."""
-    now = time.time_ns()
-    racy = [m for _, m in stamps.values() if -RACY_NS < now - m < RACY_NS]
-    return (max(racy) + RACY_NS - now) / 1e9 if racy else 0.0
-
-
 def take_copy(palace: Path) -> Path:
     """A private copy of a palace's Chroma files that a Chroma client may open, taken beside live
     writers without their lock: the HNSW segment files are copied, then ``chroma.sqlite3`` under one
@@ -335,12 +324,12 @@ def take_copy(palace: Path) -> Path:
     segment file changed from before the copy to after the database's (then every log entry past the
     persisted index is in the copied log, and Chroma replays it when it opens the copy); otherwise it
     is retaken. A file written within the clock's tick before its stamp could be written again with
-    the same stamp, so the copy waits until the files have settled (``_unsettled``). Raises when they
+    the same stamp, so the copy waits until the files have settled (``chroma_sqlite.unsettled``). Raises when they
     keep changing. A palace damaged before the copy is copied as it is, for verify to report."""
     palace = Path(palace)
     for _ in range(COPY_TRIES):
         before = _segment_stamps(palace)
-        wait = _unsettled(before)
+        wait = chroma_sqlite.unsettled(m for _, m in before.values())
         if wait:
             time.sleep(wait)
             continue
