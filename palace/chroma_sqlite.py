@@ -149,16 +149,22 @@ def copy_db(db: Path, dest: Path) -> None:
 
 
 # A file's mtime moves with the kernel's coarse clock (a tick of up to 10 ms before Linux 6.13's
-# multigrain timestamps): a write in the same tick as the one before it leaves the stamp as it was.
-RACY_NS = 50_000_000  # a file written more recently than this is not trusted to show the next write
+# multigrain timestamps), or in whole seconds on some file systems (ext3, ext4 with small inodes, FAT,
+# HFS+): a write within the same tick as the one before it leaves the stamp as it was.
+RACY_NS = 20_000_000  # a file written more recently than this is not trusted to show the next write
+
+
+def _tick(mtime_ns: int) -> int:
+    """The stamp granularity to allow for: whole seconds when the stamp is one (2 s for FAT's even ones)."""
+    return 2 * 10**9 if mtime_ns % (2 * 10**9) == 0 else 10**9 if mtime_ns % 10**9 == 0 else RACY_NS
 
 
 def unsettled(mtimes_ns: Iterable[int]) -> float:
     """Seconds until files last written at ``mtimes_ns`` are sure to show any later write in their
-    stamps: 0 when each was written more than ``RACY_NS`` ago (or stamped well ahead of this clock)."""
+    stamps: 0 when each was written more than a tick ago (or stamped well ahead of this clock)."""
     now = time.time_ns()
-    racy = [m for m in mtimes_ns if -RACY_NS < now - m < RACY_NS]
-    return (max(racy) + RACY_NS - now) / 1e9 if racy else 0.0
+    left = [m + _tick(m) - now for m in mtimes_ns if -_tick(m) < now - m < _tick(m)]
+    return max(left) / 1e9 if left else 0.0
 
 
 def private_copy(db: Path, dest: Path, tries: int = 5) -> None:

@@ -9,7 +9,8 @@ writer lock (``palace.lock``). Under the lock, before writing, the stamp
 after our own last write: if anyone else wrote since, the client is reset
 (``clear_system_cache`` + a new client) before we write, so a stale in-memory
 index is never persisted over someone else's. After our own writes the stamp
-is refreshed, so our writes never look external.
+is refreshed, so our writes never look external; the lock is let go only once
+the clock tick of our last write has passed, so the next writer's shows.
 
 Reads between writes use the cached client; the external-change check is
 rate-limited (``refresh_interval``), except that a vanished database (rebuild,
@@ -32,6 +33,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
+from .chroma_sqlite import unsettled
 from .errors import CollectionMissing, PalaceEtlError, PalaceLocked, SourceMissing
 from .layout import (
     CHROMA_DB,
@@ -222,8 +224,19 @@ class VectorStore:
         self._client, self._collections = value
         self.client_creations += 1
         if not self.is_server:
-            self._stamp = db_stamp(self.layout.path / CHROMA_DB)
+            self._settled_stamp()
         self._last_check = time.monotonic()
+
+    def _settled_stamp(self) -> None:
+        """Take the stamp after our own write (or open), while the lock is still held; first let the
+        clock tick of that write pass (``unsettled``), or the next writer's commit could land in the
+        same tick, keep the stamp as it is, and its rows be persisted over by our stale index."""
+        db = self.layout.path / CHROMA_DB
+        stamp = db_stamp(db)
+        if stamp is not None and (wait := unsettled([stamp[1]])):
+            time.sleep(wait)
+            stamp = db_stamp(db)
+        self._stamp = stamp
 
     def _wait_for_sqlite(self) -> None:
         """Bound the open: ``PersistentClient()`` waits up to 1,000 s behind any other connection's lock
@@ -260,7 +273,7 @@ class VectorStore:
                 self._open(create)
             yield self._collections[self.collection_name]
             if not self.is_server:
-                self._stamp = db_stamp(self.layout.path / CHROMA_DB)
+                self._settled_stamp()
                 self._last_check = time.monotonic()
 
     def reading(self):

@@ -129,6 +129,30 @@ def test_own_writes_never_look_external(tmp_path):
     assert result(spawn("own_writes", tmp_path / "own", 10))["client_creations"] == 1
 
 
+def test_a_writer_lets_the_lock_go_only_once_its_writes_clock_tick_has_passed(tmp_path, monkeypatch):
+    """After its own write a writer keeps the stamp of chroma.sqlite3, to tell next time whether
+    anyone else wrote since. Before Linux 6.13 the stamp's mtime moves with a coarse clock tick, so
+    a writer that took the lock just after ours and committed within the same tick would leave the
+    stamp as it was, and our next write would persist our stale in-memory index over its rows. The
+    lock is let go only once that tick has passed (widened here to 0.5 s)."""
+    import numpy as np
+
+    from palace import chroma_sqlite
+    from palace.layout import layout_for
+    from palace.vectors import VectorStore
+
+    monkeypatch.setattr(chroma_sqlite, "RACY_NS", 500_000_000)
+    palace = tmp_path / "p"
+    store = VectorStore(layout_for(palace))
+    try:
+        for batch in range(2):  # the first also creates the palace; the second writes into an open one
+            vectors = np.random.default_rng(batch).standard_normal((3, 384)).astype(np.float32)
+            store.upsert([f"d{batch}_{i}" for i in range(3)], ["memory"] * 3, [{"wing": "w"}] * 3, vectors)
+            assert time.time_ns() - os.stat(palace / "chroma.sqlite3").st_mtime_ns >= 500_000_000
+    finally:
+        store.close()
+
+
 @pytest.mark.slow
 def test_reader_refreshes_at_most_once_per_window(tmp_path):
     """Wall-clock windows (a 12 s reader, 5 s refresh interval), so it runs with -m slow."""

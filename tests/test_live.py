@@ -198,6 +198,11 @@ def test_a_database_written_just_now_is_copied_through_sqlite_not_as_a_file(tmp_
     os.utime(db, ns=(now, now))
     chroma_sqlite.private_copy(db, tmp_path / "fresh.sqlite3")
     assert len(through_sqlite) == 1
+    second = time.time_ns() // 10**9 * 10**9  # a whole-second stamp (ext3, FAT, HFS+) from this very second
+    time.sleep(max(0.0, (second + 10**8 - time.time_ns()) / 1e9))  # past the 20 ms a fine stamp would get
+    os.utime(db, ns=(second, second))
+    chroma_sqlite.private_copy(db, tmp_path / "coarse.sqlite3")
+    assert len(through_sqlite) == 2
     with sqlite3.connect(tmp_path / "fresh.sqlite3") as conn:
         assert conn.execute("SELECT x FROM t").fetchall() == [(1,)]
     conn.close()
