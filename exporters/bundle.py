@@ -186,13 +186,14 @@ def export_bundle(store: PalaceStore, out: Path, incremental: bool = False, full
         ready = pool.submit(store.prepare)  # a head start on the palace's private copy while the bundles are checked
         try:
             prev, old, full_because = _parent(out, incremental, full_every, scope)
+            recorded = _marks(out, prev, store.name) if wing is None and old else None
         finally:
             ready.exception()  # waits; what failed there fails again, and is reported, where it is needed
         if wing is None and not old and not dry_run:  # every row goes in: read each once
             return _export_whole(store, out, prev, scope, sealer, full_because)
         marks, rehashed_because = None, None
         if wing is None:  # marks speak for the whole palace: a wing's bundle re-reads its rows
-            state, marks, rehashed_because = store.changes(old, _marks(out, prev, store.name))
+            state, marks, rehashed_because = store.changes(old, recorded)
         else:
             state = store.snapshot()
             keep = {t: _wing_ids(store, t, wing) for t in COLLECTIONS}
