@@ -324,8 +324,9 @@ def take_copy(palace: Path) -> Path:
     segment file changed from before the copy to after the database's (then every log entry past the
     persisted index is in the copied log, and Chroma replays it when it opens the copy); otherwise it
     is retaken. A file written within the clock's tick before its stamp could be written again with
-    the same stamp, so the copy waits until the files have settled (``chroma_sqlite.unsettled``). Raises when they
-    keep changing. A palace damaged before the copy is copied as it is, for verify to report."""
+    the same stamp, so the copy first waits for the files to settle (``chroma_sqlite.unsettled``).
+    Raises when they keep changing. A palace damaged before the copy is copied as it is, for verify
+    to report."""
     palace = Path(palace)
     for _ in range(COPY_TRIES):
         before = _segment_stamps(palace)
