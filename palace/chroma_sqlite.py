@@ -162,9 +162,12 @@ def _tick(mtime_ns: int) -> int:
 def unsettled(mtimes_ns: Iterable[int]) -> float:
     """Seconds until files last written at ``mtimes_ns`` are sure to show any later write in their
     stamps: 0 when each was written more than a tick ago (or stamped well ahead of this clock)."""
-    now = time.time_ns()
-    left = [m + _tick(m) - now for m in mtimes_ns if -_tick(m) < now - m < _tick(m)]
-    return max(left) / 1e9 if left else 0.0
+    now, left = time.time_ns(), 0
+    for m in mtimes_ns:
+        tick = _tick(m)
+        if abs(now - m) < tick:
+            left = max(left, m + tick - now)
+    return left / 1e9
 
 
 def private_copy(db: Path, dest: Path, tries: int = 5) -> None:

@@ -312,8 +312,8 @@ def _marks_of(conn: sqlite3.Connection) -> dict:
 
 
 def _segment_stamps(palace: Path) -> dict[str, tuple[int, int]]:
-    return {str(f.relative_to(palace)): (f.stat().st_size, f.stat().st_mtime_ns)
-            for seg in segment_dirs(palace) for f in seg.iterdir() if f.is_file()}
+    return {str(f.relative_to(palace)): (st.st_size, st.st_mtime_ns)
+            for seg in segment_dirs(palace) for f in seg.iterdir() if f.is_file() for st in (f.stat(),)}
 
 
 def take_copy(palace: Path) -> Path:
