@@ -1,7 +1,9 @@
 """Retention for a backup directory: keep the newest N bundles, or D daily and W weekly ones.
 
 A bundle that a kept incremental builds on is always kept too, so nothing kept
-becomes unrestorable.
+becomes unrestorable. When a kept incremental's chain cannot be read (a link damaged
+or missing), every bundle older than it is kept: once the link is repaired, any of
+them may be in that chain.
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import shutil
 from pathlib import Path
 
 from palace.bundles import chain, list_bundles
-from palace.manifest import BundleError, Manifest, bundle_time
+from palace.manifest import NAME_RE, BundleError, Manifest, bundle_time
 
 
 def _readable(bundle: Path) -> bool:
@@ -41,8 +43,9 @@ def select(bundles: list[Path], keep: int | None = None, daily: int | None = Non
     for b in list(chosen):
         try:
             chosen |= set(chain(b))
-        except BundleError:  # its chain cannot be read: keep what it is, and delete nothing for it
-            pass
+        except BundleError:  # its chain cannot be read: an incremental's may hold any older bundle
+            if NAME_RE.fullmatch(b.name).group(2) != "full":  # (a manifest's kind must match its name)
+                chosen |= {o for o in bundles if _when(o) < _when(b)}
     return chosen
 
 

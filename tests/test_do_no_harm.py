@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 
 from etl.embed import EmbedderIdentity
+from exporters.retention import select
+from palace.bundles import list_bundles
 from palace.layout import layout_for, write_sidecar
 from palace.vectors import VectorStore
 
@@ -76,6 +78,23 @@ def test_item01_human_export_never_deletes_a_directory_it_did_not_create(hostile
     other = "markdown" if fmt == "jsonl" else "jsonl"
     run_cli("export", "--palace", hostile_palace, "--out", out, "--format", other, check=1)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith((".tmp-", ".old-"))]
+
+
+def test_item01_retention_keeps_every_older_bundle_while_a_kept_incrementals_chain_cannot_be_read(tmp_path):
+    """A kept incremental whose chain cannot be read (a link's manifest damaged) may still need
+    every older bundle once that link is repaired: retention deletes none of them."""
+    palace, out = tmp_path / "palace", tmp_path / "backups"
+    cli_json("import", "mcp-memory", SAMPLE, "--palace", palace)
+    for _ in range(3):
+        cli_json("export", "--palace", palace, "--out", out, "--incremental", "--full-every", "10")
+    full, first, second = list_bundles(out)
+    (first / "manifest.json").write_bytes(b"{")  # cut short: a repairable link, as far as retention can tell
+    r = cli_json("export", "--palace", palace, "--out", out, "--incremental", "--keep", "2")
+    assert r["kind"] == "full" and "does not verify" in r["full_because"]
+    assert r["removed_by_retention"] == [] and full.is_dir() and first.is_dir() and second.is_dir()
+    bundles = list_bundles(out)
+    assert select(bundles, keep=2) == set(bundles)
+    assert select(bundles, daily=1) == {bundles[-1]}  # the new full bundle alone: it needs nothing older
 
 
 # ----------------------------------------------------------------- item 10
