@@ -4,7 +4,8 @@ The ledger (``<state_dir>/ledger.sqlite3``) records every import run and each
 batch it committed, so an interrupted run is visibly incomplete and a re-run of
 the same source resumes after the last committed batch. The run id is derived
 from the importer, the source path and fingerprint and the options: the same
-import of an unchanged source is the same run.
+import of an unchanged source is the same run. A complete run supersedes the
+unfinished runs of the same import over the source's earlier content.
 
 Records an importer could not parse go to the quarantine (``importers.quarantine``).
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import sqlite3
 import time
 from pathlib import Path
@@ -19,7 +21,7 @@ from typing import Iterator
 
 import orjson
 
-from palace.chroma_sqlite import ro_uri
+from palace.chroma_sqlite import ro_uri, unsettled
 from palace.layout import open_private, private_dir
 
 _LEDGER_SQL = """
@@ -33,14 +35,25 @@ CREATE TABLE IF NOT EXISTS batches (
 );
 """
 
+DONE = ("complete", "superseded")  # run statuses nothing is left to do for
+SETTLE_TRIES = 4  # waits for a source written within the clock's tick (each at most a tick)
+
 
 def source_fingerprint(path: Path) -> str:
-    """Size and mtime of a file, or of every file under a directory (cheap, no content read)."""
+    """Size and mtime of a file, or of every file under a directory (cheap, no content read), taken
+    once the files have settled: a file written within the clock's tick could be written again with
+    the same stamp (``unsettled``), and a re-run would then resume this run over other content. A
+    source that never settles (still being written) gets a fingerprint of its own: no re-run resumes it."""
     path = Path(path)
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    h = hashlib.sha256()
-    for p in files:
-        st = p.stat()
+    for _ in range(SETTLE_TRIES):
+        stats = [(p, p.stat()) for p in files]
+        wait = unsettled(st.st_mtime_ns for _, st in stats)
+        if not wait:
+            break
+        time.sleep(wait)
+    h = hashlib.sha256(os.urandom(16) if wait else b"")
+    for p, st in stats:
         h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:16]
 
@@ -99,8 +112,17 @@ class Ledger:
                            (run_id, seq, kind, rows, written, time.time()))
 
     def finish(self, run_id: str, status: str, report: dict) -> None:
-        self._conn.execute("UPDATE runs SET status=?, finished_at=?, report=? WHERE run_id=?",
-                           (status, time.time(), orjson.dumps(report).decode(), run_id))
+        """End a run. A complete one supersedes the unfinished runs of the same import (importer,
+        source and options) over other content: it read the source as it now is, whole."""
+        with self._conn:
+            self._conn.execute("BEGIN IMMEDIATE")
+            self._conn.execute("UPDATE runs SET status=?, finished_at=?, report=? WHERE run_id=?",
+                               (status, time.time(), orjson.dumps(report).decode(), run_id))
+            if status == "complete":
+                self._conn.execute(
+                    "UPDATE runs SET status='superseded' WHERE status NOT IN ('complete', 'superseded') AND "
+                    "run_id != ? AND (importer, source, options) = (SELECT importer, source, options FROM runs "
+                    "WHERE run_id = ?)", (run_id, run_id))
 
     def options_for(self, importer: str, source: Path) -> dict | None:
         """The options of the newest run of ``importer`` over ``source`` (what verify re-reads it with)."""

@@ -35,7 +35,7 @@ from palace.rows import TABLES
 from palace.stores import CollectionInfo, PalaceStore, RoutedIds, open_store
 
 from .embed import MINILM, Embedder, EmbedderIdentity, MiniLMEmbedder
-from .runs import Ledger
+from .runs import DONE, Ledger
 
 REPORT_SCHEMA_VERSION = 1
 SELF_HIT_THRESHOLD = 0.999
@@ -216,7 +216,7 @@ def _check_kg(store: PalaceStore, report: VerifyReport) -> None:
 def _check_ledger(store: PalaceStore, report: VerifyReport) -> None:
     with Ledger.reading(store.state_dir) as ledger:
         for run in ledger.runs() if ledger else []:
-            if run["status"] != "complete":
+            if run["status"] not in DONE:
                 report.add("error", "run_incomplete", f"import run {run['run_id']} ({run['importer']} "
                            f"{run['source']}) is {run['status']}",
                            f"palace-etl import {run['importer']} {run['source']} --palace {store.name}")

@@ -11,11 +11,14 @@ import orjson
 import pyarrow as pa
 import pytest
 
+from etl import runs
 from etl.embed import MINILM, EmbedderIdentity
 from etl.load import run_import
+from etl.runs import source_fingerprint
 from importers.base import ImportOptions, RowBuffer
 from importers.registry import get_importer
 from importers.schema import drawer_schema
+from palace import chroma_sqlite
 from palace.errors import EmbedderMismatch
 from palace.layout import read_sidecar, write_sidecar
 from palace.stores import open_store
@@ -121,6 +124,45 @@ def test_sigkill_midway_then_resume(tmp_path, backend, request, monkeypatch):
     status = cli_json("status", "--palace", spec)
     assert status["kg"]["triples"] == 119 and status["kg"]["entities"] == 120
     run_cli("verify", "--palace", spec, "--against", "mcp-memory", src)
+
+
+def test_a_killed_run_of_a_source_edited_since_is_superseded_by_the_next_complete_run(tmp_path):
+    """The re-run that status and verify advise imports the source as it now is: a new run (the
+    fingerprint changed), which settles the killed one instead of leaving it incomplete for ever."""
+    palace, src = tmp_path / "p", tmp_path / "memory.jsonl"
+    write_memory(src, 120, 12)
+    proc = subprocess.Popen([sys.executable, "-m", "etl.cli", "import", "mcp-memory", str(src), "--palace",
+                             str(palace), "--batch-size", "100", "--quiet"])
+    deadline = time.monotonic() + 240
+    while _committed_drawers(palace) < 200:
+        assert proc.poll() is None, "the import finished before it could be killed; make the input larger"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    total = write_memory(src, 121, 12)  # edited since: one more entity
+    report = cli_json("import", "mcp-memory", src, "--palace", palace, "--batch-size", "100")
+    assert report["batches_resumed"] == 0 and report["drawers_read"] == total
+    assert [r["status"] for r in cli_json("status", "--palace", palace)["runs"]] == ["superseded", "complete"]
+    assert "run_incomplete" not in run_cli("verify", "--palace", palace).stderr
+    cli_json("import", "mcp-memory", src, "--palace", palace, "--wing", "elsewhere")  # other options: another run
+    kinds = [r["status"] for r in cli_json("status", "--palace", palace)["runs"]]
+    assert kinds == ["superseded", "complete", "complete"]
+
+
+def test_a_source_written_within_the_clock_tick_is_fingerprinted_once_it_settled(tmp_path, monkeypatch):
+    """Before Linux 6.13 (and on whole-second file systems) a write in the same clock tick as the one
+    before leaves the stamp as it was: a fingerprint taken then could match other content later, and
+    a re-run would resume this run over it. The fingerprint waits until the tick has passed; a source
+    that never settles gets a fingerprint no re-run shares."""
+    monkeypatch.setattr(chroma_sqlite, "RACY_NS", 500_000_000)  # a coarse clock's tick
+    src = tmp_path / "memory.jsonl"
+    write_memory(src, 3, 2)
+    first = source_fingerprint(src)
+    assert time.time_ns() - src.stat().st_mtime_ns >= chroma_sqlite.RACY_NS
+    assert source_fingerprint(src) == first  # settled: the same source, the same run
+    monkeypatch.setattr(runs, "unsettled", lambda mtimes: 0.01)  # still being written, try after try
+    assert source_fingerprint(src) != source_fingerprint(src)
 
 
 class VectorImporter:

@@ -6,6 +6,8 @@ import sys
 import orjson
 import typer
 
+from ..runs import DONE
+
 
 def emit_json(obj: dict) -> None:
     sys.stdout.write(orjson.dumps(obj, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS).decode() + "\n")
@@ -51,7 +53,7 @@ def status_report(s: dict) -> None:
     if s.get("probes"):
         typer.echo(f"self-query: {s['self_hit_rate']:.4f} of {s['probes']} drawers rank themselves first")
     for run in s["runs"]:
-        if run["status"] != "complete":
+        if run["status"] not in DONE:
             typer.echo(f"  run {run['run_id']} ({run['importer']} {run['source']}) is {run['status']}: "
                        f"re-run the same import to resume")
 
