@@ -82,6 +82,7 @@ class SyncReport:
     forgotten: dict = field(default_factory=dict)  # side -> rows erased there because a replica forgot them
     scrubbed: list = field(default_factory=list)  # what was scrubbed on a side that learned of a forget
     rehashed: dict = field(default_factory=dict)  # side -> why it read every row, not only the changed ones
+    went_back: dict = field(default_factory=dict)  # side -> why no deletion was inferred from it (older than its last sync)
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
@@ -382,7 +383,8 @@ def run_sync(spec_a: str, spec_b: str, kg_a=None, kg_b=None, dry_run: bool = Fal
                 raise PalaceLocked(f"{live} (it holds rows a replica forgot; nothing written)", hint=live.hint)
         report = SyncReport(store_a.name, store_b.name, dry_run, plan.counts(), plan.conflicts,
                             forgotten={s: {t: len(v) for t, v in e.items() if v} for s, e in erase.items()},
-                            rehashed={s.label: s.rehashed_because for s in (a, b) if s.rehashed_because})
+                            rehashed={s.label: s.rehashed_because for s in (a, b) if s.rehashed_because},
+                            went_back={k: v.went_back for k, v in (("a", saved_a), ("b", saved_b)) if v.went_back})
         if dry_run:
             report.seconds = round(time.monotonic() - started, 3)
             return report

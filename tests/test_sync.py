@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -15,6 +16,7 @@ import pytest
 
 from etl.embed import EmbedderIdentity
 from etl.sync import run_sync
+from palace.bundles import list_bundles
 from palace.kg import KnowledgeGraph
 from palace.layout import layout_for, write_sidecar
 from palace.stores import open_store
@@ -248,6 +250,26 @@ def test_bundle_directory_replica(tmp_path):
     assert converged((a, None), (c, None), (f"bundle:{shared}", None))
     run_cli("verify", "--bundle", sorted(shared.glob("palace-*"))[-1])
     run_cli("verify", "--palace", a)
+
+
+def test_a_bundle_replica_whose_newest_bundle_was_removed_has_rows_missing_not_deleted(tmp_path):
+    """A bundle directory whose newest bundle was removed (by hand: it looked bad) went back in
+    time: the rows only that bundle held are missing there, not deleted. The sync copies them back;
+    it never deletes them from the palace that wrote them."""
+    a, shared = str(tmp_path / "a"), tmp_path / "shared-disk"
+    cli_json("import", "mcp-memory", SAMPLE, "--palace", a)
+    assert run_sync(a, f"bundle:{shared}").converged
+    store = VectorStore(layout_for(a))
+    store.upsert(["drawer_new_1", "drawer_new_2"], ["written after the first sync", "and this one too"],
+                 [{"wing": "w", "room": "r"}] * 2, unit(2, 4))
+    store.close()
+    assert run_sync(a, f"bundle:{shared}").converged  # they go into a second bundle
+    shutil.rmtree(list_bundles(shared)[-1])
+    r = run_sync(a, f"bundle:{shared}")
+    assert r.converged and r.plan["delete_a"] == {} and r.plan["to_b"] == {"drawers": 2}
+    assert {"drawer_new_1", "drawer_new_2"} <= state(a)["drawers"].keys()
+    assert "older than" in r.went_back["b"]
+    assert run_sync(a, f"bundle:{shared}").went_back == {}  # settled: the next sync trusts what it saved
 
 
 def test_sigkill_during_sync_then_rerun(tmp_path):

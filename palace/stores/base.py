@@ -42,6 +42,7 @@ class SyncState:
     tombstones: dict  # {table: {id: when deleted}}
     forgotten: dict = field(default_factory=dict)  # {table: [ids]} erased by forget: never copied back
     marks: dict | None = None  # the store's change marks ``known`` was taken with (``PalaceStore.changes``)
+    went_back: str | None = None  # why ``known`` was set aside: the replica is older than it (not saved)
 
 
 class PalaceStore(Protocol):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
 
@@ -33,7 +34,7 @@ from ..errors import PalaceEtlError
 from ..identity import EmbedderIdentity, check_identity
 from ..kg import KnowledgeGraph
 from ..layout import CLOSETS_COLLECTION, DRAWERS_COLLECTION, HNSW_METADATA, SIDECAR
-from ..manifest import BundleError, Manifest
+from ..manifest import NAME_RE, BundleError, Manifest, bundle_time
 from ..rows import (
     COLLECTIONS,
     KG_TABLES,
@@ -44,7 +45,7 @@ from ..rows import (
     rows_of_batch,
     table_row_hash,
 )
-from .base import CollectionInfo, Page, SyncStateFile
+from .base import CollectionInfo, Page, SyncState, SyncStateFile
 
 FETCH_PAGE = 5000
 
@@ -126,6 +127,28 @@ class BundleDirStore(SyncStateFile):
                               f"{newest} --palace NEW_DIR")
 
     # ----------------------------------------------------------------- reading
+    def changes(self, known, marks):
+        """Every row re-read (a bundle directory keeps no change marks); the marks name the newest bundle."""
+        newest = self._newest()
+        return self.snapshot(), {"kind": "bundle", "newest": newest.name} if newest else None, \
+            f"{type(self).__name__} keeps no change marks"
+
+    def sync_state(self) -> SyncState:
+        """The saved state, without what the directory held at its last sync when its newest bundle is
+        now older than the one it held then (a newer one was removed): the rows only that one held
+        are missing, not deleted, and a sync must not delete them elsewhere."""
+        saved = super().sync_state()
+        held = saved.marks.get("newest") if isinstance(saved.marks, dict) else None
+        if saved.known is None or not isinstance(held, str) or not NAME_RE.fullmatch(held):
+            return saved
+        newest = self._newest()
+        if newest is not None and bundle_time(newest.name) >= bundle_time(held):
+            return saved
+        now = f"its newest bundle is {newest.name}" if newest else "it holds no bundle"
+        return replace(saved, known=None, marks=None, went_back=(
+            f"{now}, older than {held}, which it held at its last sync: rows missing since are not taken for "
+            "deleted"))
+
     def snapshot(self) -> State:
         latest = self._latest()
         return {t: {} for t in TABLES} | (bundle_state(latest) if latest else {})
