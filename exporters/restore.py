@@ -8,7 +8,7 @@ before it takes the target's place.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -61,7 +61,17 @@ def _restore(bundle: Path, store: PalaceStore, force: bool, dry_run: bool, lock_
     with store.replacing(force, lock_timeout, lambda new: _check_totals(links[-1], new), settings) as swap:
         _build(links, swap.target, report)
     report.recovered, report.replaced = swap.recovered, swap.replaced
+    _set_aside_last_sync(store)
     return report
+
+
+def _set_aside_last_sync(store: PalaceStore) -> None:
+    """A store whose sync state outlives a restore (a pgvector palace: new tables, the same directory)
+    no longer holds what it held at its last sync; rows the bundle lacks would look deleted there,
+    and the next sync would delete them from its replicas. Tombstones, history and forgotten ids stay."""
+    saved = store.sync_state()
+    if saved.known is not None:
+        store.save_sync_state(replace(saved, known=None, marks=None))
 
 
 def _check_totals(last: Path, store: PalaceStore) -> None:

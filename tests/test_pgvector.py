@@ -72,6 +72,24 @@ def test_export_restore_and_incrementals_of_a_pgvector_palace(tmp_path, pgvector
     assert forced["replaced"] and cli_json("status", "--palace", restored)["drawers"] == 363
 
 
+def test_a_pgvector_palace_restored_from_an_older_bundle_has_rows_missing_not_deleted(tmp_path, pgvector_env):
+    """A restore swaps a pgvector palace's tables but keeps its directory, and so its sync state:
+    what it held at its last sync must not make the rows the older bundle lacks look deleted there,
+    or the next sync would delete them from its replicas."""
+    palace, backups, peer = tmp_path / "palace", tmp_path / "backups", f"chroma:{tmp_path / 'peer'}"
+    cli_json("import", "mcp-memory", SAMPLE, "--palace", palace)
+    full = cli_json("export", "--palace", palace, "--out", backups)
+    extra = tmp_path / "extra.jsonl"
+    extra.write_text("".join(json.dumps({"id": f"x{i}", "text": f"a memory after the backup {i}"}) + "\n"
+                             for i in range(3)))
+    cli_json("import", "jsonl", extra, "--palace", palace)
+    assert cli_json("sync", palace, peer)["converged"]
+    cli_json("restore", full["bundle"], "--palace", palace, "--force")
+    r = cli_json("sync", palace, peer)
+    assert r["converged"] and r["plan"]["delete_b"] == {} and r["plan"]["to_a"] == {"drawers": 3}
+    assert cli_json("status", "--palace", peer)["drawers"] == 366
+
+
 def test_three_imports_and_a_live_mempalace_writer_at_once_lose_nothing(tmp_path, pgvector_env):
     """No host-local lease on pgvector: PostgreSQL keeps every writer's rows -- three palace-etl
     imports and a real stdio ``mempalace-mcp`` filing memories through ``tools/call``, all at once."""
