@@ -4,6 +4,7 @@ real PostgreSQL. A new store passes this
 before anything else uses it."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -190,7 +191,7 @@ def test_sync_state_round_trip(spec):
     saved = SyncState({"drawers": {"d000000": "h"}}, {"drawers": {"d000001": ["old"]}}, {"triples": {"t9": "2026"}})
     store.save_sync_state(saved)
     store.close()
-    assert opened(spec).sync_state() == saved
+    assert dataclasses.replace(opened(spec).sync_state(), position=None) == saved  # the position is the store's own
 
 
 WRITER = textwrap.dedent("""

@@ -42,6 +42,7 @@ class SyncState:
     tombstones: dict  # {table: {id: when deleted}}
     forgotten: dict = field(default_factory=dict)  # {table: [ids]} erased by forget: never copied back
     marks: dict | None = None  # the store's change marks ``known`` was taken with (``PalaceStore.changes``)
+    position: str | None = None  # which content ``known`` describes, where the store can name it (its own to save)
     went_back: str | None = None  # why ``known`` was set aside: the replica is older than it (not saved)
 
 
@@ -200,13 +201,18 @@ class SyncStateFile:
             data = {}
         if not isinstance(data, dict):
             data = {}
+        position = data.get("position")
         return SyncState(data.get("known"), data.get("history", {}), data.get("tombstones", {}),
-                         data.get("forgotten", {}), data.get("marks"))
+                         data.get("forgotten", {}), data.get("marks"), position if isinstance(position, str) else None)
 
     def save_sync_state(self, state: SyncState) -> None:
         atomic_write(self._sync_file, orjson.dumps({"known": state.known, "history": state.history,
                                                     "tombstones": state.tombstones, "forgotten": state.forgotten,
-                                                    "marks": state.marks}))
+                                                    "marks": state.marks, "position": self._position()}))
+
+    def _position(self) -> str | None:
+        """Which content the store holds now, where it can name it (saved as ``SyncState.position``)."""
+        return None
 
 
 def scan_by_fetch(store: PalaceStore, table: str) -> Iterator[list[dict]]:

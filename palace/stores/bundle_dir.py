@@ -127,19 +127,13 @@ class BundleDirStore(SyncStateFile):
                               f"{newest} --palace NEW_DIR")
 
     # ----------------------------------------------------------------- reading
-    def changes(self, known, marks):
-        """Every row re-read (a bundle directory keeps no change marks); the marks name the newest bundle."""
-        newest = self._newest()
-        return self.snapshot(), {"kind": "bundle", "newest": newest.name} if newest else None, \
-            f"{type(self).__name__} keeps no change marks"
-
     def sync_state(self) -> SyncState:
         """The saved state, without what the directory held at its last sync when its newest bundle is
         now older than the one it held then (a newer one was removed): the rows only that one held
         are missing, not deleted, and a sync must not delete them elsewhere."""
         saved = super().sync_state()
-        held = saved.marks.get("newest") if isinstance(saved.marks, dict) else None
-        if saved.known is None or not isinstance(held, str) or not NAME_RE.fullmatch(held):
+        held = saved.position
+        if saved.known is None or held is None or not NAME_RE.fullmatch(held):
             return saved
         newest = self._newest()
         if newest is not None and bundle_time(newest.name) >= bundle_time(held):
@@ -148,6 +142,10 @@ class BundleDirStore(SyncStateFile):
         return replace(saved, known=None, marks=None, went_back=(
             f"{now}, older than {held}, which it held at its last sync: rows missing since are not taken for "
             "deleted"))
+
+    def _position(self) -> str | None:
+        newest = self._newest()
+        return newest.name if newest else None
 
     def snapshot(self) -> State:
         latest = self._latest()
