@@ -106,7 +106,7 @@ def sync_report(r: dict) -> None:
     for side, why in sorted(r.get("rehashed", {}).items()):
         typer.echo(f"  {side.upper()}: every row re-read to find the changes: {why}")
     for side, why in sorted(r.get("went_back", {}).items()):
-        typer.echo(f"  {side.upper()}: older than at its last sync, so no deletion is inferred from it: {why}")
+        typer.echo(f"  {side.upper()}: no deletion inferred from it: {why}")
     if r["dry_run"]:
         return
     if r["converged"]:
