@@ -323,6 +323,21 @@ def page_fields(conn: sqlite3.Connection, segment: str, after: int, limit: int,
     return out
 
 
+def high_water(conn: sqlite3.Connection) -> int | None:
+    """The highest sequence number in this database's log and segments (``embeddings_queue`` keeps
+    its newest record through a purge; ``max_seq_id``). Every write, a delete too, raises it, so a
+    lower one than before means an older copy of the file. None when it cannot tell (no collection
+    yet, or the byte-string sequence numbers of older palaces)."""
+    try:
+        tops = conn.execute("SELECT (SELECT max(seq_id) FROM max_seq_id), (SELECT max(seq_id) FROM embeddings_queue)"
+                            ).fetchone()
+    except sqlite3.OperationalError:
+        return None
+    if any(t is not None and type(t) is not int for t in tops) or all(t is None for t in tops):
+        return None
+    return max(t for t in tops if t is not None)
+
+
 def log_coverage(conn: sqlite3.Connection, collection: str = DRAWERS_COLLECTION) -> dict | None:
     """How far the vector index persisted, how far SQLite rows go, and what log is left to replay the gap.
 

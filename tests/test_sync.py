@@ -272,6 +272,32 @@ def test_a_bundle_replica_whose_newest_bundle_was_removed_has_rows_missing_not_d
     assert run_sync(a, f"bundle:{shared}").went_back == {}  # settled: the next sync trusts what it saved
 
 
+def test_a_palace_whose_chroma_files_were_put_back_from_an_older_copy_has_rows_missing_not_deleted(tmp_path):
+    """Chroma's files restored from a file-level backup taken before the last sync (the palace-etl
+    state directory left as it was): the rows written since are missing, not deleted. The sync
+    copies them back instead of deleting them from the other replica."""
+    a, b, old = tmp_path / "a", str(tmp_path / "b"), tmp_path / "a-files-of-monday"
+    cli_json("import", "mcp-memory", SAMPLE, "--palace", a)
+    assert run_sync(str(a), b).converged
+    old.mkdir()
+    for f in a.iterdir():
+        if f.name != ".palace-etl":
+            (shutil.copytree if f.is_dir() else shutil.copy2)(f, old / f.name)
+    store = VectorStore(layout_for(a))
+    store.upsert(["drawer_tue_1", "drawer_tue_2"], ["written on tuesday", "this one too"],
+                 [{"wing": "w", "room": "r"}] * 2, unit(2, 5))
+    store.close()
+    assert run_sync(str(a), b).converged
+    for f in old.iterdir():  # Monday's Chroma files put back; .palace-etl stays as it was
+        shutil.rmtree(a / f.name) if f.is_dir() else (a / f.name).unlink()
+        (shutil.copytree if f.is_dir() else shutil.copy2)(f, a / f.name)
+    r = run_sync(str(a), b)
+    assert r.converged and r.plan["delete_b"] == {} and r.plan["to_a"] == {"drawers": 2}
+    assert {"drawer_tue_1", "drawer_tue_2"} <= state(b)["drawers"].keys()
+    assert "older copy" in r.went_back["a"]
+    assert run_sync(str(a), b).went_back == {}
+
+
 def test_sigkill_during_sync_then_rerun(tmp_path):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     store = VectorStore(layout_for(a))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, ContextManager, Iterator, Protocol
 
@@ -202,8 +202,12 @@ class SyncStateFile:
         if not isinstance(data, dict):
             data = {}
         position = data.get("position")
-        return SyncState(data.get("known"), data.get("history", {}), data.get("tombstones", {}),
-                         data.get("forgotten", {}), data.get("marks"), position if isinstance(position, str) else None)
+        saved = SyncState(data.get("known"), data.get("history", {}), data.get("tombstones", {}),
+                          data.get("forgotten", {}), data.get("marks"), position if isinstance(position, str) else None)
+        why = self._went_back(saved.position) if saved.known is not None and saved.position else None
+        # older than at its last sync (a newer state was removed or put back from a copy): the rows
+        # written since are missing, not deleted, and a sync must not delete them elsewhere
+        return replace(saved, known=None, marks=None, went_back=why) if why else saved
 
     def save_sync_state(self, state: SyncState) -> None:
         atomic_write(self._sync_file, orjson.dumps({"known": state.known, "history": state.history,
@@ -212,6 +216,10 @@ class SyncStateFile:
 
     def _position(self) -> str | None:
         """Which content the store holds now, where it can name it (saved as ``SyncState.position``)."""
+        return None
+
+    def _went_back(self, held: str) -> str | None:
+        """Why the store now holds older content than at ``held`` (a ``_position`` of then), or None."""
         return None
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
 
@@ -45,7 +44,7 @@ from ..rows import (
     rows_of_batch,
     table_row_hash,
 )
-from .base import CollectionInfo, Page, SyncState, SyncStateFile
+from .base import CollectionInfo, Page, SyncStateFile
 
 FETCH_PAGE = 5000
 
@@ -127,25 +126,18 @@ class BundleDirStore(SyncStateFile):
                               f"{newest} --palace NEW_DIR")
 
     # ----------------------------------------------------------------- reading
-    def sync_state(self) -> SyncState:
-        """The saved state, without what the directory held at its last sync when its newest bundle is
-        now older than the one it held then (a newer one was removed): the rows only that one held
-        are missing, not deleted, and a sync must not delete them elsewhere."""
-        saved = super().sync_state()
-        held = saved.position
-        if saved.known is None or held is None or not NAME_RE.fullmatch(held):
-            return saved
-        newest = self._newest()
-        if newest is not None and bundle_time(newest.name) >= bundle_time(held):
-            return saved
-        now = f"its newest bundle is {newest.name}" if newest else "it holds no bundle"
-        return replace(saved, known=None, marks=None, went_back=(
-            f"{now}, older than {held}, which it held at its last sync: rows missing since are not taken for "
-            "deleted"))
-
     def _position(self) -> str | None:
         newest = self._newest()
         return newest.name if newest else None
+
+    def _went_back(self, held: str) -> str | None:
+        if not NAME_RE.fullmatch(held):
+            return None
+        newest = self._newest()
+        if newest is not None and bundle_time(newest.name) >= bundle_time(held):
+            return None
+        now = f"its newest bundle is {newest.name}" if newest else "it holds no bundle"
+        return f"{now}, older than {held}, which it held at its last sync: rows missing since are not taken for deleted"
 
     def snapshot(self) -> State:
         latest = self._latest()

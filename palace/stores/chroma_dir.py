@@ -45,7 +45,8 @@ from .base import READ_PAGE, CollectionInfo, Page
 from .chroma import FETCH_PAGE, ChromaStore
 
 COMPLETE = ".palace-etl-restore-complete"  # inside a build that finished and was checked
-CRASH_ENV = "PALACE_ETL_TEST_CRASH_AT"  # test-only: kill this process at a named point
+CRASH_ENV = "PALACE_ETL_TEST_CRASH_AT"
+SEQ_POSITION = "chroma-seq:"  # a sync state's position: chroma.sqlite3's high-water sequence number  # test-only: kill this process at a named point
 
 
 class ChromaDirStore(ChromaStore):
@@ -142,6 +143,23 @@ class ChromaDirStore(ChromaStore):
             return None
         with self._sqlite() as conn:
             return _marks_of(conn)
+
+    def _position(self) -> str | None:
+        if not self.exists():
+            return None
+        with self._sqlite() as conn:
+            top = chroma_sqlite.high_water(conn)
+        return None if top is None else f"{SEQ_POSITION}{top}"
+
+    def _went_back(self, held: str) -> str | None:
+        now = self._position()
+        if not held.startswith(SEQ_POSITION) or not held[len(SEQ_POSITION):].isdigit() or now is None:
+            return None
+        was, top = int(held[len(SEQ_POSITION):]), int(now[len(SEQ_POSITION):])
+        if top >= was:
+            return None
+        return (f"{CHROMA_DB}'s sequence number is {top}, below {was} at its last sync (an older copy of the file): "
+                "rows missing since are not taken for deleted")
 
     def _hashes(self, table: str, ids: list[str]) -> dict[str, str]:
         with self._sqlite() as conn:
@@ -534,6 +552,9 @@ class ChromaDirReader(ChromaDirStore):
 
     def snapshot(self):
         return self._copy().snapshot() if self.exists() else super().snapshot()
+
+    def _position(self):
+        return self._copy()._position() if self.exists() else None
 
     def changes(self, known, marks):
         return self._copy().changes(known, marks) if self.exists() else super().changes(known, marks)
