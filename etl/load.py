@@ -70,6 +70,7 @@ class ImportReport:
     kg_rows_written: int = 0
     batches_resumed: int = 0
     rows_resumed: int = 0
+    resume_refused: str | None = None  # why an earlier attempt's committed batches were written again
     quarantined: int = 0
     quarantine_file: str | None = None
     quarantine_first: list[str] = field(default_factory=list)
@@ -223,6 +224,9 @@ class Loader:
                     quarantine.path.unlink()  # an earlier run's: this run re-parses the source from the start
                 resume_after = ledger.start(run_id, importer.name, source.resolve(), fingerprint, options.to_dict())
                 started_run = True
+                if resume_after >= 0 and (why := self._lost(ledger, run_id)):
+                    ledger.restart(run_id)
+                    resume_after, report.resume_refused = -1, why
             seen: set[str] = set()
             bar = tqdm(desc=f"import {importer.name}", unit=" drawers", disable=not self.progress, leave=False)
             self._pipeline(enumerate(stream), resume_after, seen, report,
@@ -299,7 +303,7 @@ class Loader:
                 if seq <= resume_after:
                     self._resume_skip(batch, kind, seen, report)
                     continue
-                return seq, kind, batch.num_rows, self._plan(batch, kind, seen, report)
+                return seq, kind, batch.num_rows, self._plan(batch, kind, seen, report), self._sample(batch, kind)
             return None
 
         writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="palace-writer")
@@ -307,13 +311,13 @@ class Loader:
         try:
             cur = plan_next()
             while cur is not None:
-                seq, kind, rows, job = cur
+                seq, kind, rows, job, sample = cur
                 if kind == DRAWERS and job and not self.dry_run:
                     job.vectors = self._vectors(job, report) if report.route == "direct" else [None] * len(job.ids)
                 nxt = plan_next()  # ids differ from cur's, so planning need not wait for its write
                 if pending is not None:
                     pending.result()
-                pending = writer.submit(self._commit, seq, kind, rows, job, report, ledger, run_id)
+                pending = writer.submit(self._commit, seq, kind, rows, job, report, ledger, run_id, sample)
                 if kind == DRAWERS:
                     bar.update(rows)
                 cur = nxt
@@ -321,6 +325,15 @@ class Loader:
                 pending.result()
         finally:
             writer.shutdown(wait=True)  # never close the palace under an in-flight write
+
+    def _sample(self, batch: pa.RecordBatch, kind: str) -> list[str]:
+        """A drawer batch's first and last ids the palace holds once it is committed (not forgotten):
+        what a resume checks is still there."""
+        if kind != DRAWERS or not batch.num_rows:
+            return []
+        gone = self._forgotten.get("drawers", ())
+        ids = batch.column("id")
+        return [i for i in dict.fromkeys((ids[0].as_py(), ids[-1].as_py())) if not (gone and id_key(i) in gone)]
 
     def _plan(self, batch: pa.RecordBatch, kind: str, seen: set[str], report: ImportReport):
         if kind == DRAWERS:
@@ -345,8 +358,18 @@ class Loader:
             self._quarantine.skip(f"forgotten {table} (palace-etl forget)", len(rows) - len(kept))
         return kept
 
+    def _lost(self, ledger, run_id: str) -> str | None:
+        """Why the palace no longer holds what an earlier attempt of this run committed (put back from
+        an older copy, or restored, since), or None: then the attempt may be resumed."""
+        sample = ledger.held(run_id, DRAWERS)
+        missing = len(set(sample) - self._existing(sample).keys()) if sample else 0
+        if not missing:
+            return None
+        return (f"{missing} of {len(sample)} drawers an earlier attempt committed are not in the palace (its files "
+                "were put back or restored since): the source is read again from the start")
+
     def _commit(self, seq: int, kind: str, rows: int, job: DrawerJob | KgJob | None, report: ImportReport, ledger,
-                run_id) -> None:
+                run_id, sample: list[str]) -> None:
         written = 0
         if not self.dry_run and job:
             if kind == DRAWERS:
@@ -357,7 +380,7 @@ class Loader:
                 report.kg_rows_written += e + t
                 written = e + t
         if ledger is not None:
-            ledger.committed(run_id, seq, kind, rows, written)
+            ledger.committed(run_id, seq, kind, rows, written, sample)
 
     def _plan_drawers(self, batch: pa.RecordBatch, seen: set[str], report: ImportReport) -> DrawerJob | None:
         """Which rows of a drawer batch need writing, with their metadata; None when none do."""

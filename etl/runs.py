@@ -77,6 +77,8 @@ class Ledger:
                                      check_same_thread=False)  # the loader commits from its writer thread
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.executescript(_LEDGER_SQL)
+        if "sample" not in {r[1] for r in self._conn.execute("PRAGMA table_info(batches)")}:  # a ledger of before
+            self._conn.execute("ALTER TABLE batches ADD COLUMN sample TEXT")
 
     @classmethod
     @contextlib.contextmanager
@@ -107,9 +109,23 @@ class Ledger:
                                      (run_id,)).fetchone()
         return int(last)
 
-    def committed(self, run_id: str, seq: int, kind: str, rows: int, written: int) -> None:
-        self._conn.execute("INSERT OR REPLACE INTO batches VALUES (?,?,?,?,?,?)",
-                           (run_id, seq, kind, rows, written, time.time()))
+    def committed(self, run_id: str, seq: int, kind: str, rows: int, written: int, sample: list[str] = ()) -> None:
+        """Record a committed batch, with ``sample``: ids the palace holds once it is written (``held``)."""
+        self._conn.execute("INSERT OR REPLACE INTO batches (run_id, seq, kind, rows, written, committed_at, sample) "
+                           "VALUES (?,?,?,?,?,?,?)", (run_id, seq, kind, rows, written, time.time(),
+                                                      orjson.dumps(list(sample)).decode() if sample else None))
+
+    def held(self, run_id: str, kind: str) -> list[str]:
+        """The sample ids of the run's committed batches of ``kind``: what a resume may check is still there."""
+        out: list[str] = []
+        for (sample,) in self._conn.execute("SELECT sample FROM batches WHERE run_id=? AND kind=? AND sample IS NOT "
+                                            "NULL ORDER BY seq", (run_id, kind)):
+            out += orjson.loads(sample)
+        return out
+
+    def restart(self, run_id: str) -> None:
+        """Forget the run's committed batches: the next pass reads the source from the start."""
+        self._conn.execute("DELETE FROM batches WHERE run_id=?", (run_id,))
 
     def finish(self, run_id: str, status: str, report: dict) -> None:
         """End a run. A complete one supersedes the unfinished runs of the same import (importer,

@@ -1,5 +1,6 @@
 """The loader: idempotent re-runs, resume after SIGKILL, dry runs, carried vectors, identity checks."""
 import json
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -148,6 +149,54 @@ def test_a_killed_run_of_a_source_edited_since_is_superseded_by_the_next_complet
     cli_json("import", "mcp-memory", src, "--palace", palace, "--wing", "elsewhere")  # other options: another run
     kinds = [r["status"] for r in cli_json("status", "--palace", palace)["runs"]]
     assert kinds == ["superseded", "complete", "complete"]
+
+
+def test_a_killed_run_is_not_resumed_into_a_palace_put_back_from_an_older_copy(tmp_path):
+    """The batches a killed run committed are gone when the palace's files are put back from a copy
+    taken before it (the state directory, with the run ledger, left as it was): a resume would skip
+    them and lose those drawers. The re-run checks that the palace still holds what the ledger says
+    it committed, and reads the source again from the start when it does not."""
+    palace, src, monday = tmp_path / "p", tmp_path / "memory.jsonl", tmp_path / "p-of-monday"
+    cli_json("import", "mcp-memory", MEMORY, "--palace", palace)  # what the palace held on Monday
+    before = cli_json("status", "--palace", palace)["drawers"]
+    monday.mkdir()
+    for f in palace.iterdir():
+        if f.name != ".palace-etl":
+            (shutil.copytree if f.is_dir() else shutil.copy2)(f, monday / f.name)
+    total = write_memory(src, 120, 12)
+    proc = subprocess.Popen([sys.executable, "-m", "etl.cli", "import", "mcp-memory", str(src), "--palace",
+                             str(palace), "--batch-size", "100", "--quiet"])
+    deadline = time.monotonic() + 240
+    while _committed_drawers(palace) < 400 + before:
+        assert proc.poll() is None, "the import finished before it could be killed; make the input larger"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    for f in monday.iterdir():  # Monday's files put back; .palace-etl stays as it was
+        shutil.rmtree(palace / f.name) if f.is_dir() else (palace / f.name).unlink()
+        (shutil.copytree if f.is_dir() else shutil.copy2)(f, palace / f.name)
+    report = cli_json("import", "mcp-memory", src, "--palace", palace, "--batch-size", "100")
+    assert report["batches_resumed"] == 0 and "not in the palace" in report["resume_refused"]
+    assert report["drawers_written"] == total
+    assert cli_json("status", "--palace", palace)["drawers"] == before + total
+    run_cli("verify", "--palace", palace, "--against", "mcp-memory", src)
+
+
+def test_a_ledger_written_before_samples_were_kept_is_opened_and_resumed(tmp_path):
+    state = tmp_path / ".palace-etl"
+    state.mkdir(mode=0o700)
+    with sqlite3.connect(state / "ledger.sqlite3") as c:  # the tables as earlier versions made them
+        c.executescript(runs._LEDGER_SQL)
+        c.execute("INSERT INTO runs VALUES ('r', 'jsonl', '/x', 'f', '{}', 'interrupted', 0, NULL, NULL)")
+        c.execute("INSERT INTO batches VALUES ('r', 0, 'drawers', 10, 10, 0)")
+    ledger = runs.Ledger(state)
+    try:
+        assert ledger.start("r", "jsonl", Path("/x"), "f", {}) == 0
+        ledger.committed("r", 1, "drawers", 5, 5, ["drawer_a", "drawer_b"])
+        assert ledger.held("r", "drawers") == ["drawer_a", "drawer_b"]  # the old batch has none to check
+    finally:
+        ledger.close()
 
 
 def test_a_source_written_within_the_clock_tick_is_fingerprinted_once_it_settled(tmp_path, monkeypatch):

@@ -27,6 +27,8 @@ def import_report(r: dict) -> None:
                f"({r['embedder']}; {r['vector_decision']})")
     typer.echo(f"  knowledge graph: {r['entities_read']} entities, {r['triples_read']} triples read, "
                f"{r['kg_rows_written']} rows written")
+    if r.get("resume_refused"):
+        typer.echo(f"  not resumed: {r['resume_refused']}")
     if r["batches_resumed"]:
         typer.echo(f"  resumed: {r['batches_resumed']} batches ({r['rows_resumed']} rows) already committed")
     for wing, rooms in sorted(r["per_room"].items()):
