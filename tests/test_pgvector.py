@@ -90,6 +90,30 @@ def test_a_pgvector_palace_restored_from_an_older_bundle_has_rows_missing_not_de
     assert cli_json("status", "--palace", peer)["drawers"] == 366
 
 
+def test_a_pgvector_palace_whose_tables_were_made_anew_has_rows_missing_not_deleted(tmp_path, pgvector_env):
+    """Its tables replaced by older ones outside palace-etl (say, a pg_restore of an older dump): the
+    sync state in its directory still lists the rows written since, which would look deleted. Tables
+    made anew (another oid) set that state aside, and the sync copies the rows back."""
+    import psycopg
+
+    palace, peer = tmp_path / "palace", f"chroma:{tmp_path / 'peer'}"
+    cli_json("import", "mcp-memory", SAMPLE, "--palace", palace)
+    assert cli_json("sync", palace, peer)["converged"]
+    store = open_store(str(palace))
+    table = store._q("drawers")
+    store.close()
+    with psycopg.connect(pgvector_env, autocommit=True) as c:  # the older dump lacks two drawers
+        ids = [r[0] for r in c.execute(f"SELECT id FROM {table} ORDER BY id LIMIT 2")]
+        c.execute(f"CREATE TABLE older_dump (LIKE {table} INCLUDING ALL)")
+        c.execute(f"INSERT INTO older_dump SELECT * FROM {table} WHERE id <> ALL(%s)", (ids,))
+        c.execute(f"DROP TABLE {table}")
+        c.execute(f"ALTER TABLE older_dump RENAME TO {table}")
+    r = cli_json("sync", palace, peer)
+    assert r["converged"] and r["plan"]["delete_b"] == {} and r["plan"]["to_a"] == {"drawers": 2}
+    assert "made anew" in r["went_back"]["a"]
+    assert cli_json("status", "--palace", peer)["drawers"] == 363
+
+
 def test_three_imports_and_a_live_mempalace_writer_at_once_lose_nothing(tmp_path, pgvector_env):
     """No host-local lease on pgvector: PostgreSQL keeps every writer's rows -- three palace-etl
     imports and a real stdio ``mempalace-mcp`` filing memories through ``tools/call``, all at once."""

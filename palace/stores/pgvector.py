@@ -48,6 +48,7 @@ DEFAULT_DSN = "postgresql://localhost:5432/mempalace"
 MAX_IDENTIFIER = 63
 WRITE_PAGE = 1000  # rows per INSERT pipeline (one transaction each)
 MARKER_TRIES = 20
+PG_POSITION = "pg-tables:"  # a sync state's position: the collection tables' oids
 _SHARED_SEP = re.compile(r"[\s\-./:_]+")
 _SHARED_OK = re.compile(r"^[a-z0-9_]*[a-z0-9][a-z0-9_]*$")
 
@@ -293,14 +294,33 @@ class PgVectorStore(ChromaStore):
         table's oid (a table dropped and made again is another)."""
         if not self.exists():
             return None
-        segs: dict[str, str | None] = {}
-        rows: dict[str, dict[str, str]] = {}
-        for t in COLLECTIONS:
-            found = self._db().execute("SELECT to_regclass(%s)::oid", (self._q(t),)).fetchone()[0]
-            segs[t] = None if found is None else str(found)
-            rows[t] = {} if found is None else \
-                dict(self._db().execute(f"SELECT id, xmin::text FROM {self._q(t)}").fetchall())
+        segs = self._oids()
+        rows = {t: {} if segs[t] is None else dict(self._db().execute(f"SELECT id, xmin::text FROM {self._q(t)}"))
+                for t in COLLECTIONS}
         return {"kind": "pg-xmin", "segments": segs, "rows": rows}
+
+    def _oids(self) -> dict[str, str | None]:
+        """Each collection table's oid (None: no such table)."""
+        found = {t: self._db().execute("SELECT to_regclass(%s)::oid", (self._q(t),)).fetchone()[0] for t in COLLECTIONS}
+        return {t: None if oid is None else str(oid) for t, oid in found.items()}
+
+    def _position(self) -> str | None:
+        return PG_POSITION + orjson.dumps(self._oids(), option=orjson.OPT_SORT_KEYS).decode() if self.exists() else None
+
+    def _went_back(self, held: str) -> str | None:
+        """Tables made anew since (another oid: a restore, or an older dump loaded back) may hold older rows."""
+        try:
+            was = orjson.loads(held[len(PG_POSITION):]) if held.startswith(PG_POSITION) else None
+        except orjson.JSONDecodeError:
+            was = None
+        if not isinstance(was, dict):
+            return None
+        now = self._oids() if self.exists() else {}
+        anew = sorted(t for t, oid in was.items() if oid is not None and t in COLLECTIONS and now.get(t) != oid)
+        if not anew:
+            return None
+        return (f"its {' and '.join(anew)} tables were made anew since its last sync (a restore, or an older dump "
+                "loaded back): rows missing since are not taken for deleted")
 
     def _hashes(self, table: str, ids: list[str]) -> dict[str, str]:
         return {r["id"]: collection_row_hash(r["document"], r["metadata"])
