@@ -205,9 +205,10 @@ class SyncStateFile:
         saved = SyncState(data.get("known"), data.get("history", {}), data.get("tombstones", {}),
                           data.get("forgotten", {}), data.get("marks"), position if isinstance(position, str) else None)
         why = self._went_back(saved.position) if saved.known is not None and saved.position else None
-        # older than at its last sync (a newer state was removed or put back from a copy): the rows
-        # written since are missing, not deleted, and a sync must not delete them elsewhere
-        return replace(saved, known=None, marks=None, went_back=why) if why else saved
+        # older than at its last sync (a newer state removed, or put back from a copy): the rows written
+        # since are missing, not deleted, and a sync must not delete them elsewhere
+        return replace(saved, known=None, marks=None,
+                       went_back=f"{why}: rows missing since are not taken for deleted") if why else saved
 
     def save_sync_state(self, state: SyncState) -> None:
         atomic_write(self._sync_file, orjson.dumps({"known": state.known, "history": state.history,

@@ -137,7 +137,7 @@ class BundleDirStore(SyncStateFile):
         if newest is not None and bundle_time(newest.name) >= bundle_time(held):
             return None
         now = f"its newest bundle is {newest.name}" if newest else "it holds no bundle"
-        return f"{now}, older than {held}, which it held at its last sync: rows missing since are not taken for deleted"
+        return f"{now}, older than {held}, which it held at its last sync"
 
     def snapshot(self) -> State:
         latest = self._latest()

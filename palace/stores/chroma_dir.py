@@ -45,8 +45,8 @@ from .base import READ_PAGE, CollectionInfo, Page
 from .chroma import FETCH_PAGE, ChromaStore
 
 COMPLETE = ".palace-etl-restore-complete"  # inside a build that finished and was checked
-CRASH_ENV = "PALACE_ETL_TEST_CRASH_AT"
-SEQ_POSITION = "chroma-seq:"  # a sync state's position: chroma.sqlite3's high-water sequence number  # test-only: kill this process at a named point
+CRASH_ENV = "PALACE_ETL_TEST_CRASH_AT"  # test-only: kill this process at a named point
+SEQ_POSITION = "chroma-seq:"  # a sync state's position: chroma.sqlite3's high-water sequence number
 
 
 class ChromaDirStore(ChromaStore):
@@ -158,8 +158,7 @@ class ChromaDirStore(ChromaStore):
         was, top = int(held[len(SEQ_POSITION):]), int(now[len(SEQ_POSITION):])
         if top >= was:
             return None
-        return (f"{CHROMA_DB}'s sequence number is {top}, below {was} at its last sync (an older copy of the file): "
-                "rows missing since are not taken for deleted")
+        return f"{CHROMA_DB}'s sequence number is {top}, below {was} at its last sync (an older copy of the file)"
 
     def _hashes(self, table: str, ids: list[str]) -> dict[str, str]:
         with self._sqlite() as conn:

@@ -320,7 +320,7 @@ class PgVectorStore(ChromaStore):
         if not anew:
             return None
         return (f"its {' and '.join(anew)} tables were made anew since its last sync (a restore, or an older dump "
-                "loaded back): rows missing since are not taken for deleted")
+                "loaded back)")
 
     def _hashes(self, table: str, ids: list[str]) -> dict[str, str]:
         return {r["id"]: collection_row_hash(r["document"], r["metadata"])
