@@ -4,6 +4,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -235,3 +236,18 @@ class StdioMcp:
     def close(self) -> None:
         self.proc.stdin.close()
         self.proc.wait(timeout=60)
+
+
+def copy_palace_files(src: Path, dst: Path) -> None:
+    """Every file and directory of the palace ``src`` but its palace-etl state directory, copied over
+    what ``dst`` holds: a file-level backup taken, or put back (the state directory left as it was)."""
+    dst.mkdir(exist_ok=True)
+    for f in src.iterdir():
+        if f.name == ".palace-etl":
+            continue
+        target = dst / f.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+        (shutil.copytree if f.is_dir() else shutil.copy2)(f, target)

@@ -1,6 +1,5 @@
 """The loader: idempotent re-runs, resume after SIGKILL, dry runs, carried vectors, identity checks."""
 import json
-import shutil
 import signal
 import sqlite3
 import subprocess
@@ -24,7 +23,7 @@ from palace.errors import EmbedderMismatch
 from palace.layout import read_sidecar, write_sidecar
 from palace.stores import open_store
 
-from .helpers import CORPUS, cli_json, palace_rows, run_cli
+from .helpers import CORPUS, cli_json, copy_palace_files, palace_rows, run_cli
 
 MEMORY = CORPUS / "mcp-memory" / "memory.jsonl"
 
@@ -159,10 +158,7 @@ def test_a_killed_run_is_not_resumed_into_a_palace_put_back_from_an_older_copy(t
     palace, src, monday = tmp_path / "p", tmp_path / "memory.jsonl", tmp_path / "p-of-monday"
     cli_json("import", "mcp-memory", MEMORY, "--palace", palace)  # what the palace held on Monday
     before = cli_json("status", "--palace", palace)["drawers"]
-    monday.mkdir()
-    for f in palace.iterdir():
-        if f.name != ".palace-etl":
-            (shutil.copytree if f.is_dir() else shutil.copy2)(f, monday / f.name)
+    copy_palace_files(palace, monday)
     total = write_memory(src, 120, 12)
     proc = subprocess.Popen([sys.executable, "-m", "etl.cli", "import", "mcp-memory", str(src), "--palace",
                              str(palace), "--batch-size", "100", "--quiet"])
@@ -173,9 +169,7 @@ def test_a_killed_run_is_not_resumed_into_a_palace_put_back_from_an_older_copy(t
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    for f in monday.iterdir():  # Monday's files put back; .palace-etl stays as it was
-        shutil.rmtree(palace / f.name) if f.is_dir() else (palace / f.name).unlink()
-        (shutil.copytree if f.is_dir() else shutil.copy2)(f, palace / f.name)
+    copy_palace_files(monday, palace)  # Monday's files put back; .palace-etl stays as it was
     report = cli_json("import", "mcp-memory", src, "--palace", palace, "--batch-size", "100")
     assert report["batches_resumed"] == 0 and "not in the palace" in report["resume_refused"]
     assert report["drawers_written"] == total

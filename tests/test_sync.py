@@ -22,7 +22,7 @@ from palace.layout import layout_for, write_sidecar
 from palace.stores import open_store
 from palace.vectors import VectorStore
 
-from .helpers import SAMPLE, cli_json, run_cli
+from .helpers import SAMPLE, cli_json, copy_palace_files, run_cli
 
 
 def unit(n: int, seed: int) -> np.ndarray:
@@ -279,18 +279,13 @@ def test_a_palace_whose_chroma_files_were_put_back_from_an_older_copy_has_rows_m
     a, b, old = tmp_path / "a", str(tmp_path / "b"), tmp_path / "a-files-of-monday"
     cli_json("import", "mcp-memory", SAMPLE, "--palace", a)
     assert run_sync(str(a), b).converged
-    old.mkdir()
-    for f in a.iterdir():
-        if f.name != ".palace-etl":
-            (shutil.copytree if f.is_dir() else shutil.copy2)(f, old / f.name)
+    copy_palace_files(a, old)
     store = VectorStore(layout_for(a))
     store.upsert(["drawer_tue_1", "drawer_tue_2"], ["written on tuesday", "this one too"],
                  [{"wing": "w", "room": "r"}] * 2, unit(2, 5))
     store.close()
     assert run_sync(str(a), b).converged
-    for f in old.iterdir():  # Monday's Chroma files put back; .palace-etl stays as it was
-        shutil.rmtree(a / f.name) if f.is_dir() else (a / f.name).unlink()
-        (shutil.copytree if f.is_dir() else shutil.copy2)(f, a / f.name)
+    copy_palace_files(old, a)  # Monday's Chroma files put back; .palace-etl stays as it was
     r = run_sync(str(a), b)
     assert r.converged and r.plan["delete_b"] == {} and r.plan["to_a"] == {"drawers": 2}
     assert {"drawer_tue_1", "drawer_tue_2"} <= state(b)["drawers"].keys()
