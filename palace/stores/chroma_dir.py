@@ -144,19 +144,20 @@ class ChromaDirStore(ChromaStore):
         with self._sqlite() as conn:
             return _marks_of(conn)
 
-    def _position(self) -> str | None:
+    def _high_water(self) -> int | None:
         if not self.exists():
             return None
         with self._sqlite() as conn:
-            top = chroma_sqlite.high_water(conn)
+            return chroma_sqlite.high_water(conn)
+
+    def _position(self) -> str | None:
+        top = self._high_water()
         return None if top is None else f"{SEQ_POSITION}{top}"
 
     def _went_back(self, held: str) -> str | None:
-        now = self._position()
-        if not held.startswith(SEQ_POSITION) or not held[len(SEQ_POSITION):].isdigit() or now is None:
-            return None
-        was, top = int(held[len(SEQ_POSITION):]), int(now[len(SEQ_POSITION):])
-        if top >= was:
+        was = held[len(SEQ_POSITION):] if held.startswith(SEQ_POSITION) else ""
+        top = self._high_water() if was.isdigit() else None
+        if top is None or top >= int(was):
             return None
         return f"{CHROMA_DB}'s sequence number is {top}, below {was} at its last sync (an older copy of the file)"
 
@@ -552,8 +553,8 @@ class ChromaDirReader(ChromaDirStore):
     def snapshot(self):
         return self._copy().snapshot() if self.exists() else super().snapshot()
 
-    def _position(self):
-        return self._copy()._position() if self.exists() else None
+    def _high_water(self):
+        return self._copy()._high_water() if self.exists() else None
 
     def changes(self, known, marks):
         return self._copy().changes(known, marks) if self.exists() else super().changes(known, marks)
