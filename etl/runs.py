@@ -136,9 +136,9 @@ class Ledger:
                                (status, time.time(), orjson.dumps(report).decode(), run_id))
             if status == "complete":
                 self._conn.execute(
-                    "UPDATE runs SET status='superseded' WHERE status NOT IN ('complete', 'superseded') AND "
-                    "run_id != ? AND (importer, source, options) = (SELECT importer, source, options FROM runs "
-                    "WHERE run_id = ?)", (run_id, run_id))
+                    "UPDATE runs SET status='superseded' WHERE status NOT IN (?, ?) AND run_id != ? AND "
+                    "(importer, source, options) = (SELECT importer, source, options FROM runs WHERE run_id = ?)",
+                    (*DONE, run_id, run_id))
 
     def options_for(self, importer: str, source: Path) -> dict | None:
         """The options of the newest run of ``importer`` over ``source`` (what verify re-reads it with)."""
