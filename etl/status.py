@@ -35,6 +35,7 @@ def palace_status(store: PalaceStore, probes: int = 0) -> dict:
         from .verify import probe_embedder, sample_ids, self_query
 
         ids = [i for page in store.rows("drawers", ()) for i, _, _ in page]
-        n, hits = self_query(store, sample_ids(ids, (0, 1, 1.0), probes), probe_embedder(ident))
-        out.update(probes=n, self_hit_rate=(hits / n) if n else None)
+        found = self_query(store, sample_ids(ids, (0, 1, 1.0), probes), probe_embedder(ident))
+        out.update(probes=found.probes, self_hit_rate=(found.hits / found.probes) if found.probes else None,
+                   unreached=len(found.unreached), misplaced=len(found.misplaced))
     return out

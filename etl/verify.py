@@ -3,7 +3,9 @@
 Phases run cheapest first: structure (files, collection settings, embedder
 identity) -> bookkeeping (SQLite quick_check, ledger, KG dangling ids) -> parity
 with a source (ids, content hashes, wing/room, triples) -> retrieval probes
-(each sampled drawer queried with its own vector must rank itself first).
+(each sampled drawer queried with its own vector must rank itself first; a drawer
+the index holds another vector for is damage, while a few the graph search did not
+reach, with their vectors intact, are what an approximate index does).
 Every finding has a severity, a code, a message and the command that fixes it.
 """
 from __future__ import annotations
@@ -38,7 +40,8 @@ from .embed import MINILM, Embedder, EmbedderIdentity, MiniLMEmbedder
 from .runs import DONE, Ledger
 
 REPORT_SCHEMA_VERSION = 1
-SELF_HIT_THRESHOLD = 0.999
+UNREACHED_TOLERANCE = 0.01  # share of probes an intact HNSW graph may fail to reach before it is called damaged
+INTACT = 1e-4  # cosine distance within which the index's vector is the drawer's own (re-embedded elsewhere)
 MAX_LISTED = 20
 
 
@@ -56,7 +59,7 @@ class VerifyReport:
     findings: list[Finding] = field(default_factory=list)
     not_checked: list[str] = field(default_factory=list)
     totals: dict = field(default_factory=lambda: {"drawers": 0, "probes": 0, "self_hits": 0,
-                                                  "self_hit_rate": 1.0, "triples": 0})
+                                                  "self_hit_rate": 1.0, "unreached": 0, "triples": 0})
 
     def add(self, severity: str, code: str, message: str, remedy: str | None = None) -> None:
         self.findings.append(Finding(severity, code, message, remedy))
@@ -294,31 +297,72 @@ def _check_parity(store: PalaceStore, held: Held, against: tuple[str, Path], spe
                    f"graph: {', '.join(triples_missing[:MAX_LISTED])}", remedy)
 
 
-def self_query(store: PalaceStore, ids: list[str], embedder: Embedder | None = None) -> tuple[int, int]:
-    """Query each drawer with its own vector; return (probes, drawers that ranked themselves first).
+@dataclass
+class ProbeResult:
+    """What the self-queries found: ``hits`` drawers ranked themselves first; of the others, the
+    index held the drawer's own vector but its graph search did not reach it (``unreached``), or
+    it held another vector for it, or none (``misplaced``)."""
+    probes: int = 0
+    hits: int = 0
+    unreached: list[str] = field(default_factory=list)
+    misplaced: list[str] = field(default_factory=list)
+
+
+def self_query(store: PalaceStore, ids: list[str], embedder: Embedder | None = None) -> ProbeResult:
+    """Query each drawer with its own vector, and look closer at those that do not rank first.
 
     With ``embedder`` the query vector is the drawer's document re-embedded, so a
     mislabelled index cannot vouch for itself; without, the vector read back from
     the index is used. A drawer tied at the top with an identical twin counts as found.
     """
     if not ids:
-        return 0, 0
+        return ProbeResult()
     try:
         rows = [r for page in store.fetch("drawers", ids, vectors=embedder is None) for r in page]
     except PalaceEtlError:  # the palace cannot be opened at all (it says why, and the remedy)
         raise
     except Exception:  # the index cannot even hand back its vectors: every probe misses
-        return len(ids), 0
+        return ProbeResult(len(ids), 0, [], list(ids))
     if not rows:
-        return 0, 0
+        return ProbeResult()
     vectors = embedder.embed([r["document"] for r in rows]) if embedder else \
         np.asarray([r["embedding"] for r in rows], dtype=np.float32)
-    answers = store.nearest("drawers", vectors, min(5, len(rows)))
-    hits = 0
-    for r, (found, dist) in zip(rows, answers):
+    k = min(5, len(rows))
+    answers = store.nearest("drawers", vectors, k)
+    result, missed = ProbeResult(len(rows)), []
+    for r, v, (found, dist) in zip(rows, vectors, answers):
         if found and r["id"] in found and dist[found.index(r["id"])] <= dist[0] + 1e-5:
-            hits += 1
-    return len(rows), hits
+            result.hits += 1
+        else:
+            missed.append((r["id"], v, found, dist))
+    held = _index_vectors(store, [m[0] for m in missed]) if embedder else {i: v for i, v, _, _ in missed}
+    for i, v, found, dist in missed:
+        own = _cosine_distance(v, held[i]) if i in held else None
+        if own is None or own > INTACT:
+            result.misplaced.append(i)
+        elif len(found) == k and dist[-1] <= own + 1e-5:  # k identical twins filled every place
+            result.hits += 1
+        else:
+            result.unreached.append(i)
+    return result
+
+
+def _index_vectors(store: PalaceStore, ids: list[str]) -> dict[str, np.ndarray]:
+    """The vectors the index holds for ``ids`` (none when it cannot hand them back)."""
+    if not ids:
+        return {}
+    try:
+        return {r["id"]: np.asarray(r["embedding"], dtype=np.float32)
+                for page in store.fetch("drawers", ids, vectors=True) for r in page}
+    except PalaceEtlError:
+        raise
+    except Exception:
+        return {}
+
+
+def _cosine_distance(a: np.ndarray, b: np.ndarray) -> float:
+    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
+    return 1.0 - float(np.dot(a, b)) / (na * nb) if na and nb else 1.0
 
 
 def probe_embedder(identity: EmbedderIdentity | None) -> Embedder | None:
@@ -343,14 +387,21 @@ def _probe(store: PalaceStore, ids: list[str], report: VerifyReport, identity: E
     if embedder is None:
         report.not_checked.append("retrieval probes used the index's own vectors (the palace's embedder is not "
                                   "available here), which a mislabelled index can pass")
-    probes, hits = self_query(store, ids, embedder)
-    if not probes:
+    found = self_query(store, ids, embedder)
+    if not found.probes:
         return
-    report.totals.update(probes=probes, self_hits=hits, self_hit_rate=hits / probes)
-    if hits / probes < SELF_HIT_THRESHOLD:
-        report.add("error", "hnsw_self_query_miss", f"{probes - hits} of {probes} drawers queried with their "
-                   "own vector do not rank themselves first: the HNSW index is damaged",
-                   f"mempalace --palace {store.name} repair rebuild-index")
+    report.totals.update(probes=found.probes, self_hits=found.hits, self_hit_rate=found.hits / found.probes,
+                         unreached=len(found.unreached))
+    remedy = f"mempalace --palace {store.name} repair rebuild-index"
+    if found.misplaced:
+        report.add("error", "hnsw_self_query_miss", f"{len(found.misplaced)} of {found.probes} drawers queried with "
+                   "their own vector do not rank themselves first, and the index holds another vector for them, "
+                   f"or none: the HNSW index is damaged: {', '.join(found.misplaced[:MAX_LISTED])}", remedy)
+    if len(found.unreached) > UNREACHED_TOLERANCE * found.probes:
+        report.add("error", "hnsw_self_query_miss", f"{len(found.unreached)} of {found.probes} drawers hold their "
+                   f"own vector in the index, but its graph search does not reach them (more than "
+                   f"{UNREACHED_TOLERANCE:.0%}): the HNSW index is damaged: "
+                   f"{', '.join(found.unreached[:MAX_LISTED])}", remedy)
 
 
 def verify_bundle_report(bundle: Path, keys: Keys | None = None) -> VerifyReport:

@@ -1,7 +1,9 @@
 """verify: each finding code is produced by exactly the fault it names, in a real palace."""
 import json
+import pickle
 import shutil
 import sqlite3
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +11,7 @@ import orjson
 import pytest
 
 from etl.embed import EmbedderIdentity
+from etl.verify import sample_ids
 from palace.layout import layout_for, write_sidecar
 from palace.vectors import VectorStore
 
@@ -39,10 +42,88 @@ def test_hnsw_of_another_palace_is_detected(tmp_path):
         shutil.copy2(f, _segment(a) / f.name)
     report = json.loads(run_cli("verify", "--palace", a, "--json", check=4).stdout)
     miss = {f["code"]: f for f in report["findings"]}["hnsw_self_query_miss"]
-    assert "repair rebuild-index" in miss["remedy"]
+    assert "repair rebuild-index" in miss["remedy"] and "holds another vector for them" in miss["message"]
     assert report["totals"]["self_hit_rate"] < 0.5
     status = cli_json("status", "--palace", a, "--probes", "100")
     assert status["self_hit_rate"] < 0.5 and status["probes"] == 100
+
+
+HNSW_HEADER = struct.Struct("<iQQQQQQiIQQQdQ")  # chroma-hnswlib header.bin: version, offsetLevel0, max_elements,
+#   cur_element_count, size_data_per_element, label_offset, offsetData, maxlevel, enterpoint_node, maxM, maxM0, M,
+#   mult, ef_construction
+
+
+def unlink(segment: Path, candidates: list[str], n: int) -> list[str]:
+    """Take ``n`` of ``candidates`` out of every neighbour list of a persisted HNSW index, their vectors
+    kept: a graph search can no longer reach them. Only level-0 elements other than the entry point
+    qualify (no upper-level list names them). Returns the ids taken out."""
+    _, off0, _, count, size, label_at, _, _, entry, *_ = HNSW_HEADER.unpack(
+        (segment / "header.bin").read_bytes()[:HNSW_HEADER.size])
+    with open(segment / "index_metadata.pickle", "rb") as f:
+        id_to_label = pickle.load(f)["id_to_label"]
+    data = np.fromfile(segment / "data_level0.bin", dtype=np.uint8).reshape(-1, size)
+    internal = {int(lab): k for k, lab in enumerate(data[:count, label_at:label_at + 8].copy().view("<u8").ravel())}
+    links, upper, at = (segment / "link_lists.bin").read_bytes(), [], 0
+    for _ in range(count):
+        (length,) = struct.unpack_from("<I", links, at)
+        upper.append(length)
+        at += 4 + length
+    chosen = [i for i in candidates if internal[id_to_label[i]] != entry and not upper[internal[id_to_label[i]]]][:n]
+    gone = {internal[id_to_label[i]] for i in chosen}
+    for k in range(count):
+        m = int(data[k, off0:off0 + 2].view("<u2")[0])
+        keep = np.array([x for x in data[k, off0 + 4:off0 + 4 + 4 * m].view("<u4") if int(x) not in gone], "<u4")
+        data[k, off0:off0 + 2] = np.array([len(keep)], "<u2").view(np.uint8)
+        data[k, off0 + 4:off0 + 4 + 4 * len(keep)] = keep.view(np.uint8)
+    data.tofile(segment / "data_level0.bin")
+    return chosen
+
+
+def test_a_few_drawers_the_graph_search_does_not_reach_are_not_called_damage(tmp_path):
+    """HNSW is approximate: it can fail to reach a drawer whose vector it holds intact (a CI run met
+    one in 200 probes, after many edits synced between replicas). Up to 1% of the probes is reported,
+    and not called damage; more is. Real Chroma files, with drawers cut out of the graph's links."""
+    docs = [f"memory {i}: the palace drawer about topic {i % 37} and host {i % 11}" for i in range(1000)]
+    _memory(tmp_path / "src.jsonl", docs)
+    one, three = tmp_path / "one", tmp_path / "three"
+    cli_json("import", "mcp-memory", tmp_path / "src.jsonl", "--palace", one)
+    assert cli_json("verify", "--palace", one)["totals"]["self_hit_rate"] == 1.0
+    with sqlite3.connect(one / "chroma.sqlite3") as c:  # the index is persisted whole: no log tail re-links
+        assert c.execute("SELECT min(seq_id) FROM max_seq_id").fetchone()[0] == 1000
+    shutil.copytree(one, three)
+    store = VectorStore(layout_for(one))
+    sample = sample_ids(store.reading().get(include=[])["ids"], (0, 1, 1.0), 200)  # what verify probes
+    store.close()
+
+    (cut,) = unlink(_segment(one), sample, 1)
+    report = cli_json("verify", "--palace", one)  # exit 0
+    assert report["findings"] == [] and report["totals"]["unreached"] == 1
+    assert report["totals"]["self_hit_rate"] == 0.995
+    assert "1 not reached by the graph search, vector intact" in run_cli("verify", "--palace", one).stderr
+    assert cli_json("status", "--palace", one, "--probes", "200")["unreached"] == 1
+
+    cut = unlink(_segment(three), sample, 3)
+    miss = findings(three)["hnsw_self_query_miss"]
+    assert "3 of 200 drawers hold their own vector" in miss["message"] and "repair rebuild-index" in miss["remedy"]
+    assert all(i in miss["message"] for i in cut)
+
+
+def test_drawers_with_more_identical_twins_than_the_probe_asks_for_are_found(tmp_path):
+    """The same text filed in eight rooms: eight identical vectors, and a query for five neighbours
+    cannot name them all. Each counts as found (tied at the top), not as damage."""
+    rng = np.random.default_rng(3)
+    twin = rng.standard_normal(384).astype(np.float32)
+    others = rng.standard_normal((100, 384)).astype(np.float32)
+    vectors = np.vstack([np.tile(twin, (8, 1)), others])
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    ids = [f"twin{k}" for k in range(8)] + [f"other{k}" for k in range(100)]
+    store = VectorStore(layout_for(tmp_path / "p"))
+    store.upsert(ids, ["the same text"] * 8 + [f"text {k}" for k in range(100)],
+                 [{"wing": "w", "room": f"r{k}"} for k in range(108)], vectors)
+    store.close()
+    write_sidecar(tmp_path / "p", EmbedderIdentity("random-test-vectors", 384))
+    report = cli_json("verify", "--palace", tmp_path / "p", "--probes", "108")
+    assert report["findings"] == [] and report["totals"]["self_hit_rate"] == 1.0
 
 
 @pytest.fixture

@@ -53,7 +53,8 @@ def status_report(s: dict) -> None:
     typer.echo(f"knowledge graph {kg['path']}: {kg.get('entities', 0)} entities, {kg.get('triples', 0)} triples "
                f"({kg.get('current_triples', 0)} current)")
     if s.get("probes"):
-        typer.echo(f"self-query: {s['self_hit_rate']:.4f} of {s['probes']} drawers rank themselves first")
+        typer.echo(f"self-query: {s['self_hit_rate']:.4f} of {s['probes']} drawers rank themselves first"
+                   + (f" ({s['unreached']} not reached by the graph search, vector intact)" if s.get("unreached") else ""))
     for run in s["runs"]:
         if run["status"] not in DONE:
             typer.echo(f"  run {run['run_id']} ({run['importer']} {run['source']}) is {run['status']}: "
@@ -68,8 +69,9 @@ def verify_report(v: dict) -> None:
     for item in v["not_checked"]:
         typer.echo(f"not checked: {item}", err=True)
     t = v["totals"]
+    unreached = f"; {t['unreached']} not reached by the graph search, vector intact" if t.get("unreached") else ""
     typer.echo(f"checked {t['drawers']} drawers, {t['probes']} retrieval probes "
-               f"(self-hit rate {t['self_hit_rate']:.4f}), {t['triples']} triples", err=True)
+               f"(self-hit rate {t['self_hit_rate']:.4f}{unreached}), {t['triples']} triples", err=True)
     typer.echo("no problems found" if not v["findings"] else f"{len(v['findings'])} problem(s) found", err=True)
 
 
