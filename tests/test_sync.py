@@ -293,6 +293,30 @@ def test_a_palace_whose_chroma_files_were_put_back_from_an_older_copy_has_rows_m
     assert run_sync(str(a), b).went_back == {}
 
 
+def test_a_knowledge_graph_put_back_from_an_older_copy_has_triples_missing_not_deleted(tmp_path):
+    """The knowledge graph alone restored from a copy taken before the last sync (Chroma's files and
+    the palace-etl state directory left as they were): the triples added since are missing, not
+    deleted. The sync copies them back instead of deleting them from the other replica."""
+    a, b = tmp_path / "a", str(tmp_path / "b")
+    cli_json("import", "mcp-memory", SAMPLE, "--palace", a)
+    assert run_sync(str(a), b).converged
+    kg, monday = a / "knowledge_graph.sqlite3", tmp_path / "kg-of-monday.sqlite3"
+    with sqlite3.connect(kg) as live, sqlite3.connect(monday) as copy:
+        live.backup(copy)
+    with KnowledgeGraph(kg) as g:
+        g.write_batch([], [(f"t_tue_{k}", "tuesday", "added", f"fact {k}", None, None, 1.0, None, None, "t")
+                           for k in range(2)])
+    assert run_sync(str(a), b).converged
+    for f in (kg, kg.with_name(kg.name + "-wal"), kg.with_name(kg.name + "-shm")):
+        f.unlink(missing_ok=True)
+    shutil.copy2(monday, kg)  # Monday's KG put back
+    r = run_sync(str(a), b)
+    assert r.converged and r.plan["delete_b"] == {} and r.plan["to_a"]["triples"] == 2
+    assert {"t_tue_0", "t_tue_1"} <= state(b)["triples"].keys()
+    assert "older copy of knowledge_graph.sqlite3" in r.went_back["a"]
+    assert run_sync(str(a), b).went_back == {}
+
+
 def test_sigkill_during_sync_then_rerun(tmp_path):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     store = VectorStore(layout_for(a))

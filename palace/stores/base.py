@@ -204,7 +204,10 @@ class SyncStateFile:
         position = data.get("position")
         saved = SyncState(data.get("known"), data.get("history", {}), data.get("tombstones", {}),
                           data.get("forgotten", {}), data.get("marks"), position if isinstance(position, str) else None)
-        why = self._went_back(saved.position) if saved.known is not None and saved.position else None
+        why = None
+        if saved.known is not None:
+            why = (self._went_back(saved.position) if saved.position else None) or \
+                self._kg_went_back(data.get("kg_position"))
         # older than at its last sync (a newer state removed, or put back from a copy): the rows written
         # since are missing, not deleted, and a sync must not delete them elsewhere
         return replace(saved, known=None, marks=None,
@@ -213,7 +216,8 @@ class SyncStateFile:
     def save_sync_state(self, state: SyncState) -> None:
         atomic_write(self._sync_file, orjson.dumps({"known": state.known, "history": state.history,
                                                     "tombstones": state.tombstones, "forgotten": state.forgotten,
-                                                    "marks": state.marks, "position": self._position()}))
+                                                    "marks": state.marks, "position": self._position(),
+                                                    "kg_position": self._kg_position(state.forgotten)}))
 
     def _position(self) -> str | None:
         """Which content the store holds now, where it can name it (saved as ``SyncState.position``)."""
@@ -221,6 +225,15 @@ class SyncStateFile:
 
     def _went_back(self, held: str) -> str | None:
         """Why the store now holds older content than at ``held`` (a ``_position`` of then), or None."""
+        return None
+
+    def _kg_position(self, forgotten: dict) -> dict | None:
+        """Which content its knowledge graph holds now, where the store can name it, naming no row
+        in ``forgotten`` ({table: their ``id_key`` hashes})."""
+        return None
+
+    def _kg_went_back(self, held) -> str | None:
+        """Why its knowledge graph now holds older content than at ``held`` (a ``_kg_position``), or None."""
         return None
 
 

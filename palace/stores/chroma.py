@@ -4,6 +4,7 @@ SQLite file, the embedder sidecar and palace-etl's own state directory."""
 from __future__ import annotations
 
 import sqlite3
+from itertools import islice
 from pathlib import Path
 from typing import Iterator
 
@@ -20,11 +21,14 @@ from ..rows import (
     KG_TABLES,
     State,
     collection_row_hash,
+    id_key,
     kg_row_hash,
     paged,
 )
 from ..vectors import VectorStore
 from .base import READ_PAGE, Page, SyncStateFile
+
+KG_NEWEST = 4  # a sync state's KG position: the ids of this many newest rows of each KG table
 
 FETCH_PAGE = 5000  # rows per Chroma get/upsert: near its max batch (5461 with a dozen metadata keys)
 
@@ -262,6 +266,36 @@ class ChromaStore(SyncStateFile):
                         for _, row in kg_rows(conn, table):
                             state[table][row["id"]] = kg_row_hash(row)
         return state
+
+    def _kg_position(self, forgotten: dict) -> dict | None:
+        """The ids of each KG table's newest rows. MemPalace adds KG rows and never deletes one, so a
+        knowledge graph put back from a copy taken before they were written lacks them. Rows being
+        forgotten are passed over: they are about to go, and their ids must not be kept."""
+        if not self.kg_path.exists():
+            return None
+        out = {}
+        with self._kg_read() as conn:
+            for t in KG_TABLES:
+                if _has_table(conn, t):
+                    gone = set(forgotten.get(t, ()))
+                    newest = (i for (i,) in conn.execute(f"SELECT id FROM {t} ORDER BY rowid DESC"))
+                    out[t] = list(islice((i for i in newest if id_key(i) not in gone), KG_NEWEST))
+        return out
+
+    def _kg_went_back(self, held) -> str | None:
+        newest = {t: [i for i in ids if isinstance(i, str)] for t, ids in held.items()
+                  if t in KG_TABLES and isinstance(ids, list)} if isinstance(held, dict) else {}
+        if not any(newest.values()):
+            return None
+        if not self.kg_path.exists():
+            return f"its knowledge graph ({self.kg_path.name}) is gone since its last sync"
+        with self._kg_read() as conn:
+            lost = [i for t, ids in newest.items() for i in ids if not _has_table(conn, t)
+                    or conn.execute(f"SELECT 1 FROM {t} WHERE id = ?", (i,)).fetchone() is None]
+        if not lost:
+            return None
+        return (f"its knowledge graph lacks {len(lost)} of the rows that were its newest at its last sync, "
+                f"such as {lost[0]!r} (an older copy of {self.kg_path.name})")
 
     def _kg_counts(self) -> dict[str, int]:
         if not self.kg_path.exists():

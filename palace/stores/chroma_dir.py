@@ -556,6 +556,12 @@ class ChromaDirReader(ChromaDirStore):
     def _high_water(self):
         return self._copy()._high_water() if self.exists() else None
 
+    def _kg_position(self, forgotten):
+        return self._copy()._kg_position(forgotten) if self.exists() else super()._kg_position(forgotten)
+
+    def _kg_went_back(self, held):
+        return self._copy()._kg_went_back(held) if self.exists() else super()._kg_went_back(held)
+
     def changes(self, known, marks):
         return self._copy().changes(known, marks) if self.exists() else super().changes(known, marks)
 
