@@ -30,7 +30,13 @@ from tqdm import tqdm
 
 from importers.base import Importer, ImportOptions, check_source
 from importers.quarantine import Quarantine
-from importers.schema import DRAWERS, ENTITIES, embedding_identity, validate_batch
+from importers.schema import (
+    DRAWERS,
+    ENTITIES,
+    TRIPLES,
+    embedding_identity,
+    validate_batch,
+)
 from palace.clock import record_zone
 from palace.errors import PalaceEtlError, SourceFormatError
 from palace.kg import KnowledgeGraph
@@ -327,13 +333,27 @@ class Loader:
             writer.shutdown(wait=True)  # never close the palace under an in-flight write
 
     def _sample(self, batch: pa.RecordBatch, kind: str) -> list[str]:
-        """A drawer batch's first and last ids the palace holds once it is committed (not forgotten):
-        what a resume checks is still there."""
-        if kind != DRAWERS or not batch.num_rows:
+        """A batch's first and last ids (not forgotten): what a resume checks is still there, once
+        ``_commit`` has kept those the palace holds after writing it."""
+        if not batch.num_rows:
             return []
-        gone = self._forgotten.get("drawers", ())
         ids = batch.column("id")
-        return [i for i in dict.fromkeys((ids[0].as_py(), ids[-1].as_py())) if not (gone and id_key(i) in gone)]
+        return self._unforgotten(kind, list(dict.fromkeys((ids[0].as_py(), ids[-1].as_py()))))
+
+    def _unforgotten(self, kind: str, ids: list[str]) -> list[str]:
+        gone = self._forgotten.get(kind, ())
+        return [i for i in ids if not (gone and id_key(i) in gone)]
+
+    def _held(self, kind: str, ids: list[str]) -> set[str]:
+        """Which of ``ids`` (rows of ``kind``) the palace holds."""
+        if not ids:
+            return set()
+        if kind == DRAWERS:
+            return set(self._existing(ids))
+        if self.kg is None:
+            return set()
+        return {i for s in range(0, len(ids), 500) for (i,) in self.kg.query(
+            f"SELECT id FROM {kind} WHERE id IN ({','.join('?' * len(ids[s:s + 500]))})", ids[s:s + 500])}
 
     def _plan(self, batch: pa.RecordBatch, kind: str, seen: set[str], report: ImportReport):
         if kind == DRAWERS:
@@ -361,12 +381,15 @@ class Loader:
     def _lost(self, ledger, run_id: str) -> str | None:
         """Why the palace no longer holds what an earlier attempt of this run committed (put back from
         an older copy, or restored, since), or None: then the attempt may be resumed."""
-        sample = ledger.held(run_id, DRAWERS)
-        missing = len(set(sample) - self._existing(sample).keys()) if sample else 0
+        missing, checked = [], 0
+        for kind in (DRAWERS, ENTITIES, TRIPLES):
+            sample = self._unforgotten(kind, ledger.held(run_id, kind))  # one forgotten since is not lost
+            checked += len(sample)
+            missing += sorted(set(sample) - self._held(kind, sample))
         if not missing:
             return None
-        return (f"{missing} of {len(sample)} drawers an earlier attempt committed are not in the palace (its files "
-                "were put back or restored since): the source is read again from the start")
+        return (f"{len(missing)} of {checked} rows an earlier attempt committed are not in the palace, such as "
+                f"{missing[0]!r} (its files were put back or restored since): the source is read again from the start")
 
     def _commit(self, seq: int, kind: str, rows: int, job: DrawerJob | KgJob | None, report: ImportReport, ledger,
                 run_id, sample: list[str]) -> None:
@@ -379,6 +402,8 @@ class Loader:
                 e, t = self.kg.write_batch(job.entities, job.triples)
                 report.kg_rows_written += e + t
                 written = e + t
+                # a triple is not written when an open one says the same under another id
+                sample = [i for i in sample if i in self._held(kind, sample)]
         if ledger is not None:
             ledger.committed(run_id, seq, kind, rows, written, sample)
 

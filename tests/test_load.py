@@ -1,5 +1,6 @@
 """The loader: idempotent re-runs, resume after SIGKILL, dry runs, carried vectors, identity checks."""
 import json
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -20,6 +21,7 @@ from importers.registry import get_importer
 from importers.schema import drawer_schema
 from palace import chroma_sqlite
 from palace.errors import EmbedderMismatch
+from palace.kg import KnowledgeGraph
 from palace.layout import read_sidecar, write_sidecar
 from palace.stores import open_store
 
@@ -175,6 +177,55 @@ def test_a_killed_run_is_not_resumed_into_a_palace_put_back_from_an_older_copy(t
     assert report["drawers_written"] == total
     assert cli_json("status", "--palace", palace)["drawers"] == before + total
     run_cli("verify", "--palace", palace, "--against", "mcp-memory", src)
+
+
+def test_a_killed_run_is_not_resumed_into_a_knowledge_graph_put_back_from_an_older_copy(tmp_path):
+    """The same with the knowledge graph alone put back (Chroma's files and the run ledger left as
+    they were): the triple batches the killed run committed are gone, and a resume would skip them."""
+    palace, src, monday = tmp_path / "p", tmp_path / "memory.jsonl", tmp_path / "kg-of-monday.sqlite3"
+    cli_json("import", "mcp-memory", MEMORY, "--palace", palace)  # what the palace held on Monday
+    kg = palace / "knowledge_graph.sqlite3"
+    with sqlite3.connect(kg) as live, sqlite3.connect(monday) as copy:
+        live.backup(copy)
+    write_memory(src, 120, 12)
+    proc = subprocess.Popen([sys.executable, "-m", "etl.cli", "import", "mcp-memory", str(src), "--palace",
+                             str(palace), "--batch-size", "100", "--quiet"])
+    deadline = time.monotonic() + 240
+    while _committed_drawers(palace) < 400:
+        assert proc.poll() is None, "the import finished before it could be killed; make the input larger"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    with sqlite3.connect(palace / ".palace-etl" / "ledger.sqlite3") as c:
+        assert c.execute("SELECT count(*) FROM batches WHERE kind = 'triples'").fetchone()[0] > 0
+    for f in (kg, kg.with_name(kg.name + "-wal"), kg.with_name(kg.name + "-shm")):
+        f.unlink(missing_ok=True)
+    shutil.copy2(monday, kg)  # Monday's KG put back
+    report = cli_json("import", "mcp-memory", src, "--palace", palace, "--batch-size", "100")
+    assert report["batches_resumed"] == 0 and "not in the palace" in report["resume_refused"]
+    run_cli("verify", "--palace", palace, "--against", "mcp-memory", src)  # every triple is there
+
+
+def test_a_killed_run_whose_triple_an_open_one_already_said_is_resumed(tmp_path):
+    """A triple is not written when an open one says the same under another id (MemPalace's rule):
+    its id is then not in the palace, and must not make a resume look lost."""
+    palace, src = tmp_path / "p", tmp_path / "memory.jsonl"
+    write_memory(src, 120, 12)
+    with KnowledgeGraph(palace / "knowledge_graph.sqlite3") as g:  # the source's first relation, said by MemPalace
+        g.write_batch([], [("t_said_by_mempalace", "entity-1", "follows_after", "entity-0", None, None, 1.0, None,
+                            None, "mempalace")])
+    proc = subprocess.Popen([sys.executable, "-m", "etl.cli", "import", "mcp-memory", str(src), "--palace",
+                             str(palace), "--batch-size", "100", "--quiet"])
+    deadline = time.monotonic() + 240
+    while _committed_drawers(palace) < 400:
+        assert proc.poll() is None, "the import finished before it could be killed; make the input larger"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    report = cli_json("import", "mcp-memory", src, "--palace", palace, "--batch-size", "100")
+    assert report["batches_resumed"] > 0 and not report["resume_refused"]
 
 
 def test_a_ledger_written_before_samples_were_kept_is_opened_and_resumed(tmp_path):
