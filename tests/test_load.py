@@ -228,6 +228,29 @@ def test_a_killed_run_whose_triple_an_open_one_already_said_is_resumed(tmp_path)
     assert report["batches_resumed"] > 0 and not report["resume_refused"]
 
 
+def test_a_killed_run_one_of_whose_checked_drawers_was_forgotten_since_is_resumed(tmp_path):
+    """A drawer a resume would check, erased by ``forget`` after the kill, is gone on purpose: the
+    run resumes, and the drawer is not written again."""
+    palace, src = tmp_path / "p", tmp_path / "memory.jsonl"
+    write_memory(src, 120, 12)
+    proc = subprocess.Popen([sys.executable, "-m", "etl.cli", "import", "mcp-memory", str(src), "--palace",
+                             str(palace), "--batch-size", "100", "--quiet"])
+    deadline = time.monotonic() + 240
+    while _committed_drawers(palace) < 400:
+        assert proc.poll() is None, "the import finished before it could be killed; make the input larger"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    with sqlite3.connect(palace / ".palace-etl" / "ledger.sqlite3") as c:
+        (sample,) = c.execute("SELECT sample FROM batches WHERE kind = 'drawers' ORDER BY seq LIMIT 1").fetchone()
+    erased = json.loads(sample)[0]
+    cli_json("forget", "--palace", palace, "--id", erased)
+    report = cli_json("import", "mcp-memory", src, "--palace", palace, "--batch-size", "100")
+    assert report["batches_resumed"] > 0 and not report["resume_refused"]
+    assert erased not in palace_rows(palace)
+
+
 def test_a_ledger_written_before_samples_were_kept_is_opened_and_resumed(tmp_path):
     state = tmp_path / ".palace-etl"
     state.mkdir(mode=0o700)
