@@ -38,6 +38,7 @@ from palace.stores import (
 )
 from palace.stores.routed import ROUTED_FILE
 
+from .runs import forget_in_ledger
 from .sync import KEEP_BOTH_SUFFIX, unforgotten
 
 PENDING = "forget-pending.json"
@@ -186,6 +187,7 @@ def run_forget(spec: str, kg: Path | None = None, ids: list[str] | None = None, 
         store.commit()
         report.receipt += [f"{store.name}: removed " + ", ".join(f"{len(v)} {t}" for t, v in chosen.items() if v)]
         report.receipt += store.scrub(keyed(chosen))
+        report.receipt += forget_in_ledger(store.state_dir, keyed(chosen))
         if (store.state_dir / ROUTED_FILE).is_file():  # what was filed through a hub, with the metadata meant
             routed = RoutedIds(store.state_dir)
             try:

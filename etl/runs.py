@@ -22,7 +22,9 @@ from typing import Iterator
 import orjson
 
 from palace.chroma_sqlite import ro_uri, unsettled
+from palace.errors import PalaceLocked
 from palace.layout import open_private, private_dir
+from palace.rows import id_key
 
 _LEDGER_SQL = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -151,5 +153,38 @@ class Ledger:
                                  "ORDER BY started_at")
         return [dict(zip(("run_id", "importer", "source", "status", "started_at", "finished_at"), r)) for r in cur]
 
+    def forget(self, forgotten: dict[str, set[str]]) -> int:
+        """Take the ids whose ``id_key`` is in ``forgotten`` ({table: hashes}) out of every batch's
+        sample, leaving no copy of them in the file: overwritten in place (``secure_delete``), then
+        the WAL emptied. Returns how many samples changed."""
+        self._conn.execute("PRAGMA secure_delete=ON")
+        changed = []
+        for rowid, kind, sample in self._conn.execute(
+                "SELECT rowid, kind, sample FROM batches WHERE sample IS NOT NULL").fetchall():
+            ids, gone = orjson.loads(sample), forgotten.get(kind) or ()
+            kept = [i for i in ids if id_key(i) not in gone]
+            if len(kept) < len(ids):
+                changed.append((orjson.dumps(kept).decode() if kept else None, rowid))
+        if changed:
+            self._conn.executemany("UPDATE batches SET sample=? WHERE rowid=?", changed)
+            busy, _, _ = self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            if busy:
+                raise PalaceLocked(f"forget in {self.path}: another process reads the run ledger; its write-ahead "
+                                   "log still holds the forgotten ids", hint="run the same forget again once "
+                                   "no import runs on this palace")
+        return len(changed)
+
     def close(self) -> None:
         self._conn.close()
+
+
+def forget_in_ledger(state_dir: Path | None, forgotten: dict[str, set[str]]) -> list[str]:
+    """``Ledger.forget`` on the ledger of ``state_dir``, if it has one; what was done, for a receipt."""
+    if state_dir is None or not (state_dir / "ledger.sqlite3").is_file():
+        return []
+    ledger = Ledger(state_dir)
+    try:
+        n = ledger.forget(forgotten)
+    finally:
+        ledger.close()
+    return [f"{ledger.path}: the ids dropped from {n} resume samples, overwritten"] if n else []

@@ -26,6 +26,7 @@ from palace.rows import COLLECTIONS, TABLES, State, id_key
 from palace.stores import PalaceStore, SyncState, open_store, open_writer, store_root
 
 from .embed import check_identity
+from .runs import forget_in_ledger
 
 KEEP_BOTH_SUFFIX = "__conflict_"
 HISTORY_KEEP = 32  # superseded versions remembered per row
@@ -409,7 +410,7 @@ def run_sync(spec_a: str, spec_b: str, kg_a=None, kg_b=None, dry_run: bool = Fal
             for store, saved, live in ((store_a, saved_a, live_a), (store_b, saved_b, live_b)):
                 learned = set().union(*(v - set(saved.forgotten.get(t, ())) for t, v in forgotten.items()))
                 if learned and live is None:  # its files (logs, free pages, older bundles) may hold them
-                    report.scrubbed += store.scrub(forgotten)
+                    report.scrubbed += store.scrub(forgotten) + forget_in_ledger(store.state_dir, forgotten)
             store_a.save_sync_state(SyncState(final_a, history, tombs, kept, marks_a))
             store_b.save_sync_state(SyncState(final_b, history, tombs, kept, marks_b))
         report.seconds = round(time.monotonic() - started, 3)

@@ -6,11 +6,13 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import orjson
 import pyarrow.parquet as pq
 import pyrage
 import pytest
@@ -236,3 +238,19 @@ def test_kg_path_means_the_knowledge_graph_file_as_on_every_verb(original, tmp_p
     assert WORD not in kg.read_bytes() and not (palace / "knowledge_graph.sqlite3").exists()
     with KnowledgeGraph(kg) as g:
         assert g.query("SELECT count(*) FROM triples WHERE id = ?", ["t_key"]) == [(0,)]
+
+
+def test_a_replica_that_learns_of_a_forget_drops_the_ids_from_its_own_run_ledger(tmp_path):
+    """Both machines imported the same source, so each run ledger keeps the id of a drawer as a resume
+    sample. A forget on one machine reaches the other by sync, which overwrites the id there too."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    for p in (a, b):
+        cli_json("import", "mcp-memory", SAMPLE, "--palace", p)
+    assert cli_json("sync", a, b)["converged"]
+    with sqlite3.connect(b / ".palace-etl" / "ledger.sqlite3") as c:
+        (sample,) = c.execute("SELECT sample FROM batches WHERE kind = 'drawers' ORDER BY seq LIMIT 1").fetchone()
+    erased = orjson.loads(sample)[0]
+    cli_json("forget", "--palace", a, "--id", erased)
+    s = cli_json("sync", a, b)
+    assert s["converged"] and any("ledger.sqlite3: the ids dropped" in line for line in s["scrubbed"])
+    assert not [f for f in (b / ".palace-etl").glob("ledger.sqlite3*") if erased.encode() in f.read_bytes()]

@@ -229,8 +229,8 @@ def test_a_killed_run_whose_triple_an_open_one_already_said_is_resumed(tmp_path)
 
 
 def test_a_killed_run_one_of_whose_checked_drawers_was_forgotten_since_is_resumed(tmp_path):
-    """A drawer a resume would check, erased by ``forget`` after the kill, is gone on purpose: the
-    run resumes, and the drawer is not written again."""
+    """A drawer a resume would check, erased by ``forget`` after the kill, is gone on purpose: no
+    byte of its id stays in the run ledger, the run resumes, and the drawer is not written again."""
     palace, src = tmp_path / "p", tmp_path / "memory.jsonl"
     write_memory(src, 120, 12)
     proc = subprocess.Popen([sys.executable, "-m", "etl.cli", "import", "mcp-memory", str(src), "--palace",
@@ -245,7 +245,9 @@ def test_a_killed_run_one_of_whose_checked_drawers_was_forgotten_since_is_resume
     with sqlite3.connect(palace / ".palace-etl" / "ledger.sqlite3") as c:
         (sample,) = c.execute("SELECT sample FROM batches WHERE kind = 'drawers' ORDER BY seq LIMIT 1").fetchone()
     erased = json.loads(sample)[0]
-    cli_json("forget", "--palace", palace, "--id", erased)
+    receipt = cli_json("forget", "--palace", palace, "--id", erased)["receipt"]
+    assert any("ledger.sqlite3: the ids dropped from 1 resume samples" in line for line in receipt)
+    assert not [f for f in (palace / ".palace-etl").glob("ledger.sqlite3*") if erased.encode() in f.read_bytes()]
     report = cli_json("import", "mcp-memory", src, "--palace", palace, "--batch-size", "100")
     assert report["batches_resumed"] > 0 and not report["resume_refused"]
     assert erased not in palace_rows(palace)
