@@ -24,7 +24,6 @@ import orjson
 from palace.chroma_sqlite import ro_uri, unsettled
 from palace.errors import PalaceLocked
 from palace.layout import open_private, private_dir
-from palace.rows import id_key
 
 _LEDGER_SQL = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -157,6 +156,9 @@ class Ledger:
         """Take the ids whose ``id_key`` is in ``forgotten`` ({table: hashes}) out of every batch's
         sample, leaving no copy of them in the file: overwritten in place (``secure_delete``), then
         the WAL emptied. Returns how many samples changed."""
+        # imported here: every CLI start imports this module, and palace.rows loads pyarrow
+        from palace.rows import id_key
+
         self._conn.execute("PRAGMA secure_delete=ON")
         changed = []
         for rowid, kind, sample in self._conn.execute(

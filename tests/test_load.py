@@ -78,6 +78,21 @@ def test_edited_source_rewrites_only_changed_drawers(tmp_path):
     assert len(palace_rows(palace)) == 31
 
 
+def kill_import(src: Path, spec: str, palace: Path, drawers: int) -> int:
+    """Start ``import mcp-memory SRC --palace SPEC`` in batches of 100 and SIGKILL it once its ledger
+    in ``palace`` has at least ``drawers`` committed; returns how many it had."""
+    proc = subprocess.Popen([sys.executable, "-m", "etl.cli", "import", "mcp-memory", str(src), "--palace",
+                             str(spec), "--batch-size", "100", "--quiet"])
+    deadline = time.monotonic() + 240
+    while (done := _committed_drawers(palace)) < drawers:
+        assert proc.poll() is None, "the import finished before it could be killed; make the input larger"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return done
+
+
 def _committed_drawers(palace: Path) -> int:
     db = palace / ".palace-etl" / "ledger.sqlite3"
     if not db.exists():
@@ -96,15 +111,7 @@ def test_sigkill_midway_then_resume(tmp_path, backend, request, monkeypatch):
     if backend == "pgvector":
         monkeypatch.setenv("MEMPALACE_PGVECTOR_DSN", request.getfixturevalue("postgres"))
     total = write_memory(src, 120, 12)  # 1,440 drawers in batches of 100
-    proc = subprocess.Popen([sys.executable, "-m", "etl.cli", "import", "mcp-memory", str(src), "--palace",
-                             spec, "--batch-size", "100", "--quiet"])
-    deadline = time.monotonic() + 240
-    while (done := _committed_drawers(palace)) < 400:
-        assert proc.poll() is None, "the import finished before it could be killed; make the input larger"
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    done = kill_import(src, spec, palace, 400)
     partial = cli_json("status", "--palace", spec)
     assert 0 < partial["drawers"] < total
     assert [r["status"] for r in partial["runs"]] == ["running"]  # visibly incomplete
@@ -133,15 +140,7 @@ def test_a_killed_run_of_a_source_edited_since_is_superseded_by_the_next_complet
     fingerprint changed), which settles the killed one instead of leaving it incomplete for ever."""
     palace, src = tmp_path / "p", tmp_path / "memory.jsonl"
     write_memory(src, 120, 12)
-    proc = subprocess.Popen([sys.executable, "-m", "etl.cli", "import", "mcp-memory", str(src), "--palace",
-                             str(palace), "--batch-size", "100", "--quiet"])
-    deadline = time.monotonic() + 240
-    while _committed_drawers(palace) < 200:
-        assert proc.poll() is None, "the import finished before it could be killed; make the input larger"
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_import(src, palace, palace, 200)
     total = write_memory(src, 121, 12)  # edited since: one more entity
     report = cli_json("import", "mcp-memory", src, "--palace", palace, "--batch-size", "100")
     assert report["batches_resumed"] == 0 and report["drawers_read"] == total
@@ -162,15 +161,7 @@ def test_a_killed_run_is_not_resumed_into_a_palace_put_back_from_an_older_copy(t
     before = cli_json("status", "--palace", palace)["drawers"]
     copy_palace_files(palace, monday)
     total = write_memory(src, 120, 12)
-    proc = subprocess.Popen([sys.executable, "-m", "etl.cli", "import", "mcp-memory", str(src), "--palace",
-                             str(palace), "--batch-size", "100", "--quiet"])
-    deadline = time.monotonic() + 240
-    while _committed_drawers(palace) < 400 + before:
-        assert proc.poll() is None, "the import finished before it could be killed; make the input larger"
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_import(src, palace, palace, 400 + before)
     copy_palace_files(monday, palace)  # Monday's files put back; .palace-etl stays as it was
     report = cli_json("import", "mcp-memory", src, "--palace", palace, "--batch-size", "100")
     assert report["batches_resumed"] == 0 and "not in the palace" in report["resume_refused"]
@@ -188,15 +179,7 @@ def test_a_killed_run_is_not_resumed_into_a_knowledge_graph_put_back_from_an_old
     with sqlite3.connect(kg) as live, sqlite3.connect(monday) as copy:
         live.backup(copy)
     write_memory(src, 120, 12)
-    proc = subprocess.Popen([sys.executable, "-m", "etl.cli", "import", "mcp-memory", str(src), "--palace",
-                             str(palace), "--batch-size", "100", "--quiet"])
-    deadline = time.monotonic() + 240
-    while _committed_drawers(palace) < 400:
-        assert proc.poll() is None, "the import finished before it could be killed; make the input larger"
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_import(src, palace, palace, 400)
     with sqlite3.connect(palace / ".palace-etl" / "ledger.sqlite3") as c:
         assert c.execute("SELECT count(*) FROM batches WHERE kind = 'triples'").fetchone()[0] > 0
     for f in (kg, kg.with_name(kg.name + "-wal"), kg.with_name(kg.name + "-shm")):
@@ -215,15 +198,7 @@ def test_a_killed_run_whose_triple_an_open_one_already_said_is_resumed(tmp_path)
     with KnowledgeGraph(palace / "knowledge_graph.sqlite3") as g:  # the source's first relation, said by MemPalace
         g.write_batch([], [("t_said_by_mempalace", "entity-1", "follows_after", "entity-0", None, None, 1.0, None,
                             None, "mempalace")])
-    proc = subprocess.Popen([sys.executable, "-m", "etl.cli", "import", "mcp-memory", str(src), "--palace",
-                             str(palace), "--batch-size", "100", "--quiet"])
-    deadline = time.monotonic() + 240
-    while _committed_drawers(palace) < 400:
-        assert proc.poll() is None, "the import finished before it could be killed; make the input larger"
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_import(src, palace, palace, 400)
     report = cli_json("import", "mcp-memory", src, "--palace", palace, "--batch-size", "100")
     assert report["batches_resumed"] > 0 and not report["resume_refused"]
 
@@ -233,15 +208,7 @@ def test_a_killed_run_one_of_whose_checked_drawers_was_forgotten_since_is_resume
     byte of its id stays in the run ledger, the run resumes, and the drawer is not written again."""
     palace, src = tmp_path / "p", tmp_path / "memory.jsonl"
     write_memory(src, 120, 12)
-    proc = subprocess.Popen([sys.executable, "-m", "etl.cli", "import", "mcp-memory", str(src), "--palace",
-                             str(palace), "--batch-size", "100", "--quiet"])
-    deadline = time.monotonic() + 240
-    while _committed_drawers(palace) < 400:
-        assert proc.poll() is None, "the import finished before it could be killed; make the input larger"
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_import(src, palace, palace, 400)
     with sqlite3.connect(palace / ".palace-etl" / "ledger.sqlite3") as c:
         (sample,) = c.execute("SELECT sample FROM batches WHERE kind = 'drawers' ORDER BY seq LIMIT 1").fetchone()
     erased = json.loads(sample)[0]
