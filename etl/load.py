@@ -381,15 +381,18 @@ class Loader:
     def _lost(self, ledger, run_id: str) -> str | None:
         """Why the palace no longer holds what an earlier attempt of this run committed (put back from
         an older copy, or restored, since), or None: then the attempt may be resumed."""
-        missing, checked = [], 0
+        missing, checked = {}, 0
         for kind in (DRAWERS, ENTITIES, TRIPLES):
             sample = self._unforgotten(kind, ledger.held(run_id, kind))  # one forgotten since is not lost
             checked += len(sample)
-            missing += sorted(set(sample) - self._held(kind, sample))
+            if lost := len(set(sample) - self._held(kind, sample)):
+                missing[kind] = lost
         if not missing:
             return None
-        return (f"{len(missing)} of {checked} rows an earlier attempt committed are not in the palace, such as "
-                f"{missing[0]!r} (its files were put back or restored since): the source is read again from the start")
+        # counts, not ids: the ledger keeps this report, and forget does not reach reports
+        return (f"{sum(missing.values())} of {checked} rows an earlier attempt committed are not in the palace ("
+                + ", ".join(f"{n} {kind}" for kind, n in missing.items())
+                + "; its files were put back or restored since): the source is read again from the start")
 
     def _commit(self, seq: int, kind: str, rows: int, job: DrawerJob | KgJob | None, report: ImportReport, ledger,
                 run_id, sample: list[str]) -> None:

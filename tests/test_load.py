@@ -187,6 +187,7 @@ def test_a_killed_run_is_not_resumed_into_a_knowledge_graph_put_back_from_an_old
     shutil.copy2(monday, kg)  # Monday's KG put back
     report = cli_json("import", "mcp-memory", src, "--palace", palace, "--batch-size", "100")
     assert report["batches_resumed"] == 0 and "not in the palace" in report["resume_refused"]
+    assert " triples" in report["resume_refused"] and "entity-" not in report["resume_refused"]  # counts, no ids
     run_cli("verify", "--palace", palace, "--against", "mcp-memory", src)  # every triple is there
 
 
