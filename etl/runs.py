@@ -172,7 +172,7 @@ class Ledger:
             busy, _, _ = self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
             if busy:
                 raise PalaceLocked(f"forget in {self.path}: another process reads the run ledger; its write-ahead "
-                                   "log still holds the forgotten ids", hint="run the same forget again once "
+                                   "log still holds the forgotten ids", hint="run the same command again once "
                                    "no import runs on this palace")
         return len(changed)
 

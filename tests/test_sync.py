@@ -317,6 +317,31 @@ def test_a_knowledge_graph_put_back_from_an_older_copy_has_triples_missing_not_d
     assert run_sync(str(a), b).went_back == {}
 
 
+def test_an_invalidation_a_knowledge_graph_put_back_reverted_is_kept(tmp_path):
+    """A KG put back from a copy taken after its newest row was written, but before a triple was
+    invalidated: no row is missing, so nothing is set aside, and the open triple it holds again
+    must not undo the invalidation on the other replica. The rule "an invalidated triple beats an
+    open one" keeps it, on both sides."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    cli_json("import", "mcp-memory", SAMPLE, "--palace", a)
+    assert run_sync(str(a), str(b)).converged
+    kg, monday = a / "knowledge_graph.sqlite3", tmp_path / "kg-of-monday.sqlite3"
+    with sqlite3.connect(kg) as live, sqlite3.connect(monday) as copy:
+        live.backup(copy)
+    with sqlite3.connect(kg) as c:
+        (tid,) = c.execute("SELECT id FROM triples WHERE valid_to IS NULL ORDER BY rowid LIMIT 1").fetchone()
+        c.execute("UPDATE triples SET valid_to = '2026-12-01' WHERE id = ?", (tid,))
+    assert run_sync(str(a), str(b)).converged
+    for f in (kg, kg.with_name(kg.name + "-wal"), kg.with_name(kg.name + "-shm")):
+        f.unlink(missing_ok=True)
+    shutil.copy2(monday, kg)  # the triple is open again on a
+    r = run_sync(str(a), str(b))
+    assert r.converged and r.went_back == {} and r.plan["to_a"] == {"triples": 1} and r.plan["to_b"] == {}
+    for p in (a, b):
+        with sqlite3.connect(p / "knowledge_graph.sqlite3") as c:
+            assert c.execute("SELECT valid_to FROM triples WHERE id = ?", (tid,)).fetchone() == ("2026-12-01",)
+
+
 def test_sigkill_during_sync_then_rerun(tmp_path):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     store = VectorStore(layout_for(a))
