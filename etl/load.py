@@ -406,7 +406,8 @@ class Loader:
                 report.kg_rows_written += e + t
                 written = e + t
                 # a triple is not written when an open one says the same under another id
-                sample = [i for i in sample if i in self._held(kind, sample)]
+                held = self._held(kind, sample)
+                sample = [i for i in sample if i in held]
         if ledger is not None:
             ledger.committed(run_id, seq, kind, rows, written, sample)
 
