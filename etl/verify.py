@@ -41,7 +41,7 @@ from .runs import DONE, Ledger
 
 REPORT_SCHEMA_VERSION = 1
 UNREACHED_TOLERANCE = 0.01  # share of probes an intact HNSW graph may fail to reach before it is called damaged
-INTACT = 1e-4  # cosine distance within which the index's vector is the drawer's own (re-embedded elsewhere)
+INTACT = 1e-4  # cosine distance within which two vectors are the same drawer's (re-embedded elsewhere, or a replica's)
 MAX_LISTED = 20
 
 
@@ -462,12 +462,8 @@ def verify_parity(spec_a: str, spec_b: str, kg_a: Path | None = None, kg_b: Path
         both = sample_ids(sorted(sa.get("drawers", {}).keys() & sb.get("drawers", {}).keys()), spec, probes)
         va = {r["id"]: r["embedding"] for page in a.fetch("drawers", both) for r in page}
         vb = {r["id"]: r["embedding"] for page in b.fetch("drawers", both) for r in page}
-        low = []
-        for i in both:
-            x, y = np.asarray(va[i], dtype=np.float32), np.asarray(vb[i], dtype=np.float32)
-            cos = float(x @ y / max(np.linalg.norm(x) * np.linalg.norm(y), 1e-12))
-            if cos < 0.9999:
-                low.append(i)
+        low = [i for i in both if _cosine_distance(np.asarray(va[i], dtype=np.float32),
+                                                   np.asarray(vb[i], dtype=np.float32)) > INTACT]
         report.totals["probes"] = len(both)
         if low:
             report.add("error", "vector_mismatch", f"{len(low)} of {len(both)} sampled drawers have different "
