@@ -5,6 +5,7 @@ import fcntl
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import time
@@ -251,3 +252,16 @@ def copy_palace_files(src: Path, dst: Path) -> None:
         elif target.exists():
             target.unlink()
         (shutil.copytree if f.is_dir() else shutil.copy2)(f, target)
+
+
+def copy_kg(kg: Path, dst: Path) -> None:
+    """A consistent copy of the knowledge graph ``kg`` at ``dst`` (SQLite's backup: WAL included)."""
+    with sqlite3.connect(kg) as live, sqlite3.connect(dst) as copy:
+        live.backup(copy)
+
+
+def put_kg_back(copy: Path, kg: Path) -> None:
+    """``copy`` put back as the knowledge graph ``kg``, its WAL and shared memory gone with the old file."""
+    for f in (kg, kg.with_name(kg.name + "-wal"), kg.with_name(kg.name + "-shm")):
+        f.unlink(missing_ok=True)
+    shutil.copy2(copy, kg)

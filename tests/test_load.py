@@ -1,6 +1,5 @@
 """The loader: idempotent re-runs, resume after SIGKILL, dry runs, carried vectors, identity checks."""
 import json
-import shutil
 import signal
 import sqlite3
 import subprocess
@@ -25,7 +24,15 @@ from palace.kg import KnowledgeGraph
 from palace.layout import read_sidecar, write_sidecar
 from palace.stores import open_store
 
-from .helpers import CORPUS, cli_json, copy_palace_files, palace_rows, run_cli
+from .helpers import (
+    CORPUS,
+    cli_json,
+    copy_kg,
+    copy_palace_files,
+    palace_rows,
+    put_kg_back,
+    run_cli,
+)
 
 MEMORY = CORPUS / "mcp-memory" / "memory.jsonl"
 
@@ -176,15 +183,12 @@ def test_a_killed_run_is_not_resumed_into_a_knowledge_graph_put_back_from_an_old
     palace, src, monday = tmp_path / "p", tmp_path / "memory.jsonl", tmp_path / "kg-of-monday.sqlite3"
     cli_json("import", "mcp-memory", MEMORY, "--palace", palace)  # what the palace held on Monday
     kg = palace / "knowledge_graph.sqlite3"
-    with sqlite3.connect(kg) as live, sqlite3.connect(monday) as copy:
-        live.backup(copy)
+    copy_kg(kg, monday)
     write_memory(src, 120, 12)
     kill_import(src, palace, palace, 400)
     with sqlite3.connect(palace / ".palace-etl" / "ledger.sqlite3") as c:
         assert c.execute("SELECT count(*) FROM batches WHERE kind = 'triples'").fetchone()[0] > 0
-    for f in (kg, kg.with_name(kg.name + "-wal"), kg.with_name(kg.name + "-shm")):
-        f.unlink(missing_ok=True)
-    shutil.copy2(monday, kg)  # Monday's KG put back
+    put_kg_back(monday, kg)  # Monday's KG put back
     report = cli_json("import", "mcp-memory", src, "--palace", palace, "--batch-size", "100")
     assert report["batches_resumed"] == 0 and "not in the palace" in report["resume_refused"]
     assert " triples" in report["resume_refused"] and "entity-" not in report["resume_refused"]  # counts, no ids

@@ -22,7 +22,7 @@ from palace.layout import layout_for, write_sidecar
 from palace.stores import open_store
 from palace.vectors import VectorStore
 
-from .helpers import SAMPLE, cli_json, copy_palace_files, run_cli
+from .helpers import SAMPLE, cli_json, copy_kg, copy_palace_files, put_kg_back, run_cli
 
 
 def unit(n: int, seed: int) -> np.ndarray:
@@ -301,15 +301,12 @@ def test_a_knowledge_graph_put_back_from_an_older_copy_has_triples_missing_not_d
     cli_json("import", "mcp-memory", SAMPLE, "--palace", a)
     assert run_sync(str(a), b).converged
     kg, monday = a / "knowledge_graph.sqlite3", tmp_path / "kg-of-monday.sqlite3"
-    with sqlite3.connect(kg) as live, sqlite3.connect(monday) as copy:
-        live.backup(copy)
+    copy_kg(kg, monday)
     with KnowledgeGraph(kg) as g:
         g.write_batch([], [(f"t_tue_{k}", "tuesday", "added", f"fact {k}", None, None, 1.0, None, None, "t")
                            for k in range(2)])
     assert run_sync(str(a), b).converged
-    for f in (kg, kg.with_name(kg.name + "-wal"), kg.with_name(kg.name + "-shm")):
-        f.unlink(missing_ok=True)
-    shutil.copy2(monday, kg)  # Monday's KG put back
+    put_kg_back(monday, kg)  # Monday's KG put back
     r = run_sync(str(a), b)
     assert r.converged and r.plan["delete_b"] == {} and r.plan["to_a"]["triples"] == 2
     assert {"t_tue_0", "t_tue_1"} <= state(b)["triples"].keys()
@@ -326,15 +323,12 @@ def test_an_invalidation_a_knowledge_graph_put_back_reverted_is_kept(tmp_path):
     cli_json("import", "mcp-memory", SAMPLE, "--palace", a)
     assert run_sync(str(a), str(b)).converged
     kg, monday = a / "knowledge_graph.sqlite3", tmp_path / "kg-of-monday.sqlite3"
-    with sqlite3.connect(kg) as live, sqlite3.connect(monday) as copy:
-        live.backup(copy)
+    copy_kg(kg, monday)
     with sqlite3.connect(kg) as c:
         (tid,) = c.execute("SELECT id FROM triples WHERE valid_to IS NULL ORDER BY rowid LIMIT 1").fetchone()
         c.execute("UPDATE triples SET valid_to = '2026-12-01' WHERE id = ?", (tid,))
     assert run_sync(str(a), str(b)).converged
-    for f in (kg, kg.with_name(kg.name + "-wal"), kg.with_name(kg.name + "-shm")):
-        f.unlink(missing_ok=True)
-    shutil.copy2(monday, kg)  # the triple is open again on a
+    put_kg_back(monday, kg)  # the triple is open again on a
     r = run_sync(str(a), str(b))
     assert r.converged and r.went_back == {} and r.plan["to_a"] == {"triples": 1} and r.plan["to_b"] == {}
     for p in (a, b):
