@@ -286,6 +286,27 @@ def row_marks(conn: sqlite3.Connection, segment: str) -> dict[str, int | str]:
     return out
 
 
+def newest_rows(conn: sqlite3.Connection, segment: str, n: int) -> list[tuple[str, int]]:
+    """The ``n`` rows last written, newest first: (id, sequence number). [] for the byte-string
+    sequence numbers of older palaces."""
+    rows = conn.execute("SELECT embedding_id, seq_id FROM embeddings WHERE segment_id = ? ORDER BY seq_id DESC "
+                        "LIMIT ?", (segment, n)).fetchall()
+    return rows if all(type(seq) is int for _, seq in rows) else []
+
+
+def seqs_of(conn: sqlite3.Connection, segment: str, ids: list[str]) -> dict[str, int | bytes]:
+    """{id: the sequence number of the write that last touched the row} of those ``ids`` that exist."""
+    return dict(conn.execute(f"SELECT embedding_id, seq_id FROM embeddings WHERE segment_id = ? AND embedding_id IN "
+                             f"({','.join('?' * len(ids))})", (segment, *ids)))
+
+
+def seq_holders(conn: sqlite3.Connection, segment: str, seqs: list[int]) -> dict[int, str]:
+    """{sequence number: the id of the row it last wrote} of those ``seqs`` a row still holds."""
+    return {seq: i for i, seq in conn.execute(
+        f"SELECT embedding_id, seq_id FROM embeddings WHERE segment_id = ? AND seq_id IN ({','.join('?' * len(seqs))})",
+        (segment, *seqs))}
+
+
 def _assemble(rows: list[tuple]) -> list[tuple[int, str, str | None, dict]]:
     """(rowid, id, document, metadata) from the rows of an embeddings x embedding_metadata join."""
     out: list[tuple[int, str, str | None, dict]] = []

@@ -293,6 +293,53 @@ def test_a_palace_whose_chroma_files_were_put_back_from_an_older_copy_has_rows_m
     assert run_sync(str(a), b).went_back == {}
 
 
+def test_a_palace_put_back_from_an_older_copy_then_written_past_its_old_position_has_rows_missing_not_deleted(tmp_path):
+    """As above, but MemPalace keeps writing after the put-back, more writes than the copy lacked, so
+    the sequence number passes the one saved at the last sync again (Chroma numbers the writes on
+    from the copy's). The rows written before the put-back are still missing, not deleted."""
+    a, b, old = tmp_path / "a", str(tmp_path / "b"), tmp_path / "a-files-of-monday"
+    cli_json("import", "mcp-memory", SAMPLE, "--palace", a)
+    assert run_sync(str(a), b).converged
+    copy_palace_files(a, old)
+    store = VectorStore(layout_for(a))
+    store.upsert(["drawer_tue_1", "drawer_tue_2"], ["written on tuesday", "this one too"],
+                 [{"wing": "w", "room": "r"}] * 2, unit(2, 5))
+    store.close()
+    assert run_sync(str(a), b).converged
+    copy_palace_files(old, a)  # Monday's Chroma files put back; .palace-etl stays as it was
+    store = VectorStore(layout_for(a))  # Wednesday: the server writes on, past Tuesday's numbers
+    for k in range(4):
+        store.upsert([f"drawer_wed_{k}"], [f"written on wednesday, note {k}"], [{"wing": "w", "room": "r"}],
+                     unit(1, 20 + k))
+    store.close()
+    r = run_sync(str(a), b)
+    assert r.converged and r.plan["delete_b"] == {}
+    assert {"drawer_tue_1", "drawer_tue_2"} <= state(b)["drawers"].keys()
+    assert {"drawer_tue_1", "drawer_tue_2", "drawer_wed_0"} <= state(str(a))["drawers"].keys()
+    assert "older copy" in r.went_back["a"]
+    assert run_sync(str(a), b).went_back == {}
+
+
+def test_the_newest_rows_deleted_then_written_past_are_deleted_on_the_other_replica_too(tmp_path):
+    """The rows that were newest at the last sync, deleted since, with more writes after: no copy
+    was put back (no sequence number came twice), so the deletes travel as deletes."""
+    a, b = tmp_path / "a", str(tmp_path / "b")
+    cli_json("import", "mcp-memory", SAMPLE, "--palace", a)
+    store = VectorStore(layout_for(a))
+    store.upsert(["drawer_tue_1", "drawer_tue_2"], ["written on tuesday", "this one too"],
+                 [{"wing": "w", "room": "r"}] * 2, unit(2, 5))
+    store.close()
+    assert run_sync(str(a), b).converged
+    store = VectorStore(layout_for(a))
+    store.delete(["drawer_tue_1", "drawer_tue_2"])
+    for k in range(4):
+        store.upsert([f"drawer_wed_{k}"], [f"written on wednesday, note {k}"], [{"wing": "w", "room": "r"}],
+                     unit(1, 20 + k))
+    store.close()
+    r = run_sync(str(a), b)
+    assert r.converged and r.went_back == {} and r.plan["delete_b"] == {"drawers": 2}
+    assert not {"drawer_tue_1", "drawer_tue_2"} & state(b)["drawers"].keys()
+
 def test_a_knowledge_graph_put_back_from_an_older_copy_has_triples_missing_not_deleted(tmp_path):
     """The knowledge graph alone restored from a copy taken before the last sync (Chroma's files and
     the palace-etl state directory left as they were): the triples added since are missing, not

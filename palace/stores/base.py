@@ -207,7 +207,7 @@ class SyncStateFile:
         why = None
         if saved.known is not None:
             why = (self._went_back(saved.position) if saved.position else None) or \
-                self._kg_went_back(data.get("kg_position"))
+                self._recent_rows_gone(data.get("newest", data.get("kg_position")))
         # older than at its last sync (a newer state removed, or put back from a copy): the rows written
         # since are missing, not deleted, and a sync must not delete them elsewhere
         return replace(saved, known=None, marks=None,
@@ -217,7 +217,7 @@ class SyncStateFile:
         atomic_write(self._sync_file, orjson.dumps({"known": state.known, "history": state.history,
                                                     "tombstones": state.tombstones, "forgotten": state.forgotten,
                                                     "marks": state.marks, "position": self._position(),
-                                                    "kg_position": self._kg_position(state.forgotten)}))
+                                                    "newest": self._recent_rows(state.forgotten)}))
 
     def _position(self) -> str | None:
         """Which content the store holds now, where it can name it (saved as ``SyncState.position``)."""
@@ -227,13 +227,15 @@ class SyncStateFile:
         """Why the store now holds older content than at ``held`` (a ``_position`` of then), or None."""
         return None
 
-    def _kg_position(self, forgotten: dict) -> dict | None:
-        """Which content its knowledge graph holds now, where the store can name it, naming no row
-        in ``forgotten`` ({table: their ``id_key`` hashes})."""
+    def _recent_rows(self, forgotten: dict) -> dict | None:
+        """Its newest rows per table, where the store can name them, naming no row in ``forgotten``
+        ({table: their ``id_key`` hashes}): saved beside ``known``, so a copy put back from before
+        they were written is told apart from rows deleted since."""
         return None
 
-    def _kg_went_back(self, held) -> str | None:
-        """Why its knowledge graph now holds older content than at ``held`` (a ``_kg_position``), or None."""
+    def _recent_rows_gone(self, held) -> str | None:
+        """Why the store now holds older content than when ``held`` (a ``_recent_rows``) was its newest
+        rows, or None."""
         return None
 
 

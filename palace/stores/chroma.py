@@ -28,7 +28,7 @@ from ..rows import (
 from ..vectors import VectorStore
 from .base import READ_PAGE, Page, SyncStateFile
 
-KG_NEWEST = 4  # a sync state's KG position: the ids of this many newest rows of each KG table
+NEWEST = 4  # a sync state keeps this many newest rows of each table (``_recent_rows``)
 
 FETCH_PAGE = 5000  # rows per Chroma get/upsert: near its max batch (5461 with a dozen metadata keys)
 
@@ -267,7 +267,7 @@ class ChromaStore(SyncStateFile):
                             state[table][row["id"]] = kg_row_hash(row)
         return state
 
-    def _kg_position(self, forgotten: dict) -> dict | None:
+    def _recent_rows(self, forgotten: dict) -> dict | None:
         """The ids of each KG table's newest rows. MemPalace adds KG rows and never deletes one, so a
         knowledge graph put back from a copy taken before they were written lacks them. Rows being
         forgotten are passed over: they are about to go, and their ids must not be kept."""
@@ -279,10 +279,10 @@ class ChromaStore(SyncStateFile):
                 if _has_table(conn, t):
                     gone = set(forgotten.get(t, ()))
                     newest = (i for (i,) in conn.execute(f"SELECT id FROM {t} ORDER BY rowid DESC"))
-                    out[t] = list(islice((i for i in newest if id_key(i) not in gone), KG_NEWEST))
+                    out[t] = list(islice((i for i in newest if id_key(i) not in gone), NEWEST))
         return out
 
-    def _kg_went_back(self, held) -> str | None:
+    def _recent_rows_gone(self, held) -> str | None:
         newest = {t: [i for i in ids if isinstance(i, str)] for t, ids in held.items()
                   if t in KG_TABLES and isinstance(ids, list)} if isinstance(held, dict) else {}
         if not any(newest.values()):

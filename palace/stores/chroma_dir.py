@@ -39,10 +39,10 @@ from ..layout import (
     layout_for,
 )
 from ..lock import palace_lock, session_lock
-from ..rows import COLLECTIONS, collection_row_hash
+from ..rows import COLLECTIONS, collection_row_hash, id_key
 from ..vectors import clear_unused_hnsw_slots, segment_dirs
 from .base import READ_PAGE, CollectionInfo, Page
-from .chroma import FETCH_PAGE, ChromaStore
+from .chroma import FETCH_PAGE, NEWEST, ChromaStore
 
 COMPLETE = ".palace-etl-restore-complete"  # inside a build that finished and was checked
 CRASH_ENV = "PALACE_ETL_TEST_CRASH_AT"  # test-only: kill this process at a named point
@@ -160,6 +160,44 @@ class ChromaDirStore(ChromaStore):
         if top is None or top >= int(was):
             return None
         return f"{CHROMA_DB}'s sequence number is {top}, below {was} at its last sync (an older copy of the file)"
+
+    def _recent_rows(self, forgotten):
+        """Also each collection's newest rows, as [id, sequence number]. Chroma numbers each write
+        once; put back from an older copy, it numbers the writes that follow from the copy's number,
+        so those pass the high-water mark saved here again (``_went_back`` no longer sees the copy),
+        but they reuse the numbers of the rows the copy lacks."""
+        out = super()._recent_rows(forgotten) or {}
+        if self.exists():
+            with self._sqlite() as conn:
+                for t, name in COLLECTIONS.items():
+                    seg = chroma_sqlite.segments(conn, name).get("METADATA")
+                    if seg:
+                        gone = set(forgotten.get(t, ()))
+                        newest = chroma_sqlite.newest_rows(conn, seg, NEWEST + len(gone))
+                        out[t] = [[i, seq] for i, seq in newest if id_key(i) not in gone][:NEWEST]
+        return out or None
+
+    def _recent_rows_gone(self, held):
+        why = super()._recent_rows_gone(held)
+        if why or not isinstance(held, dict) or not self.exists():
+            return why
+        with self._sqlite() as conn:
+            for t, name in COLLECTIONS.items():
+                seg = chroma_sqlite.segments(conn, name).get("METADATA")
+                pairs = [(p[0], p[1]) for p in held.get(t, ()) if isinstance(p, list) and len(p) == 2
+                         and isinstance(p[0], str) and type(p[1]) is int]
+                if seg is None or not pairs:
+                    continue
+                now = chroma_sqlite.seqs_of(conn, seg, [i for i, _ in pairs])
+                holders = chroma_sqlite.seq_holders(conn, seg, [seq for _, seq in pairs])
+                for i, seq in pairs:
+                    if type(now.get(i)) is int and now[i] < seq:
+                        return (f"its {t} row {i!r} is older than at its last sync (written at sequence number "
+                                f"{now[i]}, then at {seq}): an older copy of {CHROMA_DB}")
+                    if holders.get(seq, i) != i:
+                        return (f"sequence number {seq}, its {t} row {i!r}'s at its last sync, now belongs to "
+                                f"{holders[seq]!r}: an older copy of {CHROMA_DB}, written since")
+        return None
 
     def _hashes(self, table: str, ids: list[str]) -> dict[str, str]:
         with self._sqlite() as conn:
@@ -556,11 +594,11 @@ class ChromaDirReader(ChromaDirStore):
     def _high_water(self):
         return self._copy()._high_water() if self.exists() else None
 
-    def _kg_position(self, forgotten):
-        return self._copy()._kg_position(forgotten) if self.exists() else super()._kg_position(forgotten)
+    def _recent_rows(self, forgotten):
+        return self._copy()._recent_rows(forgotten) if self.exists() else super()._recent_rows(forgotten)
 
-    def _kg_went_back(self, held):
-        return self._copy()._kg_went_back(held) if self.exists() else super()._kg_went_back(held)
+    def _recent_rows_gone(self, held):
+        return self._copy()._recent_rows_gone(held) if self.exists() else super()._recent_rows_gone(held)
 
     def changes(self, known, marks):
         return self._copy().changes(known, marks) if self.exists() else super().changes(known, marks)
