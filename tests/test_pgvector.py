@@ -6,10 +6,14 @@ from __future__ import annotations
 import collections
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import numpy as np
+import pytest
 
 from palace.stores import PgVectorStore, open_store
 
@@ -193,3 +197,90 @@ def test_text_postgres_cannot_store_is_cleaned_as_mempalace_cleans_it(tmp_path, 
         assert np.allclose(row["embedding"], vec)
     finally:
         store.close()
+
+
+class PrivateCluster:
+    """A PostgreSQL cluster of one test's own (``pgserver``'s binaries), which the test may stop,
+    put back from a base backup (``pg_basebackup``, as an administrator restores last night's),
+    and start again."""
+
+    def __init__(self, root):
+        import pgserver
+
+        self.root, self.data = root, root / "data"
+        self.bin = Path(pgserver.__file__).parent / "pginstall" / "bin"
+        server = pgserver.get_server(self.data, cleanup_mode=None)
+        self.dsn, self.user = server.get_uri(), server.system_user
+
+    def _ctl(self, *args: str) -> None:
+        from pgserver._commands import pg_ctl
+
+        pg_ctl(["-w", *args], pgdata=self.data, user=self.user)
+
+    def backup(self, name: str) -> Path:
+        subprocess.run([str(self.bin / "pg_basebackup"), "-d", self.dsn, "-D", str(self.root / name), "-X", "stream",
+                        "-c", "fast"], check=True, capture_output=True)
+        return self.root / name
+
+    def put_back(self, backup: Path) -> None:
+        self.stop()
+        owner = self.data.stat()
+        shutil.rmtree(self.data)
+        shutil.copytree(backup, self.data, ignore=shutil.ignore_patterns(".s.PGSQL.*"))
+        for p in [self.data, *self.data.rglob("*")]:
+            os.chown(p, owner.st_uid, owner.st_gid, follow_symlinks=False)
+        self.data.chmod(0o700)
+        self._ctl("-o", '-h ""', "-o", f"-k {self.data}", "-l", str(self.data / "log"), "start")
+
+    def stop(self) -> None:
+        if (self.data / "postmaster.pid").exists():
+            self._ctl("-m", "fast", "stop")
+
+
+@pytest.fixture
+def private_cluster(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path_factory.mktemp("runtime")))
+    cluster = PrivateCluster(Path(tempfile.mkdtemp(prefix="pgp-")))  # short: the socket path's 107 bytes
+    monkeypatch.setenv("MEMPALACE_BACKEND", "pgvector")
+    monkeypatch.setenv("MEMPALACE_PGVECTOR_DSN", cluster.dsn)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(cluster.root, ignore_errors=True)
+
+
+def _insert(dsn: str, table: str, ids: list[str]) -> None:
+    """Drawers written as MemPalace's pgvector backend writes them, one transaction each."""
+    import psycopg
+
+    vec = "[" + ",".join(["0.05"] * 384) + "]"
+    with psycopg.connect(dsn, autocommit=True) as c:
+        for i in ids:
+            c.execute(f"INSERT INTO {table} (id, document, metadata, embedding, updated_at) "
+                      "VALUES (%s, %s, %s, %s::vector, now())", (i, f"note {i}", json.dumps({"wing": "w", "room": "r"}), vec))
+
+
+@pytest.mark.parametrize("written_on", [0, 12])
+def test_a_pgvector_palace_whose_database_was_put_back_from_a_backup_has_rows_missing_not_deleted(
+        tmp_path, private_cluster, written_on):
+    """The PostgreSQL cluster restored from Monday's base backup (the tables keep their oids), the
+    palace's directory left as it was: Tuesday's drawers are missing, not deleted, whether the sync
+    comes before any write (the transaction counter is lower than at the last sync) or after more
+    transactions than Monday's backup lacked (their numbers come again, on other rows)."""
+    palace, peer = tmp_path / "palace", f"chroma:{tmp_path / 'peer'}"
+    cli_json("import", "mcp-memory", SAMPLE, "--palace", palace)
+    assert cli_json("sync", palace, peer)["converged"]
+    monday = private_cluster.backup("monday")
+    store = open_store(str(palace))
+    table = store._q("drawers")
+    store.close()
+    _insert(private_cluster.dsn, table, ["drawer_tue_1", "drawer_tue_2"])
+    assert cli_json("sync", palace, peer)["converged"]
+    private_cluster.put_back(monday)
+    _insert(private_cluster.dsn, table, [f"drawer_wed_{k}" for k in range(written_on)])
+    r = cli_json("sync", palace, peer)
+    assert r["converged"] and r["plan"]["delete_b"] == {} and r["plan"]["to_a"] == {"drawers": 2}
+    assert "older backup" in r["went_back"]["a"]
+    assert cli_json("status", "--palace", peer)["drawers"] == 363 + 2 + written_on
+    assert cli_json("sync", palace, peer)["went_back"] == {}

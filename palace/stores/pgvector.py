@@ -39,9 +39,9 @@ import orjson
 from ..errors import EmbedderMismatch, PalaceEtlError, SourceMissing
 from ..identity import EmbedderIdentity, check_identity
 from ..layout import atomic_write, layout_for
-from ..rows import COLLECTIONS, KG_TABLES, collection_row_hash, paged
+from ..rows import COLLECTIONS, KG_TABLES, collection_row_hash, id_key, paged
 from .base import READ_PAGE, CollectionInfo, Page
-from .chroma import ChromaStore
+from .chroma import NEWEST, ChromaStore
 
 MARKER = "pgvector_backend.json"
 DEFAULT_DSN = "postgresql://localhost:5432/mempalace"
@@ -49,6 +49,7 @@ MAX_IDENTIFIER = 63
 WRITE_PAGE = 1000  # rows per INSERT pipeline (one transaction each)
 MARKER_TRIES = 20
 PG_POSITION = "pg-tables:"  # a sync state's position: the collection tables' oids
+XMIN_IDS = 64  # a sync state names the rows a recent transaction wrote up to this many, else counts them
 _SHARED_SEP = re.compile(r"[\s\-./:_]+")
 _SHARED_OK = re.compile(r"^[a-z0-9_]*[a-z0-9][a-z0-9_]*$")
 
@@ -303,6 +304,58 @@ class PgVectorStore(ChromaStore):
         """Each collection table's oid (None: no such table)."""
         found = {t: self._db().execute("SELECT to_regclass(%s)::oid", (self._q(t),)).fetchone()[0] for t in COLLECTIONS}
         return {t: None if oid is None else str(oid) for t, oid in found.items()}
+
+    def _recent_rows(self, forgotten: dict) -> dict | None:
+        """Also PostgreSQL's next transaction number, and for each collection the transactions that
+        wrote its newest rows, with the ids each still holds (or their count, for a bulk write).
+        PostgreSQL never gives a transaction number twice; the database put back from an older
+        backup numbers the transactions that follow from the backup's number, so the counter is
+        lower than saved here, or, once passed again, a saved number holds rows it did not then."""
+        out = super()._recent_rows(forgotten) or {}
+        if not self.exists():
+            return out or None
+        db = self._db()
+        out["next_xid"] = db.execute("SELECT pg_snapshot_xmax(pg_current_snapshot())::text").fetchone()[0]
+        for t in COLLECTIONS:
+            if self._dimension(t) is None:
+                continue
+            q, gone, writes = self._q(t), set(forgotten.get(t, ())), []
+            for (x,) in db.execute(f"SELECT DISTINCT x FROM (SELECT xmin::text AS x FROM {q} "
+                                   f"ORDER BY age(xmin) LIMIT {NEWEST}) n").fetchall():
+                ids = [i for (i,) in db.execute(f"SELECT id FROM {q} WHERE xmin = %s::xid", (x,))]
+                writes.append({"xmin": x, "ids": [i for i in ids if id_key(i) not in gone]}
+                              if len(ids) <= XMIN_IDS else {"xmin": x, "count": len(ids)})
+            out[t] = writes
+        return out
+
+    def _recent_rows_gone(self, held) -> str | None:
+        why = super()._recent_rows_gone(held)
+        if why or not isinstance(held, dict) or not self.exists():
+            return why
+        db = self._db()
+        was = held.get("next_xid")
+        if isinstance(was, str) and was.isdigit():
+            now = int(db.execute("SELECT pg_snapshot_xmax(pg_current_snapshot())::text").fetchone()[0])
+            if now < int(was):
+                return (f"PostgreSQL's next transaction number is {now}, below {was} at its last sync (the "
+                        "database put back from an older backup)")
+        for t in COLLECTIONS:
+            writes = held.get(t)
+            if not isinstance(writes, list) or self._dimension(t) is None:
+                continue
+            for w in writes:
+                x = w.get("xmin") if isinstance(w, dict) else None
+                if not (isinstance(x, str) and x.isdigit()):
+                    continue
+                now = [i for (i,) in db.execute(f"SELECT id FROM {self._q(t)} WHERE xmin = %s::xid", (x,))]
+                ids, n = w.get("ids"), w.get("count")
+                other = (sorted(set(now) - set(ids)) if isinstance(ids, list) else
+                         now if type(n) is int and len(now) > n else [])
+                if other:
+                    return (f"transaction {x}, which wrote its newest {t} at its last sync, now holds "
+                            f"{other[0]!r}, which it did not then (the database put back from an older backup, "
+                            "written since)")
+        return None
 
     def _position(self) -> str | None:
         return PG_POSITION + orjson.dumps(self._oids(), option=orjson.OPT_SORT_KEYS).decode() if self.exists() else None
