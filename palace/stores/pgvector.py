@@ -319,13 +319,12 @@ class PgVectorStore(ChromaStore):
         for t in COLLECTIONS:
             if self._dimension(t) is None:
                 continue
-            q, gone, writes = self._q(t), set(forgotten.get(t, ())), []
-            for (x,) in db.execute(f"SELECT DISTINCT x FROM (SELECT xmin::text AS x FROM {q} "
-                                   f"ORDER BY age(xmin) LIMIT {NEWEST}) n").fetchall():
-                ids = [i for (i,) in db.execute(f"SELECT id FROM {q} WHERE xmin = %s::xid", (x,))]
-                writes.append({"xmin": x, "ids": [i for i in ids if id_key(i) not in gone]}
-                              if len(ids) <= XMIN_IDS else {"xmin": x, "count": len(ids)})
-            out[t] = writes
+            q, gone, wrote = self._q(t), set(forgotten.get(t, ())), {}
+            for x, i in db.execute(f"SELECT xmin::text, id FROM {q} WHERE xmin IN "
+                                   f"(SELECT xmin FROM {q} ORDER BY age(xmin) LIMIT {NEWEST})"):
+                wrote.setdefault(x, []).append(i)
+            out[t] = [{"xmin": x, "ids": [i for i in ids if id_key(i) not in gone]} if len(ids) <= XMIN_IDS
+                      else {"xmin": x, "count": len(ids)} for x, ids in wrote.items()]
         return out
 
     def _recent_rows_gone(self, held) -> str | None:
@@ -335,22 +334,24 @@ class PgVectorStore(ChromaStore):
         db = self._db()
         was = held.get("next_xid")
         if isinstance(was, str) and was.isdigit():
-            now = int(db.execute("SELECT pg_snapshot_xmax(pg_current_snapshot())::text").fetchone()[0])
-            if now < int(was):
-                return (f"PostgreSQL's next transaction number is {now}, below {was} at its last sync (the "
+            counter = int(db.execute("SELECT pg_snapshot_xmax(pg_current_snapshot())::text").fetchone()[0])
+            if counter < int(was):
+                return (f"PostgreSQL's next transaction number is {counter}, below {was} at its last sync (the "
                         "database put back from an older backup)")
         for t in COLLECTIONS:
             writes = held.get(t)
-            if not isinstance(writes, list) or self._dimension(t) is None:
+            saved = {w["xmin"]: w for w in writes if isinstance(w, dict) and isinstance(w.get("xmin"), str)
+                     and w["xmin"].isdigit()} if isinstance(writes, list) else {}
+            if not saved or self._dimension(t) is None:
                 continue
-            for w in writes:
-                x = w.get("xmin") if isinstance(w, dict) else None
-                if not (isinstance(x, str) and x.isdigit()):
-                    continue
-                now = [i for (i,) in db.execute(f"SELECT id FROM {self._q(t)} WHERE xmin = %s::xid", (x,))]
-                ids, n = w.get("ids"), w.get("count")
-                other = (sorted(set(now) - set(ids)) if isinstance(ids, list) else
-                         now if type(n) is int and len(now) > n else [])
+            now: dict[str, list[str]] = {}
+            for x, i in db.execute(f"SELECT xmin::text, id FROM {self._q(t)} WHERE xmin = ANY(%s::xid[])",
+                                   (list(saved),)):
+                now.setdefault(x, []).append(i)
+            for x, held_now in now.items():
+                ids, n = saved[x].get("ids"), saved[x].get("count")
+                other = (sorted(set(held_now) - set(ids)) if isinstance(ids, list) else
+                         held_now if type(n) is int and len(held_now) > n else [])
                 if other:
                     return (f"transaction {x}, which wrote its newest {t} at its last sync, now holds "
                             f"{other[0]!r}, which it did not then (the database put back from an older backup, "
