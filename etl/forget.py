@@ -55,6 +55,8 @@ class ForgetReport:
     receipt: list = field(default_factory=list)  # what was done, file by file and bundle by bundle
     resumed: int = 0  # ids an interrupted forget left, finished by this run
     unreached: list = field(default_factory=list)  # recorded bundle directories not found
+    kept_aside: list = field(default_factory=list)  # palaces a restore --force kept aside: {palace, counts}
+    aside_unreached: list = field(default_factory=list)  # tables and files kept aside that forget cannot open
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
@@ -176,7 +178,11 @@ def run_forget(spec: str, kg: Path | None = None, ids: list[str] | None = None, 
         report.bundle_dirs = dirs
         for d in dirs:  # every bundle directory opens (and re-encrypts) with these keys, before any change
             check_openable(Path(d), keys, rewrite=True)
+        asides = store.kept_aside()
+        report.aside_unreached = [a for a in asides if not Path(a).is_dir()]
         if dry_run or not any(chosen.values()):
+            _forget_aside(report, [a for a in asides if Path(a).is_dir()], chosen, selection, keys, dry_run,
+                          lock_timeout, wait, notify)
             report.seconds = round(time.monotonic() - started, 3)
             return report
         atomic_write(_pending_file(store), orjson.dumps({"ids": report.removed, "bundle_dirs": dirs}))
@@ -205,8 +211,28 @@ def run_forget(spec: str, kg: Path | None = None, ids: list[str] | None = None, 
             if forget_cached_state(Path(d)):
                 report.receipt.append(f"{d}: this machine's copy of its newest encrypted state dropped "
                                       "(the next export there is a full bundle)")
+        _forget_aside(report, [a for a in asides if Path(a).is_dir()], chosen, selection, keys, dry_run,
+                      lock_timeout, wait, notify)
         _pending_file(store).unlink()
         report.seconds = round(time.monotonic() - started, 3)
         return report
     finally:
         store.close()
+
+
+def _forget_aside(report: ForgetReport, palaces: list[str], chosen: dict[str, set[str]], selection: dict,
+                  keys: Keys | None, dry_run: bool, lock_timeout: float, wait: bool, notify) -> None:
+    """The same forget in each palace a restore --force kept aside beside this one: it holds what the
+    palace held before the restore. The same selection, or, for a forget resumed with none, the
+    ids chosen here."""
+    given = selection["ids"] or selection["wing"] or selection["where"] or selection["match"]
+    ids = selection["ids"] if given else sorted(chosen["drawers"] | chosen["closets"])
+    for palace in palaces:
+        if not (given or ids):
+            break
+        sub = run_forget(palace, None, ids, selection["wing"] if given else None,
+                         [f"{k}={v}" for k, v in selection["where"].items()] if given else None,
+                         selection["match"] if given else None, selection["kg"], None, keys, dry_run,
+                         lock_timeout, wait, notify)
+        report.kept_aside.append({"palace": palace, "counts": sub.to_dict()["counts"]})
+        report.receipt += [f"{palace} (kept aside by a restore): {line}" for line in sub.receipt]

@@ -254,3 +254,26 @@ def test_a_replica_that_learns_of_a_forget_drops_the_ids_from_its_own_run_ledger
     s = cli_json("sync", a, b)
     assert s["converged"] and any("ledger.sqlite3: the ids dropped" in line for line in s["scrubbed"])
     assert not [f for f in (b / ".palace-etl").glob("ledger.sqlite3*") if erased.encode() in f.read_bytes()]
+
+
+def test_forget_reaches_the_palace_a_restore_kept_aside(original, tmp_path):
+    """``restore --force`` keeps the palace it replaces beside it (``<palace>.before-restore-<stamp>``):
+    a copy palace-etl made, holding what the palace held. Here the palace is put back from a bundle
+    written before the secret came in, so only the copy kept aside holds it; forget erases it there."""
+    palace, bundles = tmp_path / "palace", tmp_path / "bundles"
+    cli_json("import", "mcp-memory", SAMPLE, "--palace", palace)
+    before_secret = cli_json("export", "--palace", palace, "--out", bundles)["bundle"]
+    shutil.rmtree(palace)
+    shutil.copytree(original, palace)
+    r = cli_json("restore", before_secret, "--palace", palace, "--force")
+    aside = Path(r["replaced"])
+    assert aside.name.startswith("palace.before-restore-") and holding(aside, WORD) and not holding(palace, WORD)
+
+    dry = cli_json("forget", "--palace", palace, "--match", "flowerpot", "--with-kg", "--dry-run")
+    assert dry["counts"] == {} and dry["kept_aside"] == [
+        {"palace": str(aside), "counts": {"drawers": 1, "triples": 1, "entities": 2}}]
+    assert holding(aside, WORD)
+    text = run_cli("forget", "--palace", palace, "--match", "flowerpot", "--with-kg").stdout
+    assert f"kept aside by a restore: {aside}: erased 1 drawers, 2 entities, 1 triples" in text
+    assert holding(aside, WORD) == [] and holding(palace, WORD) == []
+    assert cli_json("verify", "--palace", aside)["ok"]

@@ -74,6 +74,12 @@ def test_export_restore_and_incrementals_of_a_pgvector_palace(tmp_path, pgvector
     # --force keeps the replaced tables aside instead of dropping them
     forced = cli_json("restore", full["bundle"], "--palace", restored, "--force")
     assert forced["replaced"] and cli_json("status", "--palace", restored)["drawers"] == 363
+    # forget cannot open the tables kept aside, and says so: they hold what the palace held
+    f = run_cli("forget", "--palace", restored, "--id", "x0")
+    assert f"PostgreSQL table {forced['replaced']} (kept aside by a restore) was not reached" in f.stderr
+    kg_aside = [a for a in cli_json("forget", "--palace", restored, "--id", "x0", "--dry-run")["aside_unreached"]
+                if not a.startswith("PostgreSQL table")]
+    assert [Path(a).name.split(".before-restore-")[0] for a in kg_aside] == ["knowledge_graph.sqlite3"]
 
 
 def test_a_pgvector_palace_restored_from_an_older_bundle_has_rows_missing_not_deleted(tmp_path, pgvector_env):

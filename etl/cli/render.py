@@ -181,7 +181,12 @@ def forget_report(r: dict) -> None:
         typer.echo(f"  bundles: {d}")
     for line in r["receipt"]:
         typer.echo(f"  {line}")
+    for a in r["kept_aside"]:
+        counts = ", ".join(f"{n} {t}" for t, n in sorted(a["counts"].items())) or "nothing"
+        typer.echo(f"  kept aside by a restore: {a['palace']}: {verb} {counts}")
     for d in r["unreached"]:
         typer.echo(f"  warning: {d} (exported to from here) was not found; its bundles were not rewritten", err=True)
+    for a in r["aside_unreached"]:
+        typer.echo(f"  warning: {a} (kept aside by a restore) was not reached: it may hold these memories", err=True)
     if r["dry_run"]:
         typer.echo("  (dry run: nothing changed)")

@@ -24,6 +24,8 @@ from ..rows import State
 READ_PAGE = 1000  # rows per read transaction: a long read never blocks writers for longer than a page
 Page = list[tuple[str, "str | None", dict]]  # (id, document, metadata) rows of a collection
 
+ASIDE = ".before-restore-"  # <name><ASIDE><stamp>: what a restore --force replaced, kept beside it
+
 
 @dataclass(frozen=True)
 class CollectionInfo:
@@ -155,6 +157,10 @@ class PalaceStore(Protocol):
         into; ``check(target)`` runs before the new palace takes this one's place, and ``swap.replaced``
         names where an old palace was kept aside."""
 
+    def kept_aside(self) -> list[str]:
+        """What a restore with ``--force`` kept aside of this palace (directories, tables, files), by
+        the names it gave them; [] when none."""
+
     def integrity(self, full: bool) -> list[tuple[Path | str, list[str] | None]]:
         """SQLite integrity problems per file ([] when sound, None when it cannot be checked here),
         the KG file among them."""
@@ -184,6 +190,9 @@ class SyncStateFile:
 
     def read_view(self, rows):
         return self
+
+    def kept_aside(self):
+        return []
 
     def prepare(self):
         pass

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import glob
 import os
 import shutil
 import signal
@@ -41,7 +42,7 @@ from ..layout import (
 from ..lock import palace_lock, session_lock
 from ..rows import COLLECTIONS, collection_row_hash, id_key
 from ..vectors import clear_unused_hnsw_slots, segment_dirs
-from .base import READ_PAGE, CollectionInfo, Page
+from .base import ASIDE, READ_PAGE, CollectionInfo, Page
 from .chroma import FETCH_PAGE, NEWEST, ChromaStore
 
 COMPLETE = ".palace-etl-restore-complete"  # inside a build that finished and was checked
@@ -96,6 +97,10 @@ class ChromaDirStore(ChromaStore):
 
     def verified(self, whole: bool = True) -> None:
         pass
+
+    def kept_aside(self) -> list[str]:
+        return [str(p) for p in sorted(self.path.parent.glob(f"{glob.escape(self.path.name)}{ASIDE}*"))
+                if p.is_dir() and not p.is_symlink()]
 
     def scrub(self, forgotten: dict[str, set[str]]) -> list[str]:
         notes = []
@@ -310,7 +315,7 @@ class Replacement:
     def _swap(self) -> None:
         store = self.store
         if not store.is_empty():
-            aside = store.path.with_name(f"{store.path.name}.before-restore-{self.stamp}")
+            aside = store.path.with_name(f"{store.path.name}{ASIDE}{self.stamp}")
             os.rename(store.path, aside)
             self.replaced = str(aside)
             if not self.kg_inside and store.kg_path.exists():

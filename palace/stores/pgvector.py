@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import glob
 import hashlib
 import os
 import re
@@ -40,7 +41,7 @@ from ..errors import EmbedderMismatch, PalaceEtlError, SourceMissing
 from ..identity import EmbedderIdentity, check_identity
 from ..layout import atomic_write, layout_for
 from ..rows import COLLECTIONS, KG_TABLES, collection_row_hash, id_key, paged
-from .base import READ_PAGE, CollectionInfo, Page
+from .base import ASIDE, READ_PAGE, CollectionInfo, Page
 from .chroma import NEWEST, ChromaStore
 
 MARKER = "pgvector_backend.json"
@@ -478,6 +479,17 @@ class PgVectorStore(ChromaStore):
     def commit(self) -> None:
         pass  # every write is its own committed transaction
 
+    def kept_aside(self) -> list[str]:
+        """The tables and knowledge graph files ``PgReplacement`` kept aside (``..._before_<stamp>``)."""
+        tables = []
+        if self.exists():
+            for t in COLLECTIONS:
+                tables += [f"PostgreSQL table {n}" for (n,) in self._db().execute(
+                    "SELECT tablename FROM pg_tables WHERE schemaname = current_schema() AND "
+                    "starts_with(tablename, %s) ORDER BY 1", (f"{self._table(t)[:40]}_before_",))]
+        files = sorted(self.kg_path.parent.glob(f"{glob.escape(self.kg_path.name)}{ASIDE}*"))
+        return tables + [str(p) for p in files if p.is_file()]
+
     def scrub(self, forgotten: dict[str, set[str]]) -> list[str]:
         """VACUUM FULL rewrites the collection tables without their dead rows (it holds an exclusive
         lock on each table for the seconds it takes: MemPalace's queries wait)."""
@@ -589,7 +601,7 @@ class _Aside(PgVectorStore):
         live._write_marker()
         if self.kg_path.exists():
             if live.kg_path.exists():
-                live.kg_path.rename(live.kg_path.with_name(f"{live.kg_path.name}.before-restore-{self.stamp}"))
+                live.kg_path.rename(live.kg_path.with_name(f"{live.kg_path.name}{ASIDE}{self.stamp}"))
             self.kg_path.rename(live.kg_path)
         self.close()
         return kept
