@@ -116,6 +116,7 @@ def files_under(path: Path, suffixes: tuple[str, ...]) -> list[Path]:
                   and not any(part.startswith(".") for part in p.relative_to(path).parts))
 
 
+MAX_LINE = 64 << 20  # a JSONL line longer than this is no memory record: quarantined, never held whole
 MAX_JSON_DEPTH = 256  # real exports nest a few dozen levels; ijson's cost grows with depth squared
 _JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
 _NOT_STRUCTURE = bytes(b for b in range(256) if b not in b'"\\[]{}')
@@ -209,10 +210,28 @@ def _top_level_keys(path: Path, quarantine: Quarantine) -> set[str] | None:
     return keys
 
 
+def bounded_lines(f: IO[bytes]) -> Iterator[tuple[int, bytes | None]]:
+    """``(line number, line)`` of an open binary stream, holding at most ``MAX_LINE`` bytes of a line:
+    a longer one is read past in pieces and yielded as None."""
+    lineno = 0
+    while line := f.readline(MAX_LINE + 1):
+        lineno += 1
+        if len(line) > MAX_LINE and not line.endswith(b"\n"):
+            while (rest := f.readline(1 << 20)) and not rest.endswith(b"\n"):
+                pass
+            yield lineno, None
+        else:
+            yield lineno, line
+
+
 def jsonl_lines(f: IO[bytes], where: str | Path, quarantine: Quarantine) -> Iterator[tuple[int, bytes, Any]]:
     """``(line number, raw line, parsed value)`` of each non-blank line of an open JSONL stream; lines
-    that are not JSON are quarantined as ``where:line``."""
-    for lineno, raw in enumerate(f, 1):
+    that are not JSON, or longer than ``MAX_LINE``, are quarantined as ``where:line``."""
+    for lineno, raw in bounded_lines(f):
+        if raw is None:
+            quarantine.add(SourceFormatError(where, lineno, f"a line longer than {MAX_LINE >> 20} MiB: not one "
+                                             "memory record (left unread)"), None)
+            continue
         if not raw.strip():
             continue
         try:

@@ -34,6 +34,7 @@ from .base import (
     Exchanges,
     ImportOptions,
     RowBuffer,
+    bounded_lines,
     files_under,
     frontmatter,
     head,
@@ -79,7 +80,9 @@ def visible_lines(path: Path) -> set[int] | None:
     line_of: dict[str, int] = {}
     last_leaf_candidates: list[str] = []
     with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
+        for lineno, raw in bounded_lines(f):
+            if raw is None:
+                continue  # quarantined by the second pass
             try:
                 rec = orjson.loads(raw)
             except orjson.JSONDecodeError:

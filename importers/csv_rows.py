@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -12,21 +11,29 @@ import pyarrow as pa
 from importers.quarantine import Quarantine
 from palace.errors import SourceFormatError
 
-from .base import ImportOptions, files_under, head
+from .base import MAX_LINE, ImportOptions, files_under, head
 from .tabular import looks_like_rows, table_batches
 
 SUFFIXES = (".csv", ".tsv")
-csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # memories can be long; the default is 128 KiB
+csv.field_size_limit(MAX_LINE)  # memories can be long (the default is 128 KiB), but not unbounded
 
 
 def _reader(f, path: Path):
     return csv.reader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
 
 
+def _lines(f) -> Iterator[str]:
+    """The lines of a text stream, none held longer than ``MAX_LINE`` characters."""
+    while line := f.readline(MAX_LINE + 1):
+        if len(line) > MAX_LINE:
+            raise csv.Error(f"a line longer than {MAX_LINE >> 20} MiB")
+        yield line
+
+
 def _read(path: Path, quarantine: Quarantine):
     line = 0
     with open(path, encoding="utf-8-sig", newline="") as f:
-        reader = _reader(f, path)
+        reader = _reader(_lines(f), path)
         try:
             header = next(reader, None)
             if header is None:

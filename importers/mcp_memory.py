@@ -26,7 +26,15 @@ from importers.quarantine import Quarantine
 from palace import ids
 from palace.errors import SourceFormatError
 
-from .base import ImportOptions, RowBuffer, jsonl_lines, text_of, to_utc
+from .base import (
+    MAX_LINE,
+    ImportOptions,
+    RowBuffer,
+    bounded_lines,
+    jsonl_lines,
+    text_of,
+    to_utc,
+)
 
 DEFAULT_WING = "mcp_memory"
 
@@ -53,7 +61,7 @@ def record_kind(rec: dict) -> str | None:
 def _header_line(f, quarantine: Quarantine) -> int:
     """Skip a first line of plain text (a title some servers write before the JSON lines)."""
     start = f.tell()
-    first = f.readline()
+    first = f.readline(MAX_LINE + 1)
     if first.strip() and not first.lstrip().startswith((b"{", b"[")):
         quarantine.skip("header text lines")
         return 1
@@ -78,7 +86,9 @@ def _records(path: Path, quarantine: Quarantine) -> Iterator[tuple[int, dict]]:
 def _is_read_graph(path: Path) -> bool:
     """A read_graph document, compact or pretty-printed, rather than JSONL records?"""
     with open(path, "rb") as f:
-        first = next((raw for raw in f if raw.strip()), b"")
+        first = next((raw for _, raw in bounded_lines(f) if raw is None or raw.strip()), b"")
+    if first is None:  # longer than any record: JSONL's pass quarantines it
+        return False
     try:
         rec = orjson.loads(first)
         return isinstance(rec, dict) and record_kind(rec) is None and bool({"entities", "relations"} & rec.keys())

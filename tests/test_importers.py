@@ -16,7 +16,7 @@ from importers.quarantine import Quarantine
 from importers.registry import CATALOGUE, choose, get_importer
 from importers.schema import DRAWERS, TRIPLES, batch_kind, validate_batch
 
-from .helpers import CORPUS, FIXTURES, REPO, cli_json, run_cli
+from .helpers import CORPUS, FIXTURES, REPO, cli_json, run_cli, run_python
 
 SAMPLES = {  # one small realistic input per importer (sample_data/), and one with broken records
     "mcp-memory": ("mcp-memory/memory.jsonl", "../mcp-memory/broken.jsonl"),
@@ -375,3 +375,42 @@ def test_a_bad_timestamp_names_the_text_it_got():
     with pytest.raises(ValueError, match="'next week' is not a timestamp"):
         to_utc("next week")
     assert to_utc("1765410000000").isoformat() == "2025-12-10T23:40:00+00:00"  # epoch ms as text
+
+
+@pytest.mark.parametrize("name,suffix", [("jsonl", ".jsonl"), ("mcp-memory", ".jsonl"), ("claude-code", ".jsonl"),
+                                         ("csv", ".csv")])
+def test_a_line_longer_than_any_record_is_quarantined_without_being_held(name, suffix, tmp_path):
+    """A 200 MiB line (no newline in it: a corrupt or hostile file) between good records: the import
+    never holds it whole, so its peak memory stays far below the line's size; the line is quarantined
+    by number and the records around it come in (for CSV, whose quoted fields may span lines, the
+    rest of the file is unreadable from there)."""
+    src = tmp_path / f"source{suffix}"
+    first, last = {
+        "jsonl": (b'{"id": "a", "text": "the first memory"}', b'{"id": "b", "text": "the last memory"}'),
+        "mcp-memory": (b'{"type": "entity", "name": "Ann", "entityType": "person", "observations": ["likes tea"]}',
+                       b'{"type": "entity", "name": "Bob", "entityType": "person", "observations": ["likes rain"]}'),
+        "claude-code": tuple(json.dumps({"type": "user", "uuid": u, "parentUuid": up, "sessionId": "s",
+                                         "timestamp": f"2026-01-01T00:00:0{k}Z",
+                                         "message": {"role": "user", "content": f"question number {k}"}}).encode()
+                             for k, (u, up) in enumerate([("u1", None), ("u2", "u1")])),
+        "csv": (b"id,text\na,the first memory", b"b,the last memory"),
+    }[name]
+    with open(src, "wb") as f:
+        f.write(first + b"\n")
+        for _ in range(200):
+            f.write(b"x" * (1 << 20))
+        f.write(b"\n" + last + b"\n")
+    long_line = 3 if name == "csv" else 2
+    r = run_python(  # the import alone in a child, so its own peak memory is what getrusage reports
+        "import resource, subprocess, sys\n"
+        f"p = subprocess.run([sys.executable, '-m', 'etl.cli', 'import', {name!r}, {str(src)!r}, '--palace', "
+        f"{str(tmp_path / 'p')!r}, '--json'], capture_output=True, text=True)\n"
+        "emit({'rc': p.returncode, 'out': p.stdout, 'err': p.stderr[-2000:],"
+        " 'peak_mb': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024})\n", timeout=600)
+    assert r["rc"] == 3, r["err"]
+    report = json.loads(r["out"])
+    assert report["quarantined"] == 1
+    assert report["quarantine_first"][0].startswith(f"{src}:{long_line}: ")
+    assert "a line longer than 64 MiB" in report["quarantine_first"][0]
+    assert report["drawers_written"] >= 1 and report["drawers_read"] == (1 if name == "csv" else 2)
+    assert r["peak_mb"] < 800, r["peak_mb"]  # holding the line took 1.1 GB here; reading past it, 0.43 GB
