@@ -65,6 +65,7 @@ class ExportReport:
     wing: str | None = None
     encrypted: bool = False
     rehashed_because: str | None = None  # why an incremental re-read every row instead of the changed ones
+    named_after: str | None = None  # why the bundle is not named by the clock (behind the newest bundle)
 
 
 def _cache_dir(out: Path) -> Path:
@@ -249,6 +250,9 @@ def _written(store: PalaceStore, out: Path, prev: Path | None, content: BundleCo
     report.counts = {t: m.counts.get(t, 0) for t in content.state}
     report.totals = dict(m.totals)
     report.vanished = m.watermark["vanished"]
+    if m.watermark.get("named_after"):
+        report.named_after = (f"the clock ({m.watermark['exported_at']}) is not past the newest bundle "
+                              f"{m.watermark['named_after']}: named just after it")
     report.bundle = str(out / m.name)
     return report
 

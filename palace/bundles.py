@@ -37,6 +37,7 @@ from .manifest import (
     BundleError,
     Manifest,
     bundle_name,
+    bundle_time,
     check_files,
 )
 from .rows import COLLECTIONS, KG_TABLES, State, id_key, record_schema
@@ -227,11 +228,23 @@ def write_bundle(out: Path, previous: Path | None, content: BundleContent,
     renamed into place. With ``sealer`` every file, the manifest included, is encrypted as it is
     written; the plain manifest then holds only the ciphertexts' sha256s and the chain link.
     Returns the (inner) manifest."""
-    now = now or dt.datetime.now(dt.timezone.utc)
+    clock = now or dt.datetime.now(dt.timezone.utc)
+    now, newest = _after_newest(Path(out), clock)
     name = bundle_name(now, previous is not None)
+    stamps = {"exported_at": clock.isoformat()} | ({"named_after": newest} if newest else {})
     with atomic_dir(Path(out) / name, f".tmp-{name}-") as tmp:  # starts with TEMP_PREFIX
-        return _fill(tmp, name, now.isoformat(), previous.name if previous else None, content, sealer,
-                     {"exported_at": now.isoformat()})
+        return _fill(tmp, name, now.isoformat(), previous.name if previous else None, content, sealer, stamps)
+
+
+def _after_newest(out: Path, clock: dt.datetime) -> tuple[dt.datetime, str | None]:
+    """The time a new bundle of ``out`` is named by: the clock's, or, when the clock is not past the
+    newest bundle there (it was ahead when that one was written, or is behind now), just after that
+    one, which is then named: bundles sort in the order they were written, and retention and
+    chaining go by that order."""
+    newest = max(list_bundles(out), key=lambda b: bundle_time(b.name), default=None) if out.is_dir() else None
+    if newest is None or clock.astimezone(dt.timezone.utc).replace(tzinfo=None) > bundle_time(newest.name):
+        return clock, None
+    return (bundle_time(newest.name) + dt.timedelta(microseconds=1)).replace(tzinfo=dt.timezone.utc), newest.name
 
 
 def _fill(tmp: Path, name: str, created_at: str, previous: str | None, content: BundleContent,

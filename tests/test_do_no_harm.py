@@ -2,18 +2,21 @@
 where it must not, hang or crash, and pins the fix. Test names carry the item number."""
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import stat
 from pathlib import Path
 
 import numpy as np
+import orjson
 import pytest
 
 from etl.embed import EmbedderIdentity
 from exporters.retention import select
 from palace.bundles import list_bundles
 from palace.layout import layout_for, write_sidecar
+from palace.manifest import bundle_name, bundle_time
 from palace.vectors import VectorStore
 
 from .helpers import SAMPLE, cli_json, kill_mid_transaction, palace_rows, run_cli
@@ -96,6 +99,32 @@ def test_item01_retention_keeps_every_older_bundle_while_a_kept_incrementals_cha
     assert select(bundles, keep=2) == set(bundles)
     assert select(bundles, daily=1) == {bundles[-1]}  # the new full bundle alone: it needs nothing older
 
+
+
+def test_item01_a_bundle_written_while_the_clock_is_behind_the_newest_bundle_is_not_retentions_first_victim(tmp_path):
+    """A machine whose clock ran a day ahead wrote a bundle, then the clock was put right (or a
+    Raspberry Pi booted without network time). Tonight's bundle, named by the clock, would sort
+    before it: retention, which keeps the newest by name, deleted tonight's backup as soon as it was
+    written. A new bundle is named after the newest one in the directory, and the report says why."""
+    palace, out = tmp_path / "palace", tmp_path / "backups"
+    cli_json("import", "mcp-memory", SAMPLE, "--palace", palace)
+    written = Path(cli_json("export", "--palace", palace, "--out", out)["bundle"])
+    ahead = bundle_name(bundle_time(written.name).replace(tzinfo=dt.timezone.utc) + dt.timedelta(days=1), False)
+    manifest = orjson.loads((written / "manifest.json").read_bytes())
+    (written / "manifest.json").write_bytes(orjson.dumps(manifest | {"name": ahead}))
+    written.rename(out / ahead)  # as that machine wrote it, a day ahead
+    extra = tmp_path / "tonight.jsonl"
+    extra.write_text(json.dumps({"id": "t1", "text": "written tonight"}) + "\n")
+    cli_json("import", "jsonl", extra, "--palace", palace)
+
+    r = cli_json("export", "--palace", palace, "--out", out, "--incremental", "--keep", "1")
+    tonight = Path(r["bundle"])
+    assert tonight.is_dir() and r["removed_by_retention"] == [] and r["previous"] == ahead
+    assert tonight.name > ahead and f"not past the newest bundle {ahead}" in r["named_after"]
+    assert r["counts"]["drawers"] == 1 and cli_json("verify", "--bundle", tonight)["ok"]
+    again = run_cli("export", "--palace", palace, "--out", out, "--incremental", "--keep", "1")
+    assert f"not past the newest bundle {tonight.name}: named just after it; check this machine's clock" \
+        in again.stderr
 
 # ----------------------------------------------------------------- item 10
 def test_item10_hostile_names_stay_inside_out_and_every_drawer_is_kept(hostile_palace, tmp_path):

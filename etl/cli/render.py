@@ -94,6 +94,8 @@ def export_warnings(r: dict) -> None:
     """What a cron job must hear even with --quiet (on stderr, which cron mails)."""
     if r.get("full_because"):
         typer.echo(f"palace-etl: warning: {r['full_because']}", err=True)
+    if r.get("named_after"):
+        typer.echo(f"palace-etl: warning: {r['named_after']}; check this machine's clock", err=True)
 
 
 def sync_report(r: dict) -> None:
