@@ -272,50 +272,33 @@ def test_a_bundle_replica_whose_newest_bundle_was_removed_has_rows_missing_not_d
     assert run_sync(a, f"bundle:{shared}").went_back == {}  # settled: the next sync trusts what it saved
 
 
-def test_a_palace_whose_chroma_files_were_put_back_from_an_older_copy_has_rows_missing_not_deleted(tmp_path):
+def write_drawers(palace: Path, ids: list[str], seed: int) -> None:
+    """Drawers written one upsert each (one sequence number each), as MemPalace files them."""
+    store = VectorStore(layout_for(palace))
+    for k, i in enumerate(ids):
+        store.upsert([i], [f"note {i}"], [{"wing": "w", "room": "r"}], unit(1, seed + k))
+    store.close()
+
+
+@pytest.mark.parametrize("written_on", [0, 4])
+def test_a_palace_whose_chroma_files_were_put_back_from_an_older_copy_has_rows_missing_not_deleted(
+        tmp_path, written_on):
     """Chroma's files restored from a file-level backup taken before the last sync (the palace-etl
     state directory left as it was): the rows written since are missing, not deleted. The sync
-    copies them back instead of deleting them from the other replica."""
+    copies them back instead of deleting them from the other replica: before any write (the
+    sequence number is lower than at the last sync), and after more writes than the copy lacked
+    (Chroma numbers them on from the copy's number, so the newest drawers' numbers come again)."""
     a, b, old = tmp_path / "a", str(tmp_path / "b"), tmp_path / "a-files-of-monday"
     cli_json("import", "mcp-memory", SAMPLE, "--palace", a)
     assert run_sync(str(a), b).converged
     copy_palace_files(a, old)
-    store = VectorStore(layout_for(a))
-    store.upsert(["drawer_tue_1", "drawer_tue_2"], ["written on tuesday", "this one too"],
-                 [{"wing": "w", "room": "r"}] * 2, unit(2, 5))
-    store.close()
+    write_drawers(a, ["drawer_tue_1", "drawer_tue_2"], 5)
     assert run_sync(str(a), b).converged
     copy_palace_files(old, a)  # Monday's Chroma files put back; .palace-etl stays as it was
+    write_drawers(a, [f"drawer_wed_{k}" for k in range(written_on)], 20)  # the server writes on
     r = run_sync(str(a), b)
     assert r.converged and r.plan["delete_b"] == {} and r.plan["to_a"] == {"drawers": 2}
-    assert {"drawer_tue_1", "drawer_tue_2"} <= state(b)["drawers"].keys()
-    assert "older copy" in r.went_back["a"]
-    assert run_sync(str(a), b).went_back == {}
-
-
-def test_a_palace_put_back_from_an_older_copy_then_written_past_its_old_position_has_rows_missing_not_deleted(tmp_path):
-    """As above, but MemPalace keeps writing after the put-back, more writes than the copy lacked, so
-    the sequence number passes the one saved at the last sync again (Chroma numbers the writes on
-    from the copy's). The rows written before the put-back are still missing, not deleted."""
-    a, b, old = tmp_path / "a", str(tmp_path / "b"), tmp_path / "a-files-of-monday"
-    cli_json("import", "mcp-memory", SAMPLE, "--palace", a)
-    assert run_sync(str(a), b).converged
-    copy_palace_files(a, old)
-    store = VectorStore(layout_for(a))
-    store.upsert(["drawer_tue_1", "drawer_tue_2"], ["written on tuesday", "this one too"],
-                 [{"wing": "w", "room": "r"}] * 2, unit(2, 5))
-    store.close()
-    assert run_sync(str(a), b).converged
-    copy_palace_files(old, a)  # Monday's Chroma files put back; .palace-etl stays as it was
-    store = VectorStore(layout_for(a))  # Wednesday: the server writes on, past Tuesday's numbers
-    for k in range(4):
-        store.upsert([f"drawer_wed_{k}"], [f"written on wednesday, note {k}"], [{"wing": "w", "room": "r"}],
-                     unit(1, 20 + k))
-    store.close()
-    r = run_sync(str(a), b)
-    assert r.converged and r.plan["delete_b"] == {}
-    assert {"drawer_tue_1", "drawer_tue_2"} <= state(b)["drawers"].keys()
-    assert {"drawer_tue_1", "drawer_tue_2", "drawer_wed_0"} <= state(str(a))["drawers"].keys()
+    assert {"drawer_tue_1", "drawer_tue_2"} <= state(b)["drawers"].keys() & state(str(a))["drawers"].keys()
     assert "older copy" in r.went_back["a"]
     assert run_sync(str(a), b).went_back == {}
 
@@ -325,20 +308,16 @@ def test_the_newest_rows_deleted_then_written_past_are_deleted_on_the_other_repl
     was put back (no sequence number came twice), so the deletes travel as deletes."""
     a, b = tmp_path / "a", str(tmp_path / "b")
     cli_json("import", "mcp-memory", SAMPLE, "--palace", a)
-    store = VectorStore(layout_for(a))
-    store.upsert(["drawer_tue_1", "drawer_tue_2"], ["written on tuesday", "this one too"],
-                 [{"wing": "w", "room": "r"}] * 2, unit(2, 5))
-    store.close()
+    write_drawers(a, ["drawer_tue_1", "drawer_tue_2"], 5)
     assert run_sync(str(a), b).converged
     store = VectorStore(layout_for(a))
     store.delete(["drawer_tue_1", "drawer_tue_2"])
-    for k in range(4):
-        store.upsert([f"drawer_wed_{k}"], [f"written on wednesday, note {k}"], [{"wing": "w", "room": "r"}],
-                     unit(1, 20 + k))
     store.close()
+    write_drawers(a, [f"drawer_wed_{k}" for k in range(4)], 20)
     r = run_sync(str(a), b)
     assert r.converged and r.went_back == {} and r.plan["delete_b"] == {"drawers": 2}
     assert not {"drawer_tue_1", "drawer_tue_2"} & state(b)["drawers"].keys()
+
 
 def test_a_knowledge_graph_put_back_from_an_older_copy_has_triples_missing_not_deleted(tmp_path):
     """The knowledge graph alone restored from a copy taken before the last sync (Chroma's files and
