@@ -401,12 +401,15 @@ def test_a_line_longer_than_any_record_is_quarantined_without_being_held(name, s
             f.write(b"x" * (1 << 20))
         f.write(b"\n" + last + b"\n")
     long_line = 3 if name == "csv" else 2
-    r = run_python(  # the import alone in a child, so its own peak memory is what getrusage reports
-        "import resource, subprocess, sys\n"
-        f"p = subprocess.run([sys.executable, '-m', 'etl.cli', 'import', {name!r}, {str(src)!r}, '--palace', "
-        f"{str(tmp_path / 'p')!r}, '--json'], capture_output=True, text=True)\n"
-        "emit({'rc': p.returncode, 'out': p.stdout, 'err': p.stderr[-2000:],"
-        " 'peak_mb': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024})\n", timeout=600)
+    try:
+        r = run_python(  # the import alone in a child, so its own peak memory is what getrusage reports
+            "import resource, subprocess, sys\n"
+            f"p = subprocess.run([sys.executable, '-m', 'etl.cli', 'import', {name!r}, {str(src)!r}, '--palace', "
+            f"{str(tmp_path / 'p')!r}, '--json'], capture_output=True, text=True)\n"
+            "emit({'rc': p.returncode, 'out': p.stdout, 'err': p.stderr[-2000:],"
+            " 'peak_mb': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024})\n", timeout=600)
+    finally:
+        src.unlink()  # 200 MiB: not kept with pytest's last runs
     assert r["rc"] == 3, r["err"]
     report = json.loads(r["out"])
     assert report["quarantined"] == 1
