@@ -16,6 +16,7 @@ The order makes an interrupted forget safe to re-run and never half done in a wa
 from __future__ import annotations
 
 import re
+import sqlite3
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ import orjson
 from exporters.bundle import forget_cached_state
 from palace.bundles import check_openable, exported_to
 from palace.crypt import Keys
-from palace.errors import PalaceEtlError, SourceMissing
+from palace.errors import PalaceEtlError, SourceMissing, is_disk_full
 from palace.layout import atomic_write
 from palace.rows import TABLES, id_key
 from palace.stores import (
@@ -216,6 +217,11 @@ def run_forget(spec: str, kg: Path | None = None, ids: list[str] | None = None, 
         _pending_file(store).unlink()
         report.seconds = round(time.monotonic() - started, 3)
         return report
+    except sqlite3.DatabaseError as exc:
+        if type(exc) is not sqlite3.DatabaseError or is_disk_full(exc):  # locked, full: not damage
+            raise
+        raise PalaceEtlError(f"forget in {store.name}: a database of the palace is damaged ({exc}); stopped",
+                             hint=f"palace-etl verify --palace {store.name} --full") from None
     finally:
         store.close()
 
@@ -230,9 +236,13 @@ def _forget_aside(report: ForgetReport, palaces: list[str], chosen: dict[str, se
     for palace in palaces:
         if not (given or ids):
             break
-        sub = run_forget(palace, None, ids, selection["wing"] if given else None,
-                         [f"{k}={v}" for k, v in selection["where"].items()] if given else None,
-                         selection["match"] if given else None, selection["kg"], None, keys, dry_run,
-                         lock_timeout, wait, notify)
+        try:
+            sub = run_forget(palace, None, ids, selection["wing"] if given else None,
+                             [f"{k}={v}" for k, v in selection["where"].items()] if given else None,
+                             selection["match"] if given else None, selection["kg"], None, keys, dry_run,
+                             lock_timeout, wait, notify)
+        except PalaceEtlError as exc:  # a copy kept aside that cannot be read does not stop the forget
+            report.aside_unreached.append(f"{palace} ({exc})")
+            continue
         report.kept_aside.append({"palace": palace, "counts": sub.to_dict()["counts"]})
         report.receipt += [f"{palace} (kept aside by a restore): {line}" for line in sub.receipt]

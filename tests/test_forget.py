@@ -277,3 +277,9 @@ def test_forget_reaches_the_palace_a_restore_kept_aside(original, tmp_path):
     assert f"kept aside by a restore: {aside}: erased 1 drawers, 2 entities, 1 triples" in text
     assert holding(aside, WORD) == [] and holding(palace, WORD) == []
     assert cli_json("verify", "--palace", aside)["ok"]
+
+    (aside / "chroma.sqlite3").write_bytes(b"not a database")  # a copy kept aside that cannot be read
+    r = run_cli("forget", "--palace", palace, "--match", "bank")
+    assert "kept aside by a restore) was not reached" in r.stderr and str(aside) in r.stderr
+    direct = run_cli("forget", "--palace", aside, "--match", "bank", check=1)  # named, not a traceback
+    assert "a database of the palace is damaged" in direct.stderr and "Traceback" not in direct.stderr
