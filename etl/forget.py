@@ -181,9 +181,9 @@ def run_forget(spec: str, kg: Path | None = None, ids: list[str] | None = None, 
             check_openable(Path(d), keys, rewrite=True)
         asides = store.kept_aside()
         report.aside_unreached = [a for a in asides if not Path(a).is_dir()]
+        aside_palaces = [a for a in asides if Path(a).is_dir()]
         if dry_run or not any(chosen.values()):
-            _forget_aside(report, [a for a in asides if Path(a).is_dir()], chosen, selection, keys, dry_run,
-                          lock_timeout, wait, notify)
+            _forget_aside(report, aside_palaces, chosen, selection, keys, dry_run, lock_timeout, wait, notify)
             report.seconds = round(time.monotonic() - started, 3)
             return report
         atomic_write(_pending_file(store), orjson.dumps({"ids": report.removed, "bundle_dirs": dirs}))
@@ -212,8 +212,7 @@ def run_forget(spec: str, kg: Path | None = None, ids: list[str] | None = None, 
             if forget_cached_state(Path(d)):
                 report.receipt.append(f"{d}: this machine's copy of its newest encrypted state dropped "
                                       "(the next export there is a full bundle)")
-        _forget_aside(report, [a for a in asides if Path(a).is_dir()], chosen, selection, keys, dry_run,
-                      lock_timeout, wait, notify)
+        _forget_aside(report, aside_palaces, chosen, selection, keys, dry_run, lock_timeout, wait, notify)
         _pending_file(store).unlink()
         report.seconds = round(time.monotonic() - started, 3)
         return report

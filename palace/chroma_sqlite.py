@@ -276,11 +276,13 @@ def rows_of(conn: sqlite3.Connection, segment: str, ids: list[str]) -> list[tupl
     return out
 
 
-def row_marks(conn: sqlite3.Connection, segment: str) -> dict[str, int | str]:
+def row_marks(conn: sqlite3.Connection, segment: str, ids: list[str] | None = None) -> dict[str, int | str]:
     """{id: the sequence number of the write that last touched the row}: Chroma stamps
     ``embeddings.seq_id`` on every add, update and upsert (an integer in 1.x, big-endian bytes in
-    older palaces, kept as hex). Ids only, in one query."""
-    out = dict(conn.execute("SELECT embedding_id, seq_id FROM embeddings WHERE segment_id = ?", (segment,)))
+    older palaces, kept as hex). Ids only, in one query; with ``ids``, of those that exist."""
+    picked = "" if ids is None else f" AND embedding_id IN ({','.join('?' * len(ids))})"
+    out = dict(conn.execute(f"SELECT embedding_id, seq_id FROM embeddings WHERE segment_id = ?{picked}",
+                            (segment, *(ids or ()))))
     if not all(type(seq) is int for seq in out.values()):
         out = {i: seq.hex() if isinstance(seq, bytes) else seq for i, seq in out.items()}
     return out
@@ -292,12 +294,6 @@ def newest_rows(conn: sqlite3.Connection, segment: str, n: int) -> list[tuple[st
     rows = conn.execute("SELECT embedding_id, seq_id FROM embeddings WHERE segment_id = ? ORDER BY seq_id DESC "
                         "LIMIT ?", (segment, n)).fetchall()
     return rows if all(type(seq) is int for _, seq in rows) else []
-
-
-def seqs_of(conn: sqlite3.Connection, segment: str, ids: list[str]) -> dict[str, int | bytes]:
-    """{id: the sequence number of the write that last touched the row} of those ``ids`` that exist."""
-    return dict(conn.execute(f"SELECT embedding_id, seq_id FROM embeddings WHERE segment_id = ? AND embedding_id IN "
-                             f"({','.join('?' * len(ids))})", (segment, *ids)))
 
 
 def seq_holders(conn: sqlite3.Connection, segment: str, seqs: list[int]) -> dict[int, str]:

@@ -193,7 +193,7 @@ class ChromaDirStore(ChromaStore):
                          and isinstance(p[0], str) and type(p[1]) is int]
                 if seg is None or not pairs:
                     continue
-                now = chroma_sqlite.seqs_of(conn, seg, [i for i, _ in pairs])
+                now = chroma_sqlite.row_marks(conn, seg, [i for i, _ in pairs])
                 holders = chroma_sqlite.seq_holders(conn, seg, [seq for _, seq in pairs])
                 for i, seq in pairs:
                     if type(now.get(i)) is int and now[i] < seq:

@@ -316,7 +316,7 @@ class PgVectorStore(ChromaStore):
         if not self.exists():
             return out or None
         db = self._db()
-        out["next_xid"] = db.execute("SELECT pg_snapshot_xmax(pg_current_snapshot())::text").fetchone()[0]
+        out["next_xid"] = str(self._next_xid())
         for t in COLLECTIONS:
             if self._dimension(t) is None:
                 continue
@@ -328,6 +328,10 @@ class PgVectorStore(ChromaStore):
                       else {"xmin": x, "count": len(ids)} for x, ids in wrote.items()]
         return out
 
+    def _next_xid(self) -> int:
+        """The number PostgreSQL gives the next transaction (64-bit: it never wraps)."""
+        return int(self._db().execute("SELECT pg_snapshot_xmax(pg_current_snapshot())::text").fetchone()[0])
+
     def _recent_rows_gone(self, held) -> str | None:
         why = super()._recent_rows_gone(held)
         if why or not isinstance(held, dict) or not self.exists():
@@ -335,7 +339,7 @@ class PgVectorStore(ChromaStore):
         db = self._db()
         was = held.get("next_xid")
         if isinstance(was, str) and was.isdigit():
-            counter = int(db.execute("SELECT pg_snapshot_xmax(pg_current_snapshot())::text").fetchone()[0])
+            counter = self._next_xid()
             if counter < int(was):
                 return (f"PostgreSQL's next transaction number is {counter}, below {was} at its last sync (the "
                         "database put back from an older backup)")
@@ -479,6 +483,10 @@ class PgVectorStore(ChromaStore):
     def commit(self) -> None:
         pass  # every write is its own committed transaction
 
+    def _kept_name(self, table: str, stamp: str) -> str:
+        """The name a restore --force gives ``table`` when it keeps it aside (with stamp "": the prefix)."""
+        return identifier(f"{self._table(table)[:40]}_before_{stamp}")
+
     def kept_aside(self) -> list[str]:
         """The tables and knowledge graph files ``PgReplacement`` kept aside (``..._before_<stamp>``)."""
         tables = []
@@ -486,7 +494,7 @@ class PgVectorStore(ChromaStore):
             for t in COLLECTIONS:
                 tables += [f"PostgreSQL table {n}" for (n,) in self._db().execute(
                     "SELECT tablename FROM pg_tables WHERE schemaname = current_schema() AND "
-                    "starts_with(tablename, %s) ORDER BY 1", (f"{self._table(t)[:40]}_before_",))]
+                    "starts_with(tablename, %s) ORDER BY 1", (self._kept_name(t, ""),))]
         files = sorted(self.kg_path.parent.glob(f"{glob.escape(self.kg_path.name)}{ASIDE}*"))
         return tables + [str(p) for p in files if p.is_file()]
 
@@ -593,7 +601,7 @@ class _Aside(PgVectorStore):
         with conn.transaction():
             for t in COLLECTIONS:
                 if live._dimension(t) is not None:
-                    kept = identifier(f"{live._table(t)[:40]}_before_{self.stamp}")
+                    kept = live._kept_name(t, self.stamp)
                     conn.execute(f"ALTER TABLE {live._q(t)} RENAME TO \"{kept}\"")
                 if self._dimension(t) is not None:
                     conn.execute(f"ALTER TABLE {self._q(t)} RENAME TO \"{live._table(t)}\"")
