@@ -36,6 +36,7 @@ from palace.bundles import (
 )
 from palace.crypt import Sealer
 from palace.errors import SourceMissing
+from palace.hashed import HashRecord
 from palace.layout import atomic_dir
 from palace.manifest import SEALED, BundleError, Manifest
 from palace.rows import (
@@ -140,14 +141,22 @@ def _remembered(out: Path, prev: Path, scope: dict) -> tuple[State | None, str |
     return bundle_state(cache), None
 
 
-def _parent(out: Path, incremental: bool, full_every: int, scope: dict) -> tuple[Path | None, State, str | None]:
+def _hash_record(out: Path) -> HashRecord:
+    """The sha256s this machine took of ``out``'s bundle files: the chain an incremental extends is
+    checked every night, but a file unchanged since this machine hashed it is not read again."""
+    cache = _cache_dir(out)
+    return HashRecord(cache.with_name(cache.name + ".sha256.json"))
+
+
+def _parent(out: Path, incremental: bool, full_every: int, scope: dict,
+            hashes: HashRecord) -> tuple[Path | None, State, str | None]:
     """The bundle an incremental chains onto (None: write a full one), the state it recorded, and
     why not when it cannot. An incremental chains only onto a bundle of the same scope: the same
     wing, encrypted to the same keys (or both plain)."""
     bundles = list_bundles(out)
     if not incremental or not bundles:
         return None, {}, None
-    prev, why = usable_parent(bundles[-1])
+    prev, why = usable_parent(bundles[-1], hashes)
     if prev is None:
         return None, {}, why
     if len(chain(prev)) >= full_every:
@@ -183,15 +192,16 @@ def export_bundle(store: PalaceStore, out: Path, incremental: bool = False, full
         raise BundleError(f"export --out {out}: it is inside the palace {root}; a bundle there would be "
                           "taken for the palace's own files", hint="write bundles outside the palace")
     scope = {"wing": wing, "encryption": sealer.describe() if sealer else None}
+    hashes = _hash_record(out)
     with bundle_dir_lock(out), ThreadPoolExecutor(1) as pool:
         ready = pool.submit(store.prepare)  # a head start on the palace's private copy while the bundles are checked
         try:
-            prev, old, full_because = _parent(out, incremental, full_every, scope)
+            prev, old, full_because = _parent(out, incremental, full_every, scope, hashes)
             recorded = _marks(out, prev, store.name) if wing is None and old else None
         finally:
             ready.exception()  # waits; what failed there fails again, and is reported, where it is needed
         if wing is None and not old and not dry_run:  # every row goes in: read each once
-            return _export_whole(store, out, prev, scope, sealer, full_because)
+            return _export_whole(store, out, prev, scope, sealer, full_because, hashes)
         marks, rehashed_because = None, None
         if wing is None:  # marks speak for the whole palace: a wing's bundle re-reads its rows
             state, marks, rehashed_because = store.changes(old, recorded)
@@ -225,12 +235,13 @@ def export_bundle(store: PalaceStore, out: Path, incremental: bool = False, full
                 _drop_vanished(table, changed[table], {r["id"] for r in rows}, content, old, vanished)
                 content.kg[table] = rows
         content.watermark = lambda: {"vanished": {t: len(v) for t, v in vanished.items() if v}}
-        return _written(store, out, prev, content, sealer, scope, marks, report)
+        return _written(store, out, prev, content, sealer, scope, marks, report, hashes)
 
 
 def _changed(rows: dict[str, str], was: dict[str, str]) -> list[str]:
     """The ids whose hash is not what it was (new ones included), sorted."""
-    return sorted(i for i, h in rows.items() if was.get(i) != h)
+    get = was.get
+    return sorted([i for i, h in rows.items() if get(i) != h])
 
 
 def _content(store: PalaceStore, state: State, gone: list, wing: str | None) -> BundleContent:
@@ -241,9 +252,10 @@ def _content(store: PalaceStore, state: State, gone: list, wing: str | None) -> 
 
 
 def _written(store: PalaceStore, out: Path, prev: Path | None, content: BundleContent, sealer: Sealer | None,
-             scope: dict, marks: dict | None, report: ExportReport) -> ExportReport:
+             scope: dict, marks: dict | None, report: ExportReport, hashes: HashRecord) -> ExportReport:
     """Write ``content`` as the bundle, remember it, and fill ``report`` from what was written."""
-    m = write_bundle(out, prev, content, sealer=sealer)
+    m = write_bundle(out, prev, content, sealer=sealer, hashes=hashes)
+    hashes.save()
     remember_export(store.name, out)
     if sealer is not None or marks is not None:
         _remember(out, m, content.state, scope, store.name, marks)
@@ -258,7 +270,7 @@ def _written(store: PalaceStore, out: Path, prev: Path | None, content: BundleCo
 
 
 def _export_whole(store: PalaceStore, out: Path, prev: Path | None, scope: dict, sealer: Sealer | None,
-                  full_because: str | None) -> ExportReport:
+                  full_because: str | None, hashes: HashRecord) -> ExportReport:
     """A bundle of every row (nothing to diff against): each row read once, with its vector, by
     ``scan``, and its hash taken from what was read; the change marks first, so a write landing
     during the read shows as a changed mark next time."""
@@ -278,7 +290,7 @@ def _export_whole(store: PalaceStore, out: Path, prev: Path | None, scope: dict,
     content.watermark = {"vanished": {}}
     report = ExportReport(None, "incremental" if prev else "full", prev.name if prev else None,
                           full_because=full_because, encrypted=sealer is not None)
-    return _written(store, out, prev, content, sealer, scope, marks, report)
+    return _written(store, out, prev, content, sealer, scope, marks, report, hashes)
 
 
 def _scanned(store: PalaceStore, table: str, dim: int, state: dict[str, str]) -> Iterator[pa.RecordBatch]:

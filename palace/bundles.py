@@ -18,13 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+import numpy as np
 import orjson
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import scratch
 from .crypt import KEY_FILE, CryptError, Keys, Sealer
+from .hashed import HashRecord
 from .ids import HashingWriter, sha256_file
 from .layout import SIDECAR, atomic_dir, atomic_write, safe_dir
 from .lock import dir_lock
@@ -77,11 +78,12 @@ def chain(bundle: Path) -> list[Path]:
     raise BundleError(f"read bundle chain of {bundle}: no full bundle")
 
 
-def verify_chain(bundle: Path) -> list[str]:
-    """Problems with a bundle and every bundle it builds on: manifests, files, sha256s, row counts."""
+def verify_chain(bundle: Path, hashes: HashRecord | None = None) -> list[str]:
+    """Problems with a bundle and every bundle it builds on: manifests, files, sha256s (with
+    ``hashes``, what this machine hashed before and has not changed since is not re-read), row counts."""
     problems = []
     for link in chain(Path(bundle)):
-        problems += check_files(link, Manifest.load(link))
+        problems += check_files(link, Manifest.load(link), hashes)
     return problems
 
 
@@ -155,10 +157,10 @@ def _plain_link(link: Path, keys: Keys | None) -> Iterator[Path]:
         yield plain
 
 
-def usable_parent(prev: Path) -> tuple[Path | None, str | None]:
+def usable_parent(prev: Path, hashes: HashRecord | None = None) -> tuple[Path | None, str | None]:
     """(``prev``, None) when an incremental may chain onto it, else (None, why not)."""
     try:
-        problems = verify_chain(prev)
+        problems = verify_chain(prev, hashes)
     except BundleError as exc:
         problems = [str(exc)]
     if problems:
@@ -167,12 +169,22 @@ def usable_parent(prev: Path) -> tuple[Path | None, str | None]:
 
 
 def bundle_state(bundle: Path) -> State:
-    """What the palace held when ``bundle`` was written: {table: {id: row hash}}."""
-    table = pq.read_table(Path(bundle) / "state.parquet")
-    state: State = {}  # a column at a time, not a dict per row
-    for name in pc.unique(table["table"]).to_pylist():
-        part = table.filter(pc.equal(table["table"], name))
-        state[name] = dict(zip(part["id"].to_pylist(), part["hash"].to_pylist()))
+    """What the palace held when ``bundle`` was written: {table: {id: row hash}}. Read a column at a
+    time, not a dict per row, and cut into tables where the table name changes (the writer groups
+    rows by table), without a compute kernel (their first use costs more than the whole read)."""
+    path = Path(bundle) / "state.parquet"
+    table = pq.read_table(path, read_dictionary=["table"])
+    names = table["table"].combine_chunks()
+    if names.null_count:
+        raise BundleError(f"read bundle state {path}: a row without a table")
+    which = names.indices.to_numpy(zero_copy_only=False)
+    if not len(which):
+        return {}
+    cuts = (np.flatnonzero(which[1:] != which[:-1]) + 1).tolist()
+    ids, hashes, tables = table["id"].to_pylist(), table["hash"].to_pylist(), names.dictionary.to_pylist()
+    state: State = {}
+    for start, end in zip([0, *cuts], [*cuts, len(which)]):
+        state.setdefault(tables[which[start]], {}).update(zip(ids[start:end], hashes[start:end]))
     return state
 
 
@@ -222,10 +234,11 @@ class BundleContent:
 
 
 def write_bundle(out: Path, previous: Path | None, content: BundleContent,
-                 now: dt.datetime | None = None, sealer: Sealer | None = None) -> Manifest:
+                 now: dt.datetime | None = None, sealer: Sealer | None = None,
+                 hashes: HashRecord | None = None) -> Manifest:
     """Write ``content`` as a new bundle in ``out`` (an incremental of ``previous``, or full); the caller
     holds ``bundle_dir_lock(out)``. The bundle is checked against its own manifest before it is
-    renamed into place. With ``sealer`` every file, the manifest included, is encrypted as it is
+    renamed into place (what that check read goes into ``hashes``). With ``sealer`` every file, the manifest included, is encrypted as it is
     written; the plain manifest then holds only the ciphertexts' sha256s and the chain link.
     Returns the (inner) manifest."""
     clock = now or dt.datetime.now(dt.timezone.utc)
@@ -233,7 +246,7 @@ def write_bundle(out: Path, previous: Path | None, content: BundleContent,
     name = bundle_name(now, previous is not None)
     stamps = {"exported_at": clock.isoformat()} | ({"named_after": newest} if newest else {})
     with atomic_dir(Path(out) / name, f".tmp-{name}-") as tmp:  # starts with TEMP_PREFIX
-        return _fill(tmp, name, now.isoformat(), previous.name if previous else None, content, sealer, stamps)
+        return _fill(tmp, name, now.isoformat(), previous.name if previous else None, content, sealer, stamps, hashes)
 
 
 def _after_newest(out: Path, clock: dt.datetime) -> tuple[dt.datetime, str | None]:
@@ -248,7 +261,7 @@ def _after_newest(out: Path, clock: dt.datetime) -> tuple[dt.datetime, str | Non
 
 
 def _fill(tmp: Path, name: str, created_at: str, previous: str | None, content: BundleContent,
-          sealer: Sealer | None, watermark: dict) -> Manifest:
+          sealer: Sealer | None, watermark: dict, hashes: HashRecord | None = None) -> Manifest:
     """Write the bundle ``name`` into the empty directory ``tmp`` and check it; returns its (inner) manifest."""
     with contextlib.ExitStack() as stack:
         seal = stack.enter_context(sealer.keyed(tmp)) if sealer else None
@@ -285,7 +298,7 @@ def _fill(tmp: Path, name: str, created_at: str, previous: str | None, content: 
                          encryption={"scheme": "age", "passphrase": sealer.passphrase is not None})
         (tmp / MANIFEST).write_bytes(outer.to_json())
         os.chmod(tmp / MANIFEST, 0o600)
-    problems = check_files(tmp, Manifest.load(tmp, name))
+    problems = check_files(tmp, Manifest.load(tmp, name), hashes)
     if problems:  # never put a bundle in place that does not verify
         raise BundleError(f"write bundle {name}: the bundle written does not verify: {problems[0]}")
     return m

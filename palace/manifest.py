@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 
 from .crypt import KEY_FILE
 from .errors import PalaceEtlError
+from .hashed import HashRecord
 from .ids import sha256_file
 
 BUNDLE_SCHEMA_VERSION = 1
@@ -196,9 +197,10 @@ def parquet_rows(path: Path) -> int:
     return pq.ParquetFile(path).metadata.num_rows
 
 
-def check_files(bundle: Path, manifest: Manifest) -> list[str]:
+def check_files(bundle: Path, manifest: Manifest, hashes: HashRecord | None = None) -> list[str]:
     """Every problem with the bundle's files: unlisted, missing, not a regular file, a sha256 that
-    differs from the manifest, or row counts that differ from the manifest's counts and totals."""
+    differs from the manifest, or row counts that differ from the manifest's counts and totals.
+    With ``hashes``, a file this machine hashed before and that has not changed since is not re-read."""
     bundle = Path(bundle)
     problems = []
     present = {str(p.relative_to(bundle)) for p in bundle.rglob("*") if not p.is_dir() or p.is_symlink()}
@@ -213,7 +215,7 @@ def check_files(bundle: Path, manifest: Manifest) -> list[str]:
         elif rel in manifest.sizes and path.stat().st_size != manifest.sizes[rel]:
             problems.append(f"{path}: {path.stat().st_size} bytes, {MANIFEST} says {manifest.sizes[rel]} (truncated "
                             "or changed)")
-        elif sha256_file(path) != digest:
+        elif (hashes.sha256(path, digest) if hashes else sha256_file(path)) != digest:
             problems.append(f"{path}: sha256 mismatch with {MANIFEST} (the file or the manifest is corrupt or changed)")
     if problems or manifest.sealed:  # an encrypted bundle's rows are checked once decrypted
         return problems

@@ -1,0 +1,64 @@
+"""What this machine has already hashed, so a nightly export does not re-read the whole chain it
+extends: a file's sha256 is kept with the file's identity (device, inode, size, modification and
+change times) when it was read. A file whose identity is unchanged is not read again; any write
+to it, a copy put in its place, or a ``touch`` changes its change time, which no user can set
+back. Only export's check of the chain it extends uses this; ``verify`` and ``restore`` always
+re-read every byte (bit rot changes no time, and a restore is the moment that must not trust).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import orjson
+
+from .layout import atomic_write
+
+
+def _identity(st: os.stat_result) -> list[int]:
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+class HashRecord:
+    """sha256s of files by identity, loaded from and saved to ``path`` (a JSON file this machine
+    owns); with ``path`` None, nothing is remembered and every file is read."""
+
+    def __init__(self, path: Path | None = None):
+        self.path = path
+        self._known: dict[str, list] = {}
+        self._used: dict[str, list] = {}
+        if path is not None:
+            try:
+                known = orjson.loads(Path(path).read_bytes())
+            except (OSError, orjson.JSONDecodeError):
+                known = {}  # no record, or a damaged one: everything is read again
+            if isinstance(known, dict):
+                self._known = {k: v for k, v in known.items()
+                               if isinstance(v, list) and len(v) == 4 and isinstance(v[3], str)}
+
+    def sha256(self, file: Path, expect: str) -> str:
+        """The sha256 of ``file``'s bytes: ``expect`` when this machine hashed it to that and its
+        identity is what it was then, else read (and remembered when the file did not change while
+        it was read). A remembered sha256 other than ``expect`` is never reported: the file is read."""
+        with open(file, "rb") as f:
+            before = os.fstat(f.fileno())
+            key = f"{before.st_dev}:{before.st_ino}"
+            entry = self._known.get(key)
+            if entry is not None and entry[:3] == _identity(before) and entry[3] == expect:
+                self._used[key] = entry
+                return entry[3]
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+            if _identity(os.fstat(f.fileno())) == _identity(before):
+                self._used[key] = [*_identity(before), digest]
+            return digest
+
+    def save(self) -> None:
+        """Keep what this run hashed or relied on (the rest no longer matters: bundles removed or
+        replaced); a record that cannot be written only costs the next run a re-read."""
+        if self.path is None:
+            return
+        try:
+            atomic_write(Path(self.path), orjson.dumps(self._used))
+        except OSError:
+            pass
