@@ -59,6 +59,7 @@ class HashRecord:
         if self.path is None:
             return
         try:
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             atomic_write(Path(self.path), orjson.dumps(self._used))
         except OSError:
             pass

@@ -137,6 +137,7 @@ def test_an_incremental_re_reads_a_parent_file_changed_since_this_machine_hashed
     full = Path(cli_json("export", "--palace", sample_palace, "--out", out)["bundle"])
     digests = Manifest.load(full).files
     record_file = _hash_record(out).path
+    assert stat.S_IMODE(record_file.stat().st_mode) == 0o600 and stat.S_IMODE(record_file.parent.stat().st_mode) == 0o700
     record = json.loads(record_file.read_bytes())
     assert sorted(e[-1] for e in record.values()) == sorted(digests.values())
 
