@@ -238,9 +238,9 @@ def write_bundle(out: Path, previous: Path | None, content: BundleContent,
                  hashes: HashRecord | None = None) -> Manifest:
     """Write ``content`` as a new bundle in ``out`` (an incremental of ``previous``, or full); the caller
     holds ``bundle_dir_lock(out)``. The bundle is checked against its own manifest before it is
-    renamed into place (what that check read goes into ``hashes``). With ``sealer`` every file, the manifest included, is encrypted as it is
-    written; the plain manifest then holds only the ciphertexts' sha256s and the chain link.
-    Returns the (inner) manifest."""
+    renamed into place (what that check read goes into ``hashes``). With ``sealer`` every file, the
+    manifest included, is encrypted as it is written; the plain manifest then holds only the
+    ciphertexts' sha256s and the chain link. Returns the (inner) manifest."""
     clock = now or dt.datetime.now(dt.timezone.utc)
     now, newest = _after_newest(Path(out), clock)
     name = bundle_name(now, previous is not None)

@@ -2,8 +2,10 @@
 extends: a file's sha256 is kept with the file's identity (device, inode, size, modification and
 change times) when it was read. A file whose identity is unchanged is not read again; any write
 to it, a copy put in its place, or a ``touch`` changes its change time, which no user can set
-back. Only export's check of the chain it extends uses this; ``verify`` and ``restore`` always
-re-read every byte (bit rot changes no time, and a restore is the moment that must not trust).
+back. Only export uses this, for the chain it extends and the bundle it has just written;
+``verify``, ``restore`` and ``sync`` always re-read every byte (bit rot changes no time, and a
+restore is the moment that must not trust). A same-size write within the file system's timestamp
+tick of this machine's read would go unseen, as it would by ``git``'s index.
 """
 from __future__ import annotations
 
