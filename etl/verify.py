@@ -18,6 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
+from exporters.bundle import forget_hashes
 from importers.base import ImportOptions
 from importers.quarantine import Quarantine
 from importers.registry import get_importer
@@ -416,6 +417,8 @@ def verify_bundle_report(bundle: Path, keys: Keys | None = None) -> VerifyReport
         sealed = not problems and is_sealed(Path(bundle))
     except BundleError as exc:
         problems, sealed = [str(exc)], False
+    if problems:  # so the remedy works: the next export re-reads the chain, finds it damaged, writes it whole
+        forget_hashes(Path(bundle).parent)
     for p in problems:
         report.add("error", "bundle_corrupt", p, f"palace-etl export --palace PALACE --out {Path(bundle).parent}")
     if sealed and keys is None:

@@ -148,6 +148,16 @@ def _hash_record(out: Path) -> HashRecord:
     return HashRecord(cache.with_name(cache.name + ".sha256.json"))
 
 
+def forget_hashes(out: Path) -> bool:
+    """Drop this machine's record of ``out``'s sha256s: after a bundle there was found damaged, the
+    next export re-reads the chain it would extend (and writes a full bundle instead)."""
+    path = _hash_record(Path(out)).path
+    if path.is_file():
+        path.unlink()
+        return True
+    return False
+
+
 def _parent(out: Path, incremental: bool, full_every: int, scope: dict,
             hashes: HashRecord) -> tuple[Path | None, State, str | None]:
     """The bundle an incremental chains onto (None: write a full one), the state it recorded, and

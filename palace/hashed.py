@@ -2,7 +2,8 @@
 extends: a file's sha256 is kept with the file's identity (device, inode, size, modification and
 change times) when it was read. A file whose identity is unchanged is not read again; any write
 to it, a copy put in its place, or a ``touch`` changes its change time, which no user can set
-back. Only export uses this, for the chain it extends and the bundle it has just written;
+back. A file is read again at least every ``MAX_AGE`` all the same, so what rots under an
+unchanged identity is found within a week even where nothing else reads it. Only export uses this, for the chain it extends and the bundle it has just written;
 ``verify``, ``restore`` and ``sync`` always re-read every byte (bit rot changes no time, and a
 restore is the moment that must not trust). A same-size write within the file system's timestamp
 tick of this machine's read would go unseen, as it would by ``git``'s index.
@@ -11,11 +12,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from pathlib import Path
 
 import orjson
 
 from .layout import atomic_write
+
+MAX_AGE = 7 * 86400  # seconds a remembered sha256 is trusted before the file is read again
 
 
 def _identity(st: os.stat_result) -> list[int]:
@@ -24,7 +28,8 @@ def _identity(st: os.stat_result) -> list[int]:
 
 class HashRecord:
     """sha256s of files by identity, loaded from and saved to ``path`` (a JSON file this machine
-    owns); with ``path`` None, nothing is remembered and every file is read."""
+    owns); with ``path`` None, nothing is remembered and every file is read. An entry is
+    [size, mtime_ns, ctime_ns, sha256, the time it was read]."""
 
     def __init__(self, path: Path | None = None):
         self.path = path
@@ -37,22 +42,24 @@ class HashRecord:
                 known = {}  # no record, or a damaged one: everything is read again
             if isinstance(known, dict):
                 self._known = {k: v for k, v in known.items()
-                               if isinstance(v, list) and len(v) == 4 and isinstance(v[3], str)}
+                               if isinstance(v, list) and len(v) == 5 and isinstance(v[3], str)
+                               and isinstance(v[4], (int, float))}
 
     def sha256(self, file: Path, expect: str) -> str:
         """The sha256 of ``file``'s bytes: ``expect`` when this machine hashed it to that and its
-        identity is what it was then, else read (and remembered when the file did not change while
+        identity is what it was then (within ``MAX_AGE``), else read (and remembered when the file did not change while
         it was read). A remembered sha256 other than ``expect`` is never reported: the file is read."""
         with open(file, "rb") as f:
             before = os.fstat(f.fileno())
             key = f"{before.st_dev}:{before.st_ino}"
             entry = self._known.get(key)
-            if entry is not None and entry[:3] == _identity(before) and entry[3] == expect:
+            if entry is not None and entry[:3] == _identity(before) and entry[3] == expect and \
+                    time.time() - entry[4] < MAX_AGE:
                 self._used[key] = entry
                 return entry[3]
             digest = hashlib.file_digest(f, "sha256").hexdigest()
             if _identity(os.fstat(f.fileno())) == _identity(before):
-                self._used[key] = [*_identity(before), digest]
+                self._used[key] = [*_identity(before), digest, time.time()]
             return digest
 
     def save(self) -> None:

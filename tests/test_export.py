@@ -6,6 +6,7 @@ import os
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from etl.embed import EmbedderIdentity
 from exporters.bundle import _hash_record
 from exporters.retention import select
 from palace.bundles import bundle_state, list_bundles, state_batch
+from palace.hashed import MAX_AGE
 from palace.kg import KnowledgeGraph
 from palace.layout import layout_for, write_sidecar
 from palace.manifest import Manifest
@@ -129,41 +131,53 @@ def test_one_flipped_byte_is_named_and_nothing_is_written(sample_palace, tmp_pat
     assert any(victim in f["message"] for f in report["findings"])
 
 
+def _flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
 def test_an_incremental_re_reads_a_parent_file_changed_since_this_machine_hashed_it(sample_palace, tmp_path):
     """The nightly check of the chain an incremental extends skips a file only when this machine
-    hashed it to the manifest's sha256 and its size, mtime and ctime are unchanged since; a byte
-    changed in place with its mtime set back is read again. ``verify`` never skips."""
+    hashed it to the manifest's sha256 within a week, and its size, mtime and ctime are unchanged
+    since; a byte changed in place with its mtime set back is read again. ``verify`` never skips,
+    and once it finds a bundle damaged, the next export re-reads the chain (its remedy works)."""
     out = tmp_path / "backups"
     full = Path(cli_json("export", "--palace", sample_palace, "--out", out)["bundle"])
     digests = Manifest.load(full).files
     record_file = _hash_record(out).path
     assert stat.S_IMODE(record_file.stat().st_mode) == 0o600 and stat.S_IMODE(record_file.parent.stat().st_mode) == 0o700
     record = json.loads(record_file.read_bytes())
-    assert sorted(e[-1] for e in record.values()) == sorted(digests.values())
+    assert sorted(e[3] for e in record.values()) == sorted(digests.values())
 
     victim = full / "drawers.parquet"
     before = victim.stat()
-    data = bytearray(victim.read_bytes())
-    data[len(data) // 2] ^= 0x01
-    victim.write_bytes(bytes(data))
+    _flip_a_byte(victim)
     os.utime(victim, ns=(before.st_atime_ns, before.st_mtime_ns))  # same size, same mtime: only ctime moved
     r = cli_json("export", "--palace", sample_palace, "--out", out, "--incremental")
     assert r["kind"] == "full" and "drawers.parquet" in r["full_because"] and "sha256" in r["full_because"], r
 
-    # What the record vouches for is trusted by export, never by verify: vouch for the changed bytes.
+    # Vouch in the record for changed bytes: export trusts what it hashed within a week, verify never.
     newest = Path(r["bundle"])
     victim = newest / "drawers.parquet"
-    data = bytearray(victim.read_bytes())
-    data[len(data) // 2] ^= 0x01
-    victim.write_bytes(bytes(data))
-    st = victim.stat()
-    record = json.loads(record_file.read_bytes())
-    record[f"{st.st_dev}:{st.st_ino}"] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns,
-                                          Manifest.load(newest).files["drawers.parquet"]]
-    record_file.write_bytes(json.dumps(record).encode())
-    assert cli_json("export", "--palace", sample_palace, "--out", out, "--incremental")["kind"] == "incremental"
+    _flip_a_byte(victim)
+
+    def vouch(age: float) -> None:
+        st, record = victim.stat(), json.loads(record_file.read_bytes())
+        record[f"{st.st_dev}:{st.st_ino}"] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns,
+                                              Manifest.load(newest).files["drawers.parquet"], time.time() - age]
+        record_file.write_bytes(json.dumps(record).encode())
+
+    vouch(MAX_AGE + 60)
+    dry = cli_json("export", "--palace", sample_palace, "--out", out, "--incremental", "--dry-run")
+    assert dry["kind"] == "full" and "drawers.parquet" in dry["full_because"], dry
+    vouch(0)
+    assert cli_json("export", "--palace", sample_palace, "--out", out, "--incremental", "--dry-run")["kind"] == \
+        "incremental"
     report = json.loads(run_cli("verify", "--bundle", newest, "--json", check=4).stdout)
     assert any("drawers.parquet" in f["message"] for f in report["findings"])
+    r = cli_json("export", "--palace", sample_palace, "--out", out, "--incremental")
+    assert r["kind"] == "full" and "drawers.parquet" in r["full_because"], r
 
 
 def _mutate(palace: Path, night: int) -> None:
