@@ -1,12 +1,13 @@
 """What this machine has already hashed, so a nightly export does not re-read the whole chain it
 extends: a file's sha256 is kept with the file's identity (device, inode, size, modification and
-change times) when it was read. A file whose identity is unchanged is not read again; any write
-to it, a copy put in its place, or a ``touch`` changes its change time, which no user can set
-back. A file is read again at least every ``MAX_AGE`` all the same, so what rots under an
-unchanged identity is found within a week even where nothing else reads it. Only export uses this, for the chain it extends and the bundle it has just written;
-``verify``, ``restore`` and ``sync`` always re-read every byte (bit rot changes no time, and a
-restore is the moment that must not trust). A same-size write within the file system's timestamp
-tick of this machine's read would go unseen, as it would by ``git``'s index.
+change times) when it was read. A file whose identity is unchanged is not read again; any write to
+it, a copy put in its place, or a ``touch`` changes its change time, which no user can set back. A
+file is read again at least every ``MAX_AGE`` all the same, so what rots under an unchanged identity
+is found within a week even where nothing else reads it. Only export uses this, for the chain it
+extends and the bundle it has just written; ``verify``, ``restore`` and ``sync`` always re-read
+every byte (bit rot changes no time, and a restore is the moment that must not trust). A same-size
+write within the file system's timestamp tick of this machine's read would go unseen, as it would by
+``git``'s index.
 """
 from __future__ import annotations
 
@@ -46,9 +47,10 @@ class HashRecord:
                                and isinstance(v[4], (int, float))}
 
     def sha256(self, file: Path, expect: str) -> str:
-        """The sha256 of ``file``'s bytes: ``expect`` when this machine hashed it to that and its
-        identity is what it was then (within ``MAX_AGE``), else read (and remembered when the file did not change while
-        it was read). A remembered sha256 other than ``expect`` is never reported: the file is read."""
+        """The sha256 of ``file``'s bytes: ``expect`` when this machine hashed it to that within
+        ``MAX_AGE`` and its identity is what it was then, else read (and remembered when the file
+        did not change while it was read). A remembered sha256 other than ``expect`` is never
+        reported: the file is read."""
         with open(file, "rb") as f:
             before = os.fstat(f.fileno())
             key = f"{before.st_dev}:{before.st_ino}"
