@@ -29,22 +29,20 @@ def _identity(st: os.stat_result) -> list[int]:
 
 class HashRecord:
     """sha256s of files by identity, loaded from and saved to ``path`` (a JSON file this machine
-    owns); with ``path`` None, nothing is remembered and every file is read. An entry is
-    [size, mtime_ns, ctime_ns, sha256, the time it was read]."""
+    owns). An entry is [size, mtime_ns, ctime_ns, sha256, the time it was read]."""
 
-    def __init__(self, path: Path | None = None):
-        self.path = path
+    def __init__(self, path: Path):
+        self.path = Path(path)
         self._known: dict[str, list] = {}
         self._used: dict[str, list] = {}
-        if path is not None:
-            try:
-                known = orjson.loads(Path(path).read_bytes())
-            except (OSError, orjson.JSONDecodeError):
-                known = {}  # no record, or a damaged one: everything is read again
-            if isinstance(known, dict):
-                self._known = {k: v for k, v in known.items()
-                               if isinstance(v, list) and len(v) == 5 and isinstance(v[3], str)
-                               and isinstance(v[4], (int, float))}
+        try:
+            known = orjson.loads(self.path.read_bytes())
+        except (OSError, orjson.JSONDecodeError):
+            known = {}  # no record, or a damaged one: everything is read again
+        if isinstance(known, dict):
+            self._known = {k: v for k, v in known.items()
+                           if isinstance(v, list) and len(v) == 5 and isinstance(v[3], str)
+                           and isinstance(v[4], (int, float))}
 
     def sha256(self, file: Path, expect: str) -> str:
         """The sha256 of ``file``'s bytes: ``expect`` when this machine hashed it to that within
@@ -67,10 +65,8 @@ class HashRecord:
     def save(self) -> None:
         """Keep what this run hashed or relied on (the rest no longer matters: bundles removed or
         replaced); a record that cannot be written only costs the next run a re-read."""
-        if self.path is None:
-            return
         try:
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            atomic_write(Path(self.path), orjson.dumps(self._used))
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            atomic_write(self.path, orjson.dumps(self._used))
         except OSError:
             pass
