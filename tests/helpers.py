@@ -64,6 +64,13 @@ def _in_process(args: tuple[str, ...]) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(["palace-etl", *args], code, out.getvalue(), err.getvalue())
 
 
+def flip_a_byte(path: Path) -> None:
+    """Damage ``path`` in place: the middle byte's lowest bit flipped (same size)."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
 def cli_json(*args: str, check: int | None = 0) -> dict:
     return json.loads(run_cli(*args, "--json", check=check).stdout)
 

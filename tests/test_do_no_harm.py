@@ -19,7 +19,14 @@ from palace.layout import layout_for, write_sidecar
 from palace.manifest import bundle_name, bundle_time
 from palace.vectors import VectorStore
 
-from .helpers import SAMPLE, cli_json, kill_mid_transaction, palace_rows, run_cli
+from .helpers import (
+    SAMPLE,
+    cli_json,
+    flip_a_byte,
+    kill_mid_transaction,
+    palace_rows,
+    run_cli,
+)
 
 
 def unit(n: int, seed: int) -> np.ndarray:
@@ -263,9 +270,7 @@ def test_item03_incremental_never_chains_onto_a_damaged_bundle(plain_palace, tmp
         data = (full / "state.parquet").read_bytes()
         (full / "state.parquet").write_bytes(data[: len(data) // 2])
     else:
-        data = bytearray((full / "drawers.parquet").read_bytes())
-        data[len(data) // 2] ^= 0x01
-        (full / "drawers.parquet").write_bytes(bytes(data))
+        flip_a_byte(full / "drawers.parquet")
     r = cli_json("export", "--palace", plain_palace, "--out", tmp_path / "b", "--incremental")
     assert r["kind"] == "full" and full.name in r["full_because"] and "does not verify" in r["full_because"]
     run_cli("verify", "--bundle", r["bundle"])

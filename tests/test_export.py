@@ -26,7 +26,7 @@ from palace.layout import layout_for, write_sidecar
 from palace.manifest import Manifest
 from palace.vectors import VectorStore
 
-from .helpers import SAMPLE, cli_json, kg_rows, palace_rows, run_cli
+from .helpers import SAMPLE, cli_json, flip_a_byte, kg_rows, palace_rows, run_cli
 
 
 def unit(n: int, seed: int) -> np.ndarray:
@@ -120,21 +120,12 @@ def test_refuses_to_write_through_a_symlink(sample_palace, tmp_path):
                                     "sidecars/mempalace_embedder.json"])
 def test_one_flipped_byte_is_named_and_nothing_is_written(sample_palace, tmp_path, victim):
     bundle = Path(cli_json("export", "--palace", sample_palace, "--out", tmp_path / "b")["bundle"])
-    path = bundle / victim
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0x01
-    path.write_bytes(bytes(data))
+    flip_a_byte(bundle / victim)
     target = tmp_path / "restored"
     proc = run_cli("restore", bundle, "--palace", target, check=1)
     assert (victim in proc.stderr) and not target.exists()
     report = json.loads(run_cli("verify", "--bundle", bundle, "--json", check=4).stdout)
     assert any(victim in f["message"] for f in report["findings"])
-
-
-def _flip_a_byte(path: Path) -> None:
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0x01
-    path.write_bytes(bytes(data))
 
 
 def test_an_incremental_re_reads_a_parent_file_changed_since_this_machine_hashed_it(sample_palace, tmp_path):
@@ -152,7 +143,7 @@ def test_an_incremental_re_reads_a_parent_file_changed_since_this_machine_hashed
 
     victim = full / "drawers.parquet"
     before = victim.stat()
-    _flip_a_byte(victim)
+    flip_a_byte(victim)
     os.utime(victim, ns=(before.st_atime_ns, before.st_mtime_ns))  # same size, same mtime: only ctime moved
     r = cli_json("export", "--palace", sample_palace, "--out", out, "--incremental")
     assert r["kind"] == "full" and "drawers.parquet" in r["full_because"] and "sha256" in r["full_because"], r
@@ -160,7 +151,7 @@ def test_an_incremental_re_reads_a_parent_file_changed_since_this_machine_hashed
     # Vouch in the record for changed bytes: export trusts what it hashed within a week, verify never.
     newest = Path(r["bundle"])
     victim = newest / "drawers.parquet"
-    _flip_a_byte(victim)
+    flip_a_byte(victim)
 
     def vouch(age: float) -> None:
         st, record = victim.stat(), json.loads(record_file.read_bytes())
