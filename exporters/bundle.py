@@ -144,18 +144,22 @@ def _remembered(out: Path, prev: Path, scope: dict) -> tuple[State | None, str |
 def _hash_record(out: Path) -> HashRecord:
     """The sha256s this machine took of ``out``'s bundle files: the chain an incremental extends is
     checked every night, but a file unchanged since this machine hashed it is not read again."""
+    return HashRecord(_hash_record_path(out))
+
+
+def _hash_record_path(out: Path) -> Path:
     cache = _cache_dir(out)
-    return HashRecord(cache.with_name(cache.name + ".sha256.json"))
+    return cache.with_name(cache.name + ".sha256.json")
 
 
 def forget_hashes(out: Path) -> bool:
     """Drop this machine's record of ``out``'s sha256s: after a bundle there was found damaged, the
-    next export re-reads the chain it would extend (and writes a full bundle instead)."""
-    path = _hash_record(Path(out)).path
-    if path.is_file():
-        path.unlink()
-        return True
-    return False
+    next export re-reads the chain it would extend (and writes a full bundle instead). An export
+    running meanwhile does not save it back. False when there was none, or it cannot be written."""
+    try:
+        return HashRecord.drop(_hash_record_path(Path(out)))
+    except OSError:
+        return False
 
 
 def _parent(out: Path, incremental: bool, full_every: int, scope: dict,

@@ -132,7 +132,8 @@ def test_an_incremental_re_reads_a_parent_file_changed_since_this_machine_hashed
     """The nightly check of the chain an incremental extends skips a file only when this machine
     hashed it to the manifest's sha256 within a week, and its size, mtime and ctime are unchanged
     since; a byte changed in place with its mtime set back is read again. ``verify`` never skips,
-    and once it finds a bundle damaged, the next export re-reads the chain (its remedy works)."""
+    and once it finds a bundle damaged, the next export re-reads the chain (its remedy works), even
+    when an export that loaded the record before ends after the verify."""
     out = tmp_path / "backups"
     full = Path(cli_json("export", "--palace", sample_palace, "--out", out)["bundle"])
     digests = Manifest.load(full).files
@@ -165,8 +166,12 @@ def test_an_incremental_re_reads_a_parent_file_changed_since_this_machine_hashed
     vouch(0)
     assert cli_json("export", "--palace", sample_palace, "--out", out, "--incremental", "--dry-run")["kind"] == \
         "incremental"
+    running = _hash_record(out)  # an export that loaded the record and trusted it, still running
+    expect = Manifest.load(newest).files["drawers.parquet"]
+    assert running.sha256(victim, expect) == expect
     report = json.loads(run_cli("verify", "--bundle", newest, "--json", check=4).stdout)
     assert any("drawers.parquet" in f["message"] for f in report["findings"])
+    running.save()  # it ends after verify dropped the record: it must not save the record back
     r = cli_json("export", "--palace", sample_palace, "--out", out, "--incremental")
     assert r["kind"] == "full" and "drawers.parquet" in r["full_because"], r
 
