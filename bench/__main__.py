@@ -64,20 +64,21 @@ def run(size: int, chroma_texts: int, kg_triples: int, work: Path, skip: set[str
     parts = emb["seconds"] + up["seconds"]
     rows.append(row(f"1. migrate {size:,} memories (parse, embed, load, KG)", f"{mig['seconds']:.1f} s",
                     f"{parts:.1f} s (embed {emb['seconds']:.1f} + raw upsert {up['seconds']:.1f})",
-                    mig["seconds"] / parts, "<= 1.15", mig["seconds"] / parts <= 1.15,
+                    mig["seconds"] / parts, "<= 1.10", mig["seconds"] / parts <= 1.10,
                     max(mig["peak_rss_mb"], emb["peak_rss_mb"], up["peak_rss_mb"])))
 
     # 1b. verify the migration against its source vs re-reading the source
     vf = measure("verify_against", workload=str(work / "workload"), palace=str(work / "palace"))
     rows.append(row(f"1b. verify {size:,} drawers against their source", f"{vf['seconds']:.1f} s, "
                     f"{vf['problems']} problems", f"{parse['seconds']:.1f} s (re-reading the source)",
-                    vf["seconds"] / parse["seconds"], "about the re-read time", None, vf["peak_rss_mb"]))
+                    vf["seconds"] / parse["seconds"], "<= 2", vf["seconds"] / parse["seconds"] <= 2,
+                    vf["peak_rss_mb"]))
 
     # 1c. the same memories from one mem0 export (one large JSON document, streamed)
     m0 = measure("migrate", workload=str(work / "workload"), palace=str(work / "palace-mem0"), source="mem0")
     rows.append(row(f"1c. migrate {size:,} memories from one mem0 export", f"{m0['seconds']:.1f} s",
-                    f"{parts:.1f} s (the same parts as row 1)", m0["seconds"] / parts, "<= 1.15",
-                    m0["seconds"] / parts <= 1.15, m0["peak_rss_mb"]))
+                    f"{parts:.1f} s (the same parts as row 1)", m0["seconds"] / parts, "<= 1.10",
+                    m0["seconds"] / parts <= 1.10, m0["peak_rss_mb"]))
 
     # 2. MemPalace's path: Chroma's default EF inside upsert, on a subset (it is slow)
     n = min(chroma_texts, size)
@@ -110,8 +111,9 @@ def run(size: int, chroma_texts: int, kg_triples: int, work: Path, skip: set[str
     ex = measure("export_palace", palace=str(work / "palace"), out=str(work / "backups"))
     gp = measure("get_paging_raw", palace=str(work / "palace"))
     rows.append(row(f"5. export {size:,} drawers with vectors (bundle)", f"{rate(ex):,.0f} rows/s",
-                    f"{rate(gp):,.0f} rows/s (raw get paging)", rate(ex) / rate(gp), "flat RSS, well under 1 GB",
-                    ex["peak_rss_mb"] < 1024, ex["peak_rss_mb"], f"raw paging peak {gp['peak_rss_mb']:.0f} MB"))
+                    f"{rate(gp):,.0f} rows/s (raw get paging)", rate(ex) / rate(gp), ">= 0.8, RSS well under 1 GB",
+                    rate(ex) / rate(gp) >= 0.8 and ex["peak_rss_mb"] < 1024, ex["peak_rss_mb"],
+                    f"raw paging peak {gp['peak_rss_mb']:.0f} MB"))
     bundle = sorted((work / "backups").glob("palace-*"))[-1]
     rs = measure("restore_palace", bundle=str(bundle), palace=str(work / "restored"))
     rows.append(row("4. restore into an empty palace (no re-embedding)", f"{rate(rs):,.0f} rows/s",
@@ -120,7 +122,7 @@ def run(size: int, chroma_texts: int, kg_triples: int, work: Path, skip: set[str
     sy = measure("sync_palace", a=str(work / "palace"), b=str(work / "replica"))
     sy_rate = size / sy["seconds"]
     rows.append(row("4b. sync to an empty replica (vectors carried)", f"{sy_rate:,.0f} drawers/s",
-                    f"{rate(up):,.0f} rows/s (raw upsert)", sy_rate / rate(up), ">= 0.8", sy_rate / rate(up) >= 0.8,
+                    f"{rate(up):,.0f} rows/s (raw upsert)", sy_rate / rate(up), ">= 0.9", sy_rate / rate(up) >= 0.9,
                     sy["peak_rss_mb"]))
     same = measure("upsert_same_rows_raw", source=str(work / "palace"), palace=str(work / "raw-same"))
     rows.append(row("4d. restore and sync vs a raw upsert of the same rows (every metadata key)",
@@ -143,8 +145,9 @@ def run(size: int, chroma_texts: int, kg_triples: int, work: Path, skip: set[str
         bx = measure("export_palace", palace=str(work / "big"), out=str(work / "big-backups"))
         bg = measure("get_paging_raw", palace=str(work / "big"))
         rows.append(row(f"5b. export {big_export:,} drawers with vectors (bundle)", f"{rate(bx):,.0f} rows/s",
-                        f"{rate(bg):,.0f} rows/s (raw get paging)", rate(bx) / rate(bg), "flat RSS, well under 1 GB",
-                        bx["peak_rss_mb"] < 1024, bx["peak_rss_mb"], f"raw paging peak {bg['peak_rss_mb']:.0f} MB"))
+                        f"{rate(bg):,.0f} rows/s (raw get paging)", rate(bx) / rate(bg),
+                        ">= 0.8, RSS under 600 MB", rate(bx) / rate(bg) >= 0.8 and bx["peak_rss_mb"] < 600,
+                        bx["peak_rss_mb"], f"raw paging peak {bg['peak_rss_mb']:.0f} MB"))
 
     # 6. KG bulk load vs MemPalace's add_triple loop
     kb = measure("kg_bulk", path=str(work / "kg-ours.sqlite3"), n=kg_triples)
