@@ -15,7 +15,7 @@ import hashlib
 import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -29,6 +29,8 @@ from palace.bundles import (
     bundle_state,
     chain,
     list_bundles,
+    owned_by,
+    owner_tag,
     remember_export,
     state_batch,
     usable_parent,
@@ -67,6 +69,7 @@ class ExportReport:
     encrypted: bool = False
     rehashed_because: str | None = None  # why an incremental re-read every row instead of the changed ones
     named_after: str | None = None  # why the bundle is not named by the clock (behind the newest bundle)
+    others: list = field(default_factory=list)  # bundles in ``out`` of another palace or machine: left alone
 
 
 def _cache_dir(out: Path) -> Path:
@@ -162,12 +165,12 @@ def forget_hashes(out: Path) -> bool:
         return False
 
 
-def _parent(out: Path, incremental: bool, full_every: int, scope: dict,
+def _parent(bundles: list[Path], out: Path, incremental: bool, full_every: int, scope: dict,
             hashes: HashRecord) -> tuple[Path | None, State, str | None]:
     """The bundle an incremental chains onto (None: write a full one), the state it recorded, and
-    why not when it cannot. An incremental chains only onto a bundle of the same scope: the same
-    wing, encrypted to the same keys (or both plain)."""
-    bundles = list_bundles(out)
+    why not when it cannot: the newest of ``bundles`` (this machine's of this palace). An
+    incremental chains only onto a bundle of the same scope: the same wing, encrypted to the same
+    keys (or both plain)."""
     if not incremental or not bundles:
         return None, {}, None
     prev, why = usable_parent(bundles[-1], hashes)
@@ -210,12 +213,15 @@ def export_bundle(store: PalaceStore, out: Path, incremental: bool = False, full
     with bundle_dir_lock(out), ThreadPoolExecutor(1) as pool:
         ready = pool.submit(store.prepare)  # a head start on the palace's private copy while the bundles are checked
         try:
-            prev, old, full_because = _parent(out, incremental, full_every, scope, hashes)
+            everyone = list_bundles(out)
+            ours = [b for b in everyone if owned_by(b, store.name)]
+            others = [b.name for b in everyone if b not in ours]
+            prev, old, full_because = _parent(ours, out, incremental, full_every, scope, hashes)
             recorded = _marks(out, prev, store.name) if wing is None and old else None
         finally:
             ready.exception()  # waits; what failed there fails again, and is reported, where it is needed
         if wing is None and not old and not dry_run:  # every row goes in: read each once
-            return _export_whole(store, out, prev, scope, sealer, full_because, hashes)
+            return replace(_export_whole(store, out, prev, scope, sealer, full_because, hashes), others=others)
         marks, rehashed_because = None, None
         if wing is None:  # marks speak for the whole palace: a wing's bundle re-reads its rows
             state, marks, rehashed_because = store.changes(old, recorded)
@@ -232,7 +238,7 @@ def export_bundle(store: PalaceStore, out: Path, incremental: bool = False, full
                               counts={t: len(v) for t, v in changed.items()},
                               totals={t: len(v) for t, v in state.items()}, deleted=gone, dry_run=dry_run,
                               full_because=full_because, wing=wing, encrypted=sealer is not None,
-                              rehashed_because=rehashed_because if prev else None)
+                              rehashed_because=rehashed_because if prev else None, others=others)
         if dry_run:
             return report
         vanished: dict[str, list[str]] = {t: [] for t in state}
@@ -268,7 +274,7 @@ def _content(store: PalaceStore, state: State, gone: list, wing: str | None) -> 
 def _written(store: PalaceStore, out: Path, prev: Path | None, content: BundleContent, sealer: Sealer | None,
              scope: dict, marks: dict | None, report: ExportReport, hashes: HashRecord) -> ExportReport:
     """Write ``content`` as the bundle, remember it, and fill ``report`` from what was written."""
-    m = write_bundle(out, prev, content, sealer=sealer, hashes=hashes)
+    m = write_bundle(out, prev, content, sealer=sealer, hashes=hashes, owner=owner_tag(store.name))
     hashes.save()
     remember_export(store.name, out)
     if sealer is not None or marks is not None:

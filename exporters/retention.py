@@ -3,7 +3,8 @@
 A bundle that a kept incremental builds on is always kept too, so nothing kept
 becomes unrestorable. When a kept incremental's chain cannot be read (a link damaged
 or missing), every bundle older than it is kept: once the link is repaired, any of
-them may be in that chain.
+them may be in that chain. An export applies retention to its own bundles only:
+another palace's, or another machine's, in the same directory are never removed.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import datetime as dt
 import shutil
 from pathlib import Path
 
-from palace.bundles import chain, list_bundles
+from palace.bundles import chain, list_bundles, owned_by
 from palace.manifest import NAME_RE, BundleError, Manifest, bundle_time
 
 
@@ -50,9 +51,10 @@ def select(bundles: list[Path], keep: int | None = None, daily: int | None = Non
 
 
 def apply_retention(out: Path, keep: int | None = None, daily: int | None = None, weekly: int | None = None,
-                    dry_run: bool = False) -> list[str]:
-    """Delete the bundles not selected; return their names."""
-    bundles = list_bundles(Path(out))
+                    dry_run: bool = False, palace: str | None = None) -> list[str]:
+    """Delete the bundles not selected; return their names. With ``palace``, only this machine's
+    bundles of that palace are counted and removed (``owned_by``): the rest are others' backups."""
+    bundles = [b for b in list_bundles(Path(out)) if palace is None or owned_by(b, palace)]
     kept = select(bundles, keep, daily, weekly)
     removed = [b for b in bundles if b not in kept and _readable(b)]  # an unreadable bundle is never removed
     if not dry_run:

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import hashlib
 import os
 import re
 import shutil
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -168,6 +170,29 @@ def usable_parent(prev: Path, hashes: HashRecord | None = None) -> tuple[Path | 
     return prev, None
 
 
+def owner_tag(palace: str) -> str:
+    """Whose bundles these are: this machine's (by host name, as restic groups its snapshots)
+    exports of ``palace``. An opaque tag: an encrypted bundle's plain manifest names no palace."""
+    return hashlib.sha256(f"{socket.gethostname()}\0{palace}".encode()).hexdigest()[:16]
+
+
+def owned_by(bundle: Path, palace: str) -> bool:
+    """Whether ``bundle`` is one of this machine's exports of ``palace``: only those does an export
+    chain onto or remove by retention; another palace's or machine's bundles in the same directory
+    are left alone. A bundle written before owners were recorded goes by the palace its manifest
+    names (an encrypted one names none, and counts as anyone's, as it did then); one whose manifest
+    cannot be read counts as anyone's (retention never removes it; an incremental does not chain
+    onto it)."""
+    try:
+        m = Manifest.load(bundle)
+    except BundleError:
+        return True
+    tag = m.watermark.get("owner")
+    if isinstance(tag, str):
+        return tag == owner_tag(palace)
+    return m.palace in ("", palace)
+
+
 def bundle_state(bundle: Path) -> State:
     """What the palace held when ``bundle`` was written: {table: {id: row hash}}. Read a column at a
     time, not a dict per row, and cut into tables where the table name changes (the writer groups
@@ -235,16 +260,17 @@ class BundleContent:
 
 def write_bundle(out: Path, previous: Path | None, content: BundleContent,
                  now: dt.datetime | None = None, sealer: Sealer | None = None,
-                 hashes: HashRecord | None = None) -> Manifest:
+                 hashes: HashRecord | None = None, owner: str | None = None) -> Manifest:
     """Write ``content`` as a new bundle in ``out`` (an incremental of ``previous``, or full); the caller
     holds ``bundle_dir_lock(out)``. The bundle is checked against its own manifest before it is
     renamed into place (what that check read goes into ``hashes``). With ``sealer`` every file, the
     manifest included, is encrypted as it is written; the plain manifest then holds only the
-    ciphertexts' sha256s and the chain link. Returns the (inner) manifest."""
+    ciphertexts' sha256s, the chain link and ``owner`` (``owner_tag``). Returns the (inner) manifest."""
     clock = now or dt.datetime.now(dt.timezone.utc)
     now, newest = _after_newest(Path(out), clock)
     name = bundle_name(now, previous is not None)
-    stamps = {"exported_at": clock.isoformat()} | ({"named_after": newest} if newest else {})
+    stamps = {"exported_at": clock.isoformat()} | ({"named_after": newest} if newest else {}) | \
+        ({"owner": owner} if owner else {})
     with atomic_dir(Path(out) / name, f".tmp-{name}-") as tmp:  # starts with TEMP_PREFIX
         return _fill(tmp, name, now.isoformat(), previous.name if previous else None, content, sealer, stamps, hashes)
 
@@ -295,7 +321,8 @@ def _fill(tmp: Path, name: str, created_at: str, previous: str | None, content: 
         outer = Manifest(name=name, kind=m.kind, created_at=m.created_at, palace="", embedder=None,
                          collections={}, files=files, previous=m.previous,
                          sizes={rel: (tmp / rel).stat().st_size for rel in files},
-                         encryption={"scheme": "age", "passphrase": sealer.passphrase is not None})
+                         encryption={"scheme": "age", "passphrase": sealer.passphrase is not None},
+                         watermark={k: v for k, v in m.watermark.items() if k == "owner"})
         (tmp / MANIFEST).write_bytes(outer.to_json())
         os.chmod(tmp / MANIFEST, 0o600)
     problems = check_files(tmp, Manifest.load(tmp, name), hashes)

@@ -3,8 +3,10 @@ where it must not, hang or crash, and pins the fix. Test names carry the item nu
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import os
+import shutil
 import stat
 from pathlib import Path
 
@@ -132,6 +134,54 @@ def test_item01_a_bundle_written_while_the_clock_is_behind_the_newest_bundle_is_
     again = run_cli("export", "--palace", palace, "--out", out, "--incremental", "--keep", "1")
     assert f"not past the newest bundle {tonight.name}: named just after it; check this machine's clock" \
         in again.stderr
+
+def test_item01_an_export_leaves_another_palaces_or_machines_bundles_in_its_directory_alone(tmp_path):
+    """Two palaces backed up into one directory (or one palace path on two machines, as
+    ~/.mempalace/palace is on every machine, onto one shared disk): each export's retention removed
+    the other's bundles (``--keep 1``: only one palace had a backup at any time), and an incremental
+    chained onto the other palace's bundle. Now an export chains onto and prunes only this
+    machine's bundles of its own palace, says the others are there, and leaves them alone."""
+    a, b, out = tmp_path / "a", tmp_path / "b", tmp_path / "backups"
+    cli_json("import", "mcp-memory", SAMPLE, "--palace", a)
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps({"id": "o1", "text": "a memory of the other palace"}) + "\n")
+    cli_json("import", "jsonl", other, "--palace", b)
+
+    a1 = Path(cli_json("export", "--palace", a, "--out", out, "--incremental", "--keep", "1")["bundle"])
+    rb = cli_json("export", "--palace", b, "--out", out, "--incremental", "--keep", "1")
+    assert rb["kind"] == "full" and rb["full_because"] is None and rb["others"] == [a1.name]
+    assert rb["removed_by_retention"] == [] and a1.is_dir()
+    b1 = Path(rb["bundle"])
+    said = run_cli("export", "--palace", a, "--out", out, "--incremental", "--keep", "1", "--dry-run").stderr
+    assert f"1 bundle(s) of another palace or machine (newest {b1.name})" in said
+    r = cli_json("export", "--palace", a, "--out", out, "--incremental", "--keep", "1")
+    assert r["kind"] == "incremental" and r["previous"] == a1.name and r["deleted"] == 0, r
+    assert r["removed_by_retention"] == [] and b1.is_dir() and r["others"] == [b1.name]
+    a2 = Path(r["bundle"])
+
+    # The same palace path exported from another machine: its bundle names the path, not the host.
+    theirs = out / bundle_name(bundle_time(b1.name).replace(tzinfo=dt.timezone.utc) + dt.timedelta(seconds=1), False)
+    shutil.copytree(a1, theirs)
+    manifest = orjson.loads((theirs / "manifest.json").read_bytes())
+    tag = hashlib.sha256(f"another-host\0{manifest['palace']}".encode()).hexdigest()[:16]
+    manifest["watermark"]["owner"] = tag
+    (theirs / "manifest.json").write_bytes(orjson.dumps(manifest | {"name": theirs.name}))
+    # A bundle this machine wrote of palace a before owners were recorded: a's, by the palace it names.
+    del manifest["watermark"]["owner"]
+    legacy = out / bundle_name(bundle_time(theirs.name).replace(tzinfo=dt.timezone.utc) + dt.timedelta(seconds=1),
+                               False)
+    shutil.copytree(a1, legacy)
+    (legacy / "manifest.json").write_bytes(orjson.dumps(manifest | {"name": legacy.name}))
+
+    r = cli_json("export", "--palace", a, "--out", out, "--incremental", "--keep", "1")
+    assert r["kind"] == "incremental" and r["previous"] == legacy.name, r
+    assert sorted(r["removed_by_retention"]) == sorted([a1.name, a2.name])
+    assert sorted(r["others"]) == sorted([b1.name, theirs.name]) and b1.is_dir() and theirs.is_dir()
+    rb = cli_json("export", "--palace", b, "--out", out, "--incremental", "--keep", "1")
+    assert rb["kind"] == "incremental" and rb["previous"] == b1.name and rb["removed_by_retention"] == []
+    assert {p.name for p in list_bundles(out)} == {theirs.name, legacy.name, Path(r["bundle"]).name, b1.name,
+                                                   Path(rb["bundle"]).name}  # b1: the chain of b's newest
+
 
 # ----------------------------------------------------------------- item 10
 def test_item10_hostile_names_stay_inside_out_and_every_drawer_is_kept(hostile_palace, tmp_path):

@@ -9,7 +9,9 @@ from pathlib import Path
 import pyrage
 import pytest
 
+from palace.bundles import owned_by
 from palace.layout import layout_for
+from palace.manifest import Manifest
 from palace.vectors import VectorStore
 
 from .helpers import cli_json, palace_rows, run_cli
@@ -110,6 +112,9 @@ def test_incremental_encrypted_chain_from_public_keys_only(palace, keys, tmp_pat
     enc = ("--encrypt-to", keys["me_pub"])
     first = cli_json("export", "--palace", work, "--out", out, *enc, "--incremental")
     assert first["kind"] == "full"
+    outer = Manifest.load(Path(first["bundle"]))  # whose it is, without naming the palace
+    assert outer.palace == "" and set(outer.watermark) == {"owner"} and str(work) not in outer.to_json().decode()
+    assert owned_by(Path(first["bundle"]), str(work)) and not owned_by(Path(first["bundle"]), str(palace))
     gone = sorted(palace_rows(work))[0]
     edit(work, {"drawer_team_notes_secret": SECRET_TEXT + " (changed)", "drawer_team_notes_new": "a new one"},
          deletes=(gone,), wing="team")
