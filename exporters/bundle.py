@@ -213,9 +213,8 @@ def export_bundle(store: PalaceStore, out: Path, incremental: bool = False, full
     with bundle_dir_lock(out), ThreadPoolExecutor(1) as pool:
         ready = pool.submit(store.prepare)  # a head start on the palace's private copy while the bundles are checked
         try:
-            everyone = list_bundles(out)
-            ours = [b for b in everyone if owned_by(b, store.name)]
-            others = [b.name for b in everyone if b not in ours]
+            mine = {b: owned_by(b, store.name) for b in list_bundles(out)}
+            ours, others = [b for b, m in mine.items() if m], [b.name for b, m in mine.items() if not m]
             prev, old, full_because = _parent(ours, out, incremental, full_every, scope, hashes)
             recorded = _marks(out, prev, store.name) if wing is None and old else None
         finally:
