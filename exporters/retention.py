@@ -50,11 +50,11 @@ def select(bundles: list[Path], keep: int | None = None, daily: int | None = Non
     return chosen
 
 
-def apply_retention(out: Path, keep: int | None = None, daily: int | None = None, weekly: int | None = None,
-                    dry_run: bool = False, palace: str | None = None) -> list[str]:
-    """Delete the bundles not selected; return their names. With ``palace``, only this machine's
-    bundles of that palace are counted and removed (``owned_by``): the rest are others' backups."""
-    bundles = [b for b in list_bundles(Path(out)) if palace is None or owned_by(b, palace)]
+def apply_retention(out: Path, palace: str, keep: int | None = None, daily: int | None = None,
+                    weekly: int | None = None, dry_run: bool = False) -> list[str]:
+    """Delete the bundles of ``palace`` not selected; return their names. Only this machine's bundles
+    of that palace are counted and removed (``owned_by``): the rest are others' backups."""
+    bundles = [b for b in list_bundles(Path(out)) if owned_by(b, palace)]
     kept = select(bundles, keep, daily, weekly)
     removed = [b for b in bundles if b not in kept and _readable(b)]  # an unreadable bundle is never removed
     if not dry_run:

@@ -135,6 +135,7 @@ def test_item01_a_bundle_written_while_the_clock_is_behind_the_newest_bundle_is_
     assert f"not past the newest bundle {tonight.name}: named just after it; check this machine's clock" \
         in again.stderr
 
+
 def test_item01_an_export_leaves_another_palaces_or_machines_bundles_in_its_directory_alone(tmp_path):
     """Two palaces backed up into one directory (or one palace path on two machines, as
     ~/.mempalace/palace is on every machine, onto one shared disk): each export's retention removed
