@@ -4,7 +4,8 @@ A bundle that a kept incremental builds on is always kept too, so nothing kept
 becomes unrestorable. When a kept incremental's chain cannot be read (a link damaged
 or missing), every bundle older than it is kept: once the link is repaired, any of
 them may be in that chain. An export applies retention to its own bundles only:
-another palace's, or another machine's, in the same directory are never removed.
+another palace's, another machine's or a sync replica's in the same directory are
+never removed, nor anything of ours they build on.
 """
 from __future__ import annotations
 
@@ -29,8 +30,10 @@ def _when(bundle: Path) -> dt.datetime:
 
 
 def select(bundles: list[Path], keep: int | None = None, daily: int | None = None,
-           weekly: int | None = None) -> set[Path]:
-    """The bundles to keep (with everything they depend on)."""
+           weekly: int | None = None, others: list[Path] = ()) -> set[Path]:
+    """The bundles to keep (with everything they depend on). ``others`` are the directory's other
+    bundles (another palace's, machine's or sync replica's): never candidates, but what they build on
+    is kept (a sync replica's first bundle chains onto the export it started from)."""
     newest_first = sorted(bundles, key=_when, reverse=True)
     chosen: set[Path] = set(newest_first[:keep]) if keep else set()
     for count, key in ((daily, lambda d: d.date()), (weekly, lambda d: d.isocalendar()[:2])):
@@ -41,21 +44,29 @@ def select(bundles: list[Path], keep: int | None = None, daily: int | None = Non
             chosen |= set(list(periods.values())[:count])
     if not (keep or daily or weekly):
         chosen = set(bundles)
-    for b in list(chosen):
+    every = [*bundles, *others]
+    needed: set[Path] = set()
+    for b in sorted({*chosen, *others}, key=_when, reverse=True):  # newest first: a chain read once covers its links
+        if b in needed:
+            continue
         try:
-            chosen |= set(chain(b))
+            needed |= set(chain(b))
         except BundleError:  # its chain cannot be read: an incremental's may hold any older bundle
+            needed.add(b)
             if NAME_RE.fullmatch(b.name).group(2) != "full":  # (a manifest's kind must match its name)
-                chosen |= {o for o in bundles if _when(o) < _when(b)}
-    return chosen
+                needed |= {o for o in every if _when(o) < _when(b)}
+    return (chosen | needed) & set(bundles)
 
 
 def apply_retention(out: Path, palace: str, keep: int | None = None, daily: int | None = None,
                     weekly: int | None = None, dry_run: bool = False) -> list[str]:
     """Delete the bundles of ``palace`` not selected; return their names. Only this machine's bundles
-    of that palace are counted and removed (``owned_by``): the rest are others' backups."""
-    bundles = [b for b in list_bundles(Path(out)) if owned_by(b, palace)]
-    kept = select(bundles, keep, daily, weekly)
+    of that palace are counted and removed (``owned_by``): the rest are others' backups, and what
+    they build on stays."""
+    every = list_bundles(Path(out))
+    mine = {b: owned_by(b, palace) for b in every}
+    bundles = [b for b in every if mine[b]]
+    kept = select(bundles, keep, daily, weekly, others=[b for b in every if not mine[b]])
     removed = [b for b in bundles if b not in kept and _readable(b)]  # an unreadable bundle is never removed
     if not dry_run:
         for b in removed:

@@ -176,6 +176,35 @@ def owner_tag(palace: str) -> str:
     return hashlib.sha256(f"{socket.gethostname()}\0{palace}".encode()).hexdigest()[:16]
 
 
+REPLICA_OWNER = "sync-replica"  # the owner of the bundles a sync replica directory writes (whichever machine syncs)
+
+
+def _owner(bundle: Path) -> str | None:
+    """The owner tag a bundle's manifest records (None before owners were recorded); raises
+    ``BundleError`` when the manifest cannot be read."""
+    tag = Manifest.load(bundle).watermark.get("owner")
+    return tag if isinstance(tag, str) else None
+
+
+def replica_line(bundles: list[Path]) -> list[Path]:
+    """The bundles (oldest first) a sync replica directory reads as its own: those its syncs wrote,
+    and any whose manifest cannot be read (refused when newest, never skipped). An export written
+    into the directory is one palace's content, not the replica's: taken for the replica's state it
+    would delete everything other machines synced into it since. A directory no sync wrote into
+    yet is read as it is (an export starts a replica; its first bundle chains onto it)."""
+    def replica(b: Path) -> bool | None:
+        try:
+            tag = _owner(b)
+            return tag == REPLICA_OWNER if tag else Manifest.load(b).palace.startswith("bundle:")
+        except BundleError:
+            return None
+
+    kinds = {b: replica(b) for b in bundles}
+    if True not in kinds.values():
+        return bundles
+    return [b for b, k in kinds.items() if k is not False]
+
+
 def owned_by(bundle: Path, palace: str) -> bool:
     """Whether ``bundle`` is one of this machine's exports of ``palace``: only those does an export
     chain onto or remove by retention; another palace's or machine's bundles in the same directory
@@ -184,13 +213,10 @@ def owned_by(bundle: Path, palace: str) -> bool:
     cannot be read counts as anyone's (retention never removes it; an incremental does not chain
     onto it)."""
     try:
-        m = Manifest.load(bundle)
+        tag = _owner(bundle)
+        return tag == owner_tag(palace) if tag else Manifest.load(bundle).palace in ("", palace)
     except BundleError:
         return True
-    tag = m.watermark.get("owner")
-    if isinstance(tag, str):
-        return tag == owner_tag(palace)
-    return m.palace in ("", palace)
 
 
 def bundle_state(bundle: Path) -> State:

@@ -154,7 +154,7 @@ def test_item01_an_export_leaves_another_palaces_or_machines_bundles_in_its_dire
     assert rb["removed_by_retention"] == [] and a1.is_dir()
     b1 = Path(rb["bundle"])
     said = run_cli("export", "--palace", a, "--out", out, "--incremental", "--keep", "1", "--dry-run").stderr
-    assert f"1 bundle(s) of another palace or machine (newest {b1.name})" in said
+    assert f"1 bundle(s) of another palace, machine or sync replica (newest {b1.name})" in said
     r = cli_json("export", "--palace", a, "--out", out, "--incremental", "--keep", "1")
     assert r["kind"] == "incremental" and r["previous"] == a1.name and r["deleted"] == 0, r
     assert r["removed_by_retention"] == [] and b1.is_dir() and r["others"] == [b1.name]
@@ -182,6 +182,62 @@ def test_item01_an_export_leaves_another_palaces_or_machines_bundles_in_its_dire
     assert rb["kind"] == "incremental" and rb["previous"] == b1.name and rb["removed_by_retention"] == []
     assert {p.name for p in list_bundles(out)} == {theirs.name, legacy.name, Path(r["bundle"]).name, b1.name,
                                                    Path(rb["bundle"]).name}  # b1: the chain of b's newest
+
+
+def test_item01_an_exports_retention_keeps_the_bundles_a_sync_replicas_bundles_build_on(tmp_path):
+    """An export directory used as a sync replica (as the README allows): the replica's first bundle
+    is an incremental chained onto the export's full bundle. The export's retention counted only its
+    own bundles, so ``--keep 1`` removed that full bundle and left the replica's chain broken (every
+    later sync refused it, and its bundles no longer restored). Retention now keeps every bundle any
+    bundle left in the directory builds on, whoever wrote it."""
+    palace, out = tmp_path / "palace", tmp_path / "shared"
+    cli_json("import", "mcp-memory", SAMPLE, "--palace", palace)
+    full = Path(cli_json("export", "--palace", palace, "--out", out)["bundle"])
+    side = tmp_path / "side"
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps({"id": "s1", "text": "written on another machine"}) + "\n")
+    cli_json("import", "jsonl", other, "--palace", side)
+    assert cli_json("sync", side, f"bundle:{out}")["converged"]
+    replica = list_bundles(out)[-1]
+    assert replica.name.endswith("-incr")
+
+    r = cli_json("export", "--palace", palace, "--out", out, "--keep", "1")
+    assert r["removed_by_retention"] == [] and full.is_dir(), r
+    assert cli_json("verify", "--bundle", replica)["ok"]
+    assert cli_json("sync", side, f"bundle:{out}")["converged"]
+
+
+def test_item05_an_export_into_a_sync_replicas_directory_is_not_taken_for_the_replicas_state(tmp_path):
+    """Two machines sync through a shared directory; one of them also writes its nightly backup
+    there. The replica took the newest bundle of the directory for its state, so the export (that
+    machine's palace alone) looked like a replica that had lost what the other machine had synced
+    into it: the other machine's next sync deleted its new memory, and the exporting machine never
+    got it. The replica now reads its own bundles only (an export starts it when it has none)."""
+    a, c, shared = tmp_path / "a", tmp_path / "c", tmp_path / "shared"
+    cli_json("import", "mcp-memory", SAMPLE, "--palace", a)
+    assert cli_json("sync", a, f"bundle:{shared}")["converged"]
+    assert cli_json("sync", c, f"bundle:{shared}")["converged"]
+    new = tmp_path / "new.jsonl"
+    new.write_text(json.dumps({"id": "n1", "text": "written on machine c after the first sync"}) + "\n")
+    cli_json("import", "jsonl", new, "--palace", c)
+    (written,) = set(palace_rows(c)) - set(palace_rows(a))
+    assert cli_json("sync", c, f"bundle:{shared}")["converged"]
+    replica = list_bundles(shared)[-1]
+    for bundle in list_bundles(shared):  # as syncs wrote them before owners were recorded: by name alone
+        manifest = orjson.loads((bundle / "manifest.json").read_bytes())
+        assert manifest["watermark"].pop("owner") == "sync-replica" and manifest["palace"].startswith("bundle:")
+        (bundle / "manifest.json").write_bytes(orjson.dumps(manifest))
+
+    backup = Path(cli_json("export", "--palace", a, "--out", shared)["bundle"])  # a's nightly backup
+    assert backup.name > replica.name
+    r = cli_json("sync", c, f"bundle:{shared}")
+    assert r["plan"]["delete_a"] == {} and written in palace_rows(c), r
+    assert cli_json("sync", a, f"bundle:{shared}")["converged"]
+    assert written in palace_rows(a)
+    # the export still goes by its own bundles: the replica's are another's, never pruned
+    again = cli_json("export", "--palace", a, "--out", shared, "--incremental", "--keep", "1")
+    assert again["previous"] == backup.name and again["removed_by_retention"] == []
+    assert replica.is_dir() and cli_json("sync", c, f"bundle:{shared}")["converged"]
 
 
 # ----------------------------------------------------------------- item 10

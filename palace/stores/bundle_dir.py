@@ -1,7 +1,8 @@
 """A directory of bundles (on a shared disk) as a sync replica.
 
-It reads the newest bundle's chain: the snapshot is its ``state.parquet``, a row is read from the
-newest bundle in the chain that holds it. Writes are staged and ``commit`` writes them as one new
+It reads the newest bundle's chain (of the bundles its syncs wrote: an export into the same
+directory is not the replica's state, see ``replica_line``): the snapshot is its
+``state.parquet``, a row is read from the newest bundle in the chain that holds it. Writes are staged and ``commit`` writes them as one new
 bundle chained to the newest (full when there is none), through the one bundle writer. Nothing is
 read from a chain that does not verify.
 """
@@ -17,12 +18,14 @@ import orjson
 import pyarrow.parquet as pq
 
 from ..bundles import (
+    REPLICA_OWNER,
     BundleContent,
     bundle_dir_lock,
     bundle_state,
     chain,
     list_bundles,
     readable,
+    replica_line,
     rewrite_without,
     verify_chain,
     write_bundle,
@@ -59,6 +62,7 @@ class BundleDirStore(SyncStateFile):
         self.keys = keys
         self.at = at  # one bundle of the directory (a point of its chain), read-only
         self._open: tuple[str, Path, contextlib.ExitStack] | None = None  # the newest bundle, readable
+        self._line: tuple[tuple[str, ...], Path | None] | None = None  # (the listing, its newest replica bundle)
         self.root = self.out
         self.name = f"bundle:{self.out.resolve()}" + (f"/{at}" if at else "")
         self.zone = recorded_zone(None)
@@ -71,13 +75,19 @@ class BundleDirStore(SyncStateFile):
         return f"BundleDirStore({str(self.out)!r})"
 
     def _newest(self) -> Path | None:
+        """The newest bundle of the replica's own line (``replica_line``: an export written into the
+        directory is not the replica's state), or the one bundle named with ``at``."""
         bundles = list_bundles(self.out)
         if self.at is not None:
             point = [b for b in bundles if b.name == self.at]
             if not point:
                 raise BundleError(f"read bundle {self.out / self.at}: no such bundle")
             return point[0]
-        return bundles[-1] if bundles else None
+        names = tuple(b.name for b in bundles)
+        if self._line is None or self._line[0] != names:
+            line = replica_line(bundles)
+            self._line = (names, line[-1] if line else None)
+        return self._line[1]
 
     def _latest(self) -> Path | None:
         """The newest bundle in plaintext: itself, or its chain decrypted into a private temp copy
@@ -315,7 +325,7 @@ class BundleDirStore(SyncStateFile):
                 sidecar=self.sidecar(), settings=prev_m.collections if prev_m else
                 {t: dict(HNSW_METADATA) for t in COLLECTIONS},
                 embedder={"model_name": ident.model_name, "dimension": ident.dimension} if ident else None),
-                now=dt.datetime.now(dt.timezone.utc), sealer=self._sealer(prev_m))
+                now=dt.datetime.now(dt.timezone.utc), sealer=self._sealer(prev_m), owner=REPLICA_OWNER)
         self._forget()
         self._rows = {t: {} for t in TABLES}
         self._deletes = {t: set() for t in TABLES}
