@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 from palace.bundles import chain, readable, tombstones, verify_chain
 from palace.crypt import Keys
 from palace.errors import PalaceEtlError
-from palace.manifest import SIDECAR_FILE, BundleError, Manifest
+from palace.manifest import SIDECAR_FILE, BundleError, Manifest, read_parquet
 from palace.rows import COLLECTIONS, KG_TABLES, rows_of_batch
 from palace.stores import PalaceStore
 
@@ -97,7 +97,7 @@ def _build(links: list[Path], store: PalaceStore, report: RestoreReport) -> None
         for table in KG_TABLES:
             path = link / f"{table}.parquet"
             if path.exists():
-                rows = pq.read_table(path).to_pylist()
+                rows = read_parquet(path).to_pylist()
                 store.write(table, rows)
                 report.rows[table] = report.rows.get(table, 0) + len(rows)
         for table, ids in tombstones(link).items():

@@ -42,6 +42,7 @@ from .manifest import (
     bundle_name,
     bundle_time,
     check_files,
+    read_parquet,
 )
 from .rows import COLLECTIONS, KG_TABLES, State, id_key, record_schema
 
@@ -224,7 +225,7 @@ def bundle_state(bundle: Path) -> State:
     time, not a dict per row, and cut into tables where the table name changes (the writer groups
     rows by table), without a compute kernel (their first use costs more than the whole read)."""
     path = Path(bundle) / "state.parquet"
-    table = pq.read_table(path, read_dictionary=["table"])
+    table = read_parquet(path, read_dictionary=["table"])
     names = table["table"].combine_chunks()
     if names.null_count:
         raise BundleError(f"read bundle state {path}: a row without a table")
@@ -241,7 +242,7 @@ def bundle_state(bundle: Path) -> State:
 
 def tombstones(bundle: Path) -> dict[str, list[str]]:
     gone: dict[str, list[str]] = {}
-    for t in pq.read_table(Path(bundle) / "tombstones.parquet").to_pylist():
+    for t in read_parquet(Path(bundle) / "tombstones.parquet").to_pylist():
         gone.setdefault(t["table"], []).append(t["id"])
     return gone
 
@@ -374,7 +375,7 @@ def rewrite_without(link: Path, drop: dict[str, set[str]], keys: Keys | None) ->
         files = {t: plain / f"{t}.parquet" for t in (*COLLECTIONS, *KG_TABLES) if f"{t}.parquet" in m.files}
         removed = {t: sum(gone(t, i) for i in rows) for t, rows in state.items()}
         for t, path in files.items():  # an incremental's rows may have left the state since
-            ids = pq.read_table(path, columns=["id"]).column("id").to_pylist()
+            ids = read_parquet(path, ["id"]).column("id").to_pylist()
             removed[t] = max(removed.get(t, 0), sum(gone(t, i) for i in ids))
         removed = {t: n for t, n in removed.items() if n}
         if not removed and not any(gone(t, i) for t, ids in tombs.items() for i in ids):
