@@ -58,6 +58,7 @@ class ForgetReport:
     unreached: list = field(default_factory=list)  # recorded bundle directories not found
     kept_aside: list = field(default_factory=list)  # palaces a restore --force kept aside: {palace, counts}
     aside_unreached: list = field(default_factory=list)  # tables and files kept aside that forget cannot open
+    unscrubbed: list = field(default_factory=list)  # bundles that could not be opened to rewrite: {bundle, why}
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
@@ -206,6 +207,7 @@ def run_forget(spec: str, kg: Path | None = None, ids: list[str] | None = None, 
             replica = BundleDirStore(Path(d), keys)
             try:
                 report.receipt += replica.scrub(keyed(chosen)) or [f"{d}: no bundle held them"]
+                report.unscrubbed += replica.unscrubbed
                 _remember(replica, chosen)
             finally:
                 replica.close()
@@ -213,7 +215,8 @@ def run_forget(spec: str, kg: Path | None = None, ids: list[str] | None = None, 
                 report.receipt.append(f"{d}: this machine's copy of its newest encrypted state dropped "
                                       "(the next export there is a full bundle)")
         _forget_aside(report, aside_palaces, chosen, selection, keys, dry_run, lock_timeout, wait, notify)
-        _pending_file(store).unlink()
+        if not report.unscrubbed:  # else it stays pending: a re-run, once they are repaired, rewrites them
+            _pending_file(store).unlink()
         report.seconds = round(time.monotonic() - started, 3)
         return report
     except sqlite3.DatabaseError as exc:

@@ -283,3 +283,50 @@ def test_forget_reaches_the_palace_a_restore_kept_aside(original, tmp_path):
     assert "kept aside by a restore) was not reached" in r.stderr and str(aside) in r.stderr
     direct = run_cli("forget", "--palace", aside, "--match", "bank", check=1)  # named, not a traceback
     assert "a database of the palace is damaged" in direct.stderr and "Traceback" not in direct.stderr
+
+
+def test_a_bundle_that_cannot_be_rewritten_does_not_keep_the_others_holding_a_forgotten_memory(original, tmp_path):
+    """One bundle of a directory does not verify (a flipped bit on the backup disk). The forget
+    stopped at it: every newer bundle kept the memory, and each re-run stopped there again. Now
+    every other bundle is rewritten, the one that could not be is named (exit 3, partial), and the
+    forget stays pending: once that bundle is repaired, a re-run finishes it."""
+    from .helpers import flip_a_byte
+
+    palace, out = tmp_path / "palace", tmp_path / "backups"
+    shutil.copytree(original, palace)
+    old = Path(cli_json("export", "--palace", palace, "--out", out)["bundle"])
+    new = Path(cli_json("export", "--palace", palace, "--out", out)["bundle"])
+    flip_a_byte(old / "drawers.parquet")
+    r = cli_json("forget", "--palace", palace, "--id", SECRET_ID, "--with-kg", check=3)
+    assert holding(new, WORD) == [] and holding(palace, WORD) == [str(palace / ".palace-etl" / "forget-pending.json")]
+    assert [u["bundle"] for u in r["unscrubbed"]] == [str(old)] and "does not verify" in r["unscrubbed"][0]["why"]
+    said = run_cli("forget", "--palace", palace, check=3).stderr  # pending: re-run, the same bundle is named
+    assert f"{old}" in said and "may still hold" in said
+    flip_a_byte(old / "drawers.parquet")  # repaired (put back from a copy)
+    r = cli_json("forget", "--palace", palace)
+    assert r["unscrubbed"] == [] and holding(old, WORD) == [] and holding(out, WORD) == []
+    assert cli_json("verify", "--bundle", old)["ok"]
+    run_cli("forget", "--palace", palace, check=1)  # nothing pending now: nothing chosen
+
+
+def test_a_sync_that_carries_a_forget_to_a_shared_directory_is_not_stuck_on_a_bundle_it_cannot_open(original,
+                                                                                                   tmp_path):
+    """A shared directory, the sync replica of this palace, also holds another palace's backup,
+    encrypted to a key this machine does not have. A sync that carried a forget into the replica
+    scrubbed every bundle of the directory and stopped at that one, after writing: every later
+    sync failed the same way ("pass --identity"), and the replica's older bundles kept the memory.
+    Now the bundles it can open are scrubbed, the sync converges and saves, and the one it could not
+    open is named."""
+    palace, other, shared = tmp_path / "palace", tmp_path / "other", tmp_path / "shared"
+    shutil.copytree(original, palace)
+    assert cli_json("sync", palace, f"bundle:{shared}")["converged"]
+    cli_json("import", "mcp-memory", SAMPLE, "--palace", other)
+    key, pub = keypair(tmp_path, "theirs")
+    theirs = Path(cli_json("export", "--palace", other, "--out", shared, "--encrypt-to", pub)["bundle"])
+    cli_json("forget", "--palace", palace, "--id", SECRET_ID, "--with-kg")
+    s = cli_json("sync", palace, f"bundle:{shared}")
+    assert s["converged"] and s["forgotten"]["b"] == {"drawers": 1, "triples": 1, "entities": 2}
+    assert any(str(theirs) in line and "may still hold" in line for line in s["scrubbed"]), s["scrubbed"]
+    assert holding(shared, WORD, key) == []  # (their bundle read with their key: it never held it)
+    again = cli_json("sync", palace, f"bundle:{shared}")
+    assert again["converged"] and again["moved"] == 0 and again["scrubbed"] == []

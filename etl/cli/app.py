@@ -437,6 +437,8 @@ def forget(
         render.emit_json(r)
     else:
         render.forget_report(r)
+    if r["unscrubbed"]:
+        raise typer.Exit(EXIT_PARTIAL)  # every other place is erased; these bundles may still hold them
 
 
 @app.command()

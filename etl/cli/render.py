@@ -119,6 +119,8 @@ def sync_report(r: dict) -> None:
         typer.echo(f"  {side.upper()}: no deletion inferred from it: {why}")
     if r["dry_run"]:
         return
+    for line in r.get("scrubbed", []):  # a forget carried here: what was scrubbed, and what could not be
+        typer.echo(f"  scrubbed: {line}")
     if r["converged"]:
         typer.echo(f"  converged: both replicas hold the same content ({r['moved']} rows moved, {r['seconds']:.1f}s)")
     else:
@@ -194,5 +196,8 @@ def forget_report(r: dict) -> None:
         typer.echo(f"  warning: {d} (exported to from here) was not found; its bundles were not rewritten", err=True)
     for a in r["aside_unreached"]:
         typer.echo(f"  warning: {a} (kept aside by a restore) was not reached: it may hold these memories", err=True)
+    for u in r["unscrubbed"]:
+        typer.echo(f"  warning: {u['bundle']} could not be rewritten and may still hold these memories ({u['why']}); "
+                   "the forget stays pending: re-run `palace-etl forget` once it is repaired", err=True)
     if r["dry_run"]:
         typer.echo("  (dry run: nothing changed)")

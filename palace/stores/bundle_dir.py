@@ -70,6 +70,7 @@ class BundleDirStore(SyncStateFile):
         self._rows: dict[str, dict[str, dict]] = {t: {} for t in TABLES}
         self._deletes: dict[str, set[str]] = {t: set() for t in TABLES}
         self._identity: EmbedderIdentity | None = None
+        self.unscrubbed: list[dict] = []  # the bundles the last ``scrub`` could not open: {bundle, why}
 
     def __repr__(self) -> str:
         return f"BundleDirStore({str(self.out)!r})"
@@ -331,11 +332,20 @@ class BundleDirStore(SyncStateFile):
         self._deletes = {t: set() for t in TABLES}
 
     def scrub(self, forgotten: dict[str, set[str]]) -> list[str]:
-        """Rewrite every bundle of the directory that holds a forgotten row (older chains too)."""
+        """Rewrite every bundle of the directory that holds a forgotten row (older chains too). One
+        that cannot be opened (it does not verify, or is encrypted to keys not given) is left as it
+        is and named, in the notes and in ``unscrubbed``: it does not keep the others from being
+        rewritten, nor a sync that carried the forget from finishing."""
         notes = []
+        self.unscrubbed = []
         with bundle_dir_lock(self.out):
             for bundle in list_bundles(self.out):
-                removed = rewrite_without(bundle, forgotten, self.keys)
+                try:
+                    removed = rewrite_without(bundle, forgotten, self.keys)
+                except (BundleError, CryptError) as exc:
+                    self.unscrubbed.append({"bundle": str(bundle), "why": str(exc)})
+                    notes.append(f"{bundle}: not rewritten, it may still hold them ({exc})")
+                    continue
                 if removed:
                     notes.append(f"{bundle}: rewritten without " + ", ".join(f"{n} {t}" for t, n in sorted(removed.items())))
         self._forget()
