@@ -69,7 +69,7 @@ class ExportReport:
     encrypted: bool = False
     rehashed_because: str | None = None  # why an incremental re-read every row instead of the changed ones
     named_after: str | None = None  # why the bundle is not named by the clock (behind the newest bundle)
-    others: list = field(default_factory=list)  # bundles in ``out`` of another palace, machine or sync replica: left alone
+    others: list = field(default_factory=list)  # bundles in ``out`` of another palace, wing, machine or sync replica: left alone
 
 
 def _cache_dir(out: Path) -> Path:
@@ -213,7 +213,7 @@ def export_bundle(store: PalaceStore, out: Path, incremental: bool = False, full
     with bundle_dir_lock(out), ThreadPoolExecutor(1) as pool:
         ready = pool.submit(store.prepare)  # a head start on the palace's private copy while the bundles are checked
         try:
-            mine = {b: owned_by(b, store.name) for b in list_bundles(out)}
+            mine = {b: owned_by(b, store.name, wing) for b in list_bundles(out)}
             ours, others = [b for b, m in mine.items() if m], [b.name for b, m in mine.items() if not m]
             prev, old, full_because = _parent(ours, out, incremental, full_every, scope, hashes)
             recorded = _marks(out, prev, store.name) if wing is None and old else None
@@ -273,7 +273,7 @@ def _content(store: PalaceStore, state: State, gone: list, wing: str | None) -> 
 def _written(store: PalaceStore, out: Path, prev: Path | None, content: BundleContent, sealer: Sealer | None,
              scope: dict, marks: dict | None, report: ExportReport, hashes: HashRecord) -> ExportReport:
     """Write ``content`` as the bundle, remember it, and fill ``report`` from what was written."""
-    m = write_bundle(out, prev, content, sealer=sealer, hashes=hashes, owner=owner_tag(store.name))
+    m = write_bundle(out, prev, content, sealer=sealer, hashes=hashes, owner=owner_tag(store.name, content.wing))
     hashes.save()
     remember_export(store.name, out)
     if sealer is not None or marks is not None:

@@ -30,7 +30,7 @@ def run_export(store: PalaceStore, out: Path, fmt: str = "parquet", incremental:
         return export_human(store, out, fmt)
     report = asdict(export_bundle(store, out, incremental, full_every, dry_run, wing, sealer))
     report["deleted"] = len(report["deleted"])
-    report["removed_by_retention"] = apply_retention(out, store.name, keep, keep_daily, keep_weekly, dry_run) \
+    report["removed_by_retention"] = apply_retention(out, store.name, keep, keep_daily, keep_weekly, dry_run, wing) \
         if (keep or keep_daily or keep_weekly) else []
     report["format"] = fmt
     return report

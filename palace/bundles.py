@@ -171,10 +171,12 @@ def usable_parent(prev: Path, hashes: HashRecord | None = None) -> tuple[Path | 
     return prev, None
 
 
-def owner_tag(palace: str) -> str:
+def owner_tag(palace: str, wing: str | None = None) -> str:
     """Whose bundles these are: this machine's (by host name, as restic groups its snapshots)
-    exports of ``palace``. An opaque tag: an encrypted bundle's plain manifest names no palace."""
-    return hashlib.sha256(f"{socket.gethostname()}\0{palace}".encode()).hexdigest()[:16]
+    exports of ``palace``, or of its ``wing`` (a line of its own: a wing's bundle is no backup of the
+    palace). An opaque tag: an encrypted bundle's plain manifest names no palace."""
+    whose = f"{socket.gethostname()}\0{palace}" + (f"\0{wing}" if wing is not None else "")
+    return hashlib.sha256(whose.encode()).hexdigest()[:16]
 
 
 REPLICA_OWNER = "sync-replica"  # the owner of the bundles a sync replica directory writes (whichever machine syncs)
@@ -206,16 +208,20 @@ def replica_line(bundles: list[Path]) -> list[Path]:
     return [b for b, k in kinds.items() if k is not False]
 
 
-def owned_by(bundle: Path, palace: str) -> bool:
-    """Whether ``bundle`` is one of this machine's exports of ``palace``: only those does an export
-    chain onto or remove by retention; another palace's or machine's bundles in the same directory
-    are left alone. A bundle written before owners were recorded goes by the palace its manifest
-    names (an encrypted one names none, and counts as anyone's, as it did then); one whose manifest
+def owned_by(bundle: Path, palace: str, wing: str | None = None) -> bool:
+    """Whether ``bundle`` is one of this machine's exports of ``palace`` (of its ``wing``): only those
+    does an export chain onto or remove by retention; another palace's, machine's or wing's bundles
+    in the same directory are left alone. A bundle written before owners were recorded goes by the
+    palace and wing its manifest names (an encrypted one names none, and counts as anyone's, as it
+    did then); one whose manifest
     cannot be read counts as anyone's (retention never removes it; an incremental does not chain
     onto it)."""
     try:
         tag = _owner(bundle)
-        return tag == owner_tag(palace) if tag else Manifest.load(bundle).palace in ("", palace)
+        if tag:
+            return tag == owner_tag(palace, wing)
+        m = Manifest.load(bundle)
+        return m.palace == "" or (m.palace == palace and m.wing == wing)
     except BundleError:
         return True
 

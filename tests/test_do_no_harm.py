@@ -154,7 +154,7 @@ def test_item01_an_export_leaves_another_palaces_or_machines_bundles_in_its_dire
     assert rb["removed_by_retention"] == [] and a1.is_dir()
     b1 = Path(rb["bundle"])
     said = run_cli("export", "--palace", a, "--out", out, "--incremental", "--keep", "1", "--dry-run").stderr
-    assert f"1 bundle(s) of another palace, machine or sync replica (newest {b1.name})" in said
+    assert f"1 bundle(s) of another palace, wing, machine or sync replica (newest {b1.name})" in said
     r = cli_json("export", "--palace", a, "--out", out, "--incremental", "--keep", "1")
     assert r["kind"] == "incremental" and r["previous"] == a1.name and r["deleted"] == 0, r
     assert r["removed_by_retention"] == [] and b1.is_dir() and r["others"] == [b1.name]
@@ -238,6 +238,24 @@ def test_item05_an_export_into_a_sync_replicas_directory_is_not_taken_for_the_re
     again = cli_json("export", "--palace", a, "--out", shared, "--incremental", "--keep", "1")
     assert again["previous"] == backup.name and again["removed_by_retention"] == []
     assert replica.is_dir() and cli_json("sync", c, f"bundle:{shared}")["converged"]
+
+
+def test_item01_a_wing_shared_from_the_backup_directory_is_no_backup_of_the_palace(tmp_path):
+    """A wing exported into the nightly backup directory (``export --wing``, to share it) counted as
+    one of the palace's backups: its retention removed the whole palace's backup of the day and
+    kept the one wing, and the nightly retention removed the shared wing. A wing's bundles are now a
+    line of their own: neither chains onto or prunes the other."""
+    palace, out = tmp_path / "palace", tmp_path / "backups"
+    cli_json("import", "mcp-memory", SAMPLE, "--palace", palace)
+    (wing,) = {m["metadata"]["wing"] for m in palace_rows(palace).values()}
+    whole = Path(cli_json("export", "--palace", palace, "--out", out, "--keep-daily", "7")["bundle"])
+    shared = cli_json("export", "--palace", palace, "--out", out, "--wing", wing, "--keep-daily", "7")
+    assert shared["removed_by_retention"] == [] and whole.is_dir(), shared
+    night = cli_json("export", "--palace", palace, "--out", out, "--incremental", "--keep-daily", "7")
+    assert night["kind"] == "incremental" and night["previous"] == whole.name, night
+    assert night["removed_by_retention"] == [] and Path(shared["bundle"]).is_dir()
+    again = cli_json("export", "--palace", palace, "--out", out, "--wing", wing, "--incremental", "--keep", "1")
+    assert again["previous"] == Path(shared["bundle"]).name and again["removed_by_retention"] == []
 
 
 # ----------------------------------------------------------------- item 10
