@@ -4,7 +4,7 @@ A bundle that a kept incremental builds on is always kept too, so nothing kept
 becomes unrestorable. When a kept incremental's chain cannot be read (a link damaged
 or missing), every bundle older than it is kept: once the link is repaired, any of
 them may be in that chain. An export applies retention to its own bundles only:
-another palace's, another machine's or a sync replica's in the same directory are
+another palace's, wing's, machine's or sync replica's in the same directory are
 never removed, nor anything of ours they build on.
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ def _when(bundle: Path) -> dt.datetime:
 def select(bundles: list[Path], keep: int | None = None, daily: int | None = None,
            weekly: int | None = None, others: list[Path] = ()) -> set[Path]:
     """The bundles to keep (with everything they depend on). ``others`` are the directory's other
-    bundles (another palace's, machine's or sync replica's): never candidates, but what they build on
+    bundles (another palace's, wing's, machine's or sync replica's): never candidates, but what they build on
     is kept (a sync replica's first bundle chains onto the export it started from)."""
     newest_first = sorted(bundles, key=_when, reverse=True)
     chosen: set[Path] = set(newest_first[:keep]) if keep else set()

@@ -213,9 +213,8 @@ def owned_by(bundle: Path, palace: str, wing: str | None = None) -> bool:
     does an export chain onto or remove by retention; another palace's, machine's or wing's bundles
     in the same directory are left alone. A bundle written before owners were recorded goes by the
     palace and wing its manifest names (an encrypted one names none, and counts as anyone's, as it
-    did then); one whose manifest
-    cannot be read counts as anyone's (retention never removes it; an incremental does not chain
-    onto it)."""
+    did then); one whose manifest cannot be read counts as anyone's (retention never removes it; an
+    incremental does not chain onto it)."""
     try:
         tag = _owner(bundle)
         if tag:

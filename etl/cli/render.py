@@ -98,8 +98,8 @@ def export_warnings(r: dict) -> None:
         typer.echo(f"palace-etl: warning: {r['named_after']}; check this machine's clock", err=True)
     if r.get("others"):
         typer.echo(f"palace-etl: warning: the --out directory also holds {len(r['others'])} bundle(s) of another "
-                   f"palace, wing, machine or sync replica (newest {r['others'][-1]}); this export neither chains onto nor removes "
-                   "them: give each palace its own --out", err=True)
+                   f"palace, wing, machine or sync replica (newest {r['others'][-1]}); this export neither chains "
+                   "onto nor removes them: give each palace its own --out", err=True)
 
 
 def sync_report(r: dict) -> None:

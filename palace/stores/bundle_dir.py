@@ -2,9 +2,9 @@
 
 It reads the newest bundle's chain (of the bundles its syncs wrote: an export into the same
 directory is not the replica's state, see ``replica_line``): the snapshot is its
-``state.parquet``, a row is read from the newest bundle in the chain that holds it. Writes are staged and ``commit`` writes them as one new
-bundle chained to the newest (full when there is none), through the one bundle writer. Nothing is
-read from a chain that does not verify.
+``state.parquet``, a row is read from the newest bundle in the chain that holds it. Writes are
+staged and ``commit`` writes them as one new bundle chained to the newest (full when there is
+none), through the one bundle writer. Nothing is read from a chain that does not verify.
 """
 from __future__ import annotations
 
