@@ -207,6 +207,24 @@ def test_item01_an_exports_retention_keeps_the_bundles_a_sync_replicas_bundles_b
     assert cli_json("sync", side, f"bundle:{out}")["converged"]
 
 
+def test_item01_a_wing_shared_from_the_backup_directory_is_no_backup_of_the_palace(tmp_path):
+    """A wing exported into the nightly backup directory (``export --wing``, to share it) counted as
+    one of the palace's backups: its retention removed the whole palace's backup of the day and
+    kept the one wing, and the nightly retention removed the shared wing. A wing's bundles are now a
+    line of their own: neither chains onto or prunes the other."""
+    palace, out = tmp_path / "palace", tmp_path / "backups"
+    cli_json("import", "mcp-memory", SAMPLE, "--palace", palace)
+    (wing,) = {m["metadata"]["wing"] for m in palace_rows(palace).values()}
+    whole = Path(cli_json("export", "--palace", palace, "--out", out, "--keep-daily", "7")["bundle"])
+    shared = cli_json("export", "--palace", palace, "--out", out, "--wing", wing, "--keep-daily", "7")
+    assert shared["removed_by_retention"] == [] and whole.is_dir(), shared
+    night = cli_json("export", "--palace", palace, "--out", out, "--incremental", "--keep-daily", "7")
+    assert night["kind"] == "incremental" and night["previous"] == whole.name, night
+    assert night["removed_by_retention"] == [] and Path(shared["bundle"]).is_dir()
+    again = cli_json("export", "--palace", palace, "--out", out, "--wing", wing, "--incremental", "--keep", "1")
+    assert again["previous"] == Path(shared["bundle"]).name and again["removed_by_retention"] == []
+
+
 def test_item05_an_export_into_a_sync_replicas_directory_is_not_taken_for_the_replicas_state(tmp_path):
     """Two machines sync through a shared directory; one of them also writes its nightly backup
     there. The replica took the newest bundle of the directory for its state, so the export (that
@@ -238,25 +256,6 @@ def test_item05_an_export_into_a_sync_replicas_directory_is_not_taken_for_the_re
     again = cli_json("export", "--palace", a, "--out", shared, "--incremental", "--keep", "1")
     assert again["previous"] == backup.name and again["removed_by_retention"] == []
     assert replica.is_dir() and cli_json("sync", c, f"bundle:{shared}")["converged"]
-
-
-def test_item01_a_wing_shared_from_the_backup_directory_is_no_backup_of_the_palace(tmp_path):
-    """A wing exported into the nightly backup directory (``export --wing``, to share it) counted as
-    one of the palace's backups: its retention removed the whole palace's backup of the day and
-    kept the one wing, and the nightly retention removed the shared wing. A wing's bundles are now a
-    line of their own: neither chains onto or prunes the other."""
-    palace, out = tmp_path / "palace", tmp_path / "backups"
-    cli_json("import", "mcp-memory", SAMPLE, "--palace", palace)
-    (wing,) = {m["metadata"]["wing"] for m in palace_rows(palace).values()}
-    whole = Path(cli_json("export", "--palace", palace, "--out", out, "--keep-daily", "7")["bundle"])
-    shared = cli_json("export", "--palace", palace, "--out", out, "--wing", wing, "--keep-daily", "7")
-    assert shared["removed_by_retention"] == [] and whole.is_dir(), shared
-    night = cli_json("export", "--palace", palace, "--out", out, "--incremental", "--keep-daily", "7")
-    assert night["kind"] == "incremental" and night["previous"] == whole.name, night
-    assert night["removed_by_retention"] == [] and Path(shared["bundle"]).is_dir()
-    again = cli_json("export", "--palace", palace, "--out", out, "--wing", wing, "--incremental", "--keep", "1")
-    assert again["previous"] == Path(shared["bundle"]).name and again["removed_by_retention"] == []
-
 
 # ----------------------------------------------------------------- item 10
 def test_item10_hostile_names_stay_inside_out_and_every_drawer_is_kept(hostile_palace, tmp_path):

@@ -99,7 +99,7 @@ def export_warnings(r: dict) -> None:
     if r.get("others"):
         typer.echo(f"palace-etl: warning: the --out directory also holds {len(r['others'])} bundle(s) of another "
                    f"palace, wing, machine or sync replica (newest {r['others'][-1]}); this export neither chains "
-                   "onto nor removes them: give each palace its own --out", err=True)
+                   "onto nor removes them: give each palace, and each sync replica, its own directory", err=True)
 
 
 def sync_report(r: dict) -> None:
