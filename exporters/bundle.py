@@ -25,12 +25,11 @@ import pyarrow.parquet as pq
 
 from palace.bundles import (
     BundleContent,
+    Owner,
     bundle_dir_lock,
     bundle_state,
     chain,
     list_bundles,
-    owned_by,
-    owner_tag,
     remember_export,
     state_batch,
     usable_parent,
@@ -198,10 +197,12 @@ def _wing_ids(store: PalaceStore, table: str, wing: str) -> set[str]:
 
 
 def export_bundle(store: PalaceStore, out: Path, incremental: bool = False, full_every: int = 7,
-                  dry_run: bool = False, wing: str | None = None, sealer: Sealer | None = None) -> ExportReport:
+                  dry_run: bool = False, wing: str | None = None, sealer: Sealer | None = None,
+                  host: str | None = None) -> ExportReport:
     """Write a bundle of ``store`` into ``out``: the whole palace, or with ``wing`` that wing's
     drawers and closets only (no knowledge graph: its triples are not filed by wing); encrypted
-    with ``sealer``."""
+    with ``sealer``. It chains onto only the bundles ``host`` (this machine when None) exported of
+    the same palace and wing (``Owner``)."""
     if not store.exists():
         raise SourceMissing(f"export palace {store.name}: no palace there")
     out = Path(out)
@@ -214,14 +215,15 @@ def export_bundle(store: PalaceStore, out: Path, incremental: bool = False, full
     with bundle_dir_lock(out), ThreadPoolExecutor(1) as pool:
         ready = pool.submit(store.prepare)  # a head start on the palace's private copy while the bundles are checked
         try:
-            mine = {b: owned_by(b, store.name, wing) for b in list_bundles(out)}
+            owner = Owner(store.name, wing, host)
+            mine = {b: owner.owns(b) for b in list_bundles(out)}
             ours, others = [b for b, m in mine.items() if m], [b.name for b, m in mine.items() if not m]
             prev, old, full_because = _parent(ours, out, incremental, full_every, scope, hashes)
             recorded = _marks(out, prev, store.name) if wing is None and old else None
         finally:
             ready.exception()  # waits; what failed there fails again, and is reported, where it is needed
         if wing is None and not old and not dry_run:  # every row goes in: read each once
-            return replace(_export_whole(store, out, prev, scope, sealer, full_because, hashes), others=others)
+            return replace(_export_whole(store, out, prev, scope, sealer, full_because, hashes, owner), others=others)
         marks, rehashed_because = None, None
         if wing is None:  # marks speak for the whole palace: a wing's bundle re-reads its rows
             state, marks, rehashed_because = store.changes(old, recorded)
@@ -255,7 +257,7 @@ def export_bundle(store: PalaceStore, out: Path, incremental: bool = False, full
                 _drop_vanished(table, changed[table], {r["id"] for r in rows}, content, old, vanished)
                 content.kg[table] = rows
         content.watermark = lambda: {"vanished": {t: len(v) for t, v in vanished.items() if v}}
-        return _written(store, out, prev, content, sealer, scope, marks, report, hashes)
+        return _written(store, out, prev, content, sealer, scope, marks, report, hashes, owner)
 
 
 def _changed(rows: dict[str, str], was: dict[str, str]) -> list[str]:
@@ -272,9 +274,9 @@ def _content(store: PalaceStore, state: State, gone: list, wing: str | None) -> 
 
 
 def _written(store: PalaceStore, out: Path, prev: Path | None, content: BundleContent, sealer: Sealer | None,
-             scope: dict, marks: dict | None, report: ExportReport, hashes: HashRecord) -> ExportReport:
+             scope: dict, marks: dict | None, report: ExportReport, hashes: HashRecord, owner: Owner) -> ExportReport:
     """Write ``content`` as the bundle, remember it, and fill ``report`` from what was written."""
-    m = write_bundle(out, prev, content, sealer=sealer, hashes=hashes, owner=owner_tag(store.name, content.wing))
+    m = write_bundle(out, prev, content, sealer=sealer, hashes=hashes, owner=owner.tag)
     hashes.save()
     remember_export(store.name, out)
     if sealer is not None or marks is not None:
@@ -290,7 +292,7 @@ def _written(store: PalaceStore, out: Path, prev: Path | None, content: BundleCo
 
 
 def _export_whole(store: PalaceStore, out: Path, prev: Path | None, scope: dict, sealer: Sealer | None,
-                  full_because: str | None, hashes: HashRecord) -> ExportReport:
+                  full_because: str | None, hashes: HashRecord, owner: Owner) -> ExportReport:
     """A bundle of every row (nothing to diff against): each row read once, with its vector, by
     ``scan``, and its hash taken from what was read; the change marks first, so a write landing
     during the read shows as a changed mark next time."""
@@ -310,7 +312,7 @@ def _export_whole(store: PalaceStore, out: Path, prev: Path | None, scope: dict,
     content.watermark = {"vanished": {}}
     report = ExportReport(None, "incremental" if prev else "full", prev.name if prev else None,
                           full_because=full_because, encrypted=sealer is not None)
-    return _written(store, out, prev, content, sealer, scope, marks, report, hashes)
+    return _written(store, out, prev, content, sealer, scope, marks, report, hashes, owner)
 
 
 def _scanned(store: PalaceStore, table: str, dim: int, state: dict[str, str]) -> Iterator[pa.RecordBatch]:

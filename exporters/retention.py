@@ -13,7 +13,7 @@ import datetime as dt
 import shutil
 from pathlib import Path
 
-from palace.bundles import chain, list_bundles, owned_by
+from palace.bundles import Owner, chain, list_bundles
 from palace.manifest import NAME_RE, BundleError, Manifest, bundle_time
 
 
@@ -58,13 +58,12 @@ def select(bundles: list[Path], keep: int | None = None, daily: int | None = Non
     return (chosen | needed) & set(bundles)
 
 
-def apply_retention(out: Path, palace: str, keep: int | None = None, daily: int | None = None,
-                    weekly: int | None = None, dry_run: bool = False, wing: str | None = None) -> list[str]:
-    """Delete the bundles of ``palace`` not selected; return their names. Only this machine's bundles
-    of that palace are counted and removed (``owned_by``): the rest are others' backups, and what
-    they build on stays."""
+def apply_retention(out: Path, owner: Owner, keep: int | None = None, daily: int | None = None,
+                    weekly: int | None = None, dry_run: bool = False) -> list[str]:
+    """Delete ``owner``'s bundles not selected; return their names. Only those are counted and
+    removed: the rest are others' backups, and what they build on stays."""
     every = list_bundles(Path(out))
-    mine = {b: owned_by(b, palace, wing) for b in every}
+    mine = {b: owner.owns(b) for b in every}
     bundles = [b for b in every if mine[b]]
     kept = select(bundles, keep, daily, weekly, others=[b for b in every if not mine[b]])
     removed = [b for b in bundles if b not in kept and _readable(b)]  # an unreadable bundle is never removed

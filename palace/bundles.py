@@ -171,12 +171,36 @@ def usable_parent(prev: Path, hashes: HashRecord | None = None) -> tuple[Path | 
     return prev, None
 
 
-def owner_tag(palace: str, wing: str | None = None) -> str:
-    """Whose bundles these are: this machine's (by host name, as restic groups its snapshots)
-    exports of ``palace``, or of its ``wing`` (a line of its own: a wing's bundle is no backup of the
-    palace). An opaque tag: an encrypted bundle's plain manifest names no palace."""
-    whose = f"{socket.gethostname()}\0{palace}" + (f"\0{wing}" if wing is not None else "")
-    return hashlib.sha256(whose.encode()).hexdigest()[:16]
+@dataclass(frozen=True)
+class Owner:
+    """Whose bundles these are: ``host``'s (this machine's host name when None, as restic groups its
+    snapshots) exports of ``palace``, or of its ``wing`` (a line of its own: a wing's bundle is no
+    backup of the palace). Only its own bundles does an export chain onto or remove by retention."""
+    palace: str
+    wing: str | None = None
+    host: str | None = None
+
+    @property
+    def tag(self) -> str:
+        """An opaque tag, recorded in each bundle: an encrypted bundle's plain manifest names no palace."""
+        whose = f"{self.host or socket.gethostname()}\0{self.palace}" + (f"\0{self.wing}" if self.wing is not None
+                                                                        else "")
+        return hashlib.sha256(whose.encode()).hexdigest()[:16]
+
+    def owns(self, bundle: Path) -> bool:
+        """Whether ``bundle`` is one of these: another palace's, wing's, host's or sync replica's in the
+        same directory are left alone. A bundle written before owners were recorded goes by the
+        palace and wing its manifest names (an encrypted one names none, and counts as anyone's, as it
+        did then); one whose manifest cannot be read counts as anyone's (retention never removes it;
+        an incremental does not chain onto it)."""
+        try:
+            tag = _owner(bundle)
+            if tag:
+                return tag == self.tag
+            m = Manifest.load(bundle)
+            return m.palace == "" or (m.palace == self.palace and m.wing == self.wing)
+        except BundleError:
+            return True
 
 
 REPLICA_OWNER = "sync-replica"  # the owner of the bundles a sync replica directory writes (whichever machine syncs)
@@ -206,23 +230,6 @@ def replica_line(bundles: list[Path]) -> list[Path]:
     if True not in kinds.values():
         return bundles
     return [b for b, k in kinds.items() if k is not False]
-
-
-def owned_by(bundle: Path, palace: str, wing: str | None = None) -> bool:
-    """Whether ``bundle`` is one of this machine's exports of ``palace`` (of its ``wing``): only those
-    does an export chain onto or remove by retention; another palace's, machine's or wing's bundles
-    in the same directory are left alone. A bundle written before owners were recorded goes by the
-    palace and wing its manifest names (an encrypted one names none, and counts as anyone's, as it
-    did then); one whose manifest cannot be read counts as anyone's (retention never removes it; an
-    incremental does not chain onto it)."""
-    try:
-        tag = _owner(bundle)
-        if tag:
-            return tag == owner_tag(palace, wing)
-        m = Manifest.load(bundle)
-        return m.palace == "" or (m.palace == palace and m.wing == wing)
-    except BundleError:
-        return True
 
 
 def bundle_state(bundle: Path) -> State:
@@ -297,7 +304,7 @@ def write_bundle(out: Path, previous: Path | None, content: BundleContent,
     holds ``bundle_dir_lock(out)``. The bundle is checked against its own manifest before it is
     renamed into place (what that check read goes into ``hashes``). With ``sealer`` every file, the
     manifest included, is encrypted as it is written; the plain manifest then holds only the
-    ciphertexts' sha256s, the chain link and ``owner`` (``owner_tag``). Returns the (inner) manifest."""
+    ciphertexts' sha256s, the chain link and ``owner`` (``Owner.tag``). Returns the (inner) manifest."""
     clock = now or dt.datetime.now(dt.timezone.utc)
     now, newest = _after_newest(Path(out), clock)
     name = bundle_name(now, previous is not None)

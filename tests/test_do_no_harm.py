@@ -225,6 +225,27 @@ def test_item01_a_wing_shared_from_the_backup_directory_is_no_backup_of_the_pala
     assert again["previous"] == Path(shared["bundle"]).name and again["removed_by_retention"] == []
 
 
+def test_item01_an_export_named_with_host_keeps_its_line_where_the_host_name_changes_each_run(tmp_path):
+    """In a container the host name is new each run: each night's export was a new owner, so
+    retention never pruned and no incremental chained (the disk filled with full bundles, and the
+    warning named every earlier night). ``--host`` names whose backups they are."""
+    palace, out = tmp_path / "palace", tmp_path / "backups"
+    cli_json("import", "mcp-memory", SAMPLE, "--palace", palace)
+    job = ("--host", "nightly-job", "--incremental", "--keep", "1")
+    first = Path(cli_json("export", "--palace", palace, "--out", out, *job)["bundle"])
+    mine = cli_json("export", "--palace", palace, "--out", out, "--incremental", "--keep", "1")  # this host's name
+    assert mine["kind"] == "full" and mine["others"] == [first.name] and mine["removed_by_retention"] == []
+    again = cli_json("export", "--palace", palace, "--out", out, *job)
+    assert again["kind"] == "incremental" and again["previous"] == first.name and again["others"] == [
+        Path(mine["bundle"]).name]
+    last = cli_json("export", "--palace", palace, "--out", out, "--host", "nightly-job", "--keep", "1")
+    assert sorted(last["removed_by_retention"]) == sorted([first.name, Path(again["bundle"]).name])
+    assert Path(mine["bundle"]).is_dir()
+    proc = run_cli("export", "--palace", palace, "--out", tmp_path / "human", "--format", "jsonl", "--host", "x",
+                   check=1)
+    assert "--host" in proc.stderr and not (tmp_path / "human").exists()
+
+
 def test_item05_an_export_into_a_sync_replicas_directory_is_not_taken_for_the_replicas_state(tmp_path):
     """Two machines sync through a shared directory; one of them also writes its nightly backup
     there. The replica took the newest bundle of the directory for its state, so the export (that

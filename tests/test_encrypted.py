@@ -9,7 +9,7 @@ from pathlib import Path
 import pyrage
 import pytest
 
-from palace.bundles import owned_by
+from palace.bundles import Owner
 from palace.layout import layout_for
 from palace.manifest import Manifest
 from palace.vectors import VectorStore
@@ -114,7 +114,7 @@ def test_incremental_encrypted_chain_from_public_keys_only(palace, keys, tmp_pat
     assert first["kind"] == "full"
     outer = Manifest.load(Path(first["bundle"]))  # whose it is, without naming the palace
     assert outer.palace == "" and set(outer.watermark) == {"owner"} and str(work) not in outer.to_json().decode()
-    assert owned_by(Path(first["bundle"]), str(work)) and not owned_by(Path(first["bundle"]), str(palace))
+    assert Owner(str(work)).owns(Path(first["bundle"])) and not Owner(str(palace)).owns(Path(first["bundle"]))
     gone = sorted(palace_rows(work))[0]
     edit(work, {"drawer_team_notes_secret": SECRET_TEXT + " (changed)", "drawer_team_notes_new": "a new one"},
          deletes=(gone,), wing="team")

@@ -280,6 +280,9 @@ def export(
                                                    "public key (age1...) or file of them; repeatable."),
     passphrase_file: Optional[Path] = typer.Option(None, "--passphrase-file", help="Encrypt the bundle with the "
                                                    "passphrase on this file's first line."),
+    host: Optional[str] = typer.Option(None, "--host", help="Whose backups these are (default: this machine's "
+                                       "host name): an export chains onto and prunes only the bundles written "
+                                       "under the same host name; set it where that changes each run (a container)."),
     json_out: bool = JSON, quiet: bool = QUIET, lock_timeout: float = typer.Option(30.0, "--lock-timeout"),
 ) -> None:
     """Write a verified backup bundle of the whole palace (cron-friendly)."""
@@ -292,7 +295,7 @@ def export(
     store = open_store(palace, kg, lock_timeout, read_only=True)
     try:
         r = run_export(store, out, fmt, incremental, full_every, keep, keep_daily, keep_weekly, dry_run, wing,
-                       sealer)
+                       sealer, host)
     finally:
         store.close()
     if json_out:
