@@ -183,9 +183,8 @@ class Owner:
     @property
     def tag(self) -> str:
         """An opaque tag, recorded in each bundle: an encrypted bundle's plain manifest names no palace."""
-        whose = f"{self.host or socket.gethostname()}\0{self.palace}" + (f"\0{self.wing}" if self.wing is not None
-                                                                        else "")
-        return hashlib.sha256(whose.encode()).hexdigest()[:16]
+        whose = [self.host or socket.gethostname(), self.palace, *([self.wing] if self.wing is not None else [])]
+        return hashlib.sha256("\0".join(whose).encode()).hexdigest()[:16]
 
     def owns(self, bundle: Path) -> bool:
         """Whether ``bundle`` is one of these: another palace's, wing's, host's or sync replica's in the
