@@ -216,8 +216,8 @@ def export_bundle(store: PalaceStore, out: Path, incremental: bool = False, full
         ready = pool.submit(store.prepare)  # a head start on the palace's private copy while the bundles are checked
         try:
             owner = Owner(store.name, wing, host)
-            mine = {b: owner.owns(b) for b in list_bundles(out)}
-            ours, others = [b for b, m in mine.items() if m], [b.name for b, m in mine.items() if not m]
+            ours, theirs = owner.split(list_bundles(out))
+            others = [b.name for b in theirs]
             prev, old, full_because = _parent(ours, out, incremental, full_every, scope, hashes)
             recorded = _marks(out, prev, store.name) if wing is None and old else None
         finally:

@@ -62,10 +62,8 @@ def apply_retention(out: Path, owner: Owner, keep: int | None = None, daily: int
                     weekly: int | None = None, dry_run: bool = False) -> list[str]:
     """Delete ``owner``'s bundles not selected; return their names. Only those are counted and
     removed: the rest are others' backups, and what they build on stays."""
-    every = list_bundles(Path(out))
-    mine = {b: owner.owns(b) for b in every}
-    bundles = [b for b in every if mine[b]]
-    kept = select(bundles, keep, daily, weekly, others=[b for b in every if not mine[b]])
+    bundles, others = owner.split(list_bundles(Path(out)))
+    kept = select(bundles, keep, daily, weekly, others=others)
     removed = [b for b in bundles if b not in kept and _readable(b)]  # an unreadable bundle is never removed
     if not dry_run:
         for b in removed:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import hashlib
 import os
 import re
@@ -180,7 +181,7 @@ class Owner:
     wing: str | None = None
     host: str | None = None
 
-    @property
+    @functools.cached_property  # (a frozen dataclass keeps it: it is written to the instance's __dict__)
     def tag(self) -> str:
         """An opaque tag, recorded in each bundle: an encrypted bundle's plain manifest names no palace."""
         whose = [self.host or socket.gethostname(), self.palace, *([self.wing] if self.wing is not None else [])]
@@ -193,22 +194,26 @@ class Owner:
         did then); one whose manifest cannot be read counts as anyone's (retention never removes it;
         an incremental does not chain onto it)."""
         try:
-            tag = _owner(bundle)
-            if tag:
-                return tag == self.tag
             m = Manifest.load(bundle)
-            return m.palace == "" or (m.palace == self.palace and m.wing == self.wing)
         except BundleError:
             return True
+        recorded = _owner(m)
+        if recorded:
+            return recorded == self.tag
+        return m.palace == "" or (m.palace == self.palace and m.wing == self.wing)
+
+    def split(self, bundles: list[Path]) -> tuple[list[Path], list[Path]]:
+        """``bundles`` (in their order) as (these owner's, everyone else's): one manifest read each."""
+        mine = {b: self.owns(b) for b in bundles}
+        return [b for b in bundles if mine[b]], [b for b in bundles if not mine[b]]
 
 
 REPLICA_OWNER = "sync-replica"  # the owner of the bundles a sync replica directory writes (whichever machine syncs)
 
 
-def _owner(bundle: Path) -> str | None:
-    """The owner tag a bundle's manifest records (None before owners were recorded); raises
-    ``BundleError`` when the manifest cannot be read."""
-    tag = Manifest.load(bundle).watermark.get("owner")
+def _owner(m: Manifest) -> str | None:
+    """The owner tag a bundle's manifest records (None before owners were recorded)."""
+    tag = m.watermark.get("owner")
     return tag if isinstance(tag, str) else None
 
 
@@ -220,10 +225,11 @@ def replica_line(bundles: list[Path]) -> list[Path]:
     yet is read as it is (an export starts a replica; its first bundle chains onto it)."""
     def replica(b: Path) -> bool | None:
         try:
-            tag = _owner(b)
-            return tag == REPLICA_OWNER if tag else Manifest.load(b).palace.startswith("bundle:")
+            m = Manifest.load(b)
         except BundleError:
             return None
+        tag = _owner(m)
+        return tag == REPLICA_OWNER if tag else m.palace.startswith("bundle:")
 
     kinds = {b: replica(b) for b in bundles}
     if True not in kinds.values():
