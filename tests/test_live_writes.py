@@ -69,6 +69,13 @@ def test_an_import_beside_a_live_hub_goes_through_it_once(tmp_path):
     rows = memories(src, 150, "hubbed", long_one=True)
     hub = LiveHub(palace).start()
     try:
+        # the user filed one of these texts through MemPalace first: the hub answers our copy with
+        # that drawer ("already_exists"), which palace-etl did not file and so never deletes
+        theirs = hub.tool("mempalace_add_drawer", wing="notes", room="hub", content=rows[5]["text"],
+                          added_by="agent")
+        assert theirs["success"] and "reason" not in theirs
+        # and the long note, which the hub keeps as chunks, whose ids its "already_exists" does not name
+        assert hub.tool("mempalace_add_drawer", wing="notes", room="design", content=LONG)["chunks"] > 1
         r = cli_json("import", "jsonl", src, "--palace", palace, "--lock-timeout", "1")
         assert r["route"] == "hub" and r["drawers_written"] == 151 and r["vectors_embedded"] == 0
         assert any("vectors" in d for d in r["route_drops"]) and r["kg_rows_written"] == 0
@@ -87,13 +94,35 @@ def test_an_import_beside_a_live_hub_goes_through_it_once(tmp_path):
         status = cli_json("status", "--palace", palace, "--probes", "1000")
         assert status["self_hit_rate"] == 1.0
 
-        # a changed memory is filed anew and its old drawer goes
+        # a changed memory is filed anew and its old drawer goes; the user's drawer stays
         old_text, rows[0]["text"] = rows[0]["text"], "hubbed note 0, corrected: the heron keeps two lanterns"
+        their_text, rows[5]["text"] = rows[5]["text"], "hubbed note 5, corrected: the gecko keeps a violin"
         src.write_text("".join(json.dumps(x) + "\n" for x in rows))
         edit = cli_json("import", "jsonl", src, "--palace", palace, "--lock-timeout", "1")
-        assert edit["drawers_written"] == 1 and edit["drawers_unchanged"] == 150
+        assert edit["drawers_written"] == 2 and edit["drawers_unchanged"] == 149
         docs = documents(palace)
         assert rows[0]["text"] in docs and old_text not in docs
+        assert rows[5]["text"] in docs and their_text in docs
+        assert hub.tool("mempalace_get_drawer", drawer_id=theirs["drawer_id"])["content"] == their_text
+        assert any(theirs["drawer_id"] in note and "did not file" in note for note in edit["route_notes"])
+
+        # a mapping from before filings were recorded: the drawers carrying what palace-etl sent are
+        # taken for its own, the user's are not
+        text = "the user's own note: the okapi keeps the second quilt"
+        users = hub.tool("mempalace_add_drawer", wing="notes", room="hub", content=text, added_by="agent")
+        rows[2]["text"] = text
+        src.write_text("".join(json.dumps(x) + "\n" for x in rows))
+        assert cli_json("import", "jsonl", src, "--palace", palace, "--lock-timeout", "1")["drawers_written"] == 1
+        with sqlite3.connect(palace / ".palace-etl" / "routed.sqlite3") as conn:
+            conn.execute("DROP TABLE filed")
+        old_text, rows[1]["text"] = rows[1]["text"], "hubbed note 1, corrected: the otter keeps a kettle"
+        rows[2]["text"] = "hubbed note 2, corrected: the badger keeps a compass"
+        src.write_text("".join(json.dumps(x) + "\n" for x in rows))
+        edit = cli_json("import", "jsonl", src, "--palace", palace, "--lock-timeout", "1")
+        assert edit["drawers_written"] == 2
+        docs = documents(palace)
+        assert rows[1]["text"] in docs and old_text not in docs and rows[2]["text"] in docs and text in docs
+        assert any(users["drawer_id"] in note for note in edit["route_notes"])
         run_cli("verify", "--palace", palace, "--against", "jsonl", src)
 
         # the other routes, asked for by name

@@ -11,7 +11,10 @@ What it can keep is the mapping: ``routed.sqlite3`` in palace-etl's state direct
 drawer of ours, the drawer id and chunk ids MemPalace answered with and the metadata we meant to
 write. ``fetch`` reads through that mapping, so the loader sees a routed drawer as itself (a re-run
 writes nothing) and ``verify --against`` finds it. A drawer whose content changed is filed anew and
-its old hub drawer deleted (``mempalace_delete_drawers``), after the new one is acknowledged.
+its old hub drawer deleted (``mempalace_delete_drawers``), after the new one is acknowledged -- but
+only a hub drawer this route filed (its ``filed`` table). Where MemPalace already held the same wing,
+room and text, it answers ``already_exists`` with that drawer, which may be the user's own: it is
+mapped, never deleted, and the report says where one was kept.
 
 Reads (``rows``, ``snapshot``, ``fetch`` of what is already there, ``nearest``) come from a private
 copy (``ChromaDirReader``), never from a Chroma client on the live directory. Knowledge-graph rows go
@@ -44,10 +47,12 @@ from ..rows import KG_TABLES
 from .base import scan_by_fetch
 from .chroma_dir import ChromaDirReader, ChromaDirStore
 
+ADDED_BY = "palace-etl"  # what a routed drawer is filed as added by, where its record names no one
 DROPPED = ("our drawer ids (the hub makes its own; routed.sqlite3 maps them)",
            "metadata beyond wing, room, source_file and added_by", "original filed_at", "carried vectors")
 _SQL = """CREATE TABLE IF NOT EXISTS routed (
     id TEXT PRIMARY KEY, hub_id TEXT NOT NULL, chunk_ids TEXT NOT NULL, metadata TEXT NOT NULL)"""
+_FILED = "CREATE TABLE filed (hub_id TEXT PRIMARY KEY)"  # the hub drawers this route filed itself
 
 
 class RoutedIds:
@@ -63,6 +68,8 @@ class RoutedIds:
         self._conn = sqlite3.connect(str(path), timeout=60, isolation_level=None, check_same_thread=False)
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute(_SQL)
+        self.recorded = self._conn.execute(  # False in a file from before filings were recorded
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'filed'").fetchone() is not None
 
     @classmethod
     def read(cls, state_dir: Path | None) -> dict[str, tuple[str, list[str], dict]]:
@@ -94,6 +101,26 @@ class RoutedIds:
         self._conn.execute("INSERT OR REPLACE INTO routed VALUES (?,?,?,?)",
                            (our_id, hub_id, orjson.dumps(chunk_ids).decode(), orjson.dumps(metadata).decode()))
 
+    def record(self, filed: set[str]) -> None:
+        """Start recording filings, in a file from before they were: ``filed`` is what the mapping
+        already held that this route can tell it filed (see ``RoutedStore._map``)."""
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            self._conn.execute(_FILED)
+            self._conn.executemany("INSERT OR IGNORE INTO filed VALUES (?)", [(h,) for h in filed])
+            self._conn.execute("COMMIT")
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        self.recorded = True
+
+    def filed(self, hub_id: str, filed: bool | None = None) -> bool:
+        """Whether this route filed ``hub_id``; with ``filed``, record that first."""
+        if filed is not None:
+            self._conn.execute("INSERT OR IGNORE INTO filed VALUES (?)" if filed else
+                               "DELETE FROM filed WHERE hub_id = ?", (hub_id,))
+        return self._conn.execute("SELECT 1 FROM filed WHERE hub_id = ?", (hub_id,)).fetchone() is not None
+
     def forget(self, ids: set[str]) -> int:
         """Drop the entries of ``ids`` (ours or the hub's) and leave none of them in the file."""
         gone = 0
@@ -103,6 +130,8 @@ class RoutedIds:
             marks = ",".join("?" * len(part))
             gone += self._conn.execute(f"DELETE FROM routed WHERE id IN ({marks}) OR hub_id IN ({marks})",
                                        [*part, *part]).rowcount
+            if self.recorded:
+                gone += self._conn.execute(f"DELETE FROM filed WHERE hub_id IN ({marks})", part).rowcount
         if gone:
             vacuum(self._conn)
         return gone
@@ -126,7 +155,7 @@ class RoutedStore:
         self._routed: RoutedIds | None = None
         self._own: set[str] = set()  # our ids found under themselves (imported before, directly)
         self.refused: list[tuple[str, str]] = []  # (our id, MemPalace's reason) of drawers it would not file
-        self.recovered: list[str] = []  # what was put right on the way (see ``_put_right``)
+        self.recovered: list[str] = []  # what was put right, or kept, on the way (``_put_right``, ``_drop``)
         self.name, self.zone, self.kg_path = self._live.name, self._live.zone, self._live.kg_path
         self.state_dir, self.root = self._live.state_dir, self._live.root
 
@@ -136,7 +165,26 @@ class RoutedStore:
     def _map(self) -> RoutedIds:
         if self._routed is None:
             self._routed = RoutedIds(self.state_dir)
+            if not self._routed.recorded:
+                self._routed.record(self._ours(self._routed.get(None)))
         return self._routed
+
+    def _ours(self, mapped: dict[str, tuple[str, list[str], dict]]) -> set[str]:
+        """The hub drawers of a mapping from before filings were recorded that carry what this route
+        sent besides the text (``added_by`` and ``source_file``): those it filed. A drawer the user
+        filed with the same text shows their own (MemPalace's tools file ``added_by="mcp"``)."""
+        first = {chunks[0]: (hub, meta) for hub, chunks, meta in mapped.values()}
+        ours: set[str] = set()
+        if not first:
+            return ours
+        for page in self._reader.fetch("drawers", list(first), vectors=False):
+            for row in page:
+                hub, meta = first[row["id"]]
+                held = row["metadata"] or {}
+                if (held.get("added_by"), held.get("source_file") or "") == \
+                        (meta.get("added_by") or ADDED_BY, meta.get("source_file") or ""):
+                    ours.add(hub)
+        return ours
 
     # ------------------------------------------------------------------ reads
     def exists(self) -> bool:
@@ -217,7 +265,7 @@ class RoutedStore:
         for row in rows:
             meta = row["metadata"]
             args = {"wing": meta["wing"], "room": meta["room"], "content": row["document"],
-                    "added_by": meta.get("added_by") or "palace-etl"}
+                    "added_by": meta.get("added_by") or ADDED_BY}
             if meta.get("source_file"):
                 args["source_file"] = meta["source_file"]
             calls.append(args)
@@ -225,19 +273,34 @@ class RoutedStore:
             if not answer.get("success"):
                 self.refused.append((row["id"], str(answer.get("error") or answer)))
                 continue
-            hub_id = answer["drawer_id"]
+            hub_id, chunks = answer["drawer_id"], answer.get("chunk_ids")
+            if answer.get("reason") == "already_exists":  # held before: the user's, or ours unrecorded
+                chunks = self._chunks(hub_id)
+            else:
+                routed.filed(hub_id, True)
             old = before[row["id"]][0] if row["id"] in before else (row["id"] if row["id"] in self._own else None)
             if old is not None and old != hub_id and routed.shared(old) == (row["id"] in before):
-                self._drop(old)  # the text changed: its old drawer goes, once the new one is filed
-            routed.put(row["id"], hub_id, answer.get("chunk_ids") or [hub_id], row["metadata"])
+                self._drop(old, row["id"])  # the text changed: its old drawer goes, once the new one is filed
+            routed.put(row["id"], hub_id, chunks or [hub_id], row["metadata"])
 
-    def _drop(self, drawer_id: str) -> None:
-        """Delete a drawer this route replaced. Before the mapping moves on, so a crash in between
-        leaves the old id mapped and the re-run deletes it (a missing id is no error)."""
+    def _chunks(self, hub_id: str) -> list[str] | None:
+        """The chunk ids of a drawer MemPalace already held (its "already_exists" names none)."""
+        answer = next(self._calls("mempalace_get_drawer", [{"drawer_id": hub_id}]))
+        return answer.get("chunk_ids")
+
+    def _drop(self, drawer_id: str, our_id: str) -> None:
+        """Delete a drawer this route filed and replaced. Before the mapping moves on, so a crash in
+        between leaves the old id mapped and the re-run deletes it (a missing id is no error). One it
+        did not file (our direct import's excepted) is kept, and said so."""
+        if drawer_id != our_id and not self._map().filed(drawer_id):
+            self.recovered.append(f"kept {drawer_id}, the drawer the old text of {our_id} was mapped to: "
+                                  "palace-etl did not file it (MemPalace held the same text already)")
+            return
         answer = next(self._calls("mempalace_delete_drawers", [{"drawer_ids": [drawer_id]}]))
         if "results" not in answer:
             raise HubError(f"{self.server}: deleting the replaced drawer {drawer_id} failed: "
                            f"{answer.get('error', answer)}")
+        self._map().filed(drawer_id, False)
 
     def _calls(self, tool: str, arguments: list[dict]) -> Iterator[dict]:
         """The server's answers, one per call; a refusal ``_put_right`` can put right is, once, and the
