@@ -133,8 +133,10 @@ def migrate(workload: str, palace: str, source: str = "mcp-memory") -> dict:
 
     emb = {}
 
-    def factory():  # one model load for the whole migration
-        return emb.setdefault("e", MiniLMEmbedder())
+    def factory():  # one model load for the whole migration (setdefault would build one per file)
+        if "e" not in emb:
+            emb["e"] = MiniLMEmbedder()
+        return emb["e"]
     t = time.perf_counter()
     totals = {"drawers_written": 0, "drawers_unchanged": 0, "kg_rows_written": 0, "vectors_embedded": 0}
     runs = ([(f, ImportOptions(wing=f.stem[4:])) for f in sorted(Path(workload).glob("mcp-*.jsonl"))]
