@@ -9,7 +9,7 @@ from pathlib import Path
 
 from palace.crypt import Keys
 from palace.errors import PalaceEtlError
-from palace.stores import open_store
+from palace.stores import open_store, store_root
 
 from .sync import run_sync
 from .verify import verify_parity
@@ -31,6 +31,9 @@ def run_migrate(source: str, target: str, kg_source: Path | None = None, kg_targ
                 dry_run: bool = False, lock_timeout: float = 30.0, probes: int = 200,
                 keys: Keys | None = None) -> MigrateReport:
     """Copy ``source`` into the empty ``target``, then verify they match; ``source`` is only read."""
+    if store_root(source) == store_root(target):
+        raise PalaceEtlError(f"migrate {source} {target}: both name the same directory; nothing written",
+                             hint="give the target a new place")
     dst = open_store(target, kg_target, lock_timeout, read_only=True, keys=keys)
     try:
         if not dst.is_empty():

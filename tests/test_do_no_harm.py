@@ -457,6 +457,9 @@ def test_item06_replica_kind_is_explicit_or_unambiguous(plain_palace, tmp_path):
     assert "both a palace" in proc.stderr
     proc = run_cli("sync", b, f"bundle:{b}", check=1)
     assert "same directory" in proc.stderr
+    (tmp_path / "b-link").symlink_to(b)
+    proc = run_cli("migrate", b, tmp_path / "b-link", check=1)  # said as such, not "sync the two"
+    assert "same directory" in proc.stderr and "sync" not in proc.stderr
     run_cli("export", "--palace", b, "--out", b / "backups", check=1)  # bundles never go inside a palace
 
 
