@@ -23,6 +23,7 @@ here takes the palace lock.
 """
 from __future__ import annotations
 
+import itertools
 import sqlite3
 from pathlib import Path
 from typing import Iterator
@@ -52,6 +53,7 @@ DROPPED = ("our drawer ids (the hub makes its own; routed.sqlite3 maps them)",
            "metadata beyond wing, room, source_file and added_by", "original filed_at", "carried vectors")
 _SQL = """CREATE TABLE IF NOT EXISTS routed (
     id TEXT PRIMARY KEY, hub_id TEXT NOT NULL, chunk_ids TEXT NOT NULL, metadata TEXT NOT NULL)"""
+CHUNK_PROBE = 256  # chunk ids looked up at a time
 _FILED = "CREATE TABLE filed (hub_id TEXT PRIMARY KEY)"  # the hub drawers this route filed itself
 
 
@@ -284,9 +286,22 @@ class RoutedStore:
             routed.put(row["id"], hub_id, chunks or [hub_id], row["metadata"])
 
     def _chunks(self, hub_id: str) -> list[str] | None:
-        """The chunk ids of a drawer MemPalace already held (its "already_exists" names none)."""
-        answer = next(self._calls("mempalace_get_drawer", [{"drawer_id": hub_id}]))
-        return answer.get("chunk_ids")
+        """The chunk ids of a drawer MemPalace already held (its "already_exists" names none), from the
+        private copy: MemPalace numbers a drawer's chunks from 0 without a gap. (Not by asking:
+        MemPalace's daemon runs no read tool.) None when the copy does not hold it."""
+        if self._held([hub_id]):
+            return [hub_id]
+        found: list[str] = []
+        while True:
+            want = [f"{hub_id}_chunk_{i:06d}" for i in range(len(found), len(found) + CHUNK_PROBE)]
+            held = self._held(want)
+            run = list(itertools.takewhile(held.__contains__, want))
+            found += run
+            if len(run) < len(want):
+                return found or None
+
+    def _held(self, ids: list[str]) -> set[str]:
+        return {r["id"] for page in self._reader.fetch("drawers", ids, vectors=False) for r in page}
 
     def _drop(self, drawer_id: str, our_id: str) -> None:
         """Delete a drawer this route filed and replaced. Before the mapping moves on, so a crash in
