@@ -384,10 +384,10 @@ def take_copy(palace: Path) -> Path:
     between its SQLite commits and records how far it got in SQLite, so the pair is consistent when no
     segment file changed from before both copies to after both (then the copied files are those of
     the database's moment, every log entry past the persisted index is in the copied log, and Chroma
-    replays it when it opens the copy); otherwise it is retaken. A file written within the clock's tick before its stamp could be written again with
-    the same stamp, so the copy first waits for the files to settle (``chroma_sqlite.unsettled``).
-    Raises when they keep changing. A palace damaged before the copy is copied as it is, for verify
-    to report."""
+    replays it when it opens the copy); otherwise it is retaken. A file written within the clock's
+    tick before its stamp could be written again with the same stamp, so the copy first waits for the
+    files to settle (``chroma_sqlite.unsettled``). Raises when they keep changing. A palace damaged
+    before the copy is copied as it is, for verify to report."""
     palace = Path(palace)
     for _ in range(COPY_TRIES):
         before = _segment_stamps(palace)
@@ -398,7 +398,7 @@ def take_copy(palace: Path) -> Path:
         tmp = scratch.make(scratch.SNAPSHOT)
         try:
             with ThreadPoolExecutor(1) as pool:  # side by side: both are checked against ``before`` after
-                segments = pool.submit(lambda: [shutil.copytree(seg, tmp / seg.name) for seg in segment_dirs(palace)])
+                segments = pool.submit(lambda: [shutil.copytree(s, tmp / s.name) for s in segment_dirs(palace)])
                 chroma_sqlite.copy_db(palace / CHROMA_DB, tmp / CHROMA_DB)
                 segments.result()
             if _segment_stamps(palace) == before:

@@ -54,7 +54,7 @@ DROPPED = ("our drawer ids (the hub makes its own; routed.sqlite3 maps them)",
 _SQL = """CREATE TABLE IF NOT EXISTS routed (
     id TEXT PRIMARY KEY, hub_id TEXT NOT NULL, chunk_ids TEXT NOT NULL, metadata TEXT NOT NULL)"""
 CHUNK_PROBE = 256  # chunk ids looked up at a time
-_FILED = "CREATE TABLE filed (hub_id TEXT PRIMARY KEY)"  # the hub drawers this route filed itself
+_FILED = "CREATE TABLE IF NOT EXISTS filed (hub_id TEXT PRIMARY KEY)"  # the hub drawers this route filed itself
 
 
 class RoutedIds:
