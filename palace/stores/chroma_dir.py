@@ -379,15 +379,15 @@ def _segment_stamps(palace: Path) -> dict[str, tuple[int, int]]:
 
 def take_copy(palace: Path) -> Path:
     """A private copy of a palace's Chroma files that a Chroma client may open, taken beside live
-    writers without their lock: the HNSW segment files are copied while ``chroma.sqlite3`` is, under
-    one read transaction (``copy_db``; writers wait only for the copy). Chroma persists its index
+    writers without their lock: the HNSW segment files are copied, then ``chroma.sqlite3`` under one
+    read transaction (``copy_db``; writers wait only for the copy). Chroma persists its index
     between its SQLite commits and records how far it got in SQLite, so the pair is consistent when no
-    segment file changed from before both copies to after both (then the copied files are those of
-    the database's moment, every log entry past the persisted index is in the copied log, and Chroma
-    replays it when it opens the copy); otherwise it is retaken. A file written within the clock's
-    tick before its stamp could be written again with the same stamp, so the copy first waits for the
-    files to settle (``chroma_sqlite.unsettled``). Raises when they keep changing. A palace damaged
-    before the copy is copied as it is, for verify to report."""
+    segment file changed from before the copy to after the database's (then every log entry past the
+    persisted index is in the copied log, and Chroma replays it when it opens the copy); otherwise it
+    is retaken. A file written within the clock's tick before its stamp could be written again with
+    the same stamp, so the copy first waits for the files to settle (``chroma_sqlite.unsettled``).
+    Raises when they keep changing. A palace damaged before the copy is copied as it is, for verify
+    to report."""
     palace = Path(palace)
     for _ in range(COPY_TRIES):
         before = _segment_stamps(palace)
@@ -397,10 +397,9 @@ def take_copy(palace: Path) -> Path:
             continue
         tmp = scratch.make(scratch.SNAPSHOT)
         try:
-            with ThreadPoolExecutor(1) as pool:  # side by side: both are checked against ``before`` after
-                segments = pool.submit(lambda: [shutil.copytree(s, tmp / s.name) for s in segment_dirs(palace)])
-                chroma_sqlite.copy_db(palace / CHROMA_DB, tmp / CHROMA_DB)
-                segments.result()
+            for seg in segment_dirs(palace):
+                shutil.copytree(seg, tmp / seg.name)
+            chroma_sqlite.copy_db(palace / CHROMA_DB, tmp / CHROMA_DB)
             if _segment_stamps(palace) == before:
                 return tmp
         except BaseException:
