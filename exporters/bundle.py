@@ -68,8 +68,7 @@ class ExportReport:
     encrypted: bool = False
     rehashed_because: str | None = None  # why an incremental re-read every row instead of the changed ones
     named_after: str | None = None  # why the bundle is not named by the clock (behind the newest bundle)
-    others: list = field(default_factory=list)  # bundles in ``out`` of another palace, wing, machine or sync
-    # replica: left alone
+    others: list = field(default_factory=list)  # ``out``'s bundles of another owner (``Owner``): left alone
 
 
 def _cache_dir(out: Path) -> Path:

@@ -116,12 +116,14 @@ class RoutedIds:
             raise
         self.recorded = True
 
-    def filed(self, hub_id: str, filed: bool | None = None) -> bool:
-        """Whether this route filed ``hub_id``; with ``filed``, record that first."""
-        if filed is not None:
-            self._conn.execute("INSERT OR IGNORE INTO filed VALUES (?)" if filed else
-                               "DELETE FROM filed WHERE hub_id = ?", (hub_id,))
+    def filed(self, hub_id: str) -> bool:
+        """Whether this route filed ``hub_id``."""
         return self._conn.execute("SELECT 1 FROM filed WHERE hub_id = ?", (hub_id,)).fetchone() is not None
+
+    def mark(self, hub_id: str, filed: bool) -> None:
+        """Record that this route filed ``hub_id`` (or, once deleted, that it holds it no more)."""
+        self._conn.execute("INSERT OR IGNORE INTO filed VALUES (?)" if filed else
+                           "DELETE FROM filed WHERE hub_id = ?", (hub_id,))
 
     def forget(self, ids: set[str]) -> int:
         """Drop the entries of ``ids`` (ours or the hub's) and leave none of them in the file."""
@@ -279,7 +281,7 @@ class RoutedStore:
             if answer.get("reason") == "already_exists":  # held before: the user's, or ours unrecorded
                 chunks = self._chunks(hub_id)
             else:
-                routed.filed(hub_id, True)
+                routed.mark(hub_id, True)
             old = before[row["id"]][0] if row["id"] in before else (row["id"] if row["id"] in self._own else None)
             if old is not None and old != hub_id and routed.shared(old) == (row["id"] in before):
                 self._drop(old, row["id"])  # the text changed: its old drawer goes, once the new one is filed
@@ -315,7 +317,7 @@ class RoutedStore:
         if "results" not in answer:
             raise HubError(f"{self.server}: deleting the replaced drawer {drawer_id} failed: "
                            f"{answer.get('error', answer)}")
-        self._map().filed(drawer_id, False)
+        self._map().mark(drawer_id, False)
 
     def _calls(self, tool: str, arguments: list[dict]) -> Iterator[dict]:
         """The server's answers, one per call; a refusal ``_put_right`` can put right is, once, and the
