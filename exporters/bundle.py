@@ -212,7 +212,8 @@ def export_bundle(store: PalaceStore, out: Path, incremental: bool = False, full
     scope = {"wing": wing, "encryption": sealer.describe() if sealer else None}
     hashes = _hash_record(out)
     with bundle_dir_lock(out), ThreadPoolExecutor(1) as pool:
-        ready = pool.submit(store.prepare)  # a head start on the palace's private copy while the bundles are checked
+        # a head start on the palace's private copy while the bundles are checked
+        ready = pool.submit(store.prepare, incremental and wing is None)
         try:
             owner = Owner(store.name, wing, host)
             ours, theirs = owner.split(list_bundles(out))

@@ -52,6 +52,17 @@ def _space(conn: sqlite3.Connection, collection: str) -> str:
     return space or chroma_sqlite.collection_metadata(conn, collection).get("hnsw:space") or "l2"
 
 
+def _vector_segment(conn: sqlite3.Connection, collection: str) -> tuple[str, str, int]:
+    """(collection id, vector segment id, dimension) of a cosine collection with a vector segment."""
+    segs = chroma_sqlite.segments(conn, collection)
+    row = conn.execute("SELECT id, dimension FROM collections WHERE name = ?", (collection,)).fetchone()
+    if row is None or "VECTOR" not in segs or not row[1]:
+        raise Untrusted(f"collection {collection}: no vector segment or no dimension")
+    if _space(conn, collection) != "cosine":
+        raise Untrusted(f"collection {collection}: not cosine space")
+    return row[0], segs["VECTOR"], row[1]
+
+
 def _normalised(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """hnswlib's ``normalize_vector`` on each row, in float32: (unit rows, norms)."""
     norms = np.sqrt(np.cumsum(x * x, axis=1, dtype=np.float32)[:, -1]).astype(np.float32)
@@ -64,23 +75,26 @@ class IndexFiles:
     mapped read-only and the log tail applied on top, as Chroma would on opening it."""
 
     def __init__(self, palace: Path, conn: sqlite3.Connection, collection: str):
-        segs = chroma_sqlite.segments(conn, collection)
-        row = conn.execute("SELECT id, dimension FROM collections WHERE name = ?", (collection,)).fetchone()
-        if row is None or "VECTOR" not in segs or not row[1]:
-            raise Untrusted(f"collection {collection}: no vector segment or no dimension")
-        if _space(conn, collection) != "cosine":
-            raise Untrusted(f"collection {collection}: not cosine space")
-        coll_id, self.dim = row
-        seg = segs["VECTOR"]
-        seq = conn.execute("SELECT seq_id FROM max_seq_id WHERE segment_id = ?", (seg,)).fetchone()
-        persisted = int(seq[0]) if seq and isinstance(seq[0], int) else 0
-        if seq and not isinstance(seq[0], int):
-            raise Untrusted(f"collection {collection}: max_seq_id is not an integer")
+        self.collection = collection
+        self._where = _vector_segment(conn, collection)
+        _, seg, self.dim = self._where
         self._labels: dict[str, int] = {}  # the id map (id -> label); every label checked to be in the index
         self._data = self._lengths = None
         self._load_index(Path(palace) / seg)
+        self.replay(conn)
+
+    def replay(self, conn: sqlite3.Connection) -> None:
+        """Apply the log tail as ``conn`` reads it: that of the read that found the files, or of a later
+        read of the same database when the files are known not to have changed in between."""
+        if _vector_segment(conn, self.collection) != self._where:
+            raise Untrusted(f"collection {self.collection}: recreated since its index files were read")
+        coll_id, seg, _ = self._where
+        seq = conn.execute("SELECT seq_id FROM max_seq_id WHERE segment_id = ?", (seg,)).fetchone()
+        if seq and not isinstance(seq[0], int):
+            raise Untrusted(f"collection {self.collection}: max_seq_id is not an integer")
+        persisted = int(seq[0]) if seq else 0
         if not self._labels and persisted:
-            raise Untrusted(f"collection {collection}: a persisted index with no id map")
+            raise Untrusted(f"collection {self.collection}: a persisted index with no id map")
         self._tail: dict[str, np.ndarray | None] = {}
         self._replay(conn, coll_id, persisted)
 

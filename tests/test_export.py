@@ -20,6 +20,7 @@ from etl.embed import EmbedderIdentity
 from exporters.bundle import _hash_record
 from exporters.retention import select
 from palace.bundles import bundle_state, list_bundles, state_batch
+from palace.errors import PalaceEtlError
 from palace.hashed import MAX_AGE
 from palace.kg import KnowledgeGraph
 from palace.layout import layout_for, write_sidecar
@@ -457,6 +458,117 @@ def test_export_while_another_process_writes(tmp_path):
         assert foreign_rows(rows) == [] and sum(k.startswith("base_") for k in rows) == 3000
         assert restored["rows"]["drawers"] == len(rows) >= 3000
         run_cli("verify", "--palace", target)
+
+
+def _export_in_process(palace: Path, out: Path, copied: list) -> dict:
+    """``export --incremental`` as the CLI runs it, in this process, where ``copied`` (filled by a spy
+    on ``chroma_sqlite.copy_db``) shows whether ``chroma.sqlite3`` was copied."""
+    from exporters.bundle import export_bundle
+    from palace.stores import open_store
+
+    copied.clear()
+    store = open_store(palace, read_only=True, lock_timeout=120)
+    try:
+        r = export_bundle(store, out, incremental=True)
+    finally:
+        store.close()
+    return {"kind": r.kind, "bundle": Path(r.bundle), "copied_db": any(Path(a[0]).name == "chroma.sqlite3" for a in copied)}
+
+
+@pytest.fixture
+def copy_spy(monkeypatch) -> list:
+    from palace import chroma_sqlite
+
+    calls, real = [], chroma_sqlite.copy_db
+    monkeypatch.setattr(chroma_sqlite, "copy_db", lambda *a: calls.append(a) or real(*a))
+    return calls
+
+
+def test_incrementals_beside_a_writer_read_the_changes_live_and_copy_only_the_index(tmp_path, copy_spy):
+    """A nightly incremental does not copy ``chroma.sqlite3``: the changed rows are read from the live
+    file in one read transaction, with their vectors from a copy of the index alone (retaken when the
+    index moved meanwhile). Taken again and again while another process writes, each bundle holds
+    every row with its own text and its own vector, and the chain restores to the palace."""
+    from .workers import unit_vectors
+
+    palace, out = tmp_path / "palace", tmp_path / "backups"
+    store = VectorStore(layout_for(palace))
+    base = unit(3000, 1)
+    store.upsert([f"base_{i}" for i in range(3000)], [f"base {i}" for i in range(3000)],
+                 [{"wing": "w", "room": "r"}] * 3000, base)
+    store.close()
+    write_sidecar(palace, EmbedderIdentity("random-test-vectors", 384))
+    assert _export_in_process(palace, out, copy_spy)["kind"] == "full"
+    writer = subprocess.Popen([sys.executable, "-m", "tests.workers", "drawers", str(palace), "live", "2000", "50", "9"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    nights = []
+    while writer.poll() is None or len(nights) < 2:
+        nights.append(_export_in_process(palace, out, copy_spy))
+    out_, err = writer.communicate()
+    assert writer.returncode == 0 and json.loads(out_.splitlines()[-1])["errors"] == 0, err
+    nights.append(_export_in_process(palace, out, copy_spy))  # after the last write
+    incrementals = [n for n in nights if n["kind"] == "incremental"]
+    assert len(incrementals) >= 2 and not any(n["copied_db"] for n in incrementals)
+    wrote = unit_vectors(9, 2000)
+    for night in incrementals:
+        run_cli("verify", "--bundle", night["bundle"])
+        held = night["bundle"] / "drawers.parquet"  # none in a bundle of a night with no drawer written
+        for row in pq.read_table(held).to_pylist() if held.exists() else []:
+            k = int(row["id"].rsplit("_", 1)[1])
+            want = base[k] if row["id"].startswith("base_") else wrote[k]
+            assert row["document"] in (f"base {k}", f"live memory {k}"), row["id"]
+            assert np.abs(np.asarray(row["embedding"], dtype=np.float32) - want).max() <= 1e-6, row["id"]
+    restored = tmp_path / "restored"
+    cli_json("restore", nights[-1]["bundle"], "--palace", restored)
+    assert_same(snapshot(palace), snapshot(restored))
+
+
+def test_an_incremental_of_many_changes_or_a_moving_index_reads_a_whole_copy(tmp_path, copy_spy, monkeypatch):
+    """The live read is for a night's few changes: more than ``LIVE_ROWS`` changed rows are read from
+    a whole private copy instead, as before. An index that moved while it was read is copied again.
+    Either way the chain restores to the palace, and rows beyond what the live read read are refused."""
+    from palace import chroma_sqlite
+    from palace.stores import chroma_dir, open_store
+
+    palace, out = tmp_path / "palace", tmp_path / "backups"
+    cli_json("import", "mcp-memory", SAMPLE, "--palace", palace)
+    _export_in_process(palace, out, copy_spy)
+    _mutate(palace, 1)  # 23 drawers written
+    monkeypatch.setattr(chroma_dir, "LIVE_ROWS", 22)
+    many = _export_in_process(palace, out, copy_spy)
+    assert many["kind"] == "incremental" and many["copied_db"]
+    assert Manifest.load(many["bundle"]).counts["drawers"] == 23
+
+    monkeypatch.setattr(chroma_dir, "LIVE_ROWS", 23)
+    _mutate(palace, 2)
+    real, stamps = chroma_dir._segment_stamps, []
+
+    def moving(path):  # the index moves under the first live read
+        stamps.append(path)
+        return {**real(path), "torn": (len(stamps), 0)} if len(stamps) <= 2 else real(path)
+
+    monkeypatch.setattr(chroma_dir, "_segment_stamps", moving)
+    monkeypatch.setattr(chroma_sqlite, "RACY_NS", 0)  # the files just written are not what this is about
+    moved = _export_in_process(palace, out, copy_spy)
+    assert moved["kind"] == "incremental" and not moved["copied_db"] and len(stamps) == 4
+    assert Manifest.load(moved["bundle"]).counts["drawers"] == 23
+    restored = tmp_path / "restored"
+    cli_json("restore", moved["bundle"], "--palace", restored)
+    assert_same(snapshot(palace), snapshot(restored))
+
+    reader = open_store(palace, read_only=True)
+    try:
+        known = bundle_state(moved["bundle"])
+        marks = reader.marks()
+        reader.close()
+        reader = open_store(palace, read_only=True)
+        reader.prepare(changes=True)
+        state, _, why = reader.changes(known, marks)
+        assert why is None and state["drawers"] == known["drawers"]
+        with pytest.raises(PalaceEtlError, match="beyond the changes read"):
+            list(reader.fetch("drawers", sorted(known["drawers"])[:1]))
+    finally:
+        reader.close()
 
 
 metadata_values = st.one_of(st.text(max_size=20), st.integers(-10**9, 10**9), st.booleans(),

@@ -73,10 +73,12 @@ class PalaceStore(Protocol):
         """Where to ``fetch`` ``rows`` rows from to write them elsewhere: a consistent private copy of
         this store taken now, where that is cheaper than its own reads (closed with it); else itself."""
 
-    def prepare(self) -> None:
+    def prepare(self, changes: bool = False) -> None:
         """Take now what its first read would take first (a private copy, an index's id map), so that
         can overlap other work: called from another thread while nothing else uses the store. Only a
-        head start: a store that skips it, or fails in it, reads the same (and fails again there)."""
+        head start: a store that skips it, or fails in it, reads the same (and fails again there).
+        ``changes``: the caller's first read is ``changes``, and it then fetches only rows that
+        changed (an incremental export); a store may read just those, beside live writers."""
 
     def changes(self, known: State, marks: dict | None) -> tuple[State, dict | None, str | None]:
         """``snapshot()``, re-hashing only what changed since ``known`` was taken with ``marks`` (this
@@ -194,7 +196,7 @@ class SyncStateFile:
     def kept_aside(self):
         return []
 
-    def prepare(self):
+    def prepare(self, changes=False):
         pass
 
     def marks(self):

@@ -40,7 +40,7 @@ from ..layout import (
     layout_for,
 )
 from ..lock import palace_lock, session_lock
-from ..rows import COLLECTIONS, collection_row_hash, id_key
+from ..rows import COLLECTIONS, collection_row_hash, id_key, paged
 from ..vectors import clear_unused_hnsw_slots, segment_dirs
 from .base import ASIDE, READ_PAGE, CollectionInfo, Page
 from .chroma import FETCH_PAGE, NEWEST, ChromaStore
@@ -360,6 +360,7 @@ def _private(root: Path) -> None:
 
 
 COPY_TRIES = 8  # a wait for files written just now (chroma_sqlite.unsettled) uses one
+LIVE_ROWS = 20_000  # an incremental export reads at most this many changed rows from the live file (ChromaLive)
 # read_view's rough, cautious cost model; it only chooses between two correct ways to read
 COPY_BYTES_PER_S = 1e9  # copying a palace's files (well over this from the page cache, on this machine)
 CLIENT_OPEN_S = 1.0  # importing chromadb and opening a client (about that, on this machine)
@@ -377,28 +378,44 @@ def _segment_stamps(palace: Path) -> dict[str, tuple[int, int]]:
             for seg in segment_dirs(palace) for f in seg.iterdir() if f.is_file() for st in (f.stat(),)}
 
 
-def take_copy(palace: Path) -> Path:
+def copy_segments(palace: Path) -> tuple[Path, dict] | None:
+    """A private directory holding a copy of the palace's HNSW segment directories, and their stamps
+    taken before the copy; None after waiting for files written just now to settle (a file written
+    within the clock's tick before its stamp could be written again with the same stamp:
+    ``chroma_sqlite.unsettled``). The copy is consistent with a read of ``chroma.sqlite3`` made after
+    it when no segment file changed from before the copy to after that read: Chroma persists its
+    index between its SQLite commits and records how far it got in SQLite, so every log entry past
+    the persisted index is in the log read then."""
+    palace = Path(palace)
+    before = _segment_stamps(palace)
+    wait = chroma_sqlite.unsettled(m for _, m in before.values())
+    if wait:
+        time.sleep(wait)
+        return None
+    tmp = scratch.make(scratch.SNAPSHOT)
+    try:
+        for seg in segment_dirs(palace):
+            shutil.copytree(seg, tmp / seg.name)
+    except BaseException:
+        scratch.remove(tmp)
+        raise
+    return tmp, before
+
+
+def take_copy(palace: Path, segments: tuple[Path, dict] | None = None) -> Path:
     """A private copy of a palace's Chroma files that a Chroma client may open, taken beside live
-    writers without their lock: the HNSW segment files are copied, then ``chroma.sqlite3`` under one
-    read transaction (``copy_db``; writers wait only for the copy). Chroma persists its index
-    between its SQLite commits and records how far it got in SQLite, so the pair is consistent when no
-    segment file changed from before the copy to after the database's (then every log entry past the
-    persisted index is in the copied log, and Chroma replays it when it opens the copy); otherwise it
-    is retaken. A file written within the clock's tick before its stamp could be written again with
-    the same stamp, so the copy first waits for the files to settle (``chroma_sqlite.unsettled``).
-    Raises when they keep changing. A palace damaged before the copy is copied as it is, for verify
-    to report."""
+    writers without their lock: the HNSW segment files (``copy_segments``), then ``chroma.sqlite3``
+    under one read transaction (``copy_db``; writers wait only for the copy), retaken when a segment
+    file changed in between (then Chroma replays the copied log past the persisted index when it
+    opens the copy). Raises when they keep changing. A palace damaged before the copy is copied as it
+    is, for verify to report. ``segments``: what ``copy_segments`` gave earlier, to complete first."""
     palace = Path(palace)
     for _ in range(COPY_TRIES):
-        before = _segment_stamps(palace)
-        wait = chroma_sqlite.unsettled(m for _, m in before.values())
-        if wait:
-            time.sleep(wait)
+        got, segments = segments or copy_segments(palace), None
+        if got is None:
             continue
-        tmp = scratch.make(scratch.SNAPSHOT)
+        tmp, before = got
         try:
-            for seg in segment_dirs(palace):
-                shutil.copytree(seg, tmp / seg.name)
             chroma_sqlite.copy_db(palace / CHROMA_DB, tmp / CHROMA_DB)
             if _segment_stamps(palace) == before:
                 return tmp
@@ -435,7 +452,7 @@ class ChromaCopy(ChromaDirStore):
                 self.untrusted[table] = str(exc)
         return self._files.get(table)
 
-    def prepare(self):
+    def prepare(self, changes=False):
         with self._sqlite() as conn:
             for table, name in COLLECTIONS.items():
                 if chroma_sqlite.segments(conn, name):
@@ -505,6 +522,94 @@ class ChromaCopy(ChromaDirStore):
         return self._with_vectors(table, index, rows)
 
 
+class _Beyond(Exception):
+    """More than a short read of the live file should do: read a whole private copy instead."""
+
+
+class ChromaLive(ChromaCopy):
+    """An incremental export's read of a palace beside live writers that copies the vector index but
+    not ``chroma.sqlite3``: the change marks, the rows whose marks moved, with their vectors (from
+    the index copy and the log tail), and the collections' counts are read from the live file in one
+    read transaction (``read``), as ``take_copy`` reads the database it copies, and are held in
+    memory; the export's later reads of those rows are answered from memory. Consistent on
+    ``copy_segments``' terms: the caller checks that no segment file changed from before the index
+    copy to after the read. Anything more -- every row (no usable marks), more than ``LIVE_ROWS``
+    rows, vectors the index files do not answer -- raises ``_Beyond``; the caller takes the whole
+    copy instead. The knowledge graph is read from the reader's private copy of it, as before."""
+
+    def __init__(self, layout: PalaceLayout, live_db: Path):
+        super().__init__(layout)
+        self._live_db = live_db
+        self._conn: sqlite3.Connection | None = None
+        self._asked: dict[str, set[str]] = {t: set() for t in COLLECTIONS}  # the ids read, found or not
+        self._held: dict[str, dict[str, dict]] = {t: {} for t in COLLECTIONS}  # the rows found, with vectors
+        self._infos: dict[str, CollectionInfo | None] = {}
+
+    @property
+    def db(self) -> Path:
+        return self._live_db
+
+    @contextlib.contextmanager
+    def _sqlite(self):
+        if self._conn is None:
+            raise _Beyond("the live read is over")
+        yield self._conn
+
+    def snapshot(self):
+        raise _Beyond("every row would be read")
+
+    def _hashes(self, table, ids):
+        if sum(map(len, self._asked.values())) + len(ids) > LIVE_ROWS:
+            raise _Beyond(f"more than {LIVE_ROWS} rows changed")
+        self._asked[table].update(ids)
+        rows = self._from_files(table, ids, True)
+        if rows is None:
+            raise _Beyond(self.untrusted.get(table, "no vector index to read"))
+        self._held[table].update((r["id"], r) for r in rows)
+        return {r["id"]: collection_row_hash(r["document"], r["metadata"]) for r in rows}
+
+    def preload(self) -> None:
+        """Load the index copy's files before the read transaction (finding them takes a short read of
+        its own): in it, only the log tail is then read."""
+        with chroma_sqlite.open_ro(self._live_db) as conn:
+            for table, name in COLLECTIONS.items():
+                if chroma_sqlite.segments(conn, name):
+                    self._index(table, conn)
+
+    def read(self, known, marks):
+        """``changes(known, marks)``, with everything an export of them reads, in one read transaction."""
+        with chroma_sqlite.open_ro(self._live_db) as conn:
+            chroma_sqlite.begin_read(conn)
+            self._conn = conn
+            try:
+                for table, index in list(self._files.items()):  # preloaded: the log tail of this read
+                    try:
+                        index.replay(conn)
+                    except Untrusted as exc:
+                        del self._files[table]
+                        self.untrusted[table] = str(exc)
+                got = self.changes(known, marks)
+                self._infos = {t: ChromaDirStore.info(self, t) for t in COLLECTIONS}
+            finally:
+                self._conn = None
+                conn.rollback()
+                self._files.clear()  # the index copy is not read again
+        return got
+
+    def covers(self, table: str, ids: list[str]) -> bool:
+        return table not in COLLECTIONS or self._asked[table].issuperset(ids)
+
+    def info(self, table):
+        return self._infos.get(table)
+
+    def fetch(self, table, ids, vectors=True):
+        if table not in COLLECTIONS:  # the knowledge graph's copy
+            yield from super().fetch(table, ids, vectors)
+            return
+        held = self._held[table]
+        yield from paged([held[i] for i in ids if i in held], FETCH_PAGE)
+
+
 class ChromaDirReader(ChromaDirStore):
     """A palace directory read beside live writers (a MemPalace server holding its lease): every read
     comes from one consistent private copy taken on first use -- the Chroma files (``take_copy``),
@@ -520,6 +625,9 @@ class ChromaDirReader(ChromaDirStore):
         self._view: ChromaCopy | None = None
         self._aux: Path | None = None  # the copies of the KG and the ledger
         self.live_state_dir = layout.state_dir
+        self._changes_first = False  # prepare(changes=True): an incremental export, changes read live
+        self._next: tuple[ChromaLive, dict] | None = None  # its index copy, loaded by prepare, and its stamps
+        self._live: ChromaLive | None = None  # what that read, once it has
 
     def _side_files(self) -> Path:
         """Private copies of the KG, the run ledger and the hub id map (taken once, beside the Chroma copy)."""
@@ -534,6 +642,12 @@ class ChromaDirReader(ChromaDirStore):
                     chroma_sqlite.private_copy(self.live_state_dir / name, self._aux / STATE_DIRNAME / name)
         return self._aux
 
+    def _no_room(self, exc: Exception) -> DiskFull:
+        return DiskFull(f"read palace {self.path}: the disk is full: no room for a private copy of the "
+                        f"palace in {tempfile.gettempdir()} ({exc}); nothing read",
+                        hint="free space there, or set TMPDIR to a directory with room for a copy of "
+                             "the palace, then run the same command again")
+
     def _copy(self) -> ChromaCopy:
         if self._view is None:
             try:
@@ -541,10 +655,7 @@ class ChromaDirReader(ChromaDirStore):
                 tmp = self._chroma_copy()
             except Exception as exc:  # a full temp disk is not a damaged palace
                 if is_disk_full(exc):
-                    raise DiskFull(f"read palace {self.path}: the disk is full: no room for a private copy of the "
-                                   f"palace in {tempfile.gettempdir()} ({exc}); nothing read",
-                                   hint="free space there, or set TMPDIR to a directory with room for a copy of "
-                                        "the palace, then run the same command again") from None
+                    raise self._no_room(exc) from None
                 raise
             weakref.finalize(self, scratch.remove, tmp)
             self._view = ChromaCopy(layout_for(tmp, aux / KG_FILENAME, aux / STATE_DIRNAME, private=True),
@@ -554,8 +665,11 @@ class ChromaDirReader(ChromaDirStore):
 
     def _chroma_copy(self) -> Path:
         """``take_copy`` of the palace; a ``chroma.sqlite3`` it cannot read is named as damaged."""
+        pending, self._next = self._next, None  # the index copy prepare took for a live read, not made
+        if pending is not None:
+            pending[0]._files.clear()
         try:
-            return take_copy(self.path)
+            return take_copy(self.path, pending and (pending[0].path, pending[1]))
         except sqlite3.DatabaseError as exc:
             if is_disk_full(exc):
                 raise
@@ -573,12 +687,64 @@ class ChromaDirReader(ChromaDirStore):
     def read_view(self, rows: int) -> ChromaStore:
         return self  # reads a private copy already
 
-    def prepare(self):
+    def prepare(self, changes: bool = False):
         if not self.exists():
+            return
+        if changes and self._view is None:  # the rows will come from the live file: copy the rest
+            self._changes_first = True
+            self._side_files()
+            if self._next is None:
+                self._next = self._index_copy()
             return
         if self._view is None:
             self._marks_beside_copy()
         self._copy().prepare()
+
+    def _index_copy(self) -> tuple[ChromaLive, dict] | None:
+        """A ``ChromaLive`` on a copy of the palace's index (``copy_segments``), its files loaded, and
+        their stamps before the copy; None after waiting for files written just now."""
+        try:
+            got = copy_segments(self.path)
+        except Exception as exc:
+            if is_disk_full(exc):
+                raise self._no_room(exc) from None
+            raise
+        if got is None:
+            return None
+        tmp, before = got
+        weakref.finalize(self, scratch.remove, tmp)
+        aux = self._side_files()
+        live = ChromaLive(layout_for(tmp, aux / KG_FILENAME, aux / STATE_DIRNAME, private=True), self.db)
+        try:
+            live.preload()
+        except sqlite3.DatabaseError:
+            pass  # read again, in the read that counts (and named as damaged by the whole copy's)
+        return live, before
+
+    def _live_changes(self, known, marks):
+        """``changes`` read by a ``ChromaLive`` from the live file beside a copy of the index alone;
+        None when it cannot be (then the whole copy is taken). Retaken when a segment file changed
+        from before the index copy to after the read."""
+        pending, self._next = self._next, None
+        for _ in range(COPY_TRIES):
+            if pending is None:
+                pending = self._index_copy()
+                if pending is None:
+                    continue  # it waited for files written just now
+            live, before = pending
+            try:
+                got = live.read(known, marks)
+                steady = _segment_stamps(self.path) == before
+            except (_Beyond, sqlite3.DatabaseError):  # a damaged file is named by the whole copy's read
+                return None
+            finally:
+                scratch.remove(live.path)
+            if steady:
+                self._live = live
+                return got
+            pending = None
+            time.sleep(0.2)
+        return None
 
     def _marks_beside_copy(self) -> None:
         """Take the private copy while the palace's change marks are read from the live file, not
@@ -606,7 +772,13 @@ class ChromaDirReader(ChromaDirStore):
         return self._copy()._recent_rows_gone(held) if self.exists() else super()._recent_rows_gone(held)
 
     def changes(self, known, marks):
-        return self._copy().changes(known, marks) if self.exists() else super().changes(known, marks)
+        if not self.exists():
+            return super().changes(known, marks)
+        if self._changes_first and self._view is None and self._live is None:
+            got = self._live_changes(known, marks)
+            if got is not None:
+                return got
+        return self._copy().changes(known, marks)
 
     def marks(self):
         return self._copy().marks() if self.exists() else None
@@ -618,9 +790,15 @@ class ChromaDirReader(ChromaDirStore):
         return self._copy().rows(table, fields) if self.exists() else iter(())
 
     def fetch(self, table, ids, vectors=True):
+        if self._live is not None:  # the rows changes() read: later ones from a later copy would not match its hashes
+            if not self._live.covers(table, ids):
+                raise PalaceEtlError(f"read palace {self.path}: rows asked for beyond the changes read")
+            return self._live.fetch(table, ids, vectors)
         return self._copy().fetch(table, ids, vectors) if self.exists() else iter(())
 
     def info(self, table):
+        if self._live is not None:
+            return self._live.info(table)
         return self._copy().info(table) if self.exists() else None
 
     def counts(self):
@@ -653,6 +831,10 @@ class ChromaDirReader(ChromaDirStore):
 
     def close(self) -> None:
         super().close()
+        self._live = None
+        if self._next is not None:
+            scratch.remove(self._next[0].path)
+            self._next = None
         if self._view is not None:
             self._view.close()
             scratch.remove(self._view.path)

@@ -212,8 +212,8 @@ class RoutedStore:
     def read_view(self, rows):
         return self  # reads through this store's fetch: routed drawers under our ids
 
-    def prepare(self):
-        self._reader.prepare()
+    def prepare(self, changes=False):
+        self._reader.prepare()  # not changes: this store's fetch reads hub drawers by their own ids
 
     def scan(self, table):
         return scan_by_fetch(self, table)  # through this store's fetch: routed drawers under our ids
