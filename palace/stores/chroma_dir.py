@@ -544,10 +544,16 @@ class ChromaLive(ChromaCopy):
         self._asked: dict[str, set[str]] = {t: set() for t in COLLECTIONS}  # the ids read, found or not
         self._held: dict[str, dict[str, dict]] = {t: {} for t in COLLECTIONS}  # the rows found, with vectors
         self._infos: dict[str, CollectionInfo | None] = {}
+        self._kg: dict | None = None
 
     @property
     def db(self) -> Path:
         return self._live_db
+
+    def _kg_state(self):
+        if self._kg is None:  # the KG's own private copy: read once, before the read transaction
+            self._kg = super()._kg_state()
+        return self._kg
 
     @contextlib.contextmanager
     def _sqlite(self):
@@ -578,6 +584,7 @@ class ChromaLive(ChromaCopy):
 
     def read(self, known, marks):
         """``changes(known, marks)``, with everything an export of them reads, in one read transaction."""
+        self._kg_state()
         with chroma_sqlite.open_ro(self._live_db) as conn:
             chroma_sqlite.begin_read(conn)
             self._conn = conn
