@@ -499,7 +499,8 @@ def test_incrementals_beside_a_writer_read_the_changes_live_and_copy_only_the_in
     store.close()
     write_sidecar(palace, EmbedderIdentity("random-test-vectors", 384))
     assert _export_in_process(palace, out, copy_spy)["kind"] == "full"
-    writer = subprocess.Popen([sys.executable, "-m", "tests.workers", "drawers", str(palace), "live", "2000", "50", "9"],
+    # 1,200 rows: Chroma persists its index once, at 1,000, while the exports run
+    writer = subprocess.Popen([sys.executable, "-m", "tests.workers", "drawers", str(palace), "live", "1200", "50", "9"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     nights = []
     while writer.poll() is None or len(nights) < 2:
@@ -509,7 +510,7 @@ def test_incrementals_beside_a_writer_read_the_changes_live_and_copy_only_the_in
     nights.append(_export_in_process(palace, out, copy_spy))  # after the last write
     incrementals = [n for n in nights if n["kind"] == "incremental"]
     assert len(incrementals) >= 2 and not any(n["copied_db"] for n in incrementals)
-    wrote = unit_vectors(9, 2000)
+    wrote = unit_vectors(9, 1200)
     for night in incrementals:
         run_cli("verify", "--bundle", night["bundle"])
         held = night["bundle"] / "drawers.parquet"  # none in a bundle of a night with no drawer written
