@@ -81,13 +81,16 @@ class IndexFiles:
         self._labels: dict[str, int] = {}  # the id map (id -> label); every label checked to be in the index
         self._data = self._lengths = None
         self._load_index(Path(palace) / seg)
-        self.replay(conn)
+        self._apply_tail(conn)
 
     def replay(self, conn: sqlite3.Connection) -> None:
-        """Apply the log tail as ``conn`` reads it: that of the read that found the files, or of a later
-        read of the same database when the files are known not to have changed in between."""
+        """Apply the log tail as ``conn`` reads it: a later read of the same database, when the files are
+        known not to have changed in between."""
         if _vector_segment(conn, self.collection) != self._where:
             raise Untrusted(f"collection {self.collection}: recreated since its index files were read")
+        self._apply_tail(conn)
+
+    def _apply_tail(self, conn: sqlite3.Connection) -> None:
         coll_id, seg, _ = self._where
         seq = conn.execute("SELECT seq_id FROM max_seq_id WHERE segment_id = ?", (seg,)).fetchone()
         if seq and not isinstance(seq[0], int):

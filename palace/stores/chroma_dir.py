@@ -673,8 +673,6 @@ class ChromaDirReader(ChromaDirStore):
     def _chroma_copy(self) -> Path:
         """``take_copy`` of the palace; a ``chroma.sqlite3`` it cannot read is named as damaged."""
         pending, self._next = self._next, None  # the index copy prepare took for a live read, not made
-        if pending is not None:
-            pending[0]._files.clear()
         try:
             return take_copy(self.path, pending and (pending[0].path, pending[1]))
         except sqlite3.DatabaseError as exc:
